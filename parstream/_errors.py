@@ -1,0 +1,72 @@
+"""The exception hierarchy, nothing else.
+
+Every class here is raised by parstream itself; a task's own exception is
+re-raised with its original type (see ``_wire.RemoteTraceback``).
+"""
+
+from __future__ import annotations
+
+
+class ParstreamError(Exception):
+    """Root of every error parstream raises on its own behalf."""
+
+
+class TaskTimeout(ParstreamError, TimeoutError):
+    """Raised (or put in an ``Exit``) when a task ran past its timeout.
+
+    The worker that ran it has been killed, with its whole process tree, and
+    replaced; no other task was affected. Raise the timeout or make the task
+    faster.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, timeout: float | None = None):
+        super().__init__(message)
+        self.index = index
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_timeout, (str(self), self.index, self.timeout))
+
+
+def _rebuild_timeout(message: str, index: int | None, timeout: float | None) -> TaskTimeout:
+    return TaskTimeout(message, index=index, timeout=timeout)
+
+
+class WorkerCrashed(ParstreamError):
+    """Raised (or put in an ``Exit``) when the worker running a task died.
+
+    ``exitcode`` is the process exit code (negative: killed by that signal).
+    Only the task that was running is failed; a replacement worker starts and
+    every other task goes on. A segfault points at a C extension, SIGKILL at the
+    OOM killer or an outside ``kill``.
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None = None, pid: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_crashed, (str(self), self.exitcode, self.pid))
+
+
+def _rebuild_crashed(message: str, exitcode: int | None, pid: int | None) -> WorkerCrashed:
+    return WorkerCrashed(message, exitcode=exitcode, pid=pid)
+
+
+class TaskShutdown(ParstreamError):
+    """Put in an ``Exit`` when a task was shut down or killed on request
+    (``Task.shutdown``, ``terminate_child``, a closed stream or supervisor)."""
+
+
+class SupervisorClosed(ParstreamError, RuntimeError):
+    """Raised by every call on a Supervisor that was closed or gave up.
+
+    A Supervisor gives up after more than ``max_restarts`` restarts within
+    ``max_seconds``; the message says which. Start a new Supervisor.
+    """
+
+
+class ParstreamInternalError(ParstreamError):
+    """Raised when parstream broke one of its own rules: this is our bug,
+    please report it with the traceback."""

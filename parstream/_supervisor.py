@@ -1,0 +1,640 @@
+"""The Supervisor: the public owner of a pool, its tasks, children and streams.
+
+It validates every call, then wires the parts: ``async_`` makes a ``Task`` and
+submits its one-item ``Job`` to the ``Pool``; ``async_stream`` builds a
+``Stream``; ``start_child`` runs a ``Child`` whose task's completion callback
+applies the restart rules (temporary, transient, permanent) and the restart
+intensity (more than ``max_restarts`` in ``max_seconds`` makes the supervisor
+give up: it terminates its children and closes). It is also a
+``concurrent.futures.Executor``.
+
+Lock order: the Supervisor's lock guards only its own bookkeeping and is never
+held while calling into the pool, whose hub thread runs task callbacks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import functools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, TypeVar
+
+from loky import cpu_count as _loky_cpu_count
+
+from parstream import _wire
+from parstream._errors import SupervisorClosed, TaskShutdown
+from parstream._pool import Job, Pool, new_fn_id
+from parstream._progress import check_progress
+from parstream._results import Exit, Ok, Stats
+from parstream._stream import OnTimeout, Stream, _State
+from parstream._task import BRUTAL_KILL, ShutdownTimeout, Task, _BrutalKill, _check_timeout
+
+log = logging.getLogger("parstream")
+
+T = TypeVar("T")
+Restart = Literal["temporary", "transient", "permanent"]
+
+_live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
+    return int(_loky_cpu_count())
+
+
+def check_callable(fn: Any, name: str = "fn") -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}: {fn!r}")
+
+
+def check_int(value: Any, name: str, minimum: int, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _pickle_for_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """Pickle the function now, while the caller still holds it, naming the culprit."""
+    import pickle
+
+    try:
+        return _wire.dumps(fn)
+    except Exception as cause:
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        raise pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}") from cause
+
+
+class Child:
+    """A supervised child started by ``Supervisor.start_child``.
+
+    ``restart`` decides what happens when its call ends: ``"temporary"``
+    never restarts, ``"transient"`` restarts after an abnormal end (an
+    exception other than ``SystemExit(0)``, a crash, a timeout), ``"permanent"``
+    always restarts.
+    """
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        restart: Restart,
+        shutdown: ShutdownTimeout,
+    ) -> None:
+        self._sup = sup
+        self.fn = fn
+        self.args = args
+        self.restart = restart
+        self.shutdown_timeout = shutdown
+        self.restarts = 0
+        self.task: Task[Any] | None = None
+        self.terminated = False
+        self.last_result: Ok[Any] | Exit | None = None
+        self._ended = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker pid running the child now, or None between runs."""
+        return self.task.pid if self.task is not None else None
+
+    def alive(self) -> bool:
+        """True while the child is running or about to be restarted."""
+        return not self._ended.is_set()
+
+    def wait(self, timeout: float | None = None) -> Ok[Any] | Exit | None:
+        """Wait until the child ends for good (no more restarts); its last result."""
+        self._ended.wait(timeout)
+        return self.last_result if self._ended.is_set() else None
+
+    def __repr__(self) -> str:
+        return f"<Child {self.restart} restarts={self.restarts} alive={self.alive()}>"
+
+
+def _is_normal(result: Ok[Any] | Exit | None) -> bool:
+    if isinstance(result, Ok):
+        return True
+    if isinstance(result, Exit):
+        reason = result.reason
+        if isinstance(reason, SystemExit) and reason.code in (0, None):
+            return True
+        if isinstance(reason, TaskShutdown):
+            return True
+    return False
+
+
+class Supervisor(concurrent.futures.Executor):
+    """Owns worker processes and supervises the tasks, children and streams run on them.
+
+    Args:
+        max_restarts: restarts allowed within ``max_seconds`` before the
+            supervisor gives up (terminates its children and closes).
+        max_seconds: the window for ``max_restarts``, in seconds (> 0).
+        max_children: cap on running children (``start_child``); None = no cap.
+        max_workers: worker processes kept warm; default ``cpu_count()``. A
+            stream asking for more concurrency, and each running child, get
+            extra workers, which retire after ``idle_timeout`` s idle.
+        max_tasks_per_worker: replace a worker after it ran this many items.
+        max_memory_per_worker: replace a worker whose RSS exceeds this many
+            bytes (checked between tasks).
+        idle_timeout: seconds an extra worker may stay idle.
+
+    Example::
+
+        with parstream.Supervisor() as sup:
+            task = sup.async_(pow, 2, 10)
+            assert task.await_() == 1024
+    """
+
+    def __init__(
+        self,
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        max_children: int | None = None,
+        max_workers: int | None = None,
+        *,
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
+        idle_timeout: float = 10.0,
+    ) -> None:
+        check_int(max_restarts, "max_restarts", 0, allow_none=False)
+        if isinstance(max_seconds, bool) or not isinstance(max_seconds, int | float):
+            raise TypeError(f"max_seconds must be a number of seconds, got {max_seconds!r}")
+        if max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        check_int(max_children, "max_children", 1)
+        check_int(max_workers, "max_workers", 1)
+        check_int(max_tasks_per_worker, "max_tasks_per_worker", 1)
+        check_int(max_memory_per_worker, "max_memory_per_worker", 1)
+        _check_timeout(idle_timeout, "idle_timeout", allow_none=False)
+        self.max_restarts = max_restarts
+        self.max_seconds = float(max_seconds)
+        self.max_children = max_children
+        self.max_workers = max_workers or cpu_count()
+        self._lock = threading.Lock()
+        self._closed_reason: str | None = None
+        self._children: list[Child] = []
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._restarts = 0
+        self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._pool = Pool(
+            self.max_workers,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_memory_per_worker=max_memory_per_worker,
+            idle_timeout=float(idle_timeout),
+            counters=self._counters,
+        )
+        _live.add(self)
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed_reason is not None:
+            raise SupervisorClosed(self._closed_reason)
+
+    def _task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
+        check_callable(fn)
+        self._check_open()
+        fn_bytes = _pickle_for_task(fn, args)
+        job = Job(new_fn_id(), fn_bytes, [args], None, star=True)  # type: ignore[arg-type]
+        task: Task[T] = Task(self._pool, job, linked=linked)
+        job.sink = task
+        self._tasks.add(task)
+        self._submit(job)
+        return task
+
+    def _submit(self, job: Job) -> None:
+        try:
+            self._pool.submit(job)
+        except RuntimeError:
+            raise SupervisorClosed(self._closed_reason or "the supervisor is closed") from None
+
+    def async_(self, fn: Callable[..., T], *args: Any) -> Task[T]:
+        """Run ``fn(*args)`` in a worker; a linked task (killed if its handle is dropped).
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            pickle.PicklingError: ``fn`` cannot be pickled (the culprit is named).
+            SupervisorClosed: the supervisor was closed or gave up.
+        """
+        return self._task(fn, args, linked=True)
+
+    def async_nolink(self, fn: Callable[..., T], *args: Any) -> Task[T]:
+        """Like ``async_``, but the task lives on if its handle is dropped."""
+        return self._task(fn, args, linked=False)
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Fire and forget: a failure is logged on the ``parstream`` logger, never raised."""
+        task = self._task(fn, args, linked=False)
+        task.add_done_callback(_log_failure)
+
+    # -- children ------------------------------------------------------------
+
+    def start_child(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        restart: Restart = "temporary",
+        shutdown: ShutdownTimeout = 5.0,
+    ) -> Child:
+        """Start a supervised child running ``fn(*args)``; see ``Child`` for ``restart``.
+
+        Raises:
+            ValueError: unknown ``restart``, negative ``shutdown``, or
+                ``max_children`` reached.
+            SupervisorClosed: the supervisor was closed or gave up.
+        """
+        check_callable(fn)
+        if restart not in ("temporary", "transient", "permanent"):
+            raise ValueError(
+                f"restart must be 'temporary', 'transient' or 'permanent', got {restart!r}"
+            )
+        if not isinstance(shutdown, _BrutalKill):
+            _check_timeout(shutdown, "shutdown", allow_none=False)
+        self._check_open()
+        child = Child(self, fn, args, restart, shutdown)
+        with self._lock:
+            running = sum(1 for c in self._children if c.alive())
+            if self.max_children is not None and running >= self.max_children:
+                raise ValueError(f"max_children ({self.max_children}) children already running")
+            self._children.append(child)
+        self._pool.reserve(1)
+        self._run_child(child)
+        return child
+
+    def _run_child(self, child: Child) -> None:
+        try:
+            task = self._task(child.fn, child.args, linked=False)
+        except SupervisorClosed:
+            self._end_child(child)
+            return
+        child.task = task
+        task.add_done_callback(functools.partial(self._child_done, child))
+
+    def _child_done(self, child: Child, task: Task[Any]) -> None:
+        result = task.result_nowait()
+        child.last_result = result
+        if child.terminated or self._closed_reason is not None:
+            self._end_child(child)
+            return
+        normal = _is_normal(result)
+        if child.restart == "temporary" or (child.restart == "transient" and normal):
+            if not normal:
+                _log_failure(task)
+            self._end_child(child)
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._restart_times.append(now)
+            while self._restart_times and now - self._restart_times[0] > self.max_seconds:
+                self._restart_times.popleft()
+            too_many = len(self._restart_times) > self.max_restarts
+            if not too_many:
+                self._restarts += 1
+                child.restarts += 1
+        if too_many:
+            reason = (
+                f"the supervisor gave up: more than {self.max_restarts} restarts within "
+                f"{self.max_seconds} s (last: {child!r} ended with {result!r})"
+            )
+            log.error("parstream: %s", reason)
+            self._end_child(child)
+            # Closing joins the hub thread, and this may be the hub thread.
+            threading.Thread(target=self._give_up, args=(reason,), daemon=True).start()
+            with self._lock:
+                if self._closed_reason is None:
+                    self._closed_reason = reason
+            return
+        self._run_child(child)
+
+    def _end_child(self, child: Child) -> None:
+        if not child._ended.is_set():
+            child._ended.set()
+            self._pool.release(1)
+
+    def _give_up(self, reason: str) -> None:
+        self._close(reason)
+
+    def children(self) -> list[Child]:
+        """The children still running (or between restarts)."""
+        with self._lock:
+            return [c for c in self._children if c.alive()]
+
+    def terminate_child(self, child: Child) -> bool:
+        """Stop ``child`` (never restarted, even if permanent); False if not found."""
+        if not isinstance(child, Child):
+            raise TypeError(f"child must be a Child, got {type(child).__name__}")
+        with self._lock:
+            if child not in self._children or not child.alive():
+                return False
+            child.terminated = True
+        task = child.task
+        if task is not None:
+            task.shutdown(child.shutdown_timeout)
+        self._end_child(child)
+        return True
+
+    # -- streams -----------------------------------------------------------------
+
+    def _stream(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        linked: bool,
+        wrap: bool,
+        max_concurrency: int | None,
+        ordered: bool,
+        timeout: float | None,
+        on_timeout: OnTimeout,
+        zip_input_on_exit: bool,
+        progress: Any,
+        chunksize: int | None,
+        buffer_size: int | None,
+    ) -> Any:
+        check_callable(fn)
+        if not isinstance(iterable, Iterable):
+            raise TypeError(f"iterable must be iterable, got {type(iterable).__name__}")
+        check_int(max_concurrency, "max_concurrency", 1)
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be a bool, got {ordered!r}")
+        timeout = _check_timeout(timeout, "timeout")
+        if timeout == 0:
+            raise ValueError("timeout must be > 0 or None, got 0")
+        if on_timeout not in ("exit", "kill_task"):
+            raise ValueError(f"on_timeout must be 'exit' or 'kill_task', got {on_timeout!r}")
+        if not isinstance(zip_input_on_exit, bool):
+            raise TypeError(f"zip_input_on_exit must be a bool, got {zip_input_on_exit!r}")
+        check_progress(progress)
+        check_int(chunksize, "chunksize", 1)
+        check_int(buffer_size, "buffer_size", 0)
+        self._check_open()
+        state = _State(
+            self._pool,
+            fn,
+            iterable,
+            linked=linked,
+            max_concurrency=max_concurrency or self.max_workers,
+            ordered=ordered,
+            timeout=timeout,
+            on_timeout=on_timeout,
+            zip_input_on_exit=zip_input_on_exit,
+            progress=progress,
+            chunksize=chunksize,
+            buffer_size=buffer_size,
+        )
+        stream = Stream(state, wrap=wrap)
+        return stream if wrap else _values(stream)
+
+    def async_stream(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        max_concurrency: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        on_timeout: OnTimeout = "exit",
+        zip_input_on_exit: bool = False,
+        progress: Any = False,
+        chunksize: int | None = None,
+        buffer_size: int | None = None,
+    ) -> Stream:
+        """Run ``fn(item)`` for each item, in parallel, lazily; yield ``Ok``/``Exit``.
+
+        Linked: the first task failure is raised from the iterator (original
+        type, worker traceback as ``__cause__``) and the rest are killed.
+
+        Args:
+            max_concurrency: items running at once (default ``max_workers``);
+                may exceed the cores, for I/O-bound items.
+            ordered: yield in input order (True) or completion order.
+            timeout: per item, from when it starts; the item's worker is
+                killed and replaced on overrun.
+            on_timeout: ``"exit"`` raises ``TaskTimeout`` from the iterator;
+                ``"kill_task"`` yields ``Exit(TaskTimeout)`` and goes on.
+            zip_input_on_exit: put the input item on every ``Exit``.
+            progress: True, a dict of tqdm options, or a tqdm instance.
+            chunksize: items per message to a worker; None adapts it to the
+                measured cost per item (1 while items are slow).
+            buffer_size: results that may wait behind a slow head item (or a
+                slow consumer) before pulling stops; default
+                ``4 * max_concurrency * chunk``. At most
+                ``max_concurrency * chunk + buffer_size`` items are pulled and
+                not yet delivered.
+        """
+        return self._stream(  # type: ignore[no-any-return]
+            fn,
+            iterable,
+            linked=True,
+            wrap=True,
+            max_concurrency=max_concurrency,
+            ordered=ordered,
+            timeout=timeout,
+            on_timeout=on_timeout,
+            zip_input_on_exit=zip_input_on_exit,
+            progress=progress,
+            chunksize=chunksize,
+            buffer_size=buffer_size,
+        )
+
+    def async_stream_nolink(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        *,
+        max_concurrency: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        on_timeout: OnTimeout = "exit",
+        zip_input_on_exit: bool = False,
+        progress: Any = False,
+        chunksize: int | None = None,
+        buffer_size: int | None = None,
+    ) -> Stream:
+        """Like ``async_stream``, but failures come back as ``Exit`` items and the
+        stream goes on; every input gets exactly one result. A timeout under
+        ``on_timeout="exit"`` still raises (as in Elixir)."""
+        return self._stream(  # type: ignore[no-any-return]
+            fn,
+            iterable,
+            linked=False,
+            wrap=True,
+            max_concurrency=max_concurrency,
+            ordered=ordered,
+            timeout=timeout,
+            on_timeout=on_timeout,
+            zip_input_on_exit=zip_input_on_exit,
+            progress=progress,
+            chunksize=chunksize,
+            buffer_size=buffer_size,
+        )
+
+    def stream_map(
+        self,
+        fn: Callable[..., T],
+        iterable: Iterable[Any],
+        *,
+        max_concurrency: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        on_timeout: OnTimeout = "exit",
+        progress: Any = False,
+        chunksize: int | None = None,
+        buffer_size: int | None = None,
+    ) -> Iterator[T]:
+        """The plain-values stream (``parstream.map`` on this supervisor): values in
+        input order, raising the first failure. ``timeout`` is per item."""
+        return self._stream(  # type: ignore[no-any-return]
+            fn,
+            iterable,
+            linked=True,
+            wrap=False,
+            max_concurrency=max_concurrency,
+            ordered=ordered,
+            timeout=timeout,
+            on_timeout=on_timeout,
+            zip_input_on_exit=False,
+            progress=progress,
+            chunksize=chunksize,
+            buffer_size=buffer_size,
+        )
+
+    # -- concurrent.futures.Executor ----------------------------------------
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        """``Executor.submit``: a ``concurrent.futures.Future`` for ``fn(*args, **kwargs)``."""
+        call = functools.partial(fn, *args, **kwargs) if kwargs else fn
+        task = self._task(call, args if not kwargs else (), linked=False)
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+
+        def settle(t: Task[Any]) -> None:
+            r = t.result_nowait()
+            if isinstance(r, Ok):
+                future.set_result(r.value)
+            elif isinstance(r, Exit):
+                future.set_exception(r.reason)
+
+        task.add_done_callback(settle)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """``Executor.map``, with its contract: ``timeout`` is one deadline for the
+        whole call (``parstream.map``'s is per item, and lazy)."""
+        check_callable(fn)
+        _check_timeout(timeout, "timeout")
+        check_int(chunksize, "chunksize", 1, allow_none=False)
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """``Executor.shutdown``: with ``wait``, let running and queued tasks finish first."""
+        if wait and not cancel_futures:
+            for t in list(self._tasks):
+                t._done.wait()
+        self.close()
+
+    # -- the rest ----------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A snapshot of this supervisor's counters."""
+        c = self._counters
+        return Stats(
+            tasks_started=c["tasks_started"],
+            tasks_ok=c["tasks_ok"],
+            tasks_failed=c["tasks_failed"],
+            tasks_crashed=c["tasks_crashed"],
+            tasks_timed_out=c["tasks_timed_out"],
+            tasks_killed=c["tasks_killed"],
+            workers_started=c["workers_started"],
+            workers_alive=len(self._pool.worker_pids()),
+            restarts=self._restarts,
+        )
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live worker processes."""
+        return self._pool.worker_pids()
+
+    def restart_workers(self) -> None:
+        """Replace every worker (idle ones now, busy ones after their task).
+
+        Workers import a module once; after editing a module your tasks use,
+        call this so the next tasks run the new code.
+        """
+        self._check_open()
+        self._pool.restart_workers()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    def close(self) -> None:
+        """Kill every task, child and worker now; later calls raise ``SupervisorClosed``."""
+        self._close("the supervisor was closed")
+
+    def _close(self, reason: str) -> None:
+        with self._lock:
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            children = list(self._children)
+        for child in children:
+            child.terminated = True
+            self._end_child(child)
+        for t in list(self._tasks):
+            if not t.done():
+                t._set(Exit(TaskShutdown(reason)))
+        self._pool.close()
+        _live.discard(self)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Supervisor {state} max_workers={self.max_workers}>"
+
+
+def _values(stream: Stream) -> Iterator[Any]:
+    try:
+        yield from stream
+    finally:
+        stream.close()
+
+
+def _log_failure(task: Task[Any]) -> None:
+    r = task.result_nowait()
+    if isinstance(r, Exit) and not isinstance(r.reason, TaskShutdown):
+        log.error("parstream: a task failed: %r", r.reason, exc_info=r.reason)
+
+
+@atexit.register
+def _close_all() -> None:
+    for sup in list(_live):
+        try:
+            sup._close("the interpreter is exiting")
+        except Exception:  # pragma: no cover
+            pass
+
+
+__all__ = ["BRUTAL_KILL", "Child", "Supervisor", "cpu_count"]

@@ -1,0 +1,379 @@
+"""Task handles: one call on one worker, and the ways to wait for it.
+
+A ``Task`` is the pool's ``Sink`` for a one-item job: the hub thread fills in
+its result (``Ok``/``Exit``) and sets an event; callers block on that event
+(``await_``, ``yield_``), in asyncio (``await task``) or through callbacks
+(``Supervisor.submit``'s futures, child restarts). "Linked" (``async_``) means
+the task is killed when its handle is garbage collected unfinished, and
+``await_`` raises failures; ``yield_`` never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
+
+from parstream import _wire
+from parstream._errors import TaskShutdown, TaskTimeout
+from parstream._results import Exit, Ok
+
+if TYPE_CHECKING:
+    from parstream._pool import Job, Pool
+
+T = TypeVar("T")
+
+
+class _BrutalKill:
+    def __repr__(self) -> str:
+        return "BRUTAL_KILL"
+
+
+BRUTAL_KILL: Final = _BrutalKill()
+"""Pass as ``shutdown``'s timeout to kill the task at once (SIGKILL)."""
+
+ShutdownTimeout = float | _BrutalKill
+
+
+def _kill_job(pool: Pool, job: Job) -> None:
+    pool.kill(job, None)
+
+
+class Task(Generic[T]):
+    """A handle to one call running in a worker process (Elixir's ``%Task{}``).
+
+    Get one from ``parstream.async_`` or ``Supervisor.async_``/``async_nolink``;
+    wait for it with ``await_``, ``yield_``, ``await task`` or the module-level
+    ``await_many``/``yield_many``.
+    """
+
+    def __init__(self, pool: Pool | None, job: Job | None, *, linked: bool) -> None:
+        self._pool = pool
+        self._job = job
+        self._linked = linked
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result: Ok[T] | Exit | None = None
+        self._callbacks: list[Callable[[Task[T]], None]] = []
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if linked and pool is not None and job is not None:
+            self._finalizer = weakref.finalize(self, _kill_job, pool, job)
+
+    # -- Sink (called by the pool) ------------------------------------------
+
+    def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
+        if errors:
+            self._set(Exit(_wire.rebuild_error(errors[0])))
+        else:
+            self._set(Ok(values[0]))
+
+    def on_job_done(self, job: Job) -> None:
+        self._set(Exit(TaskShutdown("the task was shut down before it returned")))
+
+    def _set(self, result: Ok[T] | Exit) -> None:
+        with self._lock:
+            if self._result is not None:
+                return
+            self._result = result
+            callbacks, self._callbacks = self._callbacks, []
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._done.set()
+        for cb in callbacks:
+            cb(self)
+
+    def add_done_callback(self, fn: Callable[[Task[T]], None]) -> None:
+        """Call ``fn(task)`` once the task has a result (at once if it has)."""
+        with self._lock:
+            if self._result is None:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # -- waiting ----------------------------------------------------------------
+
+    def done(self) -> bool:
+        """True once the task has returned, failed or been killed."""
+        return self._done.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the worker running the task now, if it is running."""
+        return self._job.pid if self._job is not None else None
+
+    def result_nowait(self) -> Ok[T] | Exit | None:
+        """The result if there is one, else ``None``; never blocks."""
+        return self._result
+
+    def await_(self, timeout: float | None = None) -> T:
+        """Wait for the task and return its value.
+
+        Args:
+            timeout: seconds to wait, ``None`` for no limit. On expiry the task
+                is killed (its worker is replaced) and ``TaskTimeout`` raised.
+
+        Raises:
+            TaskTimeout: the task did not finish within ``timeout``.
+            WorkerCrashed: the worker died while running the task.
+            TaskShutdown: the task was shut down.
+            Exception: the task's own exception, original type, with the
+                worker's traceback as ``__cause__``.
+        """
+        timeout = _check_timeout(timeout, "timeout")
+        try:
+            finished = self._done.wait(timeout)
+        except BaseException:
+            # Ctrl-C while waiting: the task must not go on without us.
+            self._kill(TaskShutdown("the caller was interrupted while awaiting the task"))
+            raise
+        if not finished:
+            self._kill(
+                TaskTimeout(
+                    f"task did not finish within {timeout} s; it was killed", timeout=timeout
+                )
+            )
+        return _unwrap(self._result)
+
+    def yield_(self, timeout: float = 5.0) -> Ok[T] | Exit | None:
+        """Wait up to ``timeout`` s; return ``Ok``/``Exit``, or ``None`` if still running.
+
+        Never raises for the task's failures, and never kills it: call again,
+        or ``shutdown()`` it.
+        """
+        timeout = _check_timeout(timeout, "timeout", allow_none=False)
+        self._done.wait(timeout)
+        return self._result
+
+    def shutdown(self, timeout: ShutdownTimeout = 5.0) -> Ok[T] | Exit | None:
+        """Stop the task: SIGTERM its worker, SIGKILL after ``timeout`` s.
+
+        Returns ``Ok``/``Exit`` if the task finished first (a reply that raced
+        in), else ``None``. ``BRUTAL_KILL`` kills at once.
+        """
+        if not isinstance(timeout, _BrutalKill):
+            timeout = _check_timeout(timeout, "timeout", allow_none=False)
+        if self._done.is_set():
+            return self._result
+        if self._pool is not None and self._job is not None:
+            grace = 0.0 if isinstance(timeout, _BrutalKill) else timeout
+            self._pool.kill(self._job, None, grace=grace)
+            self._done.wait()
+        with self._lock:
+            result = self._result
+            if isinstance(result, Exit) and isinstance(result.reason, TaskShutdown):
+                return None
+        return result
+
+    def ignore(self) -> Ok[T] | Exit | None:
+        """Let the task run on out of reach; return its result if it has one."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        return self._result
+
+    def _kill(self, reason: BaseException) -> None:
+        self._set(Exit(reason))
+        if self._pool is not None and self._job is not None:
+            self._pool.kill(self._job, reason)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._async_await().__await__()
+
+    async def _async_await(self) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Task[T]) -> None:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+        self.add_done_callback(wake)
+        try:
+            await fut
+        except BaseException:
+            if not self.done():
+                self._kill(TaskShutdown("the awaiting coroutine was cancelled"))
+            raise
+        return _unwrap(self._result)
+
+    def __repr__(self) -> str:
+        state = "running" if self._result is None else repr(self._result)
+        return f"<Task {state}>"
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _unwrap(result: Ok[T] | Exit | None) -> T:
+    if isinstance(result, Ok):
+        return result.value
+    assert isinstance(result, Exit)
+    raise result.reason
+
+
+def _check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a number of seconds, got None")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def completed(value: T) -> Task[T]:
+    """A task that has already returned ``value`` (Elixir's ``Task.completed/1``)."""
+    task: Task[T] = Task(None, None, linked=False)
+    task._set(Ok(value))
+    return task
+
+
+def _check_tasks(tasks: Iterable[Task[Any]]) -> list[Task[Any]]:
+    if not isinstance(tasks, Iterable):
+        raise TypeError(f"tasks must be an iterable of Task, got {type(tasks).__name__}")
+    out = list(tasks)
+    for t in out:
+        if not isinstance(t, Task):
+            raise TypeError(f"tasks must contain only Task objects, got {type(t).__name__}")
+    return out
+
+
+def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> None:
+    """Block until ``want`` of ``tasks`` are done or the deadline passes."""
+    cond = threading.Condition()
+    count = [0]
+
+    def bump(_: Task[Any]) -> None:
+        with cond:
+            count[0] += 1
+            cond.notify()
+
+    for t in tasks:
+        t.add_done_callback(bump)
+    with cond:
+        while count[0] < want:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            cond.wait(remaining)
+
+
+def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list[Any]:
+    """Wait for every task; return their values in input order.
+
+    ``timeout`` is one deadline for the whole call. On a failure or a timeout
+    the tasks still running are killed and the error raised.
+
+    Raises:
+        TaskTimeout: not all tasks finished within ``timeout``.
+        Exception: the first failure, as ``Task.await_`` would raise it.
+    """
+    tasks = _check_tasks(tasks)
+    timeout = _check_timeout(timeout, "timeout")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        _wait_until_all_or_failure(tasks, deadline)
+    except BaseException:
+        for t in tasks:
+            if not t.done():
+                t._kill(TaskShutdown("await_many was interrupted"))
+        raise
+    for t in tasks:
+        r = t.result_nowait()
+        if isinstance(r, Exit):
+            _kill_rest(tasks)
+            raise r.reason
+    if not all(t.done() for t in tasks):
+        _kill_rest(tasks, TaskTimeout(f"tasks did not finish within {timeout} s", timeout=timeout))
+        raise TaskTimeout(
+            f"await_many: not every task finished within {timeout} s", timeout=timeout
+        )
+    return [_unwrap(t.result_nowait()) for t in tasks]
+
+
+def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -> None:
+    cond = threading.Condition()
+    state = {"done": 0, "failed": False}
+
+    def bump(t: Task[Any]) -> None:
+        with cond:
+            state["done"] += 1
+            if isinstance(t.result_nowait(), Exit):
+                state["failed"] = True
+            cond.notify()
+
+    for t in tasks:
+        t.add_done_callback(bump)
+    with cond:
+        while state["done"] < len(tasks) and not state["failed"]:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            cond.wait(remaining)
+
+
+def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
+    for t in tasks:
+        if not t.done():
+            t._kill(reason or TaskShutdown("a sibling task in await_many failed"))
+
+
+OnTimeout = Literal["nothing", "ignore", "kill_task"]
+
+
+def yield_many(
+    tasks: Iterable[Task[Any]],
+    timeout: float = 5.0,
+    *,
+    on_timeout: OnTimeout = "nothing",
+    limit: int | None = None,
+) -> list[tuple[Task[Any], Ok[Any] | Exit | None]]:
+    """Wait up to ``timeout`` s (one deadline) for the tasks; never raises for them.
+
+    Returns ``[(task, Ok | Exit | None), ...]`` in input order, ``None`` for a
+    task still running. Those are then left alone (``"nothing"``), detached
+    (``"ignore"``) or killed (``"kill_task"``). With ``limit``, returns as soon
+    as that many tasks are done, and ``on_timeout`` is not applied.
+    """
+    tasks = _check_tasks(tasks)
+    timeout = _check_timeout(timeout, "timeout", allow_none=False)
+    if on_timeout not in ("nothing", "ignore", "kill_task"):
+        raise ValueError(
+            f"on_timeout must be 'nothing', 'ignore' or 'kill_task', got {on_timeout!r}"
+        )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise TypeError(f"limit must be an int or None, got {limit!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    want = len(tasks) if limit is None else min(limit, len(tasks))
+    _wait_some(tasks, time.monotonic() + timeout, want)
+    results = [(t, t.result_nowait()) for t in tasks]
+    if limit is None or sum(r is not None for _, r in results) < want:
+        for t, r in results:
+            if r is None:
+                if on_timeout == "kill_task":
+                    t.shutdown(BRUTAL_KILL)
+                elif on_timeout == "ignore":
+                    t.ignore()
+    return results
+
+
+def await_(task: Task[T], timeout: float | None = None) -> T:
+    """Module-level twin of ``Task.await_``."""
+    checked: Task[T] = _check_tasks([task])[0]
+    return checked.await_(timeout)
+
+
+def yield_(task: Task[T], timeout: float = 5.0) -> Ok[T] | Exit | None:
+    """Module-level twin of ``Task.yield_``."""
+    return _check_tasks([task])[0].yield_(timeout)
+
+
+def shutdown(task: Task[T], timeout: ShutdownTimeout = 5.0) -> Ok[T] | Exit | None:
+    """Module-level twin of ``Task.shutdown``."""
+    return _check_tasks([task])[0].shutdown(timeout)

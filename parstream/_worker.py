@@ -1,0 +1,157 @@
+"""The worker process: the child loop, and nothing else.
+
+It imports no parent-side code (only ``_wire``, the shared message format), so a
+worker starts fast and cannot deadlock on parent state.
+
+Data flow, one duplex pipe per worker, one batch in flight at a time::
+
+    parent --RUN(fn_id, fn_bytes?, [args, ...], report_each, evict)--> worker
+    worker --RESULTS(count, done, t_next, [(status, payload), ...])--> parent
+
+The worker runs a batch's items in order. Results go back in flushes: after
+every item when ``report_each`` is set (streams with a per-item timeout, so the
+parent always knows which item is running and since when), otherwise when
+``FLUSH_INTERVAL_S`` has passed or the batch ends. ``t_next`` is the worker's
+``time.monotonic()`` at the flush, i.e. the start of the next item: the clock is
+system-wide, so the parent can compare it with its own.
+
+Safety: SIGINT is ignored (the parent decides what an interrupt kills), the
+worker dies with its parent (``PR_SET_PDEATHSIG`` on Linux plus a parent-pid
+watch everywhere), and stdout/stderr are flushed after every item so output is
+never stranded in a buffer when the worker is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from parstream import _wire
+
+# A flush per item costs a message per item; a long interval delays results.
+FLUSH_INTERVAL_S = 0.02
+PARENT_POLL_S = 0.25
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        except Exception:  # pragma: no cover - prctl missing
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(70)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parstream-parent-watch", daemon=True).start()
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _failure(exc: BaseException) -> tuple[BaseException, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    return exc, tb
+
+
+class _Runner:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.functions: dict[int, Any] = {}
+
+    def send_results(self, values: list[Any], errors: _wire.Errors, done: bool) -> None:
+        self.conn.send_bytes(_wire.dumps_results(done, time.monotonic(), values, errors))
+
+    def run_batch(self, message: tuple[Any, ...]) -> None:
+        fn_id, fn_bytes, items, star, report_each, evict = message
+        for old in evict:
+            self.functions.pop(old, None)
+        fn = self.functions.get(fn_id)
+        if fn is None:
+            if fn_bytes is None:
+                raise RuntimeError(f"function {fn_id} was never sent to this worker")
+            try:
+                fn = pickle.loads(fn_bytes)
+            except BaseException as exc:
+                # The function itself cannot be rebuilt here: every item fails
+                # with that cause, and the worker stays healthy.
+                err = _failure(exc)
+                self.send_results([None] * len(items), dict.fromkeys(range(len(items)), err), True)
+                return
+            self.functions[fn_id] = fn
+        interval = 0.0 if report_each else FLUSH_INTERVAL_S
+        values: list[Any] = []
+        errors: _wire.Errors = {}
+        append = values.append
+        bad_args = _wire.BadArgs
+        last = time.monotonic()
+        if report_each:
+            self.send_results(values, errors, False)
+        for args in items:
+            try:
+                if type(args) is bad_args:
+                    raise args.error
+                append(fn(*args) if star else fn(args))
+            except BaseException as exc:
+                errors[len(values)] = _failure(exc)
+                append(None)
+            _flush_std()
+            now = time.monotonic()
+            if now - last >= interval:
+                self.send_results(values, errors, False)
+                values, errors = [], {}
+                append = values.append
+                last = now
+        self.send_results(values, errors, True)
+
+    def loop(self) -> None:
+        while True:
+            try:
+                raw = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            kind = _wire.kind_of(raw)
+            if kind == _wire.STOP:
+                return
+            try:
+                message = _wire.decode(raw)
+            except BaseException as exc:
+                # Arguments that cannot be rebuilt in the worker: tell the
+                # parent, which isolates the culprit item by item.
+                self.conn.send_bytes(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
+                continue
+            self.run_batch(message)
+
+
+def worker_main(conn: Any, parent_pid: int) -> None:
+    """Entry point of a worker process (the target given to loky's Process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    runner = _Runner(conn)
+    conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
+    try:
+        runner.loop()
+    finally:
+        _flush_std()
