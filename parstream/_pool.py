@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import logging
 import os
+import selectors
 import signal
 import threading
 import time
@@ -159,6 +160,10 @@ class Pool:
         self._startup_failures = 0
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._wake_pending = False
+        self._selector: selectors.BaseSelector | None = None
+        if os.name == "posix":
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, ("wake", None))
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         self._hub.start()
 
@@ -302,7 +307,7 @@ class Pool:
                 evict.append(worker.fns.popitem(last=False)[0])
         report_each = job.timeout is not None
         items = job.items[job.cursor : job.sent_end]
-        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict)
+        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict, False)
         try:
             return _wire.encode(_wire.RUN, message)
         except BaseException:
@@ -315,7 +320,7 @@ class Pool:
             except BaseException as cause:
                 items[i] = _wire.BadArgs(_culprit_error(args if job.star else (args,), cause))
         job.items[job.cursor : job.sent_end] = items
-        return _wire.encode(_wire.RUN, message)
+        return _wire.encode(_wire.RUN, (*message[:-1], True))
 
     # -- the hub thread -----------------------------------------------------
 
@@ -346,27 +351,19 @@ class Pool:
         while True:
             with self._lock:
                 if self._closed and not self._workers:
+                    self._close_selector()
                     return
                 self._spawn_as_needed()
-                waitables: list[Any] = [self._wake_r]
-                by_obj: dict[Any, tuple[str, _Worker]] = {}
-                for w in self._workers:
-                    waitables.append(w.conn)
-                    by_obj[w.conn] = ("conn", w)
-                    waitables.append(w.process.sentinel)
-                    by_obj[w.process.sentinel] = ("sentinel", w)
                 timeout = self._next_timeout()
-            ready = connection.wait(waitables, timeout)
             deaths: list[_Worker] = []
-            for obj in ready:
-                if obj is self._wake_r:
+            for what, w in self._wait(timeout):
+                if w is None:
                     self._wake_pending = False
                     wake: Any = self._wake_r
                     with contextlib.suppress(OSError, EOFError):
                         while wake.poll():
                             wake.recv_bytes()
                     continue
-                what, w = by_obj[obj]
                 if what == "conn":
                     self._drain(w)
                 else:
@@ -375,6 +372,36 @@ class Pool:
                 self._on_death(w)
             self._check_deadlines()
             self._dispatch_queued()
+
+    def _wait(self, timeout: float | None) -> list[tuple[str, _Worker | None]]:
+        """Wait for pipes and sentinels: a persistent epoll/kqueue selector on
+        POSIX (no per-wake set-up), ``connection.wait`` elsewhere."""
+        if self._selector is not None:
+            return [key.data for key, _ in self._selector.select(timeout)]
+        objs: dict[Any, tuple[str, _Worker | None]] = {self._wake_r: ("wake", None)}
+        with self._lock:
+            for w in self._workers:
+                objs[w.conn] = ("conn", w)
+                objs[w.process.sentinel] = ("sentinel", w)
+        return [objs[o] for o in connection.wait(list(objs), timeout)]
+
+    def _watch(self, worker: _Worker) -> None:
+        if self._selector is not None:
+            self._selector.register(worker.conn.fileno(), selectors.EVENT_READ, ("conn", worker))
+            self._selector.register(
+                worker.process.sentinel, selectors.EVENT_READ, ("sentinel", worker)
+            )
+
+    def _unwatch(self, worker: _Worker) -> None:
+        if self._selector is not None:
+            for fd in (worker.conn.fileno(), worker.process.sentinel):
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._selector.unregister(fd)
+
+    def _close_selector(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -424,7 +451,9 @@ class Pool:
         )
         process.start()
         child_conn.close()
-        self._workers.append(_Worker(process=process, conn=parent_conn, pid=process.pid))
+        worker = _Worker(process=process, conn=parent_conn, pid=process.pid)
+        self._workers.append(worker)
+        self._watch(worker)
         self.counters["workers_started"] += 1
 
     def _drain(self, worker: _Worker) -> None:
@@ -560,8 +589,10 @@ class Pool:
 
     def _on_death(self, worker: _Worker) -> None:
         self._drain(worker)
+        self._unwatch(worker)
         with worker.send_lock:
             delivered = worker.delivered
+            worker.conn.close()
         worker.process.join(timeout=1.0)
         exitcode = worker.process.exitcode
         with self._lock:

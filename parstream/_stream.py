@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from parstream._pool import Pool
 
 TARGET_CHUNK_S = 0.02  # longer chunks amortise more but balance load worse
-MAX_CHUNK = 8192  # caps memory per chunk and the cost of re-running after a crash
+MAX_CHUNK = 32768  # caps memory per chunk and the cost of re-running after a crash
 GROWTH = 8  # how fast an automatic chunk may grow between two measurements
 BUFFER_CHUNKS = 4  # default buffer_size, in chunks per unit of max_concurrency
 

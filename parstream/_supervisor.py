@@ -63,12 +63,34 @@ def check_int(value: Any, name: str, minimum: int, *, allow_none: bool = True) -
     return value
 
 
-def _pickle_for_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
-    """Pickle the function now, while the caller still holds it, naming the culprit."""
+_by_reference: dict[bytes, int] = {}  # pickled importable function -> its fn_id
+
+
+def _function_for_task(fn: Callable[..., Any]) -> tuple[int, bytes]:
+    """Pickle the function now, while the caller still holds it, naming the culprit.
+
+    An importable function pickles by reference to the same bytes every time;
+    reusing its id lets workers keep it unpickled. Anything else (lambdas,
+    closures, ``__main__`` code) goes by value with cloudpickle, afresh per
+    call, so it sees the globals of the moment.
+    """
     import pickle
 
+    module = getattr(fn, "__module__", None)
+    if module not in (None, "__main__") and getattr(fn, "__qualname__", "<").find("<") < 0:
+        try:
+            data = pickle.dumps(fn, protocol=_wire.PROTOCOL)
+        except Exception:
+            pass
+        else:
+            fn_id = _by_reference.get(data)
+            if fn_id is None:
+                if len(_by_reference) > 1024:
+                    _by_reference.clear()
+                fn_id = _by_reference[data] = new_fn_id()
+            return fn_id, data
     try:
-        return _wire.dumps(fn)
+        return new_fn_id(), _wire.dumps(fn)
     except Exception as cause:
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         raise pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}") from cause
@@ -205,8 +227,8 @@ class Supervisor(concurrent.futures.Executor):
     def _task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
         check_callable(fn)
         self._check_open()
-        fn_bytes = _pickle_for_task(fn, args)
-        job = Job(new_fn_id(), fn_bytes, [args], None, star=True)  # type: ignore[arg-type]
+        fn_id, fn_bytes = _function_for_task(fn)
+        job = Job(fn_id, fn_bytes, [args], None, star=True)  # type: ignore[arg-type]
         task: Task[T] = Task(self._pool, job, linked=linked)
         job.sink = task
         self._tasks.add(task)
@@ -616,8 +638,10 @@ class Supervisor(concurrent.futures.Executor):
 
 
 def _values(stream: Stream) -> Iterator[Any]:
+    # Straight from the generator: a Python-level __next__ per item would
+    # cost more than a tiny item's own work.
     try:
-        yield from stream
+        yield from stream._gen
     finally:
         stream.close()
 

@@ -3,8 +3,9 @@
 Every message is one ``send_bytes`` frame that starts with a kind byte.
 
 * ``RUN`` (parent to worker): a cloudpickled tuple
-  ``(fn_id, fn_bytes | None, [args, ...], star, report_each, evict)``; with
-  ``star`` each entry is an argument tuple, else the single argument.
+  ``(fn_id, fn_bytes | None, [args, ...], star, report_each, evict, has_bad)``;
+  with ``star`` each entry is an argument tuple, else the single argument;
+  ``has_bad`` says some entries are ``BadArgs`` stand-ins.
   The function is pickled once per stream or task (``fn_bytes``) and cached in
   the worker under ``fn_id``; ``evict`` lists ids the worker may forget.
 * ``RESULTS`` (worker to parent): a fixed header ``(count, done, t_next)`` and

@@ -17,8 +17,9 @@ system-wide, so the parent can compare it with its own.
 
 Safety: SIGINT is ignored (the parent decides what an interrupt kills), the
 worker dies with its parent (``PR_SET_PDEATHSIG`` on Linux plus a parent-pid
-watch everywhere), and stdout/stderr are flushed after every item so output is
-never stranded in a buffer when the worker is killed.
+watch everywhere), and output is
+never stranded in a buffer when the worker is killed: workers run with
+``PYTHONUNBUFFERED=1`` and flush again before every flush of results.
 """
 
 from __future__ import annotations
@@ -82,43 +83,62 @@ class _Runner:
         self.functions: dict[int, Any] = {}
 
     def send_results(self, values: list[Any], errors: _wire.Errors, done: bool) -> None:
+        # Output first: what an item printed is out before its result is, so it
+        # lands in the right notebook cell and survives a kill right after.
+        _flush_std()
         self.conn.send_bytes(_wire.dumps_results(done, time.monotonic(), values, errors))
 
-    def run_batch(self, message: tuple[Any, ...]) -> None:
-        fn_id, fn_bytes, items, star, report_each, evict = message
+    def load_function(self, fn_id: int, fn_bytes: bytes | None, evict: list[int]) -> Any:
         for old in evict:
             self.functions.pop(old, None)
         fn = self.functions.get(fn_id)
         if fn is None:
             if fn_bytes is None:
                 raise RuntimeError(f"function {fn_id} was never sent to this worker")
-            try:
-                fn = pickle.loads(fn_bytes)
-            except BaseException as exc:
-                # The function itself cannot be rebuilt here: every item fails
-                # with that cause, and the worker stays healthy.
-                err = _failure(exc)
-                self.send_results([None] * len(items), dict.fromkeys(range(len(items)), err), True)
-                return
+            fn = pickle.loads(fn_bytes)
             self.functions[fn_id] = fn
+        return fn
+
+    def run_batch(self, message: tuple[Any, ...]) -> None:
+        fn_id, fn_bytes, items, star, report_each, evict, has_bad = message
+        try:
+            fn = self.load_function(fn_id, fn_bytes, evict)
+        except BaseException as exc:
+            # The function cannot be rebuilt here: every item fails with that
+            # cause, and the worker stays healthy.
+            err = _failure(exc)
+            self.send_results([None] * len(items), dict.fromkeys(range(len(items)), err), True)
+            return
+        if has_bad:
+            bad = _wire.BadArgs
+
+            def call(args: Any) -> Any:
+                if type(args) is bad:
+                    raise args.error
+                return fn(*args) if star else fn(args)
+
+        elif star:
+
+            def call(args: Any) -> Any:
+                return fn(*args)
+
+        else:
+            call = fn
         interval = 0.0 if report_each else FLUSH_INTERVAL_S
         values: list[Any] = []
         errors: _wire.Errors = {}
         append = values.append
-        bad_args = _wire.BadArgs
-        last = time.monotonic()
+        monotonic = time.monotonic
+        last = monotonic()
         if report_each:
             self.send_results(values, errors, False)
         for args in items:
             try:
-                if type(args) is bad_args:
-                    raise args.error
-                append(fn(*args) if star else fn(args))
+                append(call(args))
             except BaseException as exc:
                 errors[len(values)] = _failure(exc)
                 append(None)
-            _flush_std()
-            now = time.monotonic()
+            now = monotonic()
             if now - last >= interval:
                 self.send_results(values, errors, False)
                 values, errors = [], {}
