@@ -103,6 +103,7 @@ class _Worker:
     delivered: bool = False
     item_started: float | None = None  # worker clock, report_each jobs only
     timed_out_index: int | None = None
+    batch_start: int = 0  # the job's cursor when this slice was sent
     kill_cause: str | None = None
     kill_deadline: float | None = None
     idle_since: float = 0.0
@@ -273,6 +274,7 @@ class Pool:
     def _assign(self, worker: _Worker, job: Job) -> None:
         worker.state = "busy"
         worker.job = job
+        worker.batch_start = job.cursor
         worker.delivered = False
         worker.item_started = None
         worker.timed_out_index = None
@@ -307,7 +309,8 @@ class Pool:
                 evict.append(worker.fns.popitem(last=False)[0])
         report_each = job.timeout is not None
         items = job.items[job.cursor : job.sent_end]
-        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict, False)
+        level = logging.getLogger().getEffectiveLevel()
+        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict, False, level)
         try:
             return _wire.encode(_wire.RUN, message)
         except BaseException:
@@ -320,7 +323,7 @@ class Pool:
             except BaseException as cause:
                 items[i] = _wire.BadArgs(_culprit_error(args if job.star else (args,), cause))
         job.items[job.cursor : job.sent_end] = items
-        return _wire.encode(_wire.RUN, (*message[:-1], True))
+        return _wire.encode(_wire.RUN, (*message[:-2], True, level))
 
     # -- the hub thread -----------------------------------------------------
 
@@ -478,6 +481,11 @@ class Pool:
                     worker.state = "idle"
                     worker.idle_since = time.monotonic()
                 self._startup_failures = 0
+        elif kind == _wire.LOG:
+            name, level, text, position = _wire.decode(data)
+            job = worker.job
+            index = None if job is None else job.first_index + worker.batch_start + position
+            log.log(level, "[item %s, worker %s] %s: %s", index, worker.pid, name, text)
         elif kind == _wire.BAD_BATCH:
             err = _wire.decode(data)
             job = worker.job

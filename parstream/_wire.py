@@ -3,7 +3,8 @@
 Every message is one ``send_bytes`` frame that starts with a kind byte.
 
 * ``RUN`` (parent to worker): a cloudpickled tuple
-  ``(fn_id, fn_bytes | None, [args, ...], star, report_each, evict, has_bad)``;
+  ``(fn_id, fn_bytes | None, [args, ...], star, report_each, evict, has_bad,
+  log_level)``;
   with ``star`` each entry is an argument tuple, else the single argument;
   ``has_bad`` says some entries are ``BadArgs`` stand-ins.
   The function is pickled once per stream or task (``fn_bytes``) and cached in
@@ -13,7 +14,8 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   in order: ``values`` has one entry per item, ``errors`` maps the positions of
   failed items to their error. The header stays readable even when
   the payload cannot be unpickled in the parent, so those items fail alone.
-* ``READY``, ``BAD_BATCH``: small pickled tuples.
+* ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``: small
+  pickled tuples.
 
 Errors travel as ``(exception, traceback_text)``; ``rebuild_error`` attaches
 the text as a ``RemoteTraceback`` ``__cause__``, the convention of
@@ -33,6 +35,7 @@ RESULTS = 2
 READY = 3
 BAD_BATCH = 4
 STOP = 5
+LOG = 6
 
 _HEADER = struct.Struct("<BIBd")
 PROTOCOL = 5

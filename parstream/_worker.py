@@ -15,6 +15,9 @@ parent always knows which item is running and since when), otherwise when
 ``time.monotonic()`` at the flush, i.e. the start of the next item: the clock is
 system-wide, so the parent can compare it with its own.
 
+Log records of any level at or above the parent's root level are forwarded
+to the parent (``LOG`` messages) with the position of the running item.
+
 Safety: SIGINT is ignored (the parent decides what an interrupt kills), the
 worker dies with its parent (``PR_SET_PDEATHSIG`` on Linux plus a parent-pid
 watch everywhere), and output is
@@ -24,6 +27,7 @@ never stranded in a buffer when the worker is killed: workers run with
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -77,16 +81,42 @@ def _failure(exc: BaseException) -> tuple[BaseException, str]:
     return exc, tb
 
 
+class _Forward(logging.Handler):
+    """Ships log records to the parent, tagged with the item being run."""
+
+    def __init__(self, runner: _Runner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            payload = (record.name, record.levelno, text, self.runner.position)
+            self.runner.send(_wire.encode(_wire.LOG, payload))
+        except Exception:
+            self.handleError(record)
+
+
 class _Runner:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.functions: dict[int, Any] = {}
+        self.position = 0  # items of the current batch finished so far
+        self.lock = threading.Lock()  # log records may come from any thread
+        root = logging.getLogger()
+        root.addHandler(_Forward(self))
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.conn.send_bytes(data)
 
     def send_results(self, values: list[Any], errors: _wire.Errors, done: bool) -> None:
         # Output first: what an item printed is out before its result is, so it
         # lands in the right notebook cell and survives a kill right after.
         _flush_std()
-        self.conn.send_bytes(_wire.dumps_results(done, time.monotonic(), values, errors))
+        self.send(_wire.dumps_results(done, time.monotonic(), values, errors))
 
     def load_function(self, fn_id: int, fn_bytes: bytes | None, evict: list[int]) -> Any:
         for old in evict:
@@ -100,7 +130,9 @@ class _Runner:
         return fn
 
     def run_batch(self, message: tuple[Any, ...]) -> None:
-        fn_id, fn_bytes, items, star, report_each, evict, has_bad = message
+        fn_id, fn_bytes, items, star, report_each, evict, has_bad, log_level = message
+        logging.getLogger().setLevel(log_level)
+        self.position = 0
         try:
             fn = self.load_function(fn_id, fn_bytes, evict)
         except BaseException as exc:
@@ -138,6 +170,7 @@ class _Runner:
             except BaseException as exc:
                 errors[len(values)] = _failure(exc)
                 append(None)
+            self.position += 1
             now = monotonic()
             if now - last >= interval:
                 self.send_results(values, errors, False)
@@ -160,7 +193,7 @@ class _Runner:
             except BaseException as exc:
                 # Arguments that cannot be rebuilt in the worker: tell the
                 # parent, which isolates the culprit item by item.
-                self.conn.send_bytes(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
+                self.send(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
                 continue
             self.run_batch(message)
 
