@@ -24,6 +24,7 @@ import collections
 import contextlib
 import itertools
 import queue
+import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -107,6 +108,7 @@ class _State:
         self.reserved = 0
         self.length = _length_hint(iterable)
         self.item_cost: float | None = None  # measured seconds per item, chunk overhead included
+        self.lock = threading.Lock()  # close() may come from another thread
 
     # -- sink (hub thread) -----------------------------------------------------
 
@@ -167,10 +169,13 @@ class _State:
                 tag=chunk,
             )
             chunk.job = job
-            self.running.add(chunk)
-            if self.ordered:
-                self.pending.append(chunk)
-            self.pool.submit(job)
+            with self.lock:
+                if self.closed:
+                    raise _Closed
+                self.running.add(chunk)
+                if self.ordered:
+                    self.pending.append(chunk)
+                self.pool.submit(job)
 
     def apply(self, event: tuple[_Chunk, list[Any] | None, _wire.Errors]) -> None:
         chunk, values, errors = event
@@ -212,8 +217,11 @@ class _State:
         self.chunk = max(1, min(want, self.chunk * GROWTH, MAX_CHUNK))
 
     def wait_event(self) -> None:
-        # A bounded wait keeps Ctrl-C prompt on every platform.
+        # A bounded wait keeps Ctrl-C prompt on every platform, and notices a
+        # close() from another thread (an ``async for`` being cancelled).
         while True:
+            if self.closed:
+                raise _Closed
             try:
                 event = self.events.get(timeout=0.1)
                 break
@@ -258,10 +266,12 @@ class _State:
         return self.exhausted and not self.running and self.take() is None
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for chunk in list(self.running):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            running = list(self.running)
+        for chunk in running:
             if chunk.job is not None:
                 self.pool.kill(chunk.job, None)
         self.running.clear()
@@ -280,45 +290,57 @@ class _State:
         return Exit(exc)
 
 
+class _Closed(Exception):
+    """The stream was closed from another thread while its generator waited."""
+
+
 def _run(state: _State, wrap: bool) -> Generator[Any, None, None]:
     """The stream's generator: yields Ok/Exit (``wrap``) or plain values."""
     try:
-        state.start()
-        progress = state.progress
-        while True:
-            state.drain_events()
-            state.fill()
-            span = state.take()
-            if span is None:
-                if state.finished():
-                    if progress is not None:
-                        progress.finish()
-                    return
-                state.wait_event()
-                continue
-            chunk, lo, hi = span
-            chunk.taken = hi
-            state.delivered += hi - lo
-            if progress is not None:
-                progress.update(hi - lo)
-            if not chunk.errors:
-                if wrap:
-                    for v in chunk.values[lo:hi]:
-                        yield Ok(v)
-                else:
-                    yield from chunk.values[lo:hi]
-                continue
-            for pos in range(lo, hi):
-                if pos in chunk.errors:
-                    ex = state.exit_for(chunk, pos)
-                    if not wrap:
-                        raise ex.reason
-                    yield ex
-                else:
-                    v = chunk.values[pos]
-                    yield Ok(v) if wrap else v
+        yield from _produce(state, wrap)
+    except _Closed:
+        return
     finally:
         state.close()
+
+
+def _produce(state: _State, wrap: bool) -> Generator[Any, None, None]:
+    if state.closed:
+        return
+    state.start()
+    progress = state.progress
+    while True:
+        state.drain_events()
+        state.fill()
+        span = state.take()
+        if span is None:
+            if state.finished():
+                if progress is not None:
+                    progress.finish()
+                return
+            state.wait_event()
+            continue
+        chunk, lo, hi = span
+        chunk.taken = hi
+        state.delivered += hi - lo
+        if progress is not None:
+            progress.update(hi - lo)
+        if not chunk.errors:
+            if wrap:
+                for v in chunk.values[lo:hi]:
+                    yield Ok(v)
+            else:
+                yield from chunk.values[lo:hi]
+            continue
+        for pos in range(lo, hi):
+            if pos in chunk.errors:
+                ex = state.exit_for(chunk, pos)
+                if not wrap:
+                    raise ex.reason
+                yield ex
+            else:
+                v = chunk.values[pos]
+                yield Ok(v) if wrap else v
 
 
 class Stream(Iterator[Result]):
@@ -342,8 +364,9 @@ class Stream(Iterator[Result]):
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
-        self._gen.close()
         self._state.close()
+        with contextlib.suppress(ValueError):  # running in another thread: it stops itself
+            self._gen.close()
 
     def __enter__(self) -> Stream:
         return self
