@@ -65,6 +65,16 @@ class Sink(Protocol):
 
 
 @dataclass(eq=False)
+class Gate:
+    """At most ``limit`` of the jobs sharing a gate run at once; the others
+    wait in the pool's queue, so a stream can queue work ahead of its
+    concurrency and the hub starts it the moment a worker frees."""
+
+    limit: int
+    active: int = 0
+
+
+@dataclass(eq=False)
 class Job:
     """Items for one function, run in order on one worker at a time.
 
@@ -83,6 +93,7 @@ class Job:
     tag: Any = None
     started_at: float = 0.0
     busy_time: float = 0.0
+    gate: Gate | None = None
     cursor: int = 0  # first item not yet reported
     sent_end: int = 0  # end of the slice on the worker
     isolate: bool = False  # run one item at a time (after an ambiguous crash)
@@ -176,7 +187,7 @@ class Pool:
                 raise RuntimeError("pool is closed")
             self.counters["tasks_started"] += len(job.items)
             worker = self._idle_worker()
-            if worker is None:
+            if worker is None or (job.gate is not None and job.gate.active >= job.gate.limit):
                 self._queue.append(job)
                 self._wake()
                 return
@@ -275,6 +286,8 @@ class Pool:
         worker.state = "busy"
         worker.job = job
         worker.batch_start = job.cursor
+        if job.gate is not None:
+            job.gate.active += 1
         worker.delivered = False
         worker.item_started = None
         worker.timed_out_index = None
@@ -532,9 +545,24 @@ class Pool:
         self.counters[counter] += 1
         job.sink.on_results(job, [None], {0: payload})
 
+    def _unassign(self, worker: _Worker) -> Job | None:
+        """Take the job off the worker (lock held)."""
+        job, worker.job = worker.job, None
+        if job is not None and job.gate is not None:
+            job.gate.active -= 1
+        return job
+
+    def _take_queued(self) -> Job | None:
+        """The first queued job whose gate lets it run (lock held)."""
+        for i, job in enumerate(self._queue):
+            if job.gate is None or job.gate.active < job.gate.limit:
+                del self._queue[i]
+                return job
+        return None
+
     def _job_slice_done(self, worker: _Worker, job: Job) -> None:
         """The worker finished its slice of ``job`` (lock held)."""
-        worker.job = None
+        self._unassign(worker)
         job.worker = None
         job.pid = None
         worker.state = "idle"
@@ -549,7 +577,7 @@ class Pool:
             self._wake()
 
     def _requeue(self, worker: _Worker, job: Job) -> None:
-        worker.job = None
+        self._unassign(worker)
         job.worker = None
         job.pid = None
         worker.state = "idle"
@@ -608,8 +636,7 @@ class Pool:
                 self._workers.remove(worker)
             was_starting = worker.state == "starting"
             worker.state = "dead"
-            job = worker.job
-            worker.job = None
+            job = self._unassign(worker)
             cause = worker.kill_cause
             if was_starting and cause is None:
                 self._startup_failures += 1
@@ -699,7 +726,9 @@ class Pool:
                 worker = self._idle_worker()
                 if worker is None:
                     return
-                job = self._queue.popleft()
+                job = self._take_queued()
+                if job is None:
+                    return
                 self._assign(worker, job)
             self._send(worker, job)
 

@@ -7,7 +7,8 @@ appends ``(chunk, values, errors)`` events to the stream's queue (one event per
 flush from a worker, not per item) and enforces per-item timeouts, so timers
 run on while the consumer is busy.
 
-Bounds (``_State.fill``): at most ``max_concurrency`` chunks run at once, and
+Bounds (``_State.fill``): at most ``max_concurrency`` chunks run at once (a
+``Gate`` in the pool; batched chunks may wait queued one round ahead), and
 at most ``max_concurrency * chunk + buffer_size`` items are pulled but not yet
 delivered, so a slow head item or a slow consumer stops the pulling instead of
 growing memory. With ``chunksize=None`` the chunk size adapts to the measured
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from parstream import _wire
 from parstream._errors import TaskShutdown, TaskTimeout
-from parstream._pool import Job, new_fn_id
+from parstream._pool import Gate, Job, new_fn_id
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, Result
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 TARGET_CHUNK_S = 0.02  # longer chunks amortise more but balance load worse
 MAX_CHUNK = 32768  # caps memory per chunk and the cost of re-running after a crash
+TAIL_CHUNK_S = 0.002  # the smallest chunk worth a round trip near the end of a known input
 GROWTH = 8  # how fast an automatic chunk may grow between two measurements
 BUFFER_CHUNKS = 4  # default buffer_size, in chunks per unit of max_concurrency
 
@@ -109,6 +111,7 @@ class _State:
         self.length = _length_hint(iterable)
         self.item_cost: float | None = None  # measured seconds per item, chunk overhead included
         self.lock = threading.Lock()  # close() may come from another thread
+        self.gate = Gate(max_concurrency)
 
     # -- sink (hub thread) -----------------------------------------------------
 
@@ -141,16 +144,23 @@ class _State:
             return self.fixed_chunk
         size = self.chunk
         if self.length is not None:
-            # Keep the tail balanced: no chunk above a share of what is left.
+            # Keep the tail balanced: no chunk above a share of what is left,
+            # nor below about TAIL_CHUNK_S of work (each chunk costs a round trip).
             left = self.length - self.pulled
-            size = min(size, max(1, left // (2 * self.max_concurrency)))
+            floor = 1 if self.item_cost is None else int(TAIL_CHUNK_S / max(self.item_cost, 1e-9))
+            size = min(size, max(1, floor, left // (2 * self.max_concurrency)))
         return max(1, size)
 
     def fill(self) -> None:
         """Pull and submit chunks while there is room."""
         assert self.it is not None
-        while not self.exhausted and len(self.running) < self.max_concurrency:
+        while not self.exhausted:
             size = self.next_chunk_size()
+            # Batched chunks queue one round ahead (the gate keeps at most
+            # max_concurrency running), so a worker never waits for this thread.
+            ahead = self.max_concurrency if size > 1 else 0
+            if len(self.running) >= self.max_concurrency + ahead:
+                return
             if self.pulled - self.delivered + size > self.limit():
                 return
             inputs = list(itertools.islice(self.it, size))
@@ -167,6 +177,7 @@ class _State:
                 timeout=self.timeout,
                 first_index=chunk.start,
                 tag=chunk,
+                gate=self.gate,
             )
             chunk.job = job
             with self.lock:
