@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import Any, Protocol
 
-import psutil
 from loky.backend.context import get_context
 
 from parstream import _wire
@@ -132,6 +131,8 @@ def new_fn_id() -> int:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a worker and every process it started."""
+    import psutil  # here: workers import this module, and psutil costs ~8 ms
+
     try:
         proc = psutil.Process(pid)
         children = proc.children(recursive=True)
@@ -592,6 +593,8 @@ class Pool:
             if self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker:
                 self._retire(worker)
             elif self.max_memory_per_worker:
+                import psutil
+
                 try:
                     rss = psutil.Process(worker.pid).memory_info().rss
                 except psutil.Error:

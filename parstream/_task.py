@@ -10,7 +10,6 @@ the task is killed when its handle is garbage collected unfinished, and
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import weakref
@@ -22,6 +21,8 @@ from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._results import Exit, Ok
 
 if TYPE_CHECKING:
+    import asyncio
+
     from parstream._pool import Job, Pool
 
 T = TypeVar("T")
@@ -182,6 +183,8 @@ class Task(Generic[T]):
         return self._async_await().__await__()
 
     async def _async_await(self) -> T:
+        import asyncio  # here: workers import this module, and asyncio costs ~15 ms
+
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
