@@ -44,7 +44,12 @@ from typing import Any, Protocol
 from loky.backend.context import get_context
 
 from parstream import _wire
-from parstream._errors import ParstreamInternalError, TaskTimeout, WorkerCrashed
+from parstream._errors import (
+    ParstreamInternalError,
+    SupervisorClosed,
+    TaskTimeout,
+    WorkerCrashed,
+)
 from parstream._worker import worker_main
 
 log = logging.getLogger("parstream")
@@ -185,7 +190,7 @@ class Pool:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._closed:
-                raise RuntimeError("pool is closed")
+                raise SupervisorClosed("the supervisor is closed")
             self.counters["tasks_started"] += len(job.items)
             worker = self._idle_worker()
             if worker is None or (job.gate is not None and job.gate.active >= job.gate.limit):

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import TYPE_CHECKING, Any, Literal
 
 from parstream import _wire
-from parstream._errors import TaskShutdown, TaskTimeout
+from parstream._errors import SupervisorClosed, TaskShutdown, TaskTimeout
 from parstream._pool import Gate, Job, new_fn_id
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, Result
@@ -191,6 +191,9 @@ class _State:
     def apply(self, event: tuple[_Chunk, list[Any] | None, _wire.Errors]) -> None:
         chunk, values, errors = event
         if values is None:
+            if len(chunk.values) < len(chunk.inputs) and not self.closed:
+                # Killed by someone else: its supervisor closed under us.
+                raise SupervisorClosed("the supervisor was closed while this stream was running")
             chunk.done = True
             self.running.discard(chunk)
             if chunk.job is not None:
@@ -433,7 +436,3 @@ def _length_hint(iterable: Iterable[Any]) -> int | None:
         return len(iterable)  # type: ignore[arg-type]
     except TypeError:
         return None
-
-
-def killed_exit() -> Exit:
-    return Exit(TaskShutdown("the stream was closed"))

@@ -238,7 +238,7 @@ class Supervisor(concurrent.futures.Executor):
     def _submit(self, job: Job) -> None:
         try:
             self._pool.submit(job)
-        except RuntimeError:
+        except SupervisorClosed:
             raise SupervisorClosed(self._closed_reason or "the supervisor is closed") from None
 
     def async_(self, fn: Callable[..., T], *args: Any) -> Task[T]:
