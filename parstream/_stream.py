@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import TYPE_CHECKING, Any, Literal
 
 from parstream import _wire
-from parstream._errors import SupervisorClosed, TaskShutdown, TaskTimeout
+from parstream._errors import SupervisorClosed, TaskTimeout
 from parstream._pool import Gate, Job, new_fn_id
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, Result
