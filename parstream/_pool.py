@@ -123,6 +123,7 @@ class _Worker:
     kill_deadline: float | None = None
     idle_since: float = 0.0
     items_done: int = 0
+    retire_requested: bool = False
     fns: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -254,7 +255,7 @@ class Pool:
                 if w.state == "idle":
                     self._retire(w)
                 else:
-                    w.items_done = 1 << 62  # retire after the current batch
+                    w.retire_requested = True  # after the current batch
             self._wake()
 
     def close(self) -> None:
@@ -380,11 +381,13 @@ class Pool:
             deaths: list[_Worker] = []
             for what, w in self._wait(timeout):
                 if w is None:
-                    self._wake_pending = False
+                    # Drain first, then clear the flag: a wake() between the two
+                    # would otherwise leave the flag set and no byte to wake us.
                     wake: Any = self._wake_r
                     with contextlib.suppress(OSError, EOFError):
                         while wake.poll():
                             wake.recv_bytes()
+                    self._wake_pending = False
                     continue
                 if what == "conn":
                     self._drain(w)
@@ -461,7 +464,16 @@ class Pool:
         if self._startup_failures >= STARTUP_FAILURES_LIMIT:
             return
         for _ in range(want - len(live)):
-            self._start_worker()
+            try:
+                self._start_worker()
+            except OSError:
+                # Out of processes or file descriptors: count it as a failed
+                # start, so queued work fails clearly instead of waiting.
+                log.exception("parstream: could not start a worker process")
+                self._startup_failures += 1
+                if self._startup_failures >= STARTUP_FAILURES_LIMIT:
+                    self._fail_queue(None)
+                return
 
     def _start_worker(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -595,7 +607,9 @@ class Pool:
         with self._lock:
             if worker.state != "idle":
                 return
-            if self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker:
+            if worker.retire_requested or (
+                self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker
+            ):
                 self._retire(worker)
             elif self.max_memory_per_worker:
                 import psutil
@@ -606,8 +620,6 @@ class Pool:
                     rss = 0
                 if rss > self.max_memory_per_worker:
                     self._retire(worker)
-            elif worker.items_done >= 1 << 62:
-                self._retire(worker)
 
     def _retire(self, worker: _Worker) -> None:
         worker.state = "retiring"
