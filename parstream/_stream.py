@@ -116,10 +116,12 @@ class _State:
     # -- sink (hub thread) -----------------------------------------------------
 
     def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
-        self.events.put((job.tag, values, errors))
+        if job.tag is not None:
+            self.events.put((job.tag, values, errors))
 
     def on_job_done(self, job: Job) -> None:
-        self.events.put((job.tag, None, {}))
+        if job.tag is not None:
+            self.events.put((job.tag, None, {}))
 
     # -- consumer side -----------------------------------------------------------
 
@@ -198,6 +200,10 @@ class _State:
             self.running.discard(chunk)
             if chunk.job is not None:
                 self.learn(chunk.job)
+                # Break chunk <-> job: a cycle would keep the chunk's lists
+                # alive until a full garbage collection.
+                chunk.job.tag = None
+                chunk.job = None
             if not self.ordered and chunk.taken >= len(chunk.values) and chunk in self.ready:
                 self.ready.remove(chunk)
             return
@@ -286,8 +292,11 @@ class _State:
             self.closed = True
             running = list(self.running)
         for chunk in running:
-            if chunk.job is not None:
-                self.pool.kill(chunk.job, None)
+            job = chunk.job
+            if job is not None:
+                self.pool.kill(job, None)
+                job.tag = None
+                chunk.job = None
         self.running.clear()
         self.pending.clear()
         self.ready.clear()

@@ -230,7 +230,6 @@ class Supervisor(concurrent.futures.Executor):
         fn_id, fn_bytes = _function_for_task(fn)
         job = Job(fn_id, fn_bytes, [args], None, star=True)  # type: ignore[arg-type]
         task: Task[T] = Task(self._pool, job, linked=linked)
-        job.sink = task
         self._tasks.add(task)
         self._submit(job)
         return task

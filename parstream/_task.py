@@ -43,6 +43,26 @@ def _kill_job(pool: Pool, job: Job) -> None:
     pool.kill(job, None)
 
 
+class _WeakSink:
+    """The pool's sink for a linked task: a weak reference, so the pool does
+    not keep the Task alive and dropping the handle runs its finaliser."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: Task[Any]) -> None:
+        self.task = weakref.ref(task)
+
+    def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
+        task = self.task()
+        if task is not None:
+            task.on_results(job, values, errors)
+
+    def on_job_done(self, job: Job) -> None:
+        task = self.task()
+        if task is not None:
+            task.on_job_done(job)
+
+
 class Task(Generic[T]):
     """A handle to one call running in a worker process (Elixir's ``%Task{}``).
 
@@ -60,6 +80,8 @@ class Task(Generic[T]):
         self._result: Ok[T] | Exit | None = None
         self._callbacks: list[Callable[[Task[T]], None]] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        if job is not None:
+            job.sink = _WeakSink(self) if linked else self
         if linked and pool is not None and job is not None:
             self._finalizer = weakref.finalize(self, _kill_job, pool, job)
 

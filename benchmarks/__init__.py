@@ -1,0 +1,1 @@
+"""The parstream benchmark suite: ``python -m benchmarks``."""

@@ -1,0 +1,195 @@
+"""``python -m benchmarks``: sequential vs parstream vs the peers, in one run.
+
+Prints a table, writes ``<out>/<timestamp>.json`` and ``<out>/<timestamp>.png``
+and says where they are. ``python -m benchmarks scaling`` sweeps the worker
+count instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import parstream
+from benchmarks import runners, suite
+
+DEFAULT_OUT = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in (
+        "parstream",
+        "loky",
+        "cloudpickle",
+        "psutil",
+        "joblib",
+        "pebble",
+        "mpire",
+        "numpy",
+    ):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "cores": parstream.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "start_methods": (
+            "pool/ppe/pebble/mpire: fork (their default); loky, joblib, parstream: loky"
+        ),
+    }
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "us":
+        return f"{value:,.0f} us"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1e3:.1f} ms"
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for name, res in results.items():
+        unit = res["unit"]
+        lines.append(f"\n== {name}: {res['what']}")
+        lines.append(f"   {'runner':<28}{'median':>12}{'min-max':>24}{'vs sequential':>16}")
+        for runner, row in res["rows"].items():
+            spread = f"{_fmt(row['min'], unit)} - {_fmt(row['max'], unit)}"
+            speed = f"x{row['speedup']:.2f}" if "speedup" in row else ""
+            lines.append(f"   {runner:<28}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}")
+        extra = res["extra"]
+        if "ratio_to_best_peer" in extra:
+            verdict = "faster" if extra["ratio_to_best_peer"] <= 1 else "SLOWER"
+            lines.append(
+                f"   parstream / best peer ({extra['best_peer']}): "
+                f"{extra['ratio_to_best_peer']:.2f} ({verdict})"
+            )
+        for key, value in extra.items():
+            if key in ("ratio_to_best_peer", "best_peer"):
+                continue
+            lines.append(f"   {key}: {json.dumps(value, default=str)[:200]}")
+        lines.extend(f"   note: {n}" for n in res["notes"])
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    cols = 2
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        res = results[name]
+        labels = list(res["rows"])
+        med = [res["rows"][k]["median"] for k in labels]
+        low = [m - res["rows"][k]["min"] for k, m in zip(labels, med, strict=True)]
+        high = [res["rows"][k]["max"] - m for k, m in zip(labels, med, strict=True)]
+        colours = ["tab:red" if k.startswith("parstream") else "tab:gray" for k in labels]
+        colours = [
+            "tab:blue" if k == "sequential" else c for k, c in zip(labels, colours, strict=True)
+        ]
+        ax.barh(labels, med, xerr=[low, high], color=colours)
+        ax.set_title(f"{name} ({res['unit']}, lower is better)", fontsize=9)
+        ax.tick_params(labelsize=8)
+        if name == "scaling" and "efficiency" in res["extra"]:
+            eff = res["extra"]["efficiency"]
+            ax2 = ax.inset_axes((0.6, 0.1, 0.35, 0.35))
+            ks = sorted(int(k) for k in eff)
+            ax2.plot(ks, [eff[k] if k in eff else eff[str(k)] for k in ks], "o-")
+            ax2.set_ylim(0, 1.1)
+            ax2.set_title("efficiency", fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("mode", nargs="?", default="suite", choices=["suite", "scaling"])
+    p.add_argument("--quick", action="store_true", help="a smoke run, under 30 s")
+    p.add_argument("--only", action="append", default=[], help="workloads (repeat or comma list)")
+    p.add_argument("--peers", default=",".join(runners.PEERS), help="comma list of peers")
+    p.add_argument("--workers", type=int, default=parstream.cpu_count())
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+
+    only = [x for item in args.only for x in item.split(",") if x] or list(suite.WORKLOADS)
+    unknown = [x for x in only if x not in suite.BENCHES]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; choose from {list(suite.BENCHES)}")
+    wanted = [x for x in args.peers.split(",") if x]
+    bad = [x for x in wanted if x not in runners.PEERS]
+    if bad:
+        p.error(f"unknown peer(s) {bad}; choose from {list(runners.PEERS)}")
+    peers = [x for x in wanted if runners.available(x)]
+    cfg = suite.Config(workers=args.workers, peers=peers, quick=args.quick)
+    for x in wanted:
+        if x not in peers:
+            cfg.skipped[x] = "not installed"
+            print(f"note: peer {x!r} is not installed; skipped", file=sys.stderr)
+
+    started = time.perf_counter()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results: dict[str, Any] = {}
+    if args.mode == "scaling":
+        outcomes = [suite.scaling(cfg, args.workers)]
+    else:
+        outcomes = []
+        for name in only:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            outcomes.append(suite.BENCHES[name](cfg))
+    for o in outcomes:
+        results[o.name] = o.summary()
+
+    report = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "mode": args.mode,
+        "quick": args.quick,
+        "workers": args.workers,
+        "machine": machine(),
+        "peers": peers,
+        "skipped_peers": cfg.skipped,
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{stamp}.json"
+    png_path = args.out / f"{stamp}.png"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    chart(results, png_path)
+    print(table(results))
+    m = report["machine"]
+    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, Python {m['python']}")
+    print(f"took {report['seconds']} s")
+    print(f"results: {json_path}\nchart:   {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
