@@ -7,77 +7,45 @@ workers, restarts children and is a ``concurrent.futures.Executor``.
 
 from __future__ import annotations
 
-from parstream._api import (
-    async_ as async_,
-)
-from parstream._api import (
-    async_stream as async_stream,
-)
-from parstream._api import (
-    async_stream_nolink as async_stream_nolink,
-)
-from parstream._api import (
-    default_supervisor as default_supervisor,
-)
-from parstream._api import (
-    map as map,
-)
-from parstream._api import (
-    restart_workers as restart_workers,
-)
-from parstream._api import (
-    start as start,
-)
-from parstream._errors import (
-    ParstreamError as ParstreamError,
-)
-from parstream._errors import (
-    ParstreamInternalError as ParstreamInternalError,
-)
-from parstream._errors import (
-    SupervisorClosed as SupervisorClosed,
-)
-from parstream._errors import (
-    TaskShutdown as TaskShutdown,
-)
-from parstream._errors import (
-    TaskTimeout as TaskTimeout,
-)
-from parstream._errors import (
-    WorkerCrashed as WorkerCrashed,
-)
-from parstream._results import Exit as Exit
-from parstream._results import Ok as Ok
-from parstream._results import Stats as Stats
-from parstream._stream import Stream as Stream
-from parstream._supervisor import Child as Child
-from parstream._supervisor import Supervisor as Supervisor
-from parstream._supervisor import cpu_count as cpu_count
-from parstream._task import (
-    BRUTAL_KILL as BRUTAL_KILL,
-)
-from parstream._task import (
-    Task as Task,
-)
-from parstream._task import (
-    await_ as await_,
-)
-from parstream._task import (
-    await_many as await_many,
-)
-from parstream._task import (
-    completed as completed,
-)
-from parstream._task import (
-    shutdown as shutdown,
-)
-from parstream._task import (
-    yield_ as yield_,
-)
-from parstream._task import (
-    yield_many as yield_many,
-)
-from parstream._wire import RemoteTraceback as RemoteTraceback
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from parstream._api import (
+        async_ as async_,
+        async_stream as async_stream,
+        async_stream_nolink as async_stream_nolink,
+        default_supervisor as default_supervisor,
+        map as map,
+        restart_workers as restart_workers,
+        start as start,
+    )
+    from parstream._errors import (
+        ParstreamError as ParstreamError,
+        ParstreamInternalError as ParstreamInternalError,
+        SupervisorClosed as SupervisorClosed,
+        TaskShutdown as TaskShutdown,
+        TaskTimeout as TaskTimeout,
+        WorkerCrashed as WorkerCrashed,
+    )
+    from parstream._results import Exit as Exit, Ok as Ok, Stats as Stats
+    from parstream._stream import Stream as Stream
+    from parstream._supervisor import (
+        Child as Child,
+        Supervisor as Supervisor,
+        cpu_count as cpu_count,
+    )
+    from parstream._task import (
+        BRUTAL_KILL as BRUTAL_KILL,
+        Task as Task,
+        await_ as await_,
+        await_many as await_many,
+        completed as completed,
+        shutdown as shutdown,
+        yield_ as yield_,
+        yield_many as yield_many,
+    )
+    from parstream._wire import RemoteTraceback as RemoteTraceback
 
 __version__ = "0.1.0"
 
@@ -113,12 +81,59 @@ __all__ = (
     "yield_many",
 )
 
-# Tracebacks and reprs say ``parstream.X``, not the private module.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("parstream._"):
-        try:
-            _obj.__module__ = "parstream"
-        except (AttributeError, TypeError):
-            pass
-del _name, _obj
+# Where each public name lives. The package loads them on first use (PEP 562),
+# so a worker process, which imports only ``parstream._worker``, does not pay
+# for the parent-side modules at every start.
+_HOMES = {
+    "async_": "_api",
+    "async_stream": "_api",
+    "async_stream_nolink": "_api",
+    "default_supervisor": "_api",
+    "map": "_api",
+    "restart_workers": "_api",
+    "start": "_api",
+    "ParstreamError": "_errors",
+    "ParstreamInternalError": "_errors",
+    "SupervisorClosed": "_errors",
+    "TaskShutdown": "_errors",
+    "TaskTimeout": "_errors",
+    "WorkerCrashed": "_errors",
+    "Exit": "_results",
+    "Ok": "_results",
+    "Stats": "_results",
+    "Stream": "_stream",
+    "Child": "_supervisor",
+    "Supervisor": "_supervisor",
+    "cpu_count": "_supervisor",
+    "BRUTAL_KILL": "_task",
+    "Task": "_task",
+    "await_": "_task",
+    "await_many": "_task",
+    "completed": "_task",
+    "shutdown": "_task",
+    "yield_": "_task",
+    "yield_many": "_task",
+    "RemoteTraceback": "_wire",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'parstream' has no attribute {name!r}")
+    module = importlib.import_module(f"parstream.{home}")
+    for public, where in _HOMES.items():
+        if where == home:
+            obj = getattr(module, public)
+            # Tracebacks, reprs and pickles say ``parstream.X``.
+            if getattr(obj, "__module__", "").startswith("parstream._"):
+                try:
+                    obj.__module__ = "parstream"
+                except (AttributeError, TypeError):
+                    pass
+            globals()[public] = obj
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
