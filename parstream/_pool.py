@@ -239,6 +239,7 @@ class Pool:
     def release(self, n: int) -> None:
         with self._lock:
             self._reserved = max(0, self._reserved - n)
+            self._wake()  # extra workers may now be surplus: start their idle clocks
 
     def worker_pids(self) -> list[int]:
         with self._lock:
