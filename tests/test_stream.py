@@ -1,0 +1,589 @@
+"""async_stream, async_stream_nolink and map, with real worker processes (issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import itertools
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from tqdm import tqdm
+
+import parstream
+from parstream import Exit, Ok
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def sleep_ret(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def log_run(args: tuple[str, int, float]) -> int:
+    """Append the index to a per-pid file (exactly-once check), sleep, return it."""
+    folder, index, seconds = args
+    with open(os.path.join(folder, f"runs-{os.getpid()}"), "a") as f:
+        f.write(f"{index}\n")
+    time.sleep(seconds)
+    return index
+
+
+def runs(folder: Path) -> list[int]:
+    out: list[int] = []
+    for p in folder.glob("runs-*"):
+        out.extend(int(x) for x in p.read_text().split())
+    return sorted(out)
+
+
+def mixed(args: tuple[str, int, str]) -> int:
+    folder, index, kind = args
+    with open(os.path.join(folder, f"runs-{os.getpid()}"), "a") as f:
+        f.write(f"{index}\n")
+    if kind == "raise":
+        raise KeyError(index)
+    if kind == "crash":
+        os._exit(5)
+    if kind == "hang":
+        time.sleep(60)
+    time.sleep(0.02)
+    return index
+
+
+def pid_and_sleep(x: float) -> int:
+    time.sleep(x)
+    return os.getpid()
+
+
+def raise_on_two(x: int) -> int:
+    if x == 2:
+        raise ValueError("two")
+    time.sleep(0.05)
+    return x
+
+
+def crash_on_two(x: int) -> int:
+    if x == 2:
+        os._exit(9)
+    return x
+
+
+def start_mark(args: tuple[str, float]) -> float:
+    folder, seconds = args
+    Path(folder, f"start-{seconds}-{time.monotonic_ns()}").touch()
+    time.sleep(seconds)
+    return seconds
+
+
+class Counting:
+    """An iterable that counts how many items were pulled from it."""
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self.source = source
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for x in self.source:
+            self.pulled += 1
+            yield x
+
+
+class Unpickled:
+    """A callable that records each time it is unpickled in a worker."""
+
+    def __init__(self, folder: str, payload: bytes) -> None:
+        self.folder = folder
+        self.payload = payload
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        Path(self.folder, f"unpickled-{os.getpid()}-{time.monotonic_ns()}").touch()
+
+    def __call__(self, x: int) -> int:
+        return x + len(self.payload)
+
+
+# -- ordering and concurrency ---------------------------------------------------
+
+
+def test_ordered_results(sup: parstream.Supervisor) -> None:
+    """ordered=True yields in input order."""
+    out = list(sup.async_stream(sleep_ret, [0.2, 0.0, 0.1, 0.0]))
+    assert out == [Ok(0.2), Ok(0.0), Ok(0.1), Ok(0.0)]
+
+
+def test_unordered_is_completion_order() -> None:
+    """Scenario 2: unordered yields by completion; with one slot, by input."""
+    items = [0.8, 0.6, 0.4, 0.2]
+    with parstream.Supervisor(max_workers=4) as sup:
+        list(sup.stream_map(sleep_ret, [0.1] * 4, max_concurrency=4))  # four warm workers
+        fast = [
+            r.value for r in sup.async_stream(sleep_ret, items, max_concurrency=4, ordered=False)
+        ]
+        assert fast == [0.2, 0.4, 0.6, 0.8]
+        one = [
+            r.value for r in sup.async_stream(sleep_ret, items, max_concurrency=1, ordered=False)
+        ]
+        assert one == items
+
+
+def test_slow_head_does_not_stop_the_others(sup: parstream.Supervisor, tmp_path: Path) -> None:
+    """Scenario 1: later items run while a slow head item runs."""
+    items = [(str(tmp_path), s) for s in [0.05, 0.05, 1.5, 0.05, 0.05, 0.05]]
+    t0 = time.monotonic_ns()
+    out = [r.value for r in sup.async_stream(start_mark, items, max_concurrency=2)]
+    assert out == [s for _, s in items]
+    starts = sorted(int(p.name.split("-")[2]) - t0 for p in tmp_path.iterdir())
+    # Five of the six items started before the slow one could have finished.
+    assert sum(1 for s in starts if s < 1.4e9) == 6
+
+
+def interval(seconds: float) -> tuple[int, int]:
+    start = time.monotonic_ns()
+    time.sleep(seconds)
+    return start, time.monotonic_ns()
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_max_concurrency_bounds_running_items(limit: int) -> None:
+    """No more than max_concurrency items ever run at the same time."""
+    with parstream.Supervisor(max_workers=3) as sup:
+        spans = list(sup.stream_map(interval, [0.15] * 8, max_concurrency=limit))
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak == limit
+
+
+@pytest.mark.slow
+def test_concurrency_above_the_core_count(sup: parstream.Supervisor) -> None:
+    """10 items sleeping 1 s with max_concurrency=10 finish in about 1 s."""
+    t0 = time.monotonic()
+    out = list(sup.stream_map(sleep_ret, [1.0] * 10, max_concurrency=10))
+    assert out == [1.0] * 10
+    assert time.monotonic() - t0 < 4.0  # sequential would take 10 s
+
+
+# -- timeouts -------------------------------------------------------------------------
+
+
+def test_kill_task_timeout(sup: parstream.Supervisor) -> None:
+    """Scenario 3: timed-out items give Exit(TaskTimeout); their workers are killed."""
+    out = list(
+        sup.async_stream(
+            pid_and_sleep, [5, 0.01, 5, 0.01], timeout=0.5, on_timeout="kill_task", chunksize=1
+        )
+    )
+    assert [type(r) for r in out] == [Exit, Ok, Exit, Ok]
+    for r in (out[0], out[2]):
+        assert isinstance(r, Exit)
+        assert isinstance(r.reason, parstream.TaskTimeout)
+    assert sup.stats().tasks_timed_out == 2
+
+
+def test_timeout_exit_raises_even_in_nolink(sup: parstream.Supervisor) -> None:
+    """Scenario 4: on_timeout='exit' raises TaskTimeout and kills the other items."""
+    stream = sup.async_stream_nolink(pid_and_sleep, [0.0, 5.0, 5.0], timeout=0.5)
+    with pytest.raises(parstream.TaskTimeout):
+        list(stream)
+    deadline = time.monotonic() + 5
+    while sup._pool.busy_pids():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_linked_stream_raises_original_exception(sup: parstream.Supervisor) -> None:
+    """Scenario 5 (linked): the failure is raised with its type and remote traceback."""
+    with pytest.raises(ValueError, match="two") as info:
+        list(sup.async_stream(raise_on_two, range(6)))
+    assert isinstance(info.value.__cause__, parstream.RemoteTraceback)
+
+
+def test_map_raises_first_failure(sup: parstream.Supervisor) -> None:
+    """map yields plain values and raises the first failure."""
+    assert list(sup.stream_map(square, range(5))) == [0, 1, 4, 9, 16]
+    with pytest.raises(ValueError):
+        list(sup.stream_map(raise_on_two, range(5)))
+
+
+def test_nolink_stream_goes_on(sup: parstream.Supervisor) -> None:
+    """Scenario 5 (nolink): exceptions and crashes become Exit, with the input zipped."""
+    out = list(sup.async_stream_nolink(raise_on_two, range(5), zip_input_on_exit=True))
+    assert [type(r) for r in out] == [Ok, Ok, Exit, Ok, Ok]
+    bad = out[2]
+    assert isinstance(bad, Exit)
+    assert bad.input == 2
+    assert isinstance(bad.reason, ValueError)
+    out = list(sup.async_stream_nolink(crash_on_two, range(5), chunksize=1))
+    assert [type(r) for r in out] == [Ok, Ok, Exit, Ok, Ok]
+    crash = out[2]
+    assert isinstance(crash, Exit)
+    assert isinstance(crash.reason, parstream.WorkerCrashed)
+    assert crash.reason.exitcode == 9
+    assert not crash.has_input
+
+
+def test_fault_table_in_one_nolink_stream(sup: parstream.Supervisor, tmp_path: Path) -> None:
+    """Raising, crashing, hanging and fine items: each classified, in order, run once."""
+    kinds = ["ok", "raise", "ok", "crash", "ok", "hang", "ok", "ok", "raise", "ok"]
+    items = [(str(tmp_path), i, k) for i, k in enumerate(kinds)]
+    out = list(
+        sup.async_stream_nolink(mixed, items, timeout=1.0, on_timeout="kill_task", chunksize=1)
+    )
+    got = []
+    for r in out:
+        if isinstance(r, Ok):
+            got.append("ok")
+        elif isinstance(r.reason, KeyError):
+            got.append("raise")
+        elif isinstance(r.reason, parstream.WorkerCrashed):
+            got.append("crash")
+        elif isinstance(r.reason, parstream.TaskTimeout):
+            got.append("hang")
+    assert got == kinds
+    assert [r.value for r in out if isinstance(r, Ok)] == [
+        i for i, k in enumerate(kinds) if k == "ok"
+    ]
+    assert runs(tmp_path) == list(range(len(kinds)))
+
+
+@pytest.mark.parametrize("chunksize", [50, None])
+def test_hung_item_in_a_batch(
+    sup: parstream.Supervisor, tmp_path: Path, chunksize: int | None
+) -> None:
+    """A hung batched item times out alone; batch-mates keep results; all run once."""
+    n = 200
+    items = [(str(tmp_path), i, 30.0 if i == 120 else 0.0) for i in range(n)]
+    out = list(
+        sup.async_stream_nolink(
+            log_run, items, timeout=0.5, on_timeout="kill_task", chunksize=chunksize
+        )
+    )
+    assert len(out) == n
+    for i, r in enumerate(out):
+        if i == 120:
+            assert isinstance(r, Exit)
+            assert isinstance(r.reason, parstream.TaskTimeout)
+            assert r.reason.index == 120
+        else:
+            assert r == Ok(i)
+    assert runs(tmp_path) == list(range(n))
+
+
+def test_crash_in_an_automatic_batch_is_isolated(sup: parstream.Supervisor) -> None:
+    """A crash among tiny batched items fails that item alone, everything else Ok."""
+    out = list(sup.async_stream_nolink(crash_on_two_thousand, range(5000)))
+    assert len(out) == 5000
+    bad = [i for i, r in enumerate(out) if isinstance(r, Exit)]
+    assert bad == [2000]
+    assert all(r == Ok(i) for i, r in enumerate(out) if i != 2000)
+
+
+def crash_on_two_thousand(x: int) -> int:
+    if x == 2000:
+        os._exit(4)
+    return x
+
+
+# -- leaving early -------------------------------------------------------------------------
+
+
+def _busy_pids_gone(sup: parstream.Supervisor, pids: list[int]) -> None:
+    for p in pids:
+        assert gone(p), p
+
+
+def _running_pids(sup: parstream.Supervisor, n: int) -> list[int]:
+    deadline = time.monotonic() + 10
+    while len(sup._pool.busy_pids()) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return sup._pool.busy_pids()
+
+
+def test_break_kills_running_items() -> None:
+    """Scenario 6: take one result then break; the running workers are killed."""
+    with parstream.Supervisor(max_workers=3) as sup:
+        stream = sup.async_stream(sleep_ret, [0, 100, 100, 100], max_concurrency=4)
+        for r in stream:
+            assert r == Ok(0)
+            break
+        pids = _running_pids(sup, 3)
+        del stream
+        _busy_pids_gone(sup, pids)
+        assert list(sup.stream_map(square, range(4))) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize("how", ["close", "with", "gc", "consumer_error"])
+def test_leaving_early_kills_running_items(how: str) -> None:
+    """close(), with, garbage collection and a consumer exception all kill running items."""
+    with parstream.Supervisor(max_workers=2) as sup:
+        stream = sup.async_stream(sleep_ret, [0, 100, 100])
+        if how == "consumer_error":
+            pids: list[int] = []
+            # As a user would: the loop body raises, the caller handles it.
+            try:
+                _consume_and_fail(stream, sup, pids)
+            except RuntimeError:
+                pass
+            del stream
+            _busy_pids_gone(sup, pids)
+            assert list(sup.stream_map(square, [3])) == [9]
+            return
+        assert next(stream) == Ok(0)
+        pids = _running_pids(sup, 2)
+        if how == "close":
+            stream.close()
+        elif how == "with":
+            with stream:
+                pass
+        else:
+            del stream
+            gc.collect()
+        _busy_pids_gone(sup, pids)
+        assert list(sup.stream_map(square, [3])) == [9]
+
+
+def _consume_and_fail(
+    stream: parstream.Stream, sup: parstream.Supervisor, pids: list[int]
+) -> None:
+    for _ in stream:
+        pids.extend(_running_pids(sup, 2))
+        raise RuntimeError("consumer failed")
+
+
+def test_over_processing_is_bounded(sup: parstream.Supervisor) -> None:
+    """Scenario 7: taking 10 of 100 pulls at most 10 + max_concurrency items."""
+    source = Counting(iter([0.01] * 100))
+    stream = sup.async_stream(sleep_ret, source, max_concurrency=8, chunksize=1, buffer_size=0)
+    taken = list(itertools.islice(stream, 10))
+    stream.close()
+    assert len(taken) == 10
+    assert source.pulled <= 18
+
+
+def test_back_pressure_on_an_infinite_input(sup: parstream.Supervisor) -> None:
+    """Scenario 8: building pulls nothing; pulled - consumed stays bounded."""
+    source = Counting(itertools.repeat(0.0))
+    stream = sup.async_stream(sleep_ret, source, max_concurrency=4, chunksize=1, buffer_size=4)
+    assert source.pulled == 0
+    for consumed, _ in enumerate(itertools.islice(stream, 200), 1):
+        assert source.pulled - consumed <= 4 + 4
+    stream.close()
+
+
+def test_slow_head_bounds_the_buffer(sup: parstream.Supervisor) -> None:
+    """A slow head item stops the pulling at the buffer bound."""
+    source = Counting(itertools.chain([1.5], itertools.repeat(0.0)))
+    stream = sup.async_stream(sleep_ret, source, max_concurrency=2, chunksize=1, buffer_size=6)
+    assert next(stream) == Ok(1.5)
+    assert source.pulled <= 2 + 6 + 1
+    stream.close()
+
+
+def test_map_over_an_infinite_generator(sup: parstream.Supervisor) -> None:
+    """map works lazily on an infinite generator."""
+    out = list(itertools.islice(sup.stream_map(square, itertools.count()), 20_000))
+    assert out == [x * x for x in range(20_000)]
+
+
+def test_tiny_items_are_batched_and_ordered(sup: parstream.Supervisor) -> None:
+    """chunksize=None gives exact ordered results for many tiny items."""
+    assert list(sup.stream_map(square, range(50_000))) == [x * x for x in range(50_000)]
+    assert sorted(sup.stream_map(square, range(5000), ordered=False)) == [
+        x * x for x in range(5000)
+    ]
+
+
+# -- progress and pickling ------------------------------------------------------------------
+
+
+def test_progress_bar_finishes(
+    sup: parstream.Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """progress=True draws a text bar with the total that ends at 100%."""
+    assert list(sup.stream_map(square, range(30), progress=True)) == [x * x for x in range(30)]
+    err = capsys.readouterr().err
+    assert "100%" in err
+    assert "30/30" in err
+
+
+def test_progress_accepts_a_tqdm_instance(sup: parstream.Supervisor) -> None:
+    """A caller's tqdm bar is advanced to the total."""
+    buf = io.StringIO()
+    bar = tqdm(file=buf, total=12)
+    list(sup.stream_map(square, range(12), progress=bar))
+    assert bar.n == 12
+    bar.close()
+
+
+def test_function_is_pickled_once_per_stream(sup: parstream.Supervisor, tmp_path: Path) -> None:
+    """A 20 MB callable is sent to each worker once, not once per item."""
+    fn = Unpickled(str(tmp_path), b"x" * 20_000_000)
+    out = list(sup.stream_map(fn, range(50), chunksize=1))
+    assert out == [x + 20_000_000 for x in range(50)]
+    assert len(list(tmp_path.glob("unpickled-*"))) <= 2
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "needle"),
+    [
+        ({"iterable": 5}, TypeError, "iterable"),
+        ({"max_concurrency": 0}, ValueError, "max_concurrency"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"on_timeout": "x"}, ValueError, "on_timeout"),
+        ({"chunksize": 0}, ValueError, "chunksize"),
+        ({"ordered": "yes"}, TypeError, "ordered"),
+        ({"progress": 3}, TypeError, "progress"),
+        ({"fn": 42}, TypeError, "fn"),
+        ({"buffer_size": -1}, ValueError, "buffer_size"),
+    ],
+)
+def test_bad_arguments_raise_at_build(
+    kwargs: dict[str, Any], exc: type[Exception], needle: str
+) -> None:
+    """Every bad argument raises at once, naming the parameter; nothing is pulled."""
+    source = Counting(iter(range(10)))
+    args: dict[str, Any] = {"fn": square, "iterable": source, **kwargs}
+    fn = args.pop("fn")
+    iterable = args.pop("iterable")
+    with pytest.raises(exc, match=needle):
+        parstream.async_stream(fn, iterable, **args)
+    assert source.pulled == 0
+
+
+def test_unpicklable_function_fails_at_build(sup: parstream.Supervisor) -> None:
+    """A function that cannot be pickled fails when the stream is built."""
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(pickle.PicklingError, match="fn"):
+        sup.async_stream(lambda x: lock.locked(), range(3))
+
+
+def test_unpicklable_item_fails_alone(sup: parstream.Supervisor) -> None:
+    """An item that cannot be pickled becomes that item's Exit; the rest run."""
+    import threading
+
+    items: list[Any] = [1, threading.Lock(), 3]
+    out = list(sup.async_stream_nolink(repr, items, chunksize=3))
+    assert isinstance(out[1], Exit)
+    assert isinstance(out[1].reason, pickle.PicklingError)
+    assert out[0] == Ok("1")
+    assert out[2] == Ok("3")
+
+
+# -- asyncio and Ctrl-C -------------------------------------------------------------------------
+
+
+def test_async_for_does_not_block_the_loop(sup: parstream.Supervisor) -> None:
+    """async for over a stream yields everything while other coroutines run."""
+
+    async def main() -> tuple[list[Any], int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        out = [r async for r in sup.async_stream(sleep_ret, [0.2] * 4)]
+        t.cancel()
+        return out, ticks
+
+    out, ticks = asyncio.run(main())
+    assert out == [Ok(0.2)] * 4
+    assert ticks >= 10
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import parstream
+
+    def slow(x):
+        open(f"{folder}/start-{{x}}", "w").close()
+        time.sleep(3)
+        return x
+
+    if __name__ == "__main__":
+        print(parstream.default_supervisor().worker_pids() or "[]", flush=True)
+        try:
+            for r in parstream.map(slow, range(100)):
+                print("result", r, flush=True)
+        except KeyboardInterrupt:
+            print("KI", time.monotonic(), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_script(tmp_path: Path) -> None:
+    """Ctrl-C reaches the script as KeyboardInterrupt fast; nothing runs after; no worker left."""
+    script = tmp_path / "run.py"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script.write_text(CTRL_C_SCRIPT.format(folder=marks))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        deadline = time.monotonic() + 20
+        while len(list(marks.iterdir())) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ki = [line for line in out.splitlines() if line.startswith("KI")]
+    assert ki, out
+    assert float(ki[0].split()[1]) - sent < 1.0
+    started = len(list(marks.iterdir()))
+    time.sleep(0.5)
+    assert len(list(marks.iterdir())) == started  # nothing started after the interrupt
+    assert started == 2
+    for pid in workers:
+        assert gone(pid)
