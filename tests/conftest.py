@@ -56,7 +56,12 @@ def no_leftover_processes() -> Iterator[None]:
                     p.kill()
                 except psutil.Error:
                     pass
-            names = [(p.pid, " ".join(p.cmdline())[:80]) for p in alive]
+            names = []
+            for p in alive:
+                try:
+                    names.append((p.pid, " ".join(p.cmdline())[:80]))
+                except psutil.Error:
+                    names.append((p.pid, "?"))
             pytest.fail(f"processes outlived the test: {names}", pytrace=False)
         time.sleep(0.05)
 
