@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import parstream
-from benchmarks import runners as r
-from benchmarks import workloads as w
+from benchmarks import runners as r, workloads as w
 
 WORKLOADS = ("cpu", "tiny", "roundtrip", "cold", "io", "faults", "infinite", "numpy")
 
