@@ -183,10 +183,27 @@ class Pool:
         if os.name == "posix":
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, ("wake", None))
+        # Sink calls wait here and run outside the lock, in order, just before
+        # the hub sleeps: a woken caller then finds the GIL free at once, and
+        # no user callback (a Future's, say) ever runs under the pool's lock.
+        self._notes: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
+        self._notes_lock = threading.RLock()
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         self._hub.start()
 
     # -- the surface used by the rest of parstream ------------------------
+
+    def _note(self, fn: Any, *args: Any) -> None:
+        self._notes.append((fn, args))
+
+    def _flush_notes(self) -> None:
+        with self._notes_lock:
+            while self._notes:
+                fn, args = self._notes.popleft()
+                try:
+                    fn(*args)
+                except Exception:  # pragma: no cover - a sink must not break the pool
+                    log.exception("parstream: a task's completion handler failed")
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -200,6 +217,7 @@ class Pool:
                 return
             self._assign(worker, job)
         self._send(worker, job)
+        self._flush_notes()
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
         """Stop ``job``: its running item's worker is killed and replaced.
@@ -219,16 +237,17 @@ class Pool:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(job)
                 self._finish_killed(job)
-                return
-            worker.kill_cause = "kill"
-            if grace > 0:
-                worker.kill_deadline = time.monotonic() + grace
-                with contextlib.suppress(OSError):
-                    os.kill(worker.pid, signal.SIGTERM)
             else:
-                job.killed = True
-                kill_tree(worker.pid)
-            self._wake()
+                worker.kill_cause = "kill"
+                if grace > 0:
+                    worker.kill_deadline = time.monotonic() + grace
+                    with contextlib.suppress(OSError):
+                        os.kill(worker.pid, signal.SIGTERM)
+                else:
+                    job.killed = True
+                    kill_tree(worker.pid)
+                self._wake()
+        self._flush_notes()
 
     def reserve(self, n: int) -> None:
         """Allow ``n`` more workers than the base size while they are needed."""
@@ -275,6 +294,7 @@ class Pool:
         self._wake()
         if threading.current_thread() is not self._hub:
             self._hub.join(timeout=5.0)
+        self._flush_notes()
         for w in workers:
             w.process.join(timeout=1.0)
 
@@ -370,15 +390,21 @@ class Pool:
                     job.killed = True
                     job.kill_reason = err
                     self._finish_killed(job)
+            self._flush_notes()
 
     def _hub_loop(self) -> None:
         while True:
             with self._lock:
                 if self._closed and not self._workers:
                     self._close_selector()
-                    return
-                self._spawn_as_needed()
-                timeout = self._next_timeout()
+                    done = True
+                else:
+                    done = False
+                    self._spawn_as_needed()
+                    timeout = self._next_timeout()
+            self._flush_notes()
+            if done:
+                return
             deaths: list[_Worker] = []
             for what, w in self._wait(timeout):
                 if w is None:
@@ -545,7 +571,7 @@ class Pool:
             self.counters["tasks_failed"] += len(errors)
             self.counters["tasks_ok"] += count - len(errors)
             if not job.killed:
-                job.sink.on_results(job, values, errors)
+                self._note(job.sink.on_results, job, values, errors)
         if count or worker.item_started is None:
             worker.item_started = t_next
         if done:
@@ -562,7 +588,7 @@ class Pool:
         if job.killed:
             return
         self.counters[counter] += 1
-        job.sink.on_results(job, [None], {0: payload})
+        self._note(job.sink.on_results, job, [None], {0: payload})
 
     def _unassign(self, worker: _Worker) -> Job | None:
         """Take the job off the worker (lock held)."""
@@ -590,7 +616,7 @@ class Pool:
             self._finish_killed(job)
         elif job.cursor >= len(job.items):
             job.finished = True
-            job.sink.on_job_done(job)
+            self._note(job.sink.on_job_done, job)
         else:
             self._queue.appendleft(job)
             self._wake()
@@ -640,9 +666,9 @@ class Pool:
             if n > 0:
                 self.counters[counter] += n
                 payload = (job.kill_reason, "")
-                job.sink.on_results(job, [None] * n, dict.fromkeys(range(n), payload))
+                self._note(job.sink.on_results, job, [None] * n, dict.fromkeys(range(n), payload))
         job.cursor = len(job.items)
-        job.sink.on_job_done(job)
+        self._note(job.sink.on_job_done, job)
 
     def _on_death(self, worker: _Worker) -> None:
         self._drain(worker)
@@ -697,7 +723,7 @@ class Pool:
                 job.isolate = True
             if job.cursor >= len(job.items):
                 job.finished = True
-                job.sink.on_job_done(job)
+                self._note(job.sink.on_job_done, job)
             else:
                 self._queue.appendleft(job)
 

@@ -178,17 +178,16 @@ class Kernel:
         msg_id = self.start(code)
         content = self.reply(msg_id, timeout)
         out = []
+        # Worker output reaches the kernel through its fd-capture thread and
+        # may trail the idle status; it still carries this cell's header (so a
+        # front end shows it in this cell), so listen until the channel is quiet.
         while True:
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.5)
             except queue.Empty:
                 break
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
                 out.append(msg["content"]["text"])
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
         return content, "".join(out)
 
     def close(self) -> None:
