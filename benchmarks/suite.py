@@ -84,8 +84,12 @@ def _interleave(
     for _ in range(warmup):
         for fn in runners.values():
             fn()
-    for _ in range(rounds):
-        for name, fn in runners.items():
+    order = list(runners.items())
+    for i in range(rounds):
+        # Rotate who goes first, so no runner always follows the same one
+        # (a long sequential run, say) and inherits its effects.
+        k = i % len(order)
+        for name, fn in order[k:] + order[:k]:
             outcome.samples.setdefault(name, []).append(fn())
 
 
