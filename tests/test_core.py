@@ -581,3 +581,29 @@ def test_executor_shutdown_waits() -> None:
     sup.shutdown(wait=True)
     assert fut.result(0) == "x"
     assert sup.closed
+
+
+def test_restart_workers_picks_up_an_edited_module(tmp_path: Path) -> None:
+    """Workers keep a module they imported; restart_workers() makes them load the edit."""
+    import importlib
+    import sys
+
+    module = tmp_path / "edited_mod.py"
+    module.write_text("def version():\n    return 'v1'\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with parstream.Supervisor(max_workers=1) as sup:
+            mod = importlib.import_module("edited_mod")
+            assert sup.async_(mod.version).await_(20) == "v1"
+            module.write_text("def version():\n    return 'v2'\n")
+            os.utime(module, (time.time() + 5, time.time() + 5))  # a newer mtime, surely
+            mod = importlib.reload(mod)
+            assert mod.version() == "v2"
+            # The documented rule: a worker that imported the module keeps it...
+            assert sup.async_(mod.version).await_(20) == "v1"
+            # ...until restart_workers().
+            sup.restart_workers()
+            assert sup.async_(mod.version).await_(20) == "v2"
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("edited_mod", None)
