@@ -248,12 +248,7 @@ class _State:
             except queue.Empty:
                 continue
         self.apply(event)
-        while True:
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return
-            self.apply(event)
+        self.drain_events()
 
     def drain_events(self) -> None:
         while True:

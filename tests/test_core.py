@@ -15,24 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from _util import gone
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    """True once ``pid`` is dead (or a zombie) within ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def wait_pid(task: parstream.Task[Any]) -> int:

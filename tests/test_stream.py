@@ -19,22 +19,11 @@ from typing import Any
 
 import psutil
 import pytest
+from _util import gone
 from tqdm import tqdm
 
 import parstream
 from parstream import Exit, Ok
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def sleep_ret(x: float) -> float:
