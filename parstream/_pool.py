@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import selectors
 import signal
 import threading
@@ -417,7 +418,13 @@ class Pool:
                     self._wake_pending = False
                     continue
                 if what == "conn":
-                    self._drain(w)
+                    # One message per wake-up: the selector is level-triggered,
+                    # so more data wakes it again at once. (Connection.poll()
+                    # would build a new selector per call, ~30 us each.)
+                    if self._selector is not None:
+                        self._read_one(w)
+                    else:
+                        self._drain(w)
                 else:
                     deaths.append(w)
             for w in deaths:
@@ -517,16 +524,19 @@ class Pool:
         self._watch(worker)
         self.counters["workers_started"] += 1
 
+    def _read_one(self, worker: _Worker) -> bool:
+        """Handle one message from a readable pipe; False at end of file."""
+        try:
+            data = worker.conn.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        self._on_message(worker, data)
+        return True
+
     def _drain(self, worker: _Worker) -> None:
-        conn: Any = worker.conn
-        while True:
-            try:
-                if not conn.poll():
-                    return
-                data = conn.recv_bytes()
-            except (EOFError, OSError):
-                return
-            self._on_message(worker, data)
+        """Handle every message already in the pipe (a dead worker's last words)."""
+        while _readable(worker.conn) and self._read_one(worker):
+            pass
 
     def _on_message(self, worker: _Worker, data: bytes) -> None:
         kind = _wire.kind_of(data)
@@ -778,6 +788,19 @@ class Pool:
                     return
                 self._assign(worker, job)
             self._send(worker, job)
+
+
+def _readable(conn: Any) -> bool:
+    """Whether ``conn`` has data now, without Connection.poll()'s set-up cost."""
+    if os.name == "posix":
+        try:
+            return bool(select.select([conn.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+    try:
+        return bool(conn.poll())
+    except (OSError, EOFError):
+        return False
 
 
 def _crash_error(pid: int, exitcode: int | None) -> WorkerCrashed:
