@@ -2,11 +2,14 @@
 
 The default supervisor is started on first use and reused across calls (a
 notebook's second cell finds warm workers); it is replaced if it was closed,
-and shut down at interpreter exit.
+and shut down at interpreter exit. A child made by ``os.fork()`` (or a
+fork-started ``multiprocessing`` worker) starts a default supervisor of its
+own, with its own workers, on its first call; the parent's is left alone.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -19,6 +22,16 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _default: Supervisor | None = None
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _default
+    _lock = threading.Lock()
+    _default = None  # the parent's: its pool is inert here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_supervisor() -> Supervisor:

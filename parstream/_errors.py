@@ -54,6 +54,24 @@ def _rebuild_crashed(message: str, exitcode: int | None, pid: int | None) -> Wor
     return WorkerCrashed(message, exitcode=exitcode, pid=pid)
 
 
+class WorkerStartFailed(WorkerCrashed):
+    """Raised (or put in an ``Exit``) for work that waited while no worker
+    process could be started.
+
+    ``__cause__`` is what made the start fail (no working directory, out of
+    processes or file descriptors, an interpreter that dies at once, an
+    ``initializer`` that raised). parstream goes on retrying with back-off,
+    and work submitted after the cause is gone runs normally.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_start_failed, (str(self), self.exitcode))
+
+
+def _rebuild_start_failed(message: str, exitcode: int | None) -> WorkerStartFailed:
+    return WorkerStartFailed(message, exitcode=exitcode)
+
+
 class TaskShutdown(ParstreamError):
     """Put in an ``Exit`` when a task was shut down or killed on request
     (``Task.shutdown``, ``terminate_child``, a closed stream or supervisor)."""

@@ -22,15 +22,30 @@ time. The pool knows which item of which job each worker is running, which is
 what lets it act on one worker at a time: a death fails only the item that was
 running (``WorkerCrashed``), a per-item deadline kills only the hung item's
 worker (``TaskTimeout``), and the job's unrun items are re-queued, so nothing is
-lost or run twice. Workers are started only from the hub thread, because
-``PR_SET_PDEATHSIG`` fires when the *thread* that started a child exits.
+lost or run twice. Each worker has a progress slot (``_slot``) it updates
+before each batch and each item, so at a death the pool knows exactly whether
+the batch was begun and which item was running, without asking the dead.
+Workers are started only from the hub thread, because ``PR_SET_PDEATHSIG``
+fires when the *thread* that started a child exits.
+
+A worker that cannot be started (an exception in the parent, or a process
+that dies before it is ready) is retried with back-off; more than
+``max_start_failures`` failures within ``start_failure_window`` seconds fail
+the queued jobs with ``WorkerStartFailed`` (the cause attached), and the
+next successful start ends the episode. Sink calls run only on the hub
+thread, outside the pool's lock, never inline in a caller's ``submit`` or
+``kill``; sinks must be quick and never run user code (``Task`` hands user
+callbacks to ``_callbacks``).
+
+After ``os.fork()`` the child's copy of a pool is inert: it refuses work
+(``SupervisorClosed`` naming the fork), never signals the parent's workers,
+and closes its copies of their pipes.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import os
 import select
@@ -38,6 +53,7 @@ import selectors
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import Any, Protocol
@@ -50,17 +66,24 @@ from parstream._errors import (
     SupervisorClosed,
     TaskTimeout,
     WorkerCrashed,
+    WorkerStartFailed,
 )
+from parstream._functions import Shipped
+from parstream._slot import Slot, new_slot
 from parstream._worker import worker_main
 
 log = logging.getLogger("parstream")
 
 FN_CACHE_SIZE = 32  # functions a worker keeps unpickled; more means more worker memory
-STARTUP_FAILURES_LIMIT = 3  # workers dying before READY in a row before queued jobs fail
+START_BACKOFF_S = (0.05, 2.0)  # first and longest wait between failed worker starts
+MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines say
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 class Sink(Protocol):
-    """Receives a job's outcomes; called from the hub thread (or the submitter's)."""
+    """Receives a job's outcomes; called from the hub thread only, outside the
+    pool's lock. Implementations must be quick and run no user code."""
 
     def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
         """The next ``len(values)`` items of ``job``, in order; ``errors`` maps
@@ -84,12 +107,13 @@ class Job:
     """Items for one function, run in order on one worker at a time.
 
     ``items`` holds argument tuples (``star``) or single arguments. ``timeout``
-    is per item, from the moment the worker starts it. ``first_index`` and
+    is per item: the first item's from the moment it is sent to a worker (so
+    it covers unpickling the function and arguments), each next one's from
+    the end of the one before. ``first_index`` and
     ``tag`` belong to the sink.
     """
 
-    fn_id: int
-    fn_bytes: bytes
+    fn: Shipped
     items: list[Any]
     sink: Sink
     star: bool = False
@@ -125,15 +149,10 @@ class _Worker:
     idle_since: float = 0.0
     items_done: int = 0
     retire_requested: bool = False
-    fns: collections.OrderedDict[int, None] = field(default_factory=collections.OrderedDict)
+    fns: collections.OrderedDict[bytes, None] = field(default_factory=collections.OrderedDict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_fn_ids = itertools.count(1)
-
-
-def new_fn_id() -> int:
-    return next(_fn_ids)
+    slot: Slot | None = None
+    seq: int = 0  # sequence number of the last batch sent
 
 
 def kill_tree(pid: int) -> None:
@@ -163,6 +182,8 @@ class Pool:
         max_memory_per_worker: int | None = None,
         idle_timeout: float = 10.0,
         counters: collections.Counter[str] | None = None,
+        max_start_failures: int = 3,
+        start_failure_window: float = 5.0,
     ) -> None:
         self.base = max_workers
         self.max_tasks_per_worker = max_tasks_per_worker
@@ -177,7 +198,14 @@ class Pool:
         self._queue: collections.deque[Job] = collections.deque()
         self._reserved = 0  # extra workers asked for by streams and children
         self._closed = False
-        self._startup_failures = 0
+        self._pid = os.getpid()
+        self._forked = False
+        self.max_start_failures = max_start_failures
+        self.start_failure_window = start_failure_window
+        self._start_failures: collections.deque[float] = collections.deque()
+        self._start_error: BaseException | None = None
+        self._next_start_at = 0.0
+        self._backoff = 0.0
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._wake_pending = False
         self._selector: selectors.BaseSelector | None = None
@@ -191,6 +219,7 @@ class Pool:
         self._notes_lock = threading.RLock()
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         self._hub.start()
+        _pools.add(self)
 
     # -- the surface used by the rest of parstream ------------------------
 
@@ -206,8 +235,22 @@ class Pool:
                 except Exception:  # pragma: no cover - a sink must not break the pool
                     log.exception("parstream: a task's completion handler failed")
 
+    @property
+    def forked(self) -> bool:
+        """True in a forked child's copy of a pool (which must not be used)."""
+        return self._forked or self._pid != os.getpid()
+
+    def fork_error(self) -> SupervisorClosed:
+        return SupervisorClosed(
+            f"this Supervisor was created in process {self._pid} and reached process "
+            f"{os.getpid()} through os.fork(); its workers belong to the parent. Create a "
+            "new Supervisor in the child (parstream's module-level functions do so)"
+        )
+
     def submit(self, job: Job) -> None:
         with self._lock:
+            if self.forked:
+                raise self.fork_error()
             if self._closed:
                 raise SupervisorClosed("the supervisor is closed")
             self.counters["tasks_started"] += len(job.items)
@@ -218,7 +261,6 @@ class Pool:
                 return
             self._assign(worker, job)
         self._send(worker, job)
-        self._flush_notes()
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
         """Stop ``job``: its running item's worker is killed and replaced.
@@ -226,8 +268,11 @@ class Pool:
         With a ``reason``, each unreported item gets it as its failure;
         without, they are dropped. With ``grace``, the worker gets SIGTERM
         first and SIGKILL after ``grace`` seconds, and results it sends before
-        dying still count. Safe to call from any thread, any time.
+        dying still count. Safe to call from any thread, any time; the sink
+        hears of it from the hub thread.
         """
+        if self.forked:
+            return  # never signal the parent's workers from a forked child
         with self._lock:
             if job.finished or job.killed:
                 return
@@ -247,16 +292,19 @@ class Pool:
                 else:
                     job.killed = True
                     kill_tree(worker.pid)
-                self._wake()
-        self._flush_notes()
+            self._wake()
 
     def reserve(self, n: int) -> None:
         """Allow ``n`` more workers than the base size while they are needed."""
+        if self.forked:
+            return
         with self._lock:
             self._reserved += n
             self._wake()
 
     def release(self, n: int) -> None:
+        if self.forked:
+            return
         with self._lock:
             self._reserved = max(0, self._reserved - n)
             self._wake()  # extra workers may now be surplus: start their idle clocks
@@ -280,6 +328,9 @@ class Pool:
             self._wake()
 
     def close(self) -> None:
+        if self.forked:
+            self._forget_after_fork()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -299,9 +350,29 @@ class Pool:
         for w in workers:
             w.process.join(timeout=1.0)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's workers without touching them."""
+        if self._forked:
+            return
+        self._forked = True
+        self._closed = True
+        self._lock = threading.RLock()  # a parent thread may have held it at fork
+        self._notes_lock = threading.RLock()
+        for w in self._workers:
+            with contextlib.suppress(OSError):
+                w.conn.close()
+            if w.slot is not None:
+                w.slot.close()
+        self._workers = []
+        self._queue = collections.deque()
+        self._notes = collections.deque()
+        for end in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                end.close()
+        if self._selector is not None:
+            with contextlib.suppress(OSError):
+                self._selector.close()
+            self._selector = None
 
     # -- dispatch -----------------------------------------------------------
 
@@ -318,13 +389,19 @@ class Pool:
         if job.gate is not None:
             job.gate.active += 1
         worker.delivered = False
-        worker.item_started = None
         worker.timed_out_index = None
         job.worker = worker
         job.pid = worker.pid
         end = len(job.items) if not job.isolate else job.cursor + 1
+        if self.max_tasks_per_worker:
+            # A batch never takes a worker past its limit: the rest of the
+            # job goes to the next worker once this one retires.
+            end = min(end, job.cursor + max(1, self.max_tasks_per_worker - worker.items_done))
         job.sent_end = min(end, len(job.items))
         job.started_at = time.monotonic()
+        # The first item's clock starts now, before the worker has unpickled
+        # anything: a timeout bounds everything from dispatch to result.
+        worker.item_started = job.started_at if job.timeout is not None else None
 
     def _send(self, worker: _Worker, job: Job) -> None:
         with worker.send_lock:
@@ -341,20 +418,22 @@ class Pool:
 
     def _encode(self, worker: _Worker, job: Job) -> bytes | None:
         fn_bytes: bytes | None = None
-        evict: list[int] = []
-        if job.fn_id in worker.fns:
-            worker.fns.move_to_end(job.fn_id)
+        evict: list[bytes] = []
+        key = job.fn.key
+        if key in worker.fns:
+            worker.fns.move_to_end(key)
         else:
-            fn_bytes = job.fn_bytes
-            worker.fns[job.fn_id] = None
+            fn_bytes = job.fn.data
+            worker.fns[key] = None
             while len(worker.fns) > FN_CACHE_SIZE:
                 evict.append(worker.fns.popitem(last=False)[0])
         report_each = job.timeout is not None
         items = job.items[job.cursor : job.sent_end]
         level = logging.getLogger().getEffectiveLevel()
-        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict, False, level)
+        message = (key, fn_bytes, items, job.star, report_each, evict, False, level)
+        worker.seq += 1
         try:
-            return _wire.encode(_wire.RUN, message)
+            return _wire.encode_run(worker.seq, message)
         except BaseException:
             pass
         # Some arguments cannot be pickled: each such item fails alone (the
@@ -365,7 +444,7 @@ class Pool:
             except BaseException as cause:
                 items[i] = _wire.BadArgs(_culprit_error(args if job.star else (args,), cause))
         job.items[job.cursor : job.sent_end] = items
-        return _wire.encode(_wire.RUN, (*message[:-2], True, level))
+        return _wire.encode_run(worker.seq, (*message[:-2], True, level))
 
     # -- the hub thread -----------------------------------------------------
 
@@ -465,6 +544,8 @@ class Pool:
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
         best: float | None = None
+        if self._next_start_at > now and self._wants_workers():
+            best = self._next_start_at - now
         for w in self._workers:
             dl: float | None = None
             if w.kill_deadline is not None:
@@ -472,54 +553,82 @@ class Pool:
             elif w.state == "busy" and w.job is not None and w.item_started is not None:
                 if w.job.timeout is not None and w.kill_cause is None:
                     dl = w.item_started + w.job.timeout
-            elif w.state == "idle" and self._is_extra(w):
+            elif w.state == "idle" and self._surplus():
                 dl = w.idle_since + self.idle_timeout
             if dl is not None:
                 wait = max(0.0, dl - now)
                 best = wait if best is None else min(best, wait)
-        return best
+        return MAX_WAIT_S if best is None else min(best, MAX_WAIT_S)
 
-    def _is_extra(self, worker: _Worker) -> bool:
-        live = [w for w in self._workers if w.state in ("starting", "idle", "busy")]
-        return len(live) > self.base + self._reserved
+    def _live(self) -> list[_Worker]:
+        return [w for w in self._workers if w.state in ("starting", "idle", "busy")]
 
-    def _spawn_as_needed(self) -> None:
-        if self._closed:
-            return
-        live = [w for w in self._workers if w.state in ("starting", "idle", "busy")]
+    def _surplus(self) -> bool:
+        """More live workers than the base size plus the reservations."""
+        return len(self._live()) > self.base + self._reserved
+
+    def _wanted(self) -> int:
+        live = self._live()
         idle_or_starting = sum(1 for w in live if w.state in ("starting", "idle"))
-        want = len(live)
         # Keep the base size warm; grow up to the reservations when work waits.
-        limit = self.base + self._reserved
-        want = max(want, self.base)
+        want = max(len(live), self.base)
         shortfall = len(self._queue) - idle_or_starting
         if shortfall > 0:
-            want = max(want, min(len(live) + shortfall, limit))
-        if self._startup_failures >= STARTUP_FAILURES_LIMIT:
+            want = max(want, min(len(live) + shortfall, self.base + self._reserved))
+        return want - len(live)
+
+    def _wants_workers(self) -> bool:
+        return not self._closed and self._wanted() > 0
+
+    def _spawn_as_needed(self) -> None:
+        if self._closed or time.monotonic() < self._next_start_at:
             return
-        for _ in range(want - len(live)):
+        for _ in range(self._wanted()):
             try:
                 self._start_worker()
-            except OSError:
-                # Out of processes or file descriptors: count it as a failed
-                # start, so queued work fails clearly instead of waiting.
-                log.exception("parstream: could not start a worker process")
-                self._startup_failures += 1
-                if self._startup_failures >= STARTUP_FAILURES_LIMIT:
-                    self._fail_queue(None)
+            except Exception as exc:
+                # Out of processes or descriptors, no working directory, a
+                # broken interpreter: retry later, and tell the waiting work.
+                self._start_failed(exc)
                 return
+
+    def _start_failed(self, cause: BaseException) -> None:
+        """A worker could not be started (lock held): back off, maybe fail the queue."""
+        now = time.monotonic()
+        first = self._start_error is None
+        self._start_error = cause
+        self.counters["worker_start_failures"] += 1
+        self._start_failures.append(now)
+        while self._start_failures and now - self._start_failures[0] > self.start_failure_window:
+            self._start_failures.popleft()
+        low, high = START_BACKOFF_S
+        self._backoff = min(max(self._backoff * 2, low), high)
+        self._next_start_at = now + self._backoff
+        if first:
+            log.error("parstream: could not start a worker process: %r (retrying)", cause)
+        if len(self._start_failures) > self.max_start_failures:
+            self._fail_queue(cause)
 
     def _start_worker(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=worker_main,
-            args=(child_conn, os.getpid()),
-            name="parstream-worker",
-            env={"PYTHONUNBUFFERED": "1"},
-        )
-        process.start()
+        slot = new_slot()
+        try:
+            process = self._ctx.Process(
+                target=worker_main,
+                args=(child_conn, os.getpid(), slot),
+                name="parstream-worker",
+                env={"PYTHONUNBUFFERED": "1"},
+            )
+            with _allow_children_of_daemon():
+                process.start()
+        except BaseException:
+            parent_conn.close()
+            child_conn.close()
+            if slot is not None:
+                slot.close()
+            raise
         child_conn.close()
-        worker = _Worker(process=process, conn=parent_conn, pid=process.pid)
+        worker = _Worker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
         self._workers.append(worker)
         self._watch(worker)
         self.counters["workers_started"] += 1
@@ -548,7 +657,15 @@ class Pool:
                 if worker.state == "starting":
                     worker.state = "idle"
                     worker.idle_since = time.monotonic()
-                self._startup_failures = 0
+                if self._start_error is not None:
+                    log.info("parstream: worker processes start again")
+                self._start_failures.clear()
+                self._start_error = None
+                self._backoff = 0.0
+                self._next_start_at = 0.0
+        elif kind == _wire.FORGET:
+            with self._lock:
+                worker.fns.pop(_wire.decode(data), None)
         elif kind == _wire.LOG:
             name, level, text, position = _wire.decode(data)
             job = worker.job
@@ -582,8 +699,8 @@ class Pool:
             self.counters["tasks_ok"] += count - len(errors)
             if not job.killed:
                 self._note(job.sink.on_results, job, values, errors)
-        if count or worker.item_started is None:
-            worker.item_started = t_next
+        if count:
+            worker.item_started = t_next  # the worker's clock: the next item's start
         if done:
             with self._lock:
                 job.busy_time += time.monotonic() - job.started_at
@@ -668,15 +785,18 @@ class Pool:
 
     def _finish_killed(self, job: Job) -> None:
         job.finished = True
-        if job.kill_reason is not None:
-            counter = (
-                "tasks_timed_out" if isinstance(job.kill_reason, TaskTimeout) else "tasks_killed"
-            )
-            n = len(job.items) - job.cursor
-            if n > 0:
-                self.counters[counter] += n
-                payload = (job.kill_reason, "")
-                self._note(job.sink.on_results, job, [None] * n, dict.fromkeys(range(n), payload))
+        n = len(job.items) - job.cursor
+        if isinstance(job.kill_reason, TaskTimeout):
+            counter = "tasks_timed_out"
+        elif isinstance(job.kill_reason, WorkerStartFailed):
+            counter = "tasks_failed"
+        else:
+            counter = "tasks_killed"
+        if n > 0:
+            self.counters[counter] += n
+        if job.kill_reason is not None and n > 0:
+            payload = (job.kill_reason, "")
+            self._note(job.sink.on_results, job, [None] * n, dict.fromkeys(range(n), payload))
         job.cursor = len(job.items)
         self._note(job.sink.on_job_done, job)
 
@@ -688,6 +808,10 @@ class Pool:
             worker.conn.close()
         worker.process.join(timeout=1.0)
         exitcode = worker.process.exitcode
+        slot = worker.slot
+        begun_seq, begun = slot.read() if slot is not None else (-1, -1)
+        if slot is not None:
+            slot.close()
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
@@ -695,54 +819,116 @@ class Pool:
             worker.state = "dead"
             job = self._unassign(worker)
             cause = worker.kill_cause
-            if was_starting and cause is None:
-                self._startup_failures += 1
-                if self._startup_failures >= STARTUP_FAILURES_LIMIT:
-                    self._fail_queue(exitcode)
+            if was_starting and cause is None and not self._closed:
+                self._start_failed(
+                    WorkerStartFailed(
+                        f"a worker process (pid {worker.pid}) exited with code {exitcode} "
+                        "before it was ready; see its stderr for the cause",
+                        exitcode=exitcode,
+                    )
+                )
             if job is None or job.finished:
                 return
             job.worker = None
             job.pid = None
-            if job.killed or cause == "kill":
-                job.killed = True
-                self._finish_killed(job)
-                return
-            if cause == "close":
+            if job.killed or cause in ("kill", "close"):
                 job.killed = True
                 self._finish_killed(job)
                 return
             if not delivered or job.cursor >= job.sent_end:
                 self._queue.appendleft(job)
                 return
-            if cause == "timeout":
-                if worker.timed_out_index == job.cursor:
-                    err = TaskTimeout(
-                        f"item {job.first_index + job.cursor} ran longer than its timeout "
-                        f"of {job.timeout} s; its worker (pid {worker.pid}) was killed "
-                        "and replaced",
-                        index=job.first_index + job.cursor,
-                        timeout=job.timeout,
-                    )
-                    self._report_error(job, (err, ""), "tasks_timed_out")
-            elif job.timeout is not None or job.sent_end - job.cursor == 1 or job.isolate:
-                crash = _crash_error(worker.pid, exitcode)
-                self._report_error(job, (crash, ""), "tasks_crashed")
+            if slot is not None:
+                self._blame_exactly(worker, job, cause, exitcode, begun_seq, begun)
             else:
-                # Several items were on the worker and we cannot tell which one
-                # took it down: run them one at a time to find out.
-                job.isolate = True
+                self._blame_coarsely(worker, job, cause, exitcode)
             if job.cursor >= len(job.items):
                 job.finished = True
                 self._note(job.sink.on_job_done, job)
             else:
                 self._queue.appendleft(job)
 
-    def _fail_queue(self, exitcode: int | None) -> None:
-        err = WorkerCrashed(
-            f"worker processes die while starting (exit code {exitcode}); "
-            "see the worker's stderr for the cause",
-            exitcode=exitcode,
+    def _timeout_error(self, worker: _Worker, job: Job) -> TaskTimeout:
+        index = job.first_index + job.cursor
+        return TaskTimeout(
+            f"item {index} ran longer than its timeout of {job.timeout} s; its worker "
+            f"(pid {worker.pid}) was killed and replaced",
+            index=index,
+            timeout=job.timeout,
         )
+
+    def _blame_exactly(
+        self,
+        worker: _Worker,
+        job: Job,
+        cause: str | None,
+        exitcode: int | None,
+        begun_seq: int,
+        begun: int,
+    ) -> None:
+        """Settle a dead worker's slice from its slot (lock held).
+
+        The slot says how many of the slice's items the worker began: the
+        last one began is the culprit, every later one never started and is
+        re-queued, so nothing runs twice.
+        """
+        if begun_seq != worker.seq:
+            return  # the worker never began this slice: re-queue it whole
+        culprit = worker.batch_start + begun - 1  # index in job.items
+        if begun == 0:
+            # Died while unpickling the batch (a function or argument whose
+            # loading kills the process): find the culprit one item at a time.
+            if job.sent_end - job.cursor == 1:
+                culprit = job.cursor
+            else:
+                job.isolate = True
+                return
+        if culprit < job.cursor:
+            return  # died between items, after reporting the last one it ran
+        lost = culprit - job.cursor
+        if lost:
+            # Finished, but their results died with the worker; they are not
+            # run again (their side effects happened), and say so.
+            err = WorkerCrashed(
+                f"this item finished, but its result was lost: its worker (pid "
+                f"{worker.pid}) died while running item {job.first_index + culprit} of the "
+                "same batch, before sending the results; the item was not run again",
+                exitcode=exitcode,
+                pid=worker.pid,
+            )
+            for _ in range(lost):
+                self._report_error(job, (err, ""), "tasks_crashed")
+        if cause == "timeout":
+            if culprit == worker.timed_out_index:
+                late = self._timeout_error(worker, job)
+                self._report_error(job, (late, ""), "tasks_timed_out")
+            # else: the late item finished just before the kill, and the one
+            # after it had barely begun; that one is re-queued.
+        else:
+            self._report_error(job, (_crash_error(worker.pid, exitcode), ""), "tasks_crashed")
+
+    def _blame_coarsely(
+        self, worker: _Worker, job: Job, cause: str | None, exitcode: int | None
+    ) -> None:
+        """Without a slot: blame from what was reported (lock held)."""
+        if cause == "timeout":
+            if worker.timed_out_index == job.cursor:
+                self._report_error(job, (self._timeout_error(worker, job), ""), "tasks_timed_out")
+        elif job.timeout is not None or job.sent_end - job.cursor == 1 or job.isolate:
+            crash = _crash_error(worker.pid, exitcode)
+            self._report_error(job, (crash, ""), "tasks_crashed")
+        else:
+            # Several items were on the worker and we cannot tell which one
+            # took it down: run them one at a time to find out.
+            job.isolate = True
+
+    def _fail_queue(self, cause: BaseException) -> None:
+        err = WorkerStartFailed(
+            f"no worker process could be started ({len(self._start_failures)} failures "
+            f"within {self.start_failure_window:g} s): {cause!r}; parstream keeps retrying",
+            exitcode=getattr(cause, "exitcode", None),
+        )
+        err.__cause__ = cause
         while self._queue:
             job = self._queue.popleft()
             job.killed = True
@@ -771,7 +957,7 @@ class Pool:
                 elif (
                     w.state == "idle"
                     and now - w.idle_since >= self.idle_timeout
-                    and self._is_extra(w)
+                    and self._surplus()
                 ):
                     self._retire(w)
 
@@ -788,6 +974,35 @@ class Pool:
                     return
                 self._assign(worker, job)
             self._send(worker, job)
+
+
+@contextlib.contextmanager
+def _allow_children_of_daemon() -> Any:
+    """Let a daemonic process (a ``multiprocessing.Pool`` worker) start workers.
+
+    multiprocessing refuses children to daemonic processes so that none is
+    orphaned when the daemon is terminated; ours die with their parent
+    (``PR_SET_PDEATHSIG`` and a parent-pid watch), so the rule's reason does
+    not apply. The flag is lifted only while the hub starts one worker.
+    """
+    import multiprocessing
+
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.pop("daemon", None)
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            config["daemon"] = daemon
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _readable(conn: Any) -> bool:

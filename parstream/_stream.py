@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from parstream import _wire
 from parstream._errors import SupervisorClosed, TaskTimeout
-from parstream._pool import Gate, Job, new_fn_id
+from parstream._functions import ship
+from parstream._pool import Gate, Job
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, Result
 
@@ -81,8 +82,7 @@ class _State:
         buffer_size: int | None,
     ) -> None:
         self.pool = pool
-        self.fn_id = new_fn_id()
-        self.fn_bytes = _pickle_fn(fn)
+        self.fn = ship(fn)
         self.iterable = iterable
         self.it: Iterator[Any] | None = None
         self.linked = linked
@@ -172,8 +172,7 @@ class _State:
             chunk = _Chunk(self.pulled, inputs)
             self.pulled += len(inputs)
             job = Job(
-                self.fn_id,
-                self.fn_bytes,
+                self.fn,
                 inputs if self.zip_input is False else list(inputs),
                 self,
                 timeout=self.timeout,
@@ -422,17 +421,6 @@ async def _aiter(stream: Stream) -> AsyncIterator[Result]:
             yield item
     finally:
         stream.close()
-
-
-def _pickle_fn(fn: Callable[..., Any]) -> bytes:
-    try:
-        return _wire.dumps(fn)
-    except Exception as cause:
-        import pickle
-
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        err = pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}")
-        raise err from cause
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -27,13 +28,14 @@ from typing import Any, Literal, TypeVar
 
 from loky import cpu_count as _loky_cpu_count
 
-from parstream import _wire
 from parstream._errors import SupervisorClosed, TaskShutdown
-from parstream._pool import Job, Pool, new_fn_id
+from parstream._functions import ship
+from parstream._pool import Job, Pool
 from parstream._progress import check_progress
 from parstream._results import Exit, Ok, Stats
 from parstream._stream import OnTimeout, Stream, _State
-from parstream._task import BRUTAL_KILL, ShutdownTimeout, Task, _BrutalKill, _check_timeout
+from parstream._task import BRUTAL_KILL, ShutdownTimeout, Task, _BrutalKill
+from parstream._validate import check_callable, check_int, check_timeout
 
 log = logging.getLogger("parstream")
 
@@ -46,54 +48,6 @@ _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 def cpu_count() -> int:
     """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
     return int(_loky_cpu_count())
-
-
-def check_callable(fn: Any, name: str = "fn") -> None:
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__}: {fn!r}")
-
-
-def check_int(value: Any, name: str, minimum: int, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-_by_reference: dict[bytes, int] = {}  # pickled importable function -> its fn_id
-
-
-def _function_for_task(fn: Callable[..., Any]) -> tuple[int, bytes]:
-    """Pickle the function now, while the caller still holds it, naming the culprit.
-
-    An importable function pickles by reference to the same bytes every time;
-    reusing its id lets workers keep it unpickled. Anything else (lambdas,
-    closures, ``__main__`` code) goes by value with cloudpickle, afresh per
-    call, so it sees the globals of the moment.
-    """
-    import pickle
-
-    module = getattr(fn, "__module__", None)
-    if module not in (None, "__main__") and getattr(fn, "__qualname__", "<").find("<") < 0:
-        try:
-            data = pickle.dumps(fn, protocol=_wire.PROTOCOL)
-        except Exception:
-            pass
-        else:
-            fn_id = _by_reference.get(data)
-            if fn_id is None:
-                if len(_by_reference) > 1024:
-                    _by_reference.clear()
-                fn_id = _by_reference[data] = new_fn_id()
-            return fn_id, data
-    try:
-        return new_fn_id(), _wire.dumps(fn)
-    except Exception as cause:
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        raise pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}") from cause
 
 
 class Child:
@@ -197,7 +151,7 @@ class Supervisor(concurrent.futures.Executor):
         check_int(max_workers, "max_workers", 1)
         check_int(max_tasks_per_worker, "max_tasks_per_worker", 1)
         check_int(max_memory_per_worker, "max_memory_per_worker", 1)
-        _check_timeout(idle_timeout, "idle_timeout", allow_none=False)
+        check_timeout(idle_timeout, "idle_timeout", allow_none=False)
         self.max_restarts = max_restarts
         self.max_seconds = float(max_seconds)
         self.max_children = max_children
@@ -215,23 +169,32 @@ class Supervisor(concurrent.futures.Executor):
             max_memory_per_worker=max_memory_per_worker,
             idle_timeout=float(idle_timeout),
             counters=self._counters,
+            max_start_failures=max_restarts,
+            start_failure_window=float(max_seconds),
         )
         _live.add(self)
 
     # -- tasks ---------------------------------------------------------------
 
     def _check_open(self) -> None:
+        if self._pool.forked:
+            raise self._pool.fork_error()
         if self._closed_reason is not None:
             raise SupervisorClosed(self._closed_reason)
 
-    def _task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
+    def _make_task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
+        """A task for ``fn(*args)``, its function pickled now; not yet submitted."""
         check_callable(fn)
         self._check_open()
-        fn_id, fn_bytes = _function_for_task(fn)
-        job = Job(fn_id, fn_bytes, [args], None, star=True)  # type: ignore[arg-type]
+        job = Job(ship(fn), [args], None, star=True)  # type: ignore[arg-type]
         task: Task[T] = Task(self._pool, job, linked=linked)
         self._tasks.add(task)
-        self._submit(job)
+        return task
+
+    def _task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
+        task = self._make_task(fn, args, linked=linked)
+        assert task._job is not None
+        self._submit(task._job)
         return task
 
     def _submit(self, job: Job) -> None:
@@ -281,7 +244,7 @@ class Supervisor(concurrent.futures.Executor):
                 f"restart must be 'temporary', 'transient' or 'permanent', got {restart!r}"
             )
         if not isinstance(shutdown, _BrutalKill):
-            _check_timeout(shutdown, "shutdown", allow_none=False)
+            check_timeout(shutdown, "shutdown", allow_none=False)
         self._check_open()
         child = Child(self, fn, args, restart, shutdown)
         with self._lock:
@@ -290,17 +253,41 @@ class Supervisor(concurrent.futures.Executor):
                 raise ValueError(f"max_children ({self.max_children}) children already running")
             self._children.append(child)
         self._pool.reserve(1)
-        self._run_child(child)
+        self._run_child(child, first=True)
         return child
 
-    def _run_child(self, child: Child) -> None:
+    def _run_child(self, child: Child, *, first: bool = False) -> None:
         try:
-            task = self._task(child.fn, child.args, linked=False)
+            task = self._make_task(child.fn, child.args, linked=False)
         except SupervisorClosed:
             self._end_child(child)
+            if first:
+                raise
             return
-        child.task = task
+        except Exception as exc:
+            if first:  # start_child itself: the caller gets the error
+                self._end_child(child)
+                raise
+            # The call no longer pickles (its closure changed): the child ends
+            # with that error instead of waiting between runs for ever.
+            child.last_result = Exit(exc)
+            log.error("parstream: could not restart %r: %r", child, exc)
+            self._end_child(child)
+            return
+        with self._lock:
+            # terminate_child may have run while the call was being pickled.
+            stop = child.terminated or self._closed_reason is not None
+            if not stop:
+                child.task = task
+        if stop:
+            self._end_child(child)
+            return
         task.add_done_callback(functools.partial(self._child_done, child))
+        assert task._job is not None
+        try:
+            self._submit(task._job)
+        except SupervisorClosed:
+            self._end_child(child)
 
     def _child_done(self, child: Child, task: Task[Any]) -> None:
         result = task.result_nowait()
@@ -329,22 +316,25 @@ class Supervisor(concurrent.futures.Executor):
                 f"{self.max_seconds} s (last: {child!r} ended with {result!r})"
             )
             log.error("parstream: %s", reason)
-            self._end_child(child)
-            # Closing joins the hub thread, and this may be the hub thread.
-            threading.Thread(target=self._give_up, args=(reason,), daemon=True).start()
+            # Closed before anyone can see the child end: from the moment a
+            # waiter wakes, every new call raises SupervisorClosed.
             with self._lock:
                 if self._closed_reason is None:
                     self._closed_reason = reason
+            self._close(reason)
             return
         self._run_child(child)
 
     def _end_child(self, child: Child) -> None:
-        if not child._ended.is_set():
+        with self._lock:
+            if child._ended.is_set():
+                return
             child._ended.set()
-            self._pool.release(1)
-
-    def _give_up(self, reason: str) -> None:
-        self._close(reason)
+            # Ended children are forgotten: a long-lived supervisor running a
+            # child per request does not grow.
+            with contextlib.suppress(ValueError):
+                self._children.remove(child)
+        self._pool.release(1)
 
     def children(self) -> list[Child]:
         """The children still running (or between restarts)."""
@@ -389,7 +379,7 @@ class Supervisor(concurrent.futures.Executor):
         check_int(max_concurrency, "max_concurrency", 1)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be a bool, got {ordered!r}")
-        timeout = _check_timeout(timeout, "timeout")
+        timeout = check_timeout(timeout, "timeout")
         if timeout == 0:
             raise ValueError("timeout must be > 0 or None, got 0")
         if on_timeout not in ("exit", "kill_task"):
@@ -562,7 +552,7 @@ class Supervisor(concurrent.futures.Executor):
         """``Executor.map``, with its contract: ``timeout`` is one deadline for the
         whole call (``parstream.map``'s is per item, and lazy)."""
         check_callable(fn)
-        _check_timeout(timeout, "timeout")
+        check_timeout(timeout, "timeout")
         check_int(chunksize, "chunksize", 1, allow_none=False)
         return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
@@ -612,6 +602,12 @@ class Supervisor(concurrent.futures.Executor):
         self._close("the supervisor was closed")
 
     def _close(self, reason: str) -> None:
+        if self._pool.forked:
+            # A forked child's copy: its lock may have been held at the fork,
+            # and the workers are the parent's. Only drop our copies.
+            self._pool.close()
+            _live.discard(self)
+            return
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = reason

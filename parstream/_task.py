@@ -17,8 +17,10 @@ from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
 from parstream import _wire
+from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._results import Exit, Ok
+from parstream._validate import check_timeout, wait_seconds
 
 if TYPE_CHECKING:
     import asyncio
@@ -79,6 +81,7 @@ class Task(Generic[T]):
         self._done = threading.Event()
         self._result: Ok[T] | Exit | None = None
         self._callbacks: list[Callable[[Task[T]], None]] = []
+        self._waiters: list[Callable[[Task[T]], None]] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if job is not None:
             job.sink = _WeakSink(self) if linked else self
@@ -102,19 +105,43 @@ class Task(Generic[T]):
                 return
             self._result = result
             callbacks, self._callbacks = self._callbacks, []
+            waiters, self._waiters = self._waiters, []
         if self._finalizer is not None:
             self._finalizer.detach()
         self._done.set()
+        for wake in waiters:
+            wake(self)
+        # User code never runs on the hub thread that keeps every deadline.
         for cb in callbacks:
-            cb(self)
+            call_soon(cb, self)
 
     def add_done_callback(self, fn: Callable[[Task[T]], None]) -> None:
-        """Call ``fn(task)`` once the task has a result (at once if it has)."""
+        """Call ``fn(task)`` once the task has a result.
+
+        Callbacks run in order on parstream's callback thread (never on the
+        thread that keeps the pool's timeouts), or at once in the caller's
+        thread if the task is already done. One that raises is logged on
+        the ``parstream`` logger; the others still run.
+        """
         with self._lock:
             if self._result is None:
                 self._callbacks.append(fn)
                 return
         fn(self)
+
+    def _add_waiter(self, fn: Callable[[Task[T]], None]) -> None:
+        """Like ``add_done_callback`` for parstream's own wake-ups: ``fn`` must be
+        quick and never raise; it runs on whichever thread sets the result."""
+        with self._lock:
+            if self._result is None:
+                self._waiters.append(fn)
+                return
+        fn(self)
+
+    def _check_reachable(self) -> None:
+        """A task inherited through os.fork() can never finish in the child."""
+        if self._pool is not None and self._pool.forked and not self._done.is_set():
+            raise self._pool.fork_error()
 
     # -- waiting ----------------------------------------------------------------
 
@@ -145,7 +172,8 @@ class Task(Generic[T]):
             Exception: the task's own exception, original type, with the
                 worker's traceback as ``__cause__``.
         """
-        timeout = _check_timeout(timeout, "timeout")
+        timeout = check_timeout(timeout, "timeout")
+        self._check_reachable()
         try:
             finished = self._done.wait(timeout)
         except BaseException:
@@ -166,8 +194,9 @@ class Task(Generic[T]):
         Never raises for the task's failures, and never kills it: call again,
         or ``shutdown()`` it.
         """
-        timeout = _check_timeout(timeout, "timeout", allow_none=False)
-        self._done.wait(timeout)
+        timeout = check_timeout(timeout, "timeout", allow_none=False)
+        self._check_reachable()
+        self._done.wait(wait_seconds(timeout))
         return self._result
 
     def shutdown(self, timeout: ShutdownTimeout = 5.0) -> Ok[T] | Exit | None:
@@ -177,7 +206,7 @@ class Task(Generic[T]):
         in), else ``None``. ``BRUTAL_KILL`` kills at once.
         """
         if not isinstance(timeout, _BrutalKill):
-            timeout = _check_timeout(timeout, "timeout", allow_none=False)
+            timeout = check_timeout(timeout, "timeout", allow_none=False)
         if self._done.is_set():
             return self._result
         if self._pool is not None and self._job is not None:
@@ -213,7 +242,7 @@ class Task(Generic[T]):
         def wake(_: Task[T]) -> None:
             loop.call_soon_threadsafe(_resolve, fut)
 
-        self.add_done_callback(wake)
+        self._add_waiter(wake)
         try:
             await fut
         except BaseException:
@@ -237,18 +266,6 @@ def _unwrap(result: Ok[T] | Exit | None) -> T:
         return result.value
     assert isinstance(result, Exit)
     raise result.reason
-
-
-def _check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
-    if value is None:
-        if allow_none:
-            return None
-        raise TypeError(f"{name} must be a number of seconds, got None")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
 
 
 def completed(value: T) -> Task[T]:
@@ -279,7 +296,7 @@ def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> Non
             cond.notify()
 
     for t in tasks:
-        t.add_done_callback(bump)
+        t._add_waiter(bump)
     with cond:
         while count[0] < want:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -299,7 +316,7 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
         Exception: the first failure, as ``Task.await_`` would raise it.
     """
     tasks = _check_tasks(tasks)
-    timeout = _check_timeout(timeout, "timeout")
+    timeout = check_timeout(timeout, "timeout")
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         _wait_until_all_or_failure(tasks, deadline)
@@ -333,7 +350,7 @@ def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -
             cond.notify()
 
     for t in tasks:
-        t.add_done_callback(bump)
+        t._add_waiter(bump)
     with cond:
         while state["done"] < len(tasks) and not state["failed"]:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -366,7 +383,7 @@ def yield_many(
     as that many tasks are done, and ``on_timeout`` is not applied.
     """
     tasks = _check_tasks(tasks)
-    timeout = _check_timeout(timeout, "timeout", allow_none=False)
+    timeout = check_timeout(timeout, "timeout", allow_none=False)
     if on_timeout not in ("nothing", "ignore", "kill_task"):
         raise ValueError(
             f"on_timeout must be 'nothing', 'ignore' or 'kill_task', got {on_timeout!r}"
@@ -376,7 +393,8 @@ def yield_many(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     want = len(tasks) if limit is None else min(limit, len(tasks))
-    _wait_some(tasks, time.monotonic() + timeout, want)
+    seconds = wait_seconds(timeout)
+    _wait_some(tasks, None if seconds is None else time.monotonic() + seconds, want)
     results = [(t, t.result_nowait()) for t in tasks]
     if limit is None or sum(r is not None for _, r in results) < want:
         for t, r in results:

@@ -2,20 +2,24 @@
 
 Every message is one ``send_bytes`` frame that starts with a kind byte.
 
-* ``RUN`` (parent to worker): a cloudpickled tuple
-  ``(fn_id, fn_bytes | None, [args, ...], star, report_each, evict, has_bad,
+* ``RUN`` (parent to worker): a fixed header ``(kind, seq)``, ``seq`` the
+  batch's sequence number on that worker (readable before the rest is
+  unpickled), then a cloudpickled tuple
+  ``(key, fn_bytes | None, [args, ...], star, report_each, evict, has_bad,
   log_level)``;
   with ``star`` each entry is an argument tuple, else the single argument;
   ``has_bad`` says some entries are ``BadArgs`` stand-ins.
   The function is pickled once per stream or task (``fn_bytes``) and cached in
-  the worker under ``fn_id``; ``evict`` lists ids the worker may forget.
+  the worker under ``key`` (16 random bytes, see ``_functions``); ``evict``
+  lists keys the worker may forget.
 * ``RESULTS`` (worker to parent): a fixed header ``(count, done, t_next)`` and
   then a pickled ``(values, errors)`` for the next ``count`` items of the batch
   in order: ``values`` has one entry per item, ``errors`` maps the positions of
   failed items to their error. The header stays readable even when
   the payload cannot be unpickled in the parent, so those items fail alone.
-* ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``: small
-  pickled tuples.
+* ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``,
+  ``FORGET`` ``key`` (a function the worker failed to load: send it again
+  next time): small pickles.
 
 Errors travel as ``(exception, traceback_text)``; ``rebuild_error`` attaches
 the text as a ``RemoteTraceback`` ``__cause__``, the convention of
@@ -36,8 +40,10 @@ READY = 3
 BAD_BATCH = 4
 STOP = 5
 LOG = 6
+FORGET = 7
 
 _HEADER = struct.Struct("<BIBd")
+_RUN_HEADER = struct.Struct("<BQ")
 PROTOCOL = 5
 
 
@@ -56,6 +62,18 @@ def decode(data: bytes) -> Any:
 
 def kind_of(data: bytes) -> int:
     return data[0]
+
+
+def encode_run(seq: int, message: tuple[Any, ...]) -> bytes:
+    return _RUN_HEADER.pack(RUN, seq) + dumps(message)
+
+
+def run_seq(data: bytes) -> int:
+    return int(_RUN_HEADER.unpack_from(data)[1])
+
+
+def decode_run(data: bytes) -> Any:
+    return pickle.loads(memoryview(data)[_RUN_HEADER.size :])
 
 
 class RemoteTraceback(Exception):

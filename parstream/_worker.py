@@ -38,6 +38,7 @@ import traceback
 from typing import Any
 
 from parstream import _wire
+from parstream._slot import BEGUN, SEQ, Slot
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
@@ -99,10 +100,16 @@ class _Forward(logging.Handler):
             self.handleError(record)
 
 
+class ParstreamProtocolError(RuntimeError):
+    """The parent broke the message protocol (a parstream bug)."""
+
+
 class _Runner:
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, slot: Slot | None) -> None:
         self.conn = conn
-        self.functions: dict[int, Any] = {}
+        self.slot = slot
+        self.words: Any = slot.words if slot is not None else [0, 0]
+        self.functions: dict[bytes, Any] = {}
         self.position = 0  # items of the current batch finished so far
         self.lock = threading.Lock()  # log records may come from any thread
         root = logging.getLogger()
@@ -118,23 +125,29 @@ class _Runner:
         _flush_std()
         self.send(_wire.dumps_results(done, time.monotonic(), values, errors))
 
-    def load_function(self, fn_id: int, fn_bytes: bytes | None, evict: list[int]) -> Any:
+    def load_function(self, key: bytes, data: bytes | None, evict: list[bytes]) -> Any:
         for old in evict:
             self.functions.pop(old, None)
-        fn = self.functions.get(fn_id)
+        fn = self.functions.get(key)
         if fn is None:
-            if fn_bytes is None:
-                raise RuntimeError(f"function {fn_id} was never sent to this worker")
-            fn = pickle.loads(fn_bytes)
-            self.functions[fn_id] = fn
+            if data is None:
+                raise ParstreamProtocolError("a function was never sent to this worker")
+            try:
+                fn = pickle.loads(data)
+            except BaseException:
+                # The parent thinks we hold it now: tell it we do not, so the
+                # next call sends the bytes again (the cause may be fixed).
+                self.send(_wire.encode(_wire.FORGET, key))
+                raise
+            self.functions[key] = fn
         return fn
 
     def run_batch(self, message: tuple[Any, ...]) -> None:
-        fn_id, fn_bytes, items, star, report_each, evict, has_bad, log_level = message
+        key, data, items, star, report_each, evict, has_bad, log_level = message
         logging.getLogger().setLevel(log_level)
         self.position = 0
         try:
-            fn = self.load_function(fn_id, fn_bytes, evict)
+            fn = self.load_function(key, data, evict)
         except BaseException as exc:
             # The function cannot be rebuilt here: every item fails with that
             # cause, and the worker stays healthy.
@@ -164,7 +177,9 @@ class _Runner:
     def run_reporting_each(self, call: Any, items: list[Any]) -> None:
         """One message per item, so the parent always knows which item runs since when."""
         self.send_results([], {}, False)
-        for args in items:
+        words = self.words
+        for begun, args in enumerate(items, 1):
+            words[BEGUN] = begun
             try:
                 result: list[Any] = [call(args)]
                 errors: _wire.Errors = {}
@@ -191,9 +206,13 @@ class _Runner:
         stride = 1
         check_at = 1
         done = 0  # items finished in earlier flushes
+        words = self.words
+        begun = 0
         while True:
             try:
                 for args in it:
+                    begun += 1
+                    words[BEGUN] = begun  # before the item: the parent's record of a crash
                     append(call(args))
                     if len(values) >= check_at:
                         now = monotonic()
@@ -229,8 +248,12 @@ class _Runner:
             kind = _wire.kind_of(raw)
             if kind == _wire.STOP:
                 return
+            # Mark the batch begun before unpickling it: from here on, a death
+            # is this batch's doing, not an idle worker's.
+            self.words[SEQ] = _wire.run_seq(raw)
+            self.words[BEGUN] = 0
             try:
-                message = _wire.decode(raw)
+                message = _wire.decode_run(raw)
             except BaseException as exc:
                 # Arguments that cannot be rebuilt in the worker: tell the
                 # parent, which isolates the culprit item by item.
@@ -239,11 +262,11 @@ class _Runner:
             self.run_batch(message)
 
 
-def worker_main(conn: Any, parent_pid: int) -> None:
+def worker_main(conn: Any, parent_pid: int, slot: Slot | None = None) -> None:
     """Entry point of a worker process (the target given to loky's Process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
-    runner = _Runner(conn)
+    runner = _Runner(conn, slot)
     conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
     try:
         runner.loop()

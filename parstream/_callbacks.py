@@ -1,0 +1,63 @@
+"""The thread that runs users' completion callbacks, so no user code runs on a hub.
+
+A hub thread keeps every deadline of its pool; a done-callback that blocks
+for seconds there would delay every other item's timeout and dispatch. Task
+callbacks (``Task.add_done_callback``, ``Future`` callbacks, a Supervisor's
+child-restart logic) are queued here instead and run in order, one at a time,
+on one daemon thread per process; one that raises is logged and the next
+runs. A forked child starts its own thread on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("parstream")
+
+_lock = threading.Lock()
+_queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+_thread: threading.Thread | None = None
+_pid = 0
+
+
+def _run() -> None:
+    while True:
+        fn, args = _queue.get()
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("parstream: a completion callback raised")
+        del fn, args  # hold nothing of the user's while waiting for the next
+
+
+def current_is_callback_thread() -> bool:
+    return threading.current_thread() is _thread
+
+
+def call_soon(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` on the callback thread, after those queued before it."""
+    global _thread, _queue, _pid
+    if _thread is None or _pid != os.getpid():
+        with _lock:
+            if _thread is None or _pid != os.getpid():
+                if _pid != os.getpid():
+                    _queue = queue.SimpleQueue()
+                _pid = os.getpid()
+                _thread = threading.Thread(target=_run, name="parstream-callbacks", daemon=True)
+                _thread.start()
+    _queue.put((fn, args))
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _thread
+    _lock = threading.Lock()
+    _thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

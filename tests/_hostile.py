@@ -1,0 +1,61 @@
+"""Importable helpers for the hardening tests (issue 8): workers import this module."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def slow_rebuild(seconds: float) -> str:
+    time.sleep(seconds)
+    return "rebuilt"
+
+
+class SlowToUnpickle:
+    """An argument whose unpickling in the worker blocks for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (slow_rebuild, (self.seconds,))
+
+
+class Holder:
+    """An importable class whose instance holds any function (e.g. one from __main__)."""
+
+    def __init__(self, fn: Any, payload: bytes = b"") -> None:
+        self.fn = fn
+        self.payload = payload
+
+    def apply(self, x: Any) -> Any:
+        return self.fn(x)
+
+    def size(self, _: Any = None) -> int:
+        return len(self.payload)
+
+
+def append_index(path: str, crash_at: int, i: int) -> int:
+    """Record that item ``i`` ran (one O_APPEND write), then crash at ``crash_at``."""
+    if i == crash_at:
+        os._exit(3)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{i}\n".encode())
+    finally:
+        os.close(fd)
+    return i
+
+
+def pid_of(_: Any = None) -> int:
+    return os.getpid()
+
+
+def sleep_then(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value

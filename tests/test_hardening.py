@@ -1,0 +1,330 @@
+"""The engine off the well-trodden path (issue 8): fork, failed starts, timeouts that
+cover loading, callbacks off the hub, idle deaths, the give-up race, one way of
+shipping functions, no user data kept, no growth, and exactly-once under crashes."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+import weakref
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _hostile import Holder, SlowToUnpickle, append_index, identity, pid_of, sleep_then
+
+import parstream
+from parstream import Exit, Ok
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def wait_until(cond: Any, within: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# -- 1. fork ----------------------------------------------------------------------
+
+
+def _fork_and_wait(child: Any) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_forked_child_gets_its_own_default_supervisor() -> None:
+    """The child's calls run on workers of its own; the parent's results stay right."""
+    assert list(parstream.map(identity, range(20))) == list(range(20))
+    parent_workers = set(parstream.default_supervisor().worker_pids())
+
+    def child() -> int:
+        sup = parstream.default_supervisor()
+        ok = parstream.async_(functools.partial(pow, 3), 2).await_(30) == 9
+        ok = ok and list(parstream.map(lambda x: x * 3, range(10))) == [x * 3 for x in range(10)]
+        ok = ok and not (set(sup.worker_pids()) & parent_workers)
+        sup.close()
+        return 0 if ok else 1
+
+    assert _fork_and_wait(child) == 0
+    assert list(parstream.map(identity, range(200))) == list(range(200))
+    assert parstream.async_(identity, "parent").await_(30) == "parent"
+    assert set(parstream.default_supervisor().worker_pids()) == parent_workers
+
+
+def test_an_inherited_supervisor_refuses_use_in_the_child(sup: parstream.Supervisor) -> None:
+    """A Supervisor (and a Task) that crossed os.fork() raise a clear error naming it."""
+    running = sup.async_nolink(sleep_then, 1.0, "done")
+
+    def child() -> int:
+        try:
+            sup.async_(identity, 1)
+        except parstream.SupervisorClosed as exc:
+            if "os.fork()" not in str(exc):
+                return 2
+        else:
+            return 3
+        try:
+            running.await_(5)
+        except parstream.SupervisorClosed:
+            pass
+        else:
+            return 4
+        sup.close()  # harmless: the parent's workers are not touched
+        return 0
+
+    assert _fork_and_wait(child) == 0
+    assert running.await_(30) == "done"
+    assert list(sup.stream_map(identity, range(100))) == list(range(100))
+
+
+def test_a_fork_started_multiprocessing_pool_worker_can_use_parstream() -> None:
+    """A worker of a fork-started multiprocessing.Pool calls parstream; the parent is intact."""
+    import multiprocessing
+
+    assert list(parstream.map(identity, range(10))) == list(range(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply(_map_in_child, (list(range(30)),))
+    assert got == [x * 2 for x in range(30)]
+    assert list(parstream.map(identity, range(300))) == list(range(300))
+
+
+def _map_in_child(items: list[int]) -> list[int]:
+    try:
+        return list(parstream.map(functools.partial(int.__mul__, 2), items))
+    finally:
+        parstream.default_supervisor().close()
+
+
+# -- 2. a failed worker start -------------------------------------------------------
+
+
+def test_failed_worker_starts_surface_and_recover(tmp_path: Path) -> None:
+    """No working directory: waiting work fails with the cause, then work runs again."""
+    gone_dir = tmp_path / "gone"
+    gone_dir.mkdir()
+    old = os.getcwd()
+    os.chdir(gone_dir)
+    try:
+        gone_dir.rmdir()
+        with parstream.Supervisor(max_workers=1) as sup:
+            task = sup.async_(identity, 1)
+            with pytest.raises(parstream.WorkerStartFailed) as info:
+                task.await_(60)
+            assert isinstance(info.value.__cause__, OSError)
+            assert "could be started" in str(info.value)
+            os.chdir(old)
+            assert sup.async_(identity, 2).await_(60) == 2
+            assert list(sup.stream_map(identity, range(50))) == list(range(50))
+            assert sup.stats().workers_alive == 1
+    finally:
+        os.chdir(old)
+
+
+# -- 3. the timeout covers loading the argument ---------------------------------------
+
+
+def test_item_timeout_covers_unpickling_the_argument(sup: parstream.Supervisor) -> None:
+    results = list(
+        sup.async_stream_nolink(
+            identity, [SlowToUnpickle(60), 1, 2], timeout=1.0, on_timeout="kill_task"
+        )
+    )
+    assert isinstance(results[0], Exit)
+    assert isinstance(results[0].reason, parstream.TaskTimeout)
+    assert results[1:] == [Ok(1), Ok(2)]
+
+
+# -- 4. a slow done-callback does not stall the pool ------------------------------------
+
+
+def test_a_blocking_done_callback_does_not_hold_back_timeouts(sup: parstream.Supervisor) -> None:
+    """The callback blocks until a timeout elsewhere has fired: on the hub it never would."""
+    released = threading.Event()
+    task = sup.async_nolink(identity, "x")
+    task.add_done_callback(lambda _: released.wait(60))
+    wait_until(task.done, what="the task")
+    hung = functools.partial(sleep_then, 30)
+    out = list(sup.async_stream_nolink(hung, [0], timeout=0.3, on_timeout="kill_task"))
+    released.set()
+    assert isinstance(out[0], Exit)
+    assert isinstance(out[0].reason, parstream.TaskTimeout)
+    assert sup.async_(identity, 5).await_(30) == 5
+
+
+def test_a_raising_done_callback_is_logged_and_others_run(
+    sup: parstream.Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+    task = sup.async_nolink(sleep_then, 0.2, 1)
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("broken callback")
+
+    task.add_done_callback(broken)
+    task.add_done_callback(lambda _: seen.append("second"))
+    assert task.await_(30) == 1
+    wait_until(lambda: seen == ["second"], what="the second callback")
+    assert "broken callback" in caplog.text
+
+
+# -- 5. an idle worker killed from outside -----------------------------------------------
+
+
+def test_killing_an_idle_worker_fails_no_innocent_task() -> None:
+    with parstream.Supervisor(max_workers=2) as sup:
+        for _ in range(10):
+            parstream.await_many([sup.async_(pid_of) for _ in range(8)], 60)
+            wait_until(lambda: len(sup.worker_pids()) == 2, what="two workers")
+            victim = sup.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            tasks = [sup.async_(identity, i) for i in range(4)]
+            assert [t.await_(60) for t in tasks] == [0, 1, 2, 3]
+        assert sup.stats().tasks_crashed == 0
+
+
+# -- 6. the give-up race ------------------------------------------------------------------
+
+
+def test_give_up_is_visible_before_the_child_ends() -> None:
+    for _ in range(5):
+        sup = parstream.Supervisor(max_workers=1, max_restarts=0)
+        try:
+            child = sup.start_child(os._exit, 1, restart="permanent")
+            assert child.wait(60) is not None
+            with pytest.raises(parstream.SupervisorClosed, match="gave up"):
+                sup.async_(identity, 1)
+        finally:
+            sup.close()
+
+
+# -- 12. one way of shipping functions ------------------------------------------------------
+
+
+def test_bound_method_holding_a_main_function_runs_everywhere() -> None:
+    proc = run_script(
+        """
+        import parstream
+        from _hostile import Holder
+
+        def plus_one(x):
+            return x + 1
+
+        h = Holder(plus_one)
+        with parstream.Supervisor(max_workers=2) as sup:
+            assert sup.async_(h.apply, 1).await_(30) == 2
+            assert sup.submit(h.apply, 2).result(30) == 3
+            assert list(sup.stream_map(h.apply, [3, 4])) == [4, 5]
+            assert list(parstream.map(h.apply, [5])) == [6]
+        print("ok")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+# -- 13 and 14. nothing of the user's kept, nothing grows ------------------------------------
+
+
+def test_bound_method_tasks_do_not_keep_their_instances(sup: parstream.Supervisor) -> None:
+    refs = []
+    for _ in range(5):
+        holder = Holder(identity, b"x" * 10_000_000)
+        assert sup.async_(holder.size).await_(30) == 10_000_000
+        assert list(sup.stream_map(holder.size, [0])) == [10_000_000]
+        refs.append(weakref.ref(holder))
+        del holder
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_finished_children_are_not_kept(sup: parstream.Supervisor) -> None:
+    refs = []
+    for i in range(30):
+        child = sup.start_child(identity, i)
+        assert child.wait(30) == Ok(i)
+        refs.append(weakref.ref(child))
+        del child
+    gc.collect()
+    assert sup.children() == []
+    assert all(r() is None for r in refs)
+
+
+# -- exactly once under a crash inside a batch ----------------------------------------------
+
+
+@pytest.mark.parametrize("run", range(4))
+def test_a_crash_inside_a_batch_runs_nothing_twice(tmp_path: Path, run: int) -> None:
+    """Each item appends its index; the culprit crashes; nothing runs twice, and
+    every item that had not started runs once."""
+    log = tmp_path / "ran.log"
+    n, culprit = 30_000, 7_000 + 3_001 * run
+    fn = functools.partial(append_index, str(log), culprit)
+    with parstream.Supervisor(max_workers=2) as sup:
+        results = list(sup.async_stream_nolink(fn, range(n)))
+    assert len(results) == n
+    counts = Counter(int(x) for x in log.read_text().split())
+    assert max(counts.values()) == 1, "an item ran twice"
+    assert culprit not in counts
+    bad = results[culprit]
+    assert isinstance(bad, Exit)
+    assert isinstance(bad.reason, parstream.WorkerCrashed)
+    for i, r in enumerate(results):
+        if i == culprit:
+            continue
+        assert counts[i] == 1, f"item {i} never ran"
+        if isinstance(r, Exit):
+            assert "result was lost" in str(r.reason)
+        else:
+            assert r == Ok(i)
+
+
+def test_a_busy_worker_killed_from_outside_blames_only_its_item(tmp_path: Path) -> None:
+    with parstream.Supervisor(max_workers=2) as sup:
+        stream = sup.async_stream_nolink(functools.partial(sleep_then, 0.05), range(40))
+        results = []
+        for i, r in enumerate(stream):
+            results.append(r)
+            if i == 5:
+                busy = [p for p in sup.worker_pids() if psutil.pid_exists(p)]
+                os.kill(busy[0], signal.SIGKILL)
+        crashed = [i for i, r in enumerate(results) if isinstance(r, Exit)]
+        assert len(results) == 40
+        assert len(crashed) <= 1
+        assert all(r == Ok(i) for i, r in enumerate(results) if i not in crashed)
