@@ -77,6 +77,7 @@ log = logging.getLogger("parstream")
 FN_CACHE_SIZE = 32  # functions a worker keeps unpickled; more means more worker memory
 START_BACKOFF_S = (0.05, 2.0)  # first and longest wait between failed worker starts
 MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines say
+FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
 
 _pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -428,23 +429,41 @@ class Pool:
             while len(worker.fns) > FN_CACHE_SIZE:
                 evict.append(worker.fns.popitem(last=False)[0])
         report_each = job.timeout is not None
+        if report_each and fn_bytes is not None:
+            # Importing the function's module is not the item's time (a heavy
+            # import would time out every first item): the clock restarts
+            # when the worker says LOADED, with this bound on the loading.
+            worker.item_started = job.started_at + FUNCTION_LOAD_S
         items = job.items[job.cursor : job.sent_end]
         level = logging.getLogger().getEffectiveLevel()
-        message = (key, fn_bytes, items, job.star, report_each, evict, False, level)
-        worker.seq += 1
+        has_bad = False
         try:
-            return _wire.encode_run(worker.seq, message)
+            items_bytes = _wire.dumps(items)
         except BaseException:
-            pass
-        # Some arguments cannot be pickled: each such item fails alone (the
-        # worker reports the stand-in's error in its place, keeping order).
-        for i, args in enumerate(items):
-            try:
-                _wire.dumps(args)
-            except BaseException as cause:
-                items[i] = _wire.BadArgs(_culprit_error(args if job.star else (args,), cause))
-        job.items[job.cursor : job.sent_end] = items
-        return _wire.encode_run(worker.seq, (*message[:-2], True, level))
+            # Some arguments cannot be pickled: each such item fails alone (the
+            # worker reports the stand-in's error in its place, keeping order).
+            for i, args in enumerate(items):
+                try:
+                    _wire.dumps(args)
+                except BaseException as cause:
+                    culprit = _culprit_error(args if job.star else (args,), cause)
+                    items[i] = _wire.BadArgs(culprit)
+            job.items[job.cursor : job.sent_end] = items
+            items_bytes = _wire.dumps(items)
+            has_bad = True
+        message = (
+            key,
+            fn_bytes,
+            len(items),
+            items_bytes,
+            job.star,
+            report_each,
+            evict,
+            has_bad,
+            level,
+        )
+        worker.seq += 1
+        return _wire.encode_run(worker.seq, message)
 
     # -- the hub thread -----------------------------------------------------
 
@@ -663,6 +682,9 @@ class Pool:
                 self._start_error = None
                 self._backoff = 0.0
                 self._next_start_at = 0.0
+        elif kind == _wire.LOADED:
+            if worker.job is not None and worker.job.timeout is not None:
+                worker.item_started = time.monotonic()
         elif kind == _wire.FORGET:
             with self._lock:
                 worker.fns.pop(_wire.decode(data), None)
@@ -739,6 +761,11 @@ class Pool:
         job.pid = None
         worker.state = "idle"
         worker.idle_since = time.monotonic()
+        if worker.kill_cause == "kill" and worker.kill_deadline is not None:
+            # A graceful shutdown the reply won: the worker has had SIGTERM,
+            # so it is not reused; kill it now rather than at the deadline.
+            worker.kill_deadline = None
+            kill_tree(worker.pid)
         if job.killed:
             self._finish_killed(job)
         elif job.cursor >= len(job.items):
@@ -810,8 +837,21 @@ class Pool:
         exitcode = worker.process.exitcode
         slot = worker.slot
         begun_seq, begun = slot.read() if slot is not None else (-1, -1)
-        if slot is not None:
-            slot.close()
+        try:
+            self._settle_death(worker, slot, delivered, exitcode, begun_seq, begun)
+        finally:
+            if slot is not None:
+                slot.close()
+
+    def _settle_death(
+        self,
+        worker: _Worker,
+        slot: Slot | None,
+        delivered: bool,
+        exitcode: int | None,
+        begun_seq: int,
+        begun: int,
+    ) -> None:
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
@@ -885,19 +925,42 @@ class Pool:
                 return
         if culprit < job.cursor:
             return  # died between items, after reporting the last one it ran
-        lost = culprit - job.cursor
-        if lost:
-            # Finished, but their results died with the worker; they are not
-            # run again (their side effects happened), and say so.
-            err = WorkerCrashed(
-                f"this item finished, but its result was lost: its worker (pid "
-                f"{worker.pid}) died while running item {job.first_index + culprit} of the "
-                "same batch, before sending the results; the item was not run again",
-                exitcode=exitcode,
-                pid=worker.pid,
-            )
-            for _ in range(lost):
-                self._report_error(job, (err, ""), "tasks_crashed")
+        assert worker.slot is not None
+        base, entries = worker.slot.journal()
+        base += worker.batch_start
+        # Items finished since the last flush: from the journal where it has
+        # them; the rest are reported lost. None of them runs again.
+        values: list[Any] = []
+        errors: _wire.Errors = {}
+        lost = WorkerCrashed(
+            f"this item finished, but its result was lost: its worker (pid "
+            f"{worker.pid}) died while running item {job.first_index + culprit} of the "
+            "same batch, before sending the results; the item was not run again",
+            exitcode=exitcode,
+            pid=worker.pid,
+        )
+        position = job.cursor
+        while position < culprit or base <= position < base + len(entries):
+            if base <= position < base + len(entries):
+                ok, outcome = entries[position - base]
+                if ok:
+                    values.append(outcome)
+                else:
+                    errors[len(values)] = outcome
+                    values.append(None)
+            else:
+                errors[len(values)] = (lost, "")
+                values.append(None)
+            position += 1
+        if values:
+            failed = len(errors)
+            job.cursor += len(values)
+            self.counters["tasks_crashed"] += failed
+            self.counters["tasks_ok"] += len(values) - failed
+            if not job.killed:
+                self._note(job.sink.on_results, job, values, errors)
+        if job.cursor > culprit:
+            return  # the last item begun had finished: nothing to blame
         if cause == "timeout":
             if culprit == worker.timed_out_index:
                 late = self._timeout_error(worker, job)

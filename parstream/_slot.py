@@ -9,6 +9,15 @@ longer tell it anything: a batch the worker never began is re-queued whole
 item that was running is the culprit, the items after it never started and
 run once elsewhere, and nothing is guessed.
 
+The same memory holds the worker's *journal*: the results of the items it
+finished since its last flush of results to the pipe, appended one by one
+as they finish. A worker that dies mid-batch leaves its finished items'
+results there, so they are delivered, not lost and not run again. Writing
+an entry costs ~0.3 us (an int) to ~0.8 us (anything pickled), so workers
+journal only items that take at least ``JOURNAL_MIN_ITEM_S``; below that
+(a pure computation of a microsecond), the up to ~20 ms of results since the
+last flush are reported as lost if the worker dies, and still never re-run.
+
 The memory is an anonymous ``memfd`` (Linux), mapped on both sides and handed
 to the worker as an inherited file descriptor; nothing is left in
 ``/dev/shm`` whatever kills whom. Where ``memfd_create`` is missing there is
@@ -19,12 +28,25 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
+import struct
 from typing import Any
 
 SEQ = 0  # the sequence number of the batch the worker has begun
 BEGUN = 1  # items of that batch the worker has begun
-_WORDS = 2
-_SIZE = 8 * _WORDS
+J_BASE = 2  # the batch position of the journal's first entry
+J_COUNT = 3  # entries written (each complete before this is raised)
+J_USED = 4  # bytes of the journal in use
+_WORDS = 8
+_DATA = 8 * _WORDS  # where the journal's entries start
+JOURNAL_BYTES = 4 << 20  # pages are only allocated as they are written
+_SIZE = _DATA + JOURNAL_BYTES
+JOURNAL_MIN_ITEM_S = 3e-6
+
+_VALUE, _ERROR, _INT = 0, 1, 2
+_ENTRY = struct.Struct("<BI")  # kind, payload length
+_INT_ENTRY = struct.Struct("<BIq")
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 
 class Slot:
@@ -37,6 +59,85 @@ class Slot:
 
     def read(self) -> tuple[int, int]:
         return self.words[SEQ], self.words[BEGUN]
+
+    # -- the journal: written by the worker --------------------------------
+
+    def journal_reset(self, base: int) -> None:
+        words = self.words
+        words[J_COUNT] = 0
+        words[J_USED] = 0
+        words[J_BASE] = base
+
+    def journal_value(self, value: Any) -> bool:
+        """Append a finished item's value; False if the journal is full."""
+        if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+            used = self.words[J_USED]
+            end = used + _INT_ENTRY.size
+            if end > JOURNAL_BYTES:
+                return False
+            _INT_ENTRY.pack_into(self._map, _DATA + used, _INT, 8, value)
+            self.words[J_USED] = end
+            self.words[J_COUNT] += 1
+            return True
+        try:
+            data = pickle.dumps(value, protocol=5)
+        except Exception:
+            from parstream import _wire
+
+            try:
+                data = _wire.dumps(value)
+            except Exception:
+                return False  # the flush will report why it cannot be sent
+        return self._append(_VALUE, data)
+
+    def journal_error(self, failure: tuple[BaseException, str]) -> bool:
+        exc, tb = failure
+        try:
+            data = pickle.dumps((exc, tb), protocol=5)
+        except Exception:
+            stand_in = RuntimeError(f"{type(exc).__qualname__}: {exc}")
+            data = pickle.dumps((stand_in, tb), protocol=5)
+        return self._append(_ERROR, data)
+
+    def _append(self, kind: int, data: bytes) -> bool:
+        used = self.words[J_USED]
+        start = used + _ENTRY.size
+        end = start + len(data)
+        if end > JOURNAL_BYTES:
+            return False
+        _ENTRY.pack_into(self._map, _DATA + used, kind, len(data))
+        self._map[_DATA + start : _DATA + end] = data
+        self.words[J_USED] = end
+        self.words[J_COUNT] += 1
+        return True
+
+    # -- the journal: read by the parent after the worker died ----------------
+
+    def journal(self) -> tuple[int, list[tuple[bool, Any]]]:
+        """``(base, [(ok, value_or_failure), ...])`` as the worker left them.
+
+        An entry that cannot be unpickled here becomes a failure of its own.
+        """
+        base, count = self.words[J_BASE], self.words[J_COUNT]
+        out: list[tuple[bool, Any]] = []
+        offset = 0
+        for _ in range(count):
+            kind, length = _ENTRY.unpack_from(self._map, _DATA + offset)
+            start = _DATA + offset + _ENTRY.size
+            offset += _ENTRY.size + length
+            if kind == _INT:
+                out.append((True, struct.unpack_from("<q", self._map, start)[0]))
+                continue
+            try:
+                obj = pickle.loads(self._map[start : start + length])
+            except Exception as exc:
+                err = pickle.UnpicklingError(
+                    f"a task's result could not be unpickled in the parent: {exc!r}"
+                )
+                out.append((False, (err, "")))
+                continue
+            out.append((kind == _VALUE, obj))
+        return base, out
 
     def close(self) -> None:
         try:

@@ -143,8 +143,7 @@ class Supervisor(concurrent.futures.Executor):
         idle_timeout: float = 10.0,
     ) -> None:
         check_int(max_restarts, "max_restarts", 0, allow_none=False)
-        if isinstance(max_seconds, bool) or not isinstance(max_seconds, int | float):
-            raise TypeError(f"max_seconds must be a number of seconds, got {max_seconds!r}")
+        max_seconds = check_timeout(max_seconds, "max_seconds", allow_none=False)
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
         check_int(max_children, "max_children", 1)

@@ -5,8 +5,9 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
 * ``RUN`` (parent to worker): a fixed header ``(kind, seq)``, ``seq`` the
   batch's sequence number on that worker (readable before the rest is
   unpickled), then a cloudpickled tuple
-  ``(key, fn_bytes | None, [args, ...], star, report_each, evict, has_bad,
-  log_level)``;
+  ``(key, fn_bytes | None, count, items_bytes, star, report_each, evict,
+  has_bad, log_level)``, ``items_bytes`` the pickled ``[args, ...]``, so the
+  worker loads the function before it unpickles the arguments;
   with ``star`` each entry is an argument tuple, else the single argument;
   ``has_bad`` says some entries are ``BadArgs`` stand-ins.
   The function is pickled once per stream or task (``fn_bytes``) and cached in
@@ -17,6 +18,8 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   in order: ``values`` has one entry per item, ``errors`` maps the positions of
   failed items to their error. The header stays readable even when
   the payload cannot be unpickled in the parent, so those items fail alone.
+* ``LOADED`` (worker to parent, a bare kind byte): the function of a batch
+  with a per-item timeout was loaded; the first item's clock restarts.
 * ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``,
   ``FORGET`` ``key`` (a function the worker failed to load: send it again
   next time): small pickles.
@@ -41,6 +44,7 @@ BAD_BATCH = 4
 STOP = 5
 LOG = 6
 FORGET = 7
+LOADED = 8
 
 _HEADER = struct.Struct("<BIBd")
 _RUN_HEADER = struct.Struct("<BQ")

@@ -5,8 +5,12 @@ worker starts fast and cannot deadlock on parent state.
 
 Data flow, one duplex pipe per worker, one batch in flight at a time::
 
-    parent --RUN(fn_id, fn_bytes?, [args, ...], report_each, evict)--> worker
-    worker --RESULTS(count, done, t_next, [(status, payload), ...])--> parent
+    parent --RUN[seq](key, fn_bytes?, count, items_bytes, ...)----> worker
+              worker: slot.SEQ = seq; load fn (FORGET key if that fails;
+                      LOADED if timed); unpickle items (BAD_BATCH if not)
+    worker --RESULTS(count, done, t_next, values, errors)---------> parent
+              per item: slot.BEGUN += 1 before it; its result journaled
+              in the slot after it, between flushes (see ``_slot``)
 
 The worker runs a batch's items in order. Results go back in flushes: after
 every item when ``report_each`` is set (streams with a per-item timeout, so the
@@ -38,7 +42,7 @@ import traceback
 from typing import Any
 
 from parstream import _wire
-from parstream._slot import BEGUN, SEQ, Slot
+from parstream._slot import BEGUN, JOURNAL_MIN_ITEM_S, SEQ, Slot
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
@@ -143,7 +147,7 @@ class _Runner:
         return fn
 
     def run_batch(self, message: tuple[Any, ...]) -> None:
-        key, data, items, star, report_each, evict, has_bad, log_level = message
+        key, data, count, items_bytes, star, report_each, evict, has_bad, log_level = message
         logging.getLogger().setLevel(log_level)
         self.position = 0
         try:
@@ -152,7 +156,18 @@ class _Runner:
             # The function cannot be rebuilt here: every item fails with that
             # cause, and the worker stays healthy.
             err = _failure(exc)
-            self.send_results([None] * len(items), dict.fromkeys(range(len(items)), err), True)
+            self.send_results([None] * count, dict.fromkeys(range(count), err), True)
+            return
+        if report_each and data is not None:
+            # Loading the function (importing its module) is not the item's
+            # time: the parent restarts the item's clock now.
+            self.send(bytes((_wire.LOADED,)))
+        try:
+            items = pickle.loads(items_bytes)
+        except BaseException as exc:
+            # Arguments that cannot be rebuilt in the worker: tell the
+            # parent, which isolates the culprit item by item.
+            self.send(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
             return
         if has_bad:
             bad = _wire.BadArgs
@@ -196,6 +211,10 @@ class _Runner:
         each reading to land a few readings per interval: a clock read per item
         would cost more than a tiny item itself. The ``try`` sits outside the
         inner loop for the same reason; an exception resumes after its item.
+
+        Between flushes, each finished item's result also goes into the
+        slot's journal (see ``_slot``) while items take at least
+        ``JOURNAL_MIN_ITEM_S``, so a crash later in the batch loses nothing.
         """
         monotonic = time.monotonic
         values: list[Any] = []
@@ -208,16 +227,24 @@ class _Runner:
         done = 0  # items finished in earlier flushes
         words = self.words
         begun = 0
+        slot = self.slot
+        keep = slot is not None  # journal until the items prove tiny
+        journal = slot.journal_value if slot is not None else None
+        full = False  # the journal is full: flush now
         while True:
             try:
                 for args in it:
                     begun += 1
                     words[BEGUN] = begun  # before the item: the parent's record of a crash
-                    append(call(args))
-                    if len(values) >= check_at:
+                    value = call(args)
+                    append(value)
+                    if keep and not journal(value):  # type: ignore[misc]
+                        full = True
+                    if len(values) >= check_at or full:
                         now = monotonic()
                         elapsed = now - last
-                        if elapsed >= FLUSH_INTERVAL_S:
+                        slow = elapsed >= JOURNAL_MIN_ITEM_S * len(values)
+                        if elapsed >= FLUSH_INTERVAL_S or full:
                             stride = max(1, int(len(values) * FLUSH_INTERVAL_S / elapsed / 4))
                             done += len(values)
                             self.position = done
@@ -226,16 +253,27 @@ class _Runner:
                             append = values.append
                             last = now
                             check_at = stride
+                            full = False
+                            if slot is not None:
+                                slot.journal_reset(done)
                         else:
                             if elapsed > 0:
                                 rate = len(values) / elapsed
                                 stride = max(1, int(rate * FLUSH_INTERVAL_S / 4))
                             check_at = len(values) + stride
+                        if slot is not None and slow != keep:
+                            keep = slow
+                            if keep:  # entries must run on from the journal's base
+                                slot.journal_reset(done + len(values))
                         self.position = done + len(values)
                 break
             except BaseException as exc:
-                errors[len(values)] = _failure(exc)
+                failure = _failure(exc)
+                errors[len(values)] = failure
                 append(None)
+                if keep and slot is not None and not slot.journal_error(failure):
+                    full = True
+                    check_at = len(values)
         self.position = done + len(values)
         self.send_results(values, errors, True)
 
@@ -250,8 +288,10 @@ class _Runner:
                 return
             # Mark the batch begun before unpickling it: from here on, a death
             # is this batch's doing, not an idle worker's.
-            self.words[SEQ] = _wire.run_seq(raw)
             self.words[BEGUN] = 0
+            if self.slot is not None:
+                self.slot.journal_reset(0)  # no entry of an earlier batch survives
+            self.words[SEQ] = _wire.run_seq(raw)
             try:
                 message = _wire.decode_run(raw)
             except BaseException as exc:
