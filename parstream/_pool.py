@@ -241,6 +241,11 @@ class Pool:
         """True in a forked child's copy of a pool (which must not be used)."""
         return self._forked or self._pid != os.getpid()
 
+    @property
+    def start_error(self) -> BaseException | None:
+        """Why the last worker start failed, while starts are failing."""
+        return self._start_error
+
     def fork_error(self) -> SupervisorClosed:
         return SupervisorClosed(
             f"this Supervisor was created in process {self._pid} and reached process "

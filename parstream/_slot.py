@@ -42,6 +42,7 @@ _DATA = 8 * _WORDS  # where the journal's entries start
 JOURNAL_BYTES = 4 << 20  # pages are only allocated as they are written
 _SIZE = _DATA + JOURNAL_BYTES
 JOURNAL_MIN_ITEM_S = 3e-6
+_BIG = 1 << 20  # results this large are flushed at once instead of journaled
 
 _VALUE, _ERROR, _INT = 0, 1, 2
 _ENTRY = struct.Struct("<BI")  # kind, payload length
@@ -79,6 +80,9 @@ class Slot:
             self.words[J_USED] = end
             self.words[J_COUNT] += 1
             return True
+        nbytes = getattr(value, "nbytes", 0)
+        if isinstance(nbytes, int) and nbytes > _BIG:
+            return False  # a big array: flushing it now is cheaper than copying it twice
         try:
             data = pickle.dumps(value, protocol=5)
         except Exception:

@@ -113,7 +113,11 @@ class Supervisor(concurrent.futures.Executor):
 
     Args:
         max_restarts: restarts allowed within ``max_seconds`` before the
-            supervisor gives up (terminates its children and closes).
+            supervisor gives up (terminates its children and closes). Failed
+            worker starts count in a window of the same size: past it, the
+            work waiting for a worker fails with ``WorkerStartFailed`` (the
+            supervisor itself stays open, retries with back-off and recovers
+            once workers start again).
         max_seconds: the window for ``max_restarts``, in seconds (> 0).
         max_children: cap on running children (``start_child``); None = no cap.
         max_workers: worker processes kept warm; default ``cpu_count()``. A

@@ -181,11 +181,13 @@ class Task(Generic[T]):
             self._kill(TaskShutdown("the caller was interrupted while awaiting the task"))
             raise
         if not finished:
-            self._kill(
-                TaskTimeout(
-                    f"task did not finish within {timeout} s; it was killed", timeout=timeout
-                )
-            )
+            message = f"task did not finish within {timeout} s; it was killed"
+            start_error = self._pool.start_error if self._pool is not None else None
+            if start_error is not None:
+                message += f" (no worker process could be started meanwhile: {start_error!r})"
+            err = TaskTimeout(message, timeout=timeout)
+            err.__cause__ = start_error
+            self._kill(err)
         return _unwrap(self._result)
 
     def yield_(self, timeout: float = 5.0) -> Ok[T] | Exit | None:

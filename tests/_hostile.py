@@ -59,3 +59,13 @@ def pid_of(_: Any = None) -> int:
 def sleep_then(seconds: float, value: Any) -> Any:
     time.sleep(seconds)
     return value
+
+
+def append_raise_or_crash(path: str, crash_at: int, i: int) -> int:
+    """Like ``append_index``, and every item ending in 7 raises after recording itself."""
+    if i == crash_at:
+        os._exit(5)
+    append_index(path, -1, i)
+    if i % 10 == 7:
+        raise ValueError(f"item {i} refuses")
+    return i

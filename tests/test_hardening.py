@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import _hostile
 import psutil
 import pytest
 from _hostile import Holder, SlowToUnpickle, append_index, identity, pid_of, sleep_then
@@ -309,10 +310,7 @@ def test_a_crash_inside_a_batch_runs_nothing_twice(tmp_path: Path, run: int) -> 
         if i == culprit:
             continue
         assert counts[i] == 1, f"item {i} never ran"
-        if isinstance(r, Exit):
-            assert "result was lost" in str(r.reason)
-        else:
-            assert r == Ok(i)
+        assert r == Ok(i)  # journaled: a finished item's result survives the crash
 
 
 def test_a_busy_worker_killed_from_outside_blames_only_its_item(tmp_path: Path) -> None:
@@ -328,3 +326,25 @@ def test_a_busy_worker_killed_from_outside_blames_only_its_item(tmp_path: Path) 
         assert len(results) == 40
         assert len(crashed) <= 1
         assert all(r == Ok(i) for i, r in enumerate(results) if i not in crashed)
+
+
+def test_journaled_failures_survive_a_later_crash(tmp_path: Path) -> None:
+    """Exceptions raised by batch-mates before a crash come back as themselves."""
+    log = tmp_path / "ran.log"
+    culprit = 4_321
+    fn = functools.partial(_hostile.append_raise_or_crash, str(log), culprit)
+    with parstream.Supervisor(max_workers=2) as sup:
+        results = list(sup.async_stream_nolink(fn, range(10_000)))
+    counts = Counter(int(x) for x in log.read_text().split())
+    assert max(counts.values()) == 1
+    assert len(counts) == 9_999
+    for i, r in enumerate(results):
+        if i == culprit:
+            assert isinstance(r, Exit)
+            assert isinstance(r.reason, parstream.WorkerCrashed)
+        elif i % 10 == 7:
+            assert isinstance(r, Exit)
+            assert isinstance(r.reason, ValueError)
+            assert str(r.reason) == f"item {i} refuses"
+        else:
+            assert r == Ok(i)
