@@ -21,3 +21,21 @@ def test_public_names_live_in_parstream() -> None:
         obj = getattr(parstream, name)
         module = getattr(obj, "__module__", "parstream")
         assert module is None or not module.startswith("parstream._"), name
+
+
+def test_the_three_name_lists_agree() -> None:
+    """``__all__``, the lazy-import table and the TYPE_CHECKING imports name the same set."""
+    import ast
+    from pathlib import Path
+
+    source = Path(parstream.__file__).read_text()
+    tree = ast.parse(source)
+    typed: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                if isinstance(stmt, ast.ImportFrom):
+                    typed.update(alias.asname or alias.name for alias in stmt.names)
+    homes = set(parstream._HOMES)
+    assert set(parstream.__all__) == homes == typed
+    assert len(parstream.__all__) == len(set(parstream.__all__))
