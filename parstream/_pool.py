@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from loky.backend.context import get_context
 
-from parstream import _wire
+from parstream import _reaper, _wire
 from parstream._errors import (
     ParstreamInternalError,
     SupervisorClosed,
@@ -137,7 +137,9 @@ def new_fn_id() -> int:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a worker and every process it started."""
+    """SIGKILL a worker and every process its tasks started: its process group
+    (which reaches a shell's background grandchild), then, for processes that
+    moved to another group, its descendants as they were before the kill."""
     import psutil  # here: workers import this module, and psutil costs ~8 ms
 
     try:
@@ -145,6 +147,7 @@ def kill_tree(pid: int) -> None:
         children = proc.children(recursive=True)
     except psutil.Error:
         children = []
+    _reaper.kill_group(pid)
     for child in reversed(children):
         with contextlib.suppress(psutil.Error):
             child.kill()
@@ -189,6 +192,7 @@ class Pool:
         # no user callback (a Future's, say) ever runs under the pool's lock.
         self._notes: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._notes_lock = threading.RLock()
+        _reaper.acquire(self)
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         self._hub.start()
 
@@ -298,6 +302,7 @@ class Pool:
         self._flush_notes()
         for w in workers:
             w.process.join(timeout=1.0)
+        _reaper.release(self)
 
     @property
     def closed(self) -> bool:
@@ -392,6 +397,7 @@ class Pool:
                     job.kill_reason = err
                     self._finish_killed(job)
             self._flush_notes()
+            _reaper.release(self)
 
     def _hub_loop(self) -> None:
         while True:
@@ -518,6 +524,7 @@ class Pool:
             env={"PYTHONUNBUFFERED": "1"},
         )
         process.start()
+        _reaper.watch(process.pid)
         child_conn.close()
         worker = _Worker(process=process, conn=parent_conn, pid=process.pid)
         self._workers.append(worker)
@@ -686,6 +693,7 @@ class Pool:
         with worker.send_lock:
             delivered = worker.delivered
             worker.conn.close()
+        _reaper.worker_gone(worker.pid)  # before the join: the group id is still ours
         worker.process.join(timeout=1.0)
         exitcode = worker.process.exitcode
         with self._lock:

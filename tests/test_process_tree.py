@@ -1,0 +1,278 @@
+"""A task's own subprocesses end with it, however it ends (issue 8, item 11).
+
+Each task starts a direct subprocess and a shell-backgrounded one (whose shell
+exits at once, so it is no longer the worker's descendant), records their pids
+in a file, and hangs. Each way of ending must leave none of them running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _util import gone
+
+import parstream
+from parstream import BRUTAL_KILL, Exit, WorkerCrashed, _reaper
+
+GONE_WITHIN_S = 2.0
+
+
+def spawn_and_hang(path: str, leave_group: bool = False) -> None:
+    """Start a direct and a shell-backgrounded ``sleep``, record the pids, hang."""
+    direct = subprocess.Popen(["sleep", "60"])
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+    if leave_group:
+        pids["own_group"] = subprocess.Popen(["sleep", "60"], process_group=0).pid
+    Path(path + ".tmp").write_text(json.dumps(pids))
+    os.replace(path + ".tmp", path)
+    time.sleep(60)
+
+
+def spawn_or_return(arg: str | None) -> int:
+    if arg is None:
+        return 0
+    spawn_and_hang(arg)
+    return 1
+
+
+def read_pids(path: Path, within: float = 20.0) -> dict[str, int]:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < deadline, "the task never recorded its subprocesses"
+        time.sleep(0.01)
+    pids: dict[str, int] = json.loads(path.read_text())
+    assert all(_alive(pid) for pid in pids.values()), pids
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_all_gone(pids: dict[str, int]) -> None:
+    left = {name: pid for name, pid in pids.items() if not gone(pid, within=GONE_WITHIN_S)}
+    assert left == {}, f"still running {GONE_WITHIN_S} s after the end: {left}"
+
+
+@pytest.fixture
+def recorded() -> Any:
+    """Pids recorded by a test; any ``sleep`` left of them is killed afterwards."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.name() == "sleep":
+                p.kill()
+
+
+def test_timeout_kills_the_task_tree(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """A per-item timeout with on_timeout="kill_task" kills every subprocess of the item."""
+    path = tmp_path / "pids"
+    stream = sup.async_stream_nolink(
+        spawn_and_hang, [str(path)], timeout=3.0, on_timeout="kill_task"
+    )
+    out = list(stream)  # the item records its pids well before its timeout
+    assert len(out) == 1, out
+    assert isinstance(out[0], Exit), out
+    assert isinstance(out[0].reason, parstream.TaskTimeout), out
+    pids = json.loads(path.read_text())
+    recorded.extend(pids.values())
+    assert_all_gone(pids)
+
+
+@pytest.mark.parametrize("how", [BRUTAL_KILL, 0.5], ids=["brutal_kill", "sigterm_grace"])
+def test_task_shutdown_kills_the_task_tree(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int], how: Any
+) -> None:
+    """Task.shutdown, brutal or with a grace period, kills every subprocess of the task."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(spawn_and_hang, str(path))
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    assert task.shutdown(how) is None
+    assert_all_gone(pids)
+
+
+def test_close_kills_the_task_tree(tmp_path: Path, recorded: list[int]) -> None:
+    """Closing the supervisor kills every subprocess of its running tasks."""
+    sup = parstream.Supervisor(max_workers=1)
+    try:
+        path = tmp_path / "pids"
+        sup.async_nolink(spawn_and_hang, str(path))
+        pids = read_pids(path)
+        recorded.extend(pids.values())
+    finally:
+        sup.close()
+    assert_all_gone(pids)
+
+
+def test_leaving_a_stream_early_kills_the_task_tree(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """Closing a stream with an item still running kills that item's subprocesses."""
+    path = tmp_path / "pids"
+    values = sup.stream_map(spawn_or_return, [None, str(path)], max_concurrency=2)
+    assert next(values) == 0
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    values.close()  # type: ignore[attr-defined]
+    assert_all_gone(pids)
+
+
+def test_worker_killed_from_outside_takes_its_group(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """A worker that dies by an outside SIGKILL (the OOM killer) takes its group with it."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(spawn_and_hang, str(path))
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    os.kill(pids["worker"], signal.SIGKILL)
+    result = task.yield_(10.0)
+    assert isinstance(result, Exit), result
+    assert isinstance(result.reason, WorkerCrashed), result
+    assert_all_gone(pids)
+
+
+def test_kill_reaches_a_subprocess_that_left_the_group(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """A subprocess in a process group of its own is still killed with its worker."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(spawn_and_hang, str(path), True)
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    assert os.getpgid(pids["own_group"]) != pids["worker"]
+    task.shutdown(BRUTAL_KILL)
+    assert_all_gone(pids)
+
+
+def test_the_reaper_is_shared_and_exits_with_the_last_pool() -> None:
+    """One reaper serves every pool of a process, and is gone once the last one closes."""
+    with parstream.Supervisor(max_workers=1) as one:
+        one.async_(os.getpid).await_()
+        reaper = _reaper.reaper_pid()
+        assert reaper is not None
+        assert _alive(reaper)
+        with parstream.Supervisor(max_workers=1) as two:
+            two.async_(os.getpid).await_()
+            assert _reaper.reaper_pid() == reaper
+        assert _alive(reaper)  # the first pool is still open
+        assert one.async_(os.getpid).await_() > 0
+    assert _reaper.reaper_pid() is None
+    assert gone(reaper, within=GONE_WITHIN_S)
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, json, os, subprocess, sys, time
+    import parstream
+    from parstream import _reaper
+
+    folder, hold_gil, fork_child = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+
+    def spawn_and_hang(path):
+        direct = subprocess.Popen(["sleep", "60"])
+        out = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(pids, f)
+        os.replace(path + ".tmp", path)
+        if hold_gil:
+            ctypes.PyDLL(None).sleep(60)  # libc sleep with the GIL held
+        time.sleep(60)
+
+    sup = parstream.Supervisor(max_workers=2)
+    paths = [os.path.join(folder, f"pids{i}") for i in range(2)]
+    tasks = [sup.async_nolink(spawn_and_hang, p) for p in paths]
+    while not all(os.path.exists(p) for p in paths):
+        time.sleep(0.01)
+    pids = {}
+    for i, p in enumerate(paths):
+        for name, pid in json.load(open(p)).items():
+            pids[f"{name}{i}"] = pid
+    reaper = _reaper.reaper_pid()
+    if reaper is not None:  # (test_the_reaper_is_shared... checks there is one)
+        pids["reaper"] = reaper
+    if fork_child:
+        child = os.fork()
+        if child == 0:  # a forked child that lives on, holding what it inherited
+            time.sleep(60)
+            os._exit(0)
+        pids["forked"] = child
+    print(json.dumps(pids), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "hold_gil", "fork_child"),
+    [
+        (signal.SIGTERM, False, False),
+        (signal.SIGKILL, False, False),
+        (signal.SIGKILL, True, False),
+        (signal.SIGKILL, False, True),
+    ],
+    ids=["sigterm", "sigkill", "sigkill_worker_holds_gil", "sigkill_with_forked_child"],
+)
+def test_parent_death_kills_every_task_tree(
+    tmp_path: Path, recorded: list[int], sig: int, hold_gil: bool, fork_child: bool
+) -> None:
+    """The parent dies by a signal: its workers, their subprocesses and its reaper all go."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(int(hold_gil)), str(int(fork_child))],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    forked = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "the parent script died before reporting its pids"
+        pids: dict[str, int] = json.loads(line)
+        forked = pids.pop("forked", None)
+        recorded.extend(pids.values())
+        assert all(_alive(pid) for pid in pids.values()), pids
+        os.kill(proc.pid, sig)
+        proc.wait(10)
+        assert_all_gone(pids)
+        if forked is not None:
+            assert _alive(forked)  # it really did hold the inherited pipe all along
+    finally:
+        if forked is not None:
+            with contextlib.suppress(OSError):
+                os.kill(forked, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
