@@ -14,26 +14,30 @@ Three ways a group ends::
 
 The reaper is a tiny separate Python process, one per parent process, started
 lazily when the first worker of the first open pool starts and shared by all of
-that process's pools. It is in a session of its own, so a terminal's Ctrl-C or
-hang-up does not reach it, and it outlives the parent by design. The parent
-holds the write end of its stdin, and tells it ``+pgid`` and ``-pgid`` as
-workers start and die; end of file on stdin means the parent is gone, however
-it died: the reaper then SIGKILLs every group still registered and exits. This
-needs nothing from the worker's own Python code, so it works while a worker is
-stuck in C code holding the GIL (the worker itself dies by ``PR_SET_PDEATHSIG``
-on Linux, or with its group elsewhere). When the last pool closes, the parent
-closes the pipe and waits for the reaper to exit, so nothing is left behind.
+that process's pools. The parent holds the write end of its stdin and tells it
+``+pgid`` and ``-pgid`` as workers start and die; end of file on stdin means
+the parent is gone, however it died: the reaper then SIGKILLs every group still
+registered and exits. This needs nothing from the worker's own Python code, so
+it works while a worker is stuck in C code holding the GIL (the worker itself
+dies by ``PR_SET_PDEATHSIG`` on Linux, or with its group elsewhere). It lives
+in a session of its own, so a terminal's Ctrl-C or hang-up does not reach it,
+and it ignores SIGTERM (a ``kill -TERM`` of everything, as when a container
+stops, must leave it to clean up): it ends only at that end of file, or by
+SIGKILL. When the last pool closes, the parent closes the pipe and waits for
+the reaper to exit, so nothing is left behind.
 
 A forked child does not keep the parent's pipe open (that would hide the
 parent's death): it closes its copy right after the fork, and starts its own
 reaper when it opens a pool of its own.
 
-What still escapes: a process that leaves the worker's group *and* is no
-longer its descendant when the worker is killed, i.e. a task that calls
-``setsid()``/``setpgid()`` and daemonizes (double-forks), and any process it
-starts after moving into a new session. Such a process is the task's own
-choice to outlive it. A subprocess a task leaves running after it *returns*
-lives until its worker exits (retired, idle-timed out, killed or closed).
+What still escapes: a process a task moves into a new session or group
+(``os.setsid()``, ``start_new_session=True``, ``process_group=0``, a daemon's
+double fork). ``kill_tree`` still kills it while it is the worker's
+descendant, but not once it has been reparented (double-forked), nor when the
+worker crashes or the parent dies: it has chosen to outlive the task. A
+subprocess a task leaves running after it *returns* lives until its worker
+exits (retired, idle-timed out, killed or closed). Windows has no process
+groups: there all of this is a no-op and only ``kill_tree``'s walk remains.
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ import threading
 # The reaper's whole program; -I -S: no site, no user paths, ~20 ms to start.
 REAPER_CODE = r"""
 import os, signal
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
 groups = set()
 rest = b""
 while True:
@@ -70,6 +74,7 @@ for pgid in groups:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
+os._exit(0)
 """
 REAPER_EXIT_WAIT_S = 2.0  # a reaper still starting up needs ~50 ms on a loaded machine
 

@@ -234,17 +234,29 @@ PARENT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("sig", "hold_gil", "fork_child"),
+    ("sig", "hold_gil", "fork_child", "term_all"),
     [
-        (signal.SIGTERM, False, False),
-        (signal.SIGKILL, False, False),
-        (signal.SIGKILL, True, False),
-        (signal.SIGKILL, False, True),
+        (signal.SIGTERM, False, False, False),
+        (signal.SIGKILL, False, False, False),
+        (signal.SIGKILL, True, False, False),
+        (signal.SIGKILL, False, True, False),
+        (signal.SIGTERM, False, False, True),
     ],
-    ids=["sigterm", "sigkill", "sigkill_worker_holds_gil", "sigkill_with_forked_child"],
+    ids=[
+        "sigterm",
+        "sigkill",
+        "sigkill_worker_holds_gil",
+        "sigkill_with_forked_child",
+        "sigterm_to_the_reaper_too",
+    ],
 )
 def test_parent_death_kills_every_task_tree(
-    tmp_path: Path, recorded: list[int], sig: int, hold_gil: bool, fork_child: bool
+    tmp_path: Path,
+    recorded: list[int],
+    sig: int,
+    hold_gil: bool,
+    fork_child: bool,
+    term_all: bool,
 ) -> None:
     """The parent dies by a signal: its workers, their subprocesses and its reaper all go."""
     script = tmp_path / "parent.py"
@@ -264,6 +276,8 @@ def test_parent_death_kills_every_task_tree(
         forked = pids.pop("forked", None)
         recorded.extend(pids.values())
         assert all(_alive(pid) for pid in pids.values()), pids
+        if term_all:  # as when a container stops: the reaper must stay to clean up
+            os.kill(pids["reaper"], signal.SIGTERM)
         os.kill(proc.pid, sig)
         proc.wait(10)
         assert_all_gone(pids)
@@ -276,3 +290,85 @@ def test_parent_death_kills_every_task_tree(
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time
+    import parstream
+    from parstream import _reaper
+
+    def spawn_and_hang(path):
+        direct = subprocess.Popen(["sleep", "60"])
+        out = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(pids, f)
+        os.replace(path + ".tmp", path)
+        time.sleep(60)
+
+    with parstream.Supervisor(max_workers=1) as sup:
+        sup.async_(os.getpid).await_()
+        parent_reaper = _reaper.reaper_pid()
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(r)
+            path = os.path.join(sys.argv[1], "pids")
+            mine = parstream.Supervisor(max_workers=1)
+            mine.async_nolink(spawn_and_hang, path)
+            while not os.path.exists(path):
+                time.sleep(0.01)
+            pids = json.load(open(path))
+            pids["reaper"] = _reaper.reaper_pid()
+            os.write(w, (json.dumps(pids) + "\\n").encode())
+            time.sleep(60)
+            os._exit(0)
+        os.close(w)
+        pids = json.loads(os.fdopen(r).readline())
+        print(json.dumps({"parent_reaper": parent_reaper, "child": child, **pids}), flush=True)
+        sys.stdin.readline()
+        os.waitpid(child, 0)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_forked_child_has_its_own_reaper(tmp_path: Path, recorded: list[int]) -> None:
+    """A forked child's pools get a reaper of their own, which acts when the child dies."""
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line, "the script died before reporting its pids"
+        pids: dict[str, int] = json.loads(line)
+        parent_reaper = pids.pop("parent_reaper")
+        child = pids.pop("child")
+        recorded.extend([*pids.values(), child])
+        assert pids["reaper"] != parent_reaper
+        assert all(_alive(pid) for pid in [*pids.values(), parent_reaper]), pids
+        os.kill(child, signal.SIGKILL)
+        assert_all_gone(pids)
+        assert _alive(parent_reaper)  # the parent's pool is still open
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+        assert gone(parent_reaper, within=GONE_WITHIN_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
