@@ -13,18 +13,18 @@ Three ways a group ends::
     parent died (SIGKILL, SIGTERM, anything)       the reaper -> killpg each group
 
 The reaper is a tiny separate Python process, one per parent process, started
-lazily when the first worker of the first open pool starts and shared by all of
-that process's pools. The parent holds the write end of its stdin and tells it
-``+pgid`` and ``-pgid`` as workers start and die; end of file on stdin means
-the parent is gone, however it died: the reaper then SIGKILLs every group still
-registered and exits. This needs nothing from the worker's own Python code, so
-it works while a worker is stuck in C code holding the GIL (the worker itself
-dies by ``PR_SET_PDEATHSIG`` on Linux, or with its group elsewhere). It lives
-in a session of its own, so a terminal's Ctrl-C or hang-up does not reach it,
-and it ignores SIGTERM (a ``kill -TERM`` of everything, as when a container
-stops, must leave it to clean up): it ends only at that end of file, or by
-SIGKILL. When the last pool closes, the parent closes the pipe and waits for
-the reaper to exit, so nothing is left behind.
+when the first pool opens and shared by all of that process's open pools. The
+parent holds the write end of its stdin and tells it ``+pgid`` and ``-pgid`` as
+workers start and die; end of file on stdin means the parent is gone, however
+it died: the reaper then SIGKILLs every group still registered and exits. This
+needs nothing from the worker's own Python code, so it works while a worker is
+stuck in C code holding the GIL (the worker itself dies by ``PR_SET_PDEATHSIG``
+on Linux, or with its group elsewhere). It lives in a session of its own, so a
+terminal's Ctrl-C or hang-up does not reach it, and it ignores SIGTERM (a
+``kill -TERM`` of everything, as when a container stops, must leave it to clean
+up): it ends only at that end of file, or by SIGKILL. When the last pool
+closes, the parent closes the pipe and waits for the reaper to exit, so nothing
+is left behind.
 
 A forked child does not keep the parent's pipe open (that would hide the
 parent's death): it closes its copy right after the fork, and starts its own
@@ -88,12 +88,17 @@ _groups: set[int] = set()  # registered worker groups (pgid == worker pid)
 
 
 def acquire(owner: object) -> None:
-    """A pool of this process opened; the reaper starts with its first worker."""
+    """A pool of this process opened: start the reaper if there is none.
+
+    Here rather than at the first worker's start: that would put the
+    reaper's exec on the hub thread, competing with the worker's own start.
+    """
     if not _ENABLED:
         return
     with _lock:
         _check_pid()
         _holders.add(id(owner))
+        _ensure()
 
 
 def release(owner: object) -> None:
@@ -152,29 +157,58 @@ def reaper_pid() -> int | None:
 
 
 def _tell(line: bytes) -> None:
-    """Send a line to the reaper, starting it (again) if needed (lock held)."""
+    """Send a line to the reaper (lock held)."""
     global _proc
     for _attempt in range(2):
-        if _proc is None:
-            _proc = _start()
-            if _proc is None:
-                return
-            # A new reaper must know every group, this one included.
-            line = b"".join(f"+{g}\n".encode() for g in _groups)
-        stdin = _proc.stdin
-        assert stdin is not None
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[stdin.write(view) or 0 :]
+        if not _ensure():
             return
-        except OSError:
-            # The reaper died (someone killed it): start a new one, tell it all.
-            dead, _proc = _proc, None
-            with contextlib.suppress(OSError):
-                stdin.close()
-            dead.kill()
-            dead.wait()
+        assert _proc is not None
+        if _write(_proc, line):
+            return
+        _discard(_proc)  # it died just now: start a new one, tell it everything
+        _proc = None
+
+
+def _ensure() -> bool:
+    """Make sure a live reaper knows every group (lock held); False if none can start.
+
+    A reaper killed from outside (SIGKILL) is replaced the next time a pool
+    opens or a worker starts or dies.
+    """
+    global _proc
+    if _proc is not None and _proc.poll() is None:
+        return True
+    if _proc is not None:
+        _discard(_proc)
+    _proc = _start()
+    if _proc is None:
+        return False
+    if _write(_proc, b"".join(f"+{g}\n".encode() for g in _groups)):
+        return True
+    _discard(_proc)
+    _proc = None
+    return False
+
+
+def _write(proc: subprocess.Popen[bytes], data: bytes) -> bool:
+    stdin = proc.stdin
+    assert stdin is not None
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[stdin.write(view) or 0 :]
+    except (OSError, ValueError):  # a dead reaper's pipe
+        return False
+    return True
+
+
+def _discard(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    with contextlib.suppress(OSError):
+        proc.kill()
+    proc.wait()
 
 
 def _start() -> subprocess.Popen[bytes] | None:
@@ -189,7 +223,7 @@ def _start() -> subprocess.Popen[bytes] | None:
             start_new_session=True,  # no terminal signal reaches it
             cwd="/",  # it must not pin the caller's directory
         )
-    except OSError:
+    except Exception:  # no processes left, no sys.executable (embedded), ...
         import logging
 
         logging.getLogger("parstream").warning(

@@ -30,7 +30,7 @@ GONE_WITHIN_S = 2.0
 
 def spawn_and_hang(path: str, leave_group: bool = False) -> None:
     """Start a direct and a shell-backgrounded ``sleep``, record the pids, hang."""
-    direct = subprocess.Popen(["sleep", "60"])
+    direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
     out = subprocess.run(
         ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
         capture_output=True,
@@ -192,10 +192,10 @@ PARENT_SCRIPT = textwrap.dedent(
     import parstream
     from parstream import _reaper
 
-    folder, hold_gil, fork_child = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+    folder, hold_gil, fork_child, kill_reaper = sys.argv[1], *(a == "1" for a in sys.argv[2:])
 
     def spawn_and_hang(path):
-        direct = subprocess.Popen(["sleep", "60"])
+        direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
         out = subprocess.run(
             ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
             capture_output=True, text=True, check=True,
@@ -217,6 +217,10 @@ PARENT_SCRIPT = textwrap.dedent(
     for i, p in enumerate(paths):
         for name, pid in json.load(open(p)).items():
             pids[f"{name}{i}"] = pid
+    if kill_reaper:  # someone SIGKILLs the reaper: the next pool to open replaces it
+        _reaper._proc.kill()
+        _reaper._proc.wait()
+        other = parstream.Supervisor(max_workers=1)
     reaper = _reaper.reaper_pid()
     if reaper is not None:  # (test_the_reaper_is_shared... checks there is one)
         pids["reaper"] = reaper
@@ -234,13 +238,14 @@ PARENT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("sig", "hold_gil", "fork_child", "term_all"),
+    ("sig", "hold_gil", "fork_child", "term_all", "kill_reaper"),
     [
-        (signal.SIGTERM, False, False, False),
-        (signal.SIGKILL, False, False, False),
-        (signal.SIGKILL, True, False, False),
-        (signal.SIGKILL, False, True, False),
-        (signal.SIGTERM, False, False, True),
+        (signal.SIGTERM, False, False, False, False),
+        (signal.SIGKILL, False, False, False, False),
+        (signal.SIGKILL, True, False, False, False),
+        (signal.SIGKILL, False, True, False, False),
+        (signal.SIGTERM, False, False, True, False),
+        (signal.SIGKILL, False, False, False, True),
     ],
     ids=[
         "sigterm",
@@ -248,6 +253,7 @@ PARENT_SCRIPT = textwrap.dedent(
         "sigkill_worker_holds_gil",
         "sigkill_with_forked_child",
         "sigterm_to_the_reaper_too",
+        "sigkill_after_the_reaper_was_replaced",
     ],
 )
 def test_parent_death_kills_every_task_tree(
@@ -257,12 +263,14 @@ def test_parent_death_kills_every_task_tree(
     hold_gil: bool,
     fork_child: bool,
     term_all: bool,
+    kill_reaper: bool,
 ) -> None:
     """The parent dies by a signal: its workers, their subprocesses and its reaper all go."""
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
+    flags = [str(int(flag)) for flag in (hold_gil, fork_child, kill_reaper)]
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), str(int(hold_gil)), str(int(fork_child))],
+        [sys.executable, str(script), str(tmp_path), *flags],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -299,7 +307,7 @@ FORK_SCRIPT = textwrap.dedent(
     from parstream import _reaper
 
     def spawn_and_hang(path):
-        direct = subprocess.Popen(["sleep", "60"])
+        direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
         out = subprocess.run(
             ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
             capture_output=True, text=True, check=True,
