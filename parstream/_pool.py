@@ -246,8 +246,7 @@ class Pool:
                 worker.kill_cause = "kill"
                 if grace > 0:
                     worker.kill_deadline = time.monotonic() + grace
-                    with contextlib.suppress(OSError):
-                        os.kill(worker.pid, signal.SIGTERM)
+                    _reaper.term_group(worker.pid)  # the task's subprocesses too
                 else:
                     job.killed = True
                     kill_tree(worker.pid)

@@ -150,6 +150,18 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def term_group(pid: int) -> None:
+    """SIGTERM worker ``pid`` and everything in its group: a graceful stop
+    reaches the task's subprocesses too (a shell does the same to a job)."""
+    try:
+        if not _ENABLED or pid <= 0 or pid == os.getpgrp():
+            raise OSError
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:  # no group (yet): the worker alone
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def reaper_pid() -> int | None:
     """The running reaper's pid, if this process has one (for tests)."""
     proc = _proc

@@ -116,6 +116,34 @@ def test_task_shutdown_kills_the_task_tree(
     assert_all_gone(pids)
 
 
+def trap_sigterm_and_hang(path: str) -> None:
+    """A shell that records a SIGTERM, in a worker that survives SIGTERM."""
+    # A handler, not SIG_IGN: an ignored signal stays ignored across exec,
+    # and a shell cannot trap a signal ignored on entry.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    shell = subprocess.Popen(
+        ["sh", "-c", f'trap "echo TERM > {path}.term; exit 0" TERM; sleep 60 & wait']
+    )
+    Path(path + ".tmp").write_text(json.dumps({"worker": os.getpid(), "shell": shell.pid}))
+    os.replace(path + ".tmp", path)
+    time.sleep(60)
+
+
+def test_graceful_shutdown_sends_sigterm_to_the_task_subprocesses(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """Task.shutdown(grace) SIGTERMs the worker's whole group first, so subprocesses
+    get their chance to clean up too, and SIGKILLs the group after the grace."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(trap_sigterm_and_hang, str(path))
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    time.sleep(0.2)  # let the shell install its trap
+    assert task.shutdown(1.0) is None
+    assert_all_gone(pids)
+    assert (tmp_path / "pids.term").read_text().strip() == "TERM"
+
+
 def test_close_kills_the_task_tree(tmp_path: Path, recorded: list[int]) -> None:
     """Closing the supervisor kills every subprocess of its running tasks."""
     sup = parstream.Supervisor(max_workers=1)
