@@ -228,9 +228,9 @@ class Pool:
         """Stop ``job``: its running item's worker is killed and replaced.
 
         With a ``reason``, each unreported item gets it as its failure;
-        without, they are dropped. With ``grace``, the worker gets SIGTERM
-        first and SIGKILL after ``grace`` seconds, and results it sends before
-        dying still count. Safe to call from any thread, any time.
+        without, they are dropped. With ``grace``, the worker's process group
+        gets SIGTERM first and SIGKILL after ``grace`` seconds, and results it
+        sends before dying still count. Safe to call from any thread, any time.
         """
         with self._lock:
             if job.finished or job.killed:
