@@ -60,7 +60,7 @@ from typing import Any, Protocol
 
 from loky.backend.context import get_context
 
-from parstream import _wire
+from parstream import _reaper, _wire
 from parstream._errors import (
     ParstreamInternalError,
     SupervisorClosed,
@@ -157,7 +157,9 @@ class _Worker:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a worker and every process it started."""
+    """SIGKILL a worker and every process its tasks started: its process group
+    (which reaches a shell's background grandchild), then, for processes that
+    moved to another group, its descendants as they were before the kill."""
     import psutil  # here: workers import this module, and psutil costs ~8 ms
 
     try:
@@ -165,6 +167,7 @@ def kill_tree(pid: int) -> None:
         children = proc.children(recursive=True)
     except psutil.Error:
         children = []
+    _reaper.kill_group(pid)
     for child in reversed(children):
         with contextlib.suppress(psutil.Error):
             child.kill()
@@ -218,6 +221,7 @@ class Pool:
         # no user callback (a Future's, say) ever runs under the pool's lock.
         self._notes: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
         self._notes_lock = threading.RLock()
+        _reaper.acquire(self)
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         self._hub.start()
         _pools.add(self)
@@ -272,10 +276,10 @@ class Pool:
         """Stop ``job``: its running item's worker is killed and replaced.
 
         With a ``reason``, each unreported item gets it as its failure;
-        without, they are dropped. With ``grace``, the worker gets SIGTERM
-        first and SIGKILL after ``grace`` seconds, and results it sends before
-        dying still count. Safe to call from any thread, any time; the sink
-        hears of it from the hub thread.
+        without, they are dropped. With ``grace``, the worker's process group
+        gets SIGTERM first and SIGKILL after ``grace`` seconds, and results it
+        sends before dying still count. Safe to call from any thread, any time;
+        the sink hears of it from the hub thread.
         """
         if self.forked:
             return  # never signal the parent's workers from a forked child
@@ -293,8 +297,7 @@ class Pool:
                 worker.kill_cause = "kill"
                 if grace > 0:
                     worker.kill_deadline = time.monotonic() + grace
-                    with contextlib.suppress(OSError):
-                        os.kill(worker.pid, signal.SIGTERM)
+                    _reaper.term_group(worker.pid)  # the task's subprocesses too
                 else:
                     job.killed = True
                     kill_tree(worker.pid)
@@ -355,6 +358,7 @@ class Pool:
         self._flush_notes()
         for w in workers:
             w.process.join(timeout=1.0)
+        _reaper.release(self)
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's workers without touching them."""
@@ -495,6 +499,7 @@ class Pool:
                     job.kill_reason = err
                     self._finish_killed(job)
             self._flush_notes()
+            _reaper.release(self)
 
     def _hub_loop(self) -> None:
         while True:
@@ -651,6 +656,7 @@ class Pool:
             if slot is not None:
                 slot.close()
             raise
+        _reaper.watch(process.pid)
         child_conn.close()
         worker = _Worker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
         self._workers.append(worker)
@@ -838,6 +844,7 @@ class Pool:
         with worker.send_lock:
             delivered = worker.delivered
             worker.conn.close()
+        _reaper.worker_gone(worker.pid)  # before the join: the group id is still ours
         worker.process.join(timeout=1.0)
         exitcode = worker.process.exitcode
         slot = worker.slot

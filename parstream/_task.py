@@ -205,7 +205,9 @@ class Task(Generic[T]):
         """Stop the task: SIGTERM its worker, SIGKILL after ``timeout`` s.
 
         Returns ``Ok``/``Exit`` if the task finished first (a reply that raced
-        in), else ``None``. ``BRUTAL_KILL`` kills at once.
+        in), else ``None``. ``BRUTAL_KILL`` kills at once. The signals reach
+        every process the task started too (the worker's process group), except
+        one the task moved to a session of its own (see the README).
         """
         if not isinstance(timeout, _BrutalKill):
             timeout = check_timeout(timeout, "timeout", allow_none=False)

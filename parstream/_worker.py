@@ -27,6 +27,9 @@ worker dies with its parent (``PR_SET_PDEATHSIG`` on Linux plus a parent-pid
 watch everywhere), and output is
 never stranded in a buffer when the worker is killed: workers run with
 ``PYTHONUNBUFFERED=1`` and flush again before every flush of results.
+
+The worker leads a process group of its own, which every process a task
+starts inherits, so killing the group kills what the task started (``_reaper``).
 """
 
 from __future__ import annotations
@@ -304,6 +307,13 @@ class _Runner:
 
 def worker_main(conn: Any, parent_pid: int, slot: Slot | None = None) -> None:
     """Entry point of a worker process (the target given to loky's Process)."""
+    # A process group of its own, before any task runs: everything a task
+    # starts inherits it, so the parent (and the reaper) can kill it all.
+    if hasattr(os, "setpgid"):
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # pragma: no cover - already a session leader
+            pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     runner = _Runner(conn, slot)

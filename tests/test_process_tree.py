@@ -1,0 +1,410 @@
+"""A task's own subprocesses end with it, however it ends (issue 8, item 11).
+
+Each task starts a direct subprocess and a shell-backgrounded one (whose shell
+exits at once, so it is no longer the worker's descendant), records their pids
+in a file, and hangs. Each way of ending must leave none of them running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _util import gone
+
+import parstream
+from parstream import BRUTAL_KILL, Exit, WorkerCrashed, _reaper
+
+GONE_WITHIN_S = 2.0
+
+
+def spawn_and_hang(path: str, leave_group: bool = False) -> None:
+    """Start a direct and a shell-backgrounded ``sleep``, record the pids, hang."""
+    direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+    if leave_group:
+        pids["own_group"] = subprocess.Popen(["sleep", "60"], process_group=0).pid
+    Path(path + ".tmp").write_text(json.dumps(pids))
+    os.replace(path + ".tmp", path)
+    time.sleep(60)
+
+
+def spawn_or_return(arg: str | None) -> int:
+    if arg is None:
+        return 0
+    spawn_and_hang(arg)
+    return 1
+
+
+def read_pids(path: Path, within: float = 20.0) -> dict[str, int]:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < deadline, "the task never recorded its subprocesses"
+        time.sleep(0.01)
+    pids: dict[str, int] = json.loads(path.read_text())
+    assert all(_alive(pid) for pid in pids.values()), pids
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_all_gone(pids: dict[str, int]) -> None:
+    left = {name: pid for name, pid in pids.items() if not gone(pid, within=GONE_WITHIN_S)}
+    assert left == {}, f"still running {GONE_WITHIN_S} s after the end: {left}"
+
+
+@pytest.fixture
+def recorded() -> Any:
+    """Pids recorded by a test; any ``sleep`` left of them is killed afterwards."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.name() == "sleep":
+                p.kill()
+
+
+def test_timeout_kills_the_task_tree(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """A per-item timeout with on_timeout="kill_task" kills every subprocess of the item."""
+    path = tmp_path / "pids"
+    stream = sup.async_stream_nolink(
+        spawn_and_hang, [str(path)], timeout=3.0, on_timeout="kill_task"
+    )
+    out = list(stream)  # the item records its pids well before its timeout
+    assert len(out) == 1, out
+    assert isinstance(out[0], Exit), out
+    assert isinstance(out[0].reason, parstream.TaskTimeout), out
+    pids = json.loads(path.read_text())
+    recorded.extend(pids.values())
+    assert_all_gone(pids)
+
+
+@pytest.mark.parametrize("how", [BRUTAL_KILL, 0.5], ids=["brutal_kill", "sigterm_grace"])
+def test_task_shutdown_kills_the_task_tree(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int], how: Any
+) -> None:
+    """Task.shutdown, brutal or with a grace period, kills every subprocess of the task."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(spawn_and_hang, str(path))
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    assert task.shutdown(how) is None
+    assert_all_gone(pids)
+
+
+def trap_sigterm_and_hang(path: str) -> None:
+    """A shell that records a SIGTERM, in a worker that survives SIGTERM."""
+    # A handler, not SIG_IGN: an ignored signal stays ignored across exec,
+    # and a shell cannot trap a signal ignored on entry.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    shell = subprocess.Popen(
+        ["sh", "-c", f'trap "echo TERM > {path}.term; exit 0" TERM; sleep 60 & wait']
+    )
+    Path(path + ".tmp").write_text(json.dumps({"worker": os.getpid(), "shell": shell.pid}))
+    os.replace(path + ".tmp", path)
+    time.sleep(60)
+
+
+def test_graceful_shutdown_sends_sigterm_to_the_task_subprocesses(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """Task.shutdown(grace) SIGTERMs the worker's whole group first, so subprocesses
+    get their chance to clean up too, and SIGKILLs the group after the grace."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(trap_sigterm_and_hang, str(path))
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    time.sleep(0.2)  # let the shell install its trap
+    assert task.shutdown(1.0) is None
+    assert_all_gone(pids)
+    assert (tmp_path / "pids.term").read_text().strip() == "TERM"
+
+
+def test_close_kills_the_task_tree(tmp_path: Path, recorded: list[int]) -> None:
+    """Closing the supervisor kills every subprocess of its running tasks."""
+    sup = parstream.Supervisor(max_workers=1)
+    try:
+        path = tmp_path / "pids"
+        sup.async_nolink(spawn_and_hang, str(path))
+        pids = read_pids(path)
+        recorded.extend(pids.values())
+    finally:
+        sup.close()
+    assert_all_gone(pids)
+
+
+def test_leaving_a_stream_early_kills_the_task_tree(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """Closing a stream with an item still running kills that item's subprocesses."""
+    path = tmp_path / "pids"
+    values = sup.stream_map(spawn_or_return, [None, str(path)], max_concurrency=2)
+    assert next(values) == 0
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    values.close()  # type: ignore[attr-defined]
+    assert_all_gone(pids)
+
+
+def test_worker_killed_from_outside_takes_its_group(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """A worker that dies by an outside SIGKILL (the OOM killer) takes its group with it."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(spawn_and_hang, str(path))
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    os.kill(pids["worker"], signal.SIGKILL)
+    result = task.yield_(10.0)
+    assert isinstance(result, Exit), result
+    assert isinstance(result.reason, WorkerCrashed), result
+    assert_all_gone(pids)
+
+
+def test_kill_reaches_a_subprocess_that_left_the_group(
+    sup: parstream.Supervisor, tmp_path: Path, recorded: list[int]
+) -> None:
+    """A subprocess in a process group of its own is still killed with its worker."""
+    path = tmp_path / "pids"
+    task = sup.async_nolink(spawn_and_hang, str(path), True)
+    pids = read_pids(path)
+    recorded.extend(pids.values())
+    assert os.getpgid(pids["own_group"]) != pids["worker"]
+    task.shutdown(BRUTAL_KILL)
+    assert_all_gone(pids)
+
+
+def test_the_reaper_is_shared_and_exits_with_the_last_pool() -> None:
+    """One reaper serves every pool of a process, and is gone once the last one closes."""
+    with parstream.Supervisor(max_workers=1) as one:
+        one.async_(os.getpid).await_()
+        reaper = _reaper.reaper_pid()
+        assert reaper is not None
+        assert _alive(reaper)
+        with parstream.Supervisor(max_workers=1) as two:
+            two.async_(os.getpid).await_()
+            assert _reaper.reaper_pid() == reaper
+        assert _alive(reaper)  # the first pool is still open
+        assert one.async_(os.getpid).await_() > 0
+    assert _reaper.reaper_pid() is None
+    assert gone(reaper, within=GONE_WITHIN_S)
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, json, os, subprocess, sys, time
+    import parstream
+    from parstream import _reaper
+
+    folder, hold_gil, fork_child, kill_reaper = sys.argv[1], *(a == "1" for a in sys.argv[2:])
+
+    def spawn_and_hang(path):
+        direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
+        out = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(pids, f)
+        os.replace(path + ".tmp", path)
+        if hold_gil:
+            ctypes.PyDLL(None).sleep(60)  # libc sleep with the GIL held
+        time.sleep(60)
+
+    sup = parstream.Supervisor(max_workers=2)
+    paths = [os.path.join(folder, f"pids{i}") for i in range(2)]
+    tasks = [sup.async_nolink(spawn_and_hang, p) for p in paths]
+    while not all(os.path.exists(p) for p in paths):
+        time.sleep(0.01)
+    pids = {}
+    for i, p in enumerate(paths):
+        for name, pid in json.load(open(p)).items():
+            pids[f"{name}{i}"] = pid
+    if kill_reaper:  # someone SIGKILLs the reaper: the next pool to open replaces it
+        _reaper._proc.kill()
+        _reaper._proc.wait()
+        other = parstream.Supervisor(max_workers=1)
+    reaper = _reaper.reaper_pid()
+    if reaper is not None:  # (test_the_reaper_is_shared... checks there is one)
+        pids["reaper"] = reaper
+    if fork_child:
+        child = os.fork()
+        if child == 0:  # a forked child that lives on, holding what it inherited
+            time.sleep(60)
+            os._exit(0)
+        pids["forked"] = child
+    print(json.dumps(pids), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "hold_gil", "fork_child", "term_all", "kill_reaper"),
+    [
+        (signal.SIGTERM, False, False, False, False),
+        (signal.SIGKILL, False, False, False, False),
+        (signal.SIGKILL, True, False, False, False),
+        (signal.SIGKILL, False, True, False, False),
+        (signal.SIGTERM, False, False, True, False),
+        (signal.SIGKILL, False, False, False, True),
+    ],
+    ids=[
+        "sigterm",
+        "sigkill",
+        "sigkill_worker_holds_gil",
+        "sigkill_with_forked_child",
+        "sigterm_to_the_reaper_too",
+        "sigkill_after_the_reaper_was_replaced",
+    ],
+)
+def test_parent_death_kills_every_task_tree(
+    tmp_path: Path,
+    recorded: list[int],
+    sig: int,
+    hold_gil: bool,
+    fork_child: bool,
+    term_all: bool,
+    kill_reaper: bool,
+) -> None:
+    """The parent dies by a signal: its workers, their subprocesses and its reaper all go."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    flags = [str(int(flag)) for flag in (hold_gil, fork_child, kill_reaper)]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    forked = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "the parent script died before reporting its pids"
+        pids: dict[str, int] = json.loads(line)
+        forked = pids.pop("forked", None)
+        recorded.extend(pids.values())
+        assert all(_alive(pid) for pid in pids.values()), pids
+        if term_all:  # as when a container stops: the reaper must stay to clean up
+            os.kill(pids["reaper"], signal.SIGTERM)
+        os.kill(proc.pid, sig)
+        proc.wait(10)
+        assert_all_gone(pids)
+        if forked is not None:
+            assert _alive(forked)  # it really did hold the inherited pipe all along
+    finally:
+        if forked is not None:
+            with contextlib.suppress(OSError):
+                os.kill(forked, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time
+    import parstream
+    from parstream import _reaper
+
+    def spawn_and_hang(path):
+        direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
+        out = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+        with open(path + ".tmp", "w") as f:
+            json.dump(pids, f)
+        os.replace(path + ".tmp", path)
+        time.sleep(60)
+
+    with parstream.Supervisor(max_workers=1) as sup:
+        sup.async_(os.getpid).await_()
+        parent_reaper = _reaper.reaper_pid()
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(r)
+            path = os.path.join(sys.argv[1], "pids")
+            mine = parstream.Supervisor(max_workers=1)
+            mine.async_nolink(spawn_and_hang, path)
+            while not os.path.exists(path):
+                time.sleep(0.01)
+            pids = json.load(open(path))
+            pids["reaper"] = _reaper.reaper_pid()
+            os.write(w, (json.dumps(pids) + "\\n").encode())
+            time.sleep(60)
+            os._exit(0)
+        os.close(w)
+        pids = json.loads(os.fdopen(r).readline())
+        print(json.dumps({"parent_reaper": parent_reaper, "child": child, **pids}), flush=True)
+        sys.stdin.readline()
+        os.waitpid(child, 0)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_forked_child_has_its_own_reaper(tmp_path: Path, recorded: list[int]) -> None:
+    """A forked child's pools get a reaper of their own, which acts when the child dies."""
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line, "the script died before reporting its pids"
+        pids: dict[str, int] = json.loads(line)
+        parent_reaper = pids.pop("parent_reaper")
+        child = pids.pop("child")
+        recorded.extend([*pids.values(), child])
+        assert pids["reaper"] != parent_reaper
+        assert all(_alive(pid) for pid in [*pids.values(), parent_reaper]), pids
+        os.kill(child, signal.SIGKILL)
+        assert_all_gone(pids)
+        assert _alive(parent_reaper)  # the parent's pool is still open
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+        assert gone(parent_reaper, within=GONE_WITHIN_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
