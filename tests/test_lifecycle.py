@@ -1,14 +1,16 @@
-"""Whole-process behaviour, in real subprocesses: parent death, exit, __main__ code."""
+"""Whole-process behaviour, in real subprocesses: parent death, exit, Ctrl-C, __main__ code."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -24,6 +26,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_all_gone(pids: list[int], within: float) -> list[int]:
+    """Poll until every pid is dead (or a zombie); return those still alive."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         left = [p for p in pids if alive(p)]
@@ -33,9 +36,26 @@ def wait_all_gone(pids: list[int], within: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+PRELUDE = """\
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import json, os, sys, time
+import parstream
+
+def say(**fields):
+    print(json.dumps(fields), flush=True)
+
+def wait_started(task):
+    while task.pid is None:
+        time.sleep(0.01)
+    return task.pid
+"""
+
+
 def run_script(body: str) -> subprocess.Popen[str]:
+    """Start ``python -c PRELUDE + body`` in its own session (so killpg reaches only it)."""
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(body)],
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -43,67 +63,156 @@ def run_script(body: str) -> subprocess.Popen[str]:
     )
 
 
+def read_json(proc: subprocess.Popen[str]) -> Any:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        assert proc.stderr is not None
+        pytest.fail(f"script ended early (rc={proc.returncode}): {proc.stderr.read()[-3000:]}")
+    return json.loads(line)
+
+
+def finish(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+# -- (a) parent death -------------------------------------------------------------------
+
+
 @pytest.mark.slow
-def test_parent_sigkill_takes_busy_workers_down() -> None:
-    """SIGKILL of the parent mid 30 s tasks: every worker is gone within a second or two."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_parent_death_takes_busy_workers_down(sig: int) -> None:
+    """Parent killed mid 30 s tasks on both workers: every worker is gone within ~2 s."""
     proc = run_script(
         """
-        import json, time, parstream
-        tasks = [parstream.async_nolink(time.sleep, 30) for _ in range(2)] if False else None
         sup = parstream.default_supervisor()
         tasks = [sup.async_nolink(time.sleep, 30) for _ in range(2)]
-        while any(t.pid is None for t in tasks):
-            time.sleep(0.01)
-        print(json.dumps(sup.worker_pids()), flush=True)
+        for t in tasks:
+            wait_started(t)
+        say(pids=sup.worker_pids(), busy=[t.pid for t in tasks])
         time.sleep(60)
         """
     )
     try:
-        assert proc.stdout is not None
-        pids = json.loads(proc.stdout.readline())
+        msg = read_json(proc)
+        pids = msg["pids"]
         assert len(pids) >= 2
+        assert set(msg["busy"]) <= set(pids)
         assert all(alive(p) for p in pids)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
         proc.wait(10)
-        assert wait_all_gone(pids, 2.0) == []
+        assert wait_all_gone(pids, 2.5) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        finish(proc)
+
+
+# -- (b) interpreter exit ---------------------------------------------------------------
+
+EXIT_ENDINGS = {
+    "ignore": "task = parstream.async_(time.sleep, 100)\nwait_started(task)\nSAY\ntask.ignore()\n",
+    "fall off the end": "task = parstream.async_(time.sleep, 100)\nwait_started(task)\nSAY\n",
+    "nolink": (
+        "task = parstream.default_supervisor().async_nolink(time.sleep, 100)\n"
+        "wait_started(task)\nSAY\n"
+    ),
+    "permanent child": (
+        "sup = parstream.Supervisor(max_workers=1)\n"
+        "child = sup.start_child(time.sleep, 100, restart='permanent')\n"
+        "while child.pid is None:\n    time.sleep(0.01)\n"
+        "say(pids=sup.worker_pids())\n"
+    ),
+}
 
 
 @pytest.mark.slow
-def test_interpreter_exit_is_not_blocked_by_a_hung_task() -> None:
+@pytest.mark.parametrize("ending", list(EXIT_ENDINGS))
+def test_interpreter_exit_is_not_blocked_by_a_hung_task(ending: str) -> None:
     """A script that ends with a hung task in flight exits promptly and leaves no worker."""
-    proc = run_script(
-        """
-        import json, time, parstream
-        task = parstream.async_(time.sleep, 300)
-        while task.pid is None:
-            time.sleep(0.01)
-        print(json.dumps(parstream.default_supervisor().worker_pids()), flush=True)
-        task.ignore()
-        """
-    )
+    say = "say(pids=parstream.default_supervisor().worker_pids())"
+    proc = run_script(EXIT_ENDINGS[ending].replace("SAY", say))
     try:
-        assert proc.stdout is not None
-        pids = json.loads(proc.stdout.readline())
+        pids = read_json(proc)["pids"]
+        assert pids
         t0 = time.monotonic()
         assert proc.wait(15) == 0
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 8
         assert wait_all_gone(pids, 3.0) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        finish(proc)
+
+
+# -- (c) Ctrl-C -------------------------------------------------------------------------
+
+# Each wait announces itself just before it blocks, so the SIGINT lands inside it.
+WAITS = {
+    "await_": "ready()\ntask.await_()",
+    "await_many": "ready()\nparstream.await_many([task, other])",
+    "asyncio": (
+        "import asyncio\n"
+        "async def main():\n"
+        "    ready()\n"
+        "    return await task\n"
+        "asyncio.run(main())"
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", list(WAITS))
+def test_ctrl_c_interrupts_the_wait_and_kills_the_task(how: str) -> None:
+    """Ctrl-C: KeyboardInterrupt within ~1 s, the task dies, the pool works, no worker survives."""
+    wait_code = textwrap.indent(WAITS[how], "    ")
+    proc = run_script(
+        f"""
+sup = parstream.default_supervisor()
+task = parstream.async_(time.sleep, 30)
+other = parstream.async_(time.sleep, 30)
+wait_started(task)
+wait_started(other)
+
+def ready():
+    # Announce from a timer thread, so the main thread is already blocked in the
+    # wait when the test, reading this line, sends SIGINT.
+    import threading
+    fields = dict(pids=sup.worker_pids(), task=task.pid, other=other.pid)
+    threading.Timer(0.3, lambda: say(**fields)).start()
+
+try:
+{wait_code}
+    say(ki=None)
+except KeyboardInterrupt:
+    say(ki=time.time(), done=task.done())
+say(after=parstream.async_(os.getpid).await_(20))
+"""
+    )
+    try:
+        first = read_json(proc)
+        pids = first["pids"]
+        sent = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        msg = read_json(proc)
+        assert msg["ki"] is not None, "the wait returned instead of raising KeyboardInterrupt"
+        assert msg["ki"] - sent < 3.0
+        assert msg["done"], "the interrupted wait left its task running"
+        assert wait_all_gone([first["task"]], 3.0) == []
+        after = read_json(proc)["after"]
+        assert after != first["task"]
+        assert proc.wait(15) == 0
+        assert wait_all_gone([*pids, after], 3.0) == []
+    finally:
+        finish(proc)
+
+
+# -- (d) __main__ code --------------------------------------------------------------------
 
 
 def test_main_module_lambdas_closures_and_classes() -> None:
-    """Lambdas, closures and classes defined in __main__ work as tasks and results."""
+    """Lambdas, closures and classes defined in a -c script's __main__ work as tasks."""
     proc = run_script(
         """
-        import parstream
-
         class Point:
             def __init__(self, x):
                 self.x = x
@@ -113,22 +222,29 @@ def test_main_module_lambdas_closures_and_classes() -> None:
             return x + offset
 
         with parstream.Supervisor(max_workers=2) as sup:
-            assert sup.async_(lambda: 41 + 1).await_() == 42
-            assert list(sup.stream_map(shifted, [1, 2])) == [11, 12]
-            p = sup.async_(Point, 3).await_()
+            assert sup.async_(lambda: 41 + 1).await_(30) == 42
+            assert sup.async_(lambda: os.getpid()).await_(30) != os.getpid()
+            assert sup.async_(shifted, 1).await_(30) == 11
+            p = sup.async_(Point, 3).await_(30)
             assert isinstance(p, Point) and p.x == 3
+            assert sup.submit(lambda p: p.x * 2, Point(4)).result(30) == 8
             assert list(sup.stream_map(lambda p: p.x * 2, [Point(1), Point(2)])) == [2, 4]
-        print("ok", flush=True)
+        assert parstream.async_(lambda: "default").await_(30) == "default"
+        say(ok=True)
         """
     )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert out.strip() == "ok"
+    assert json.loads(out.strip().splitlines()[-1]) == {"ok": True}
+
+
+# -- (e) no network ------------------------------------------------------------------------
 
 
 def test_no_listening_socket(sup: parstream.Supervisor) -> None:
-    """Local mode opens no listening network socket, in the parent or the workers."""
-    assert sup.async_(os.getpid).await_() in sup.worker_pids()
+    """Local mode opens no listening inet socket, in the parent or any worker."""
+    pids = set(parstream.await_many([sup.async_(os.getpid) for _ in range(4)], 30))
+    assert pids <= set(sup.worker_pids())
     procs = [psutil.Process()] + [psutil.Process(p) for p in sup.worker_pids()]
     for p in procs:
         listening = [c for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
@@ -139,8 +255,6 @@ def test_worker_logging_reaches_the_parent_logger(
     sup: parstream.Supervisor, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker's log record arrives on the parent's parstream logger with its item index."""
-    import logging
-
     with caplog.at_level(logging.INFO):
         list(sup.stream_map(_log_item, range(3)))
         deadline = time.monotonic() + 5
@@ -152,7 +266,5 @@ def test_worker_logging_reaches_the_parent_logger(
 
 
 def _log_item(x: int) -> int:
-    import logging
-
     logging.getLogger("user.code").info("hello %d", x)
     return x

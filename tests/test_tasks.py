@@ -1,0 +1,708 @@
+"""Task primitives against real workers: await, yield, shutdown, asyncio, bad input (issue 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import importlib
+import logging
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _util import gone
+
+import parstream
+from parstream import BRUTAL_KILL, Exit, Ok
+
+# -- functions run as tasks (module level: pickled by reference) -----------------
+
+
+def sleep_return(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def raise_in_worker_deliberately(x: int) -> None:
+    raise ValueError(f"deliberate {x}")
+
+
+def exit_hard(code: int) -> None:
+    os._exit(code)
+
+
+def ignore_sigterm(ready: str, seconds: float) -> str:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready).touch()
+    time.sleep(seconds)
+    return "finished"
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def clean_up_on_sigterm(ready: str) -> str:
+    """Turn SIGTERM into a normal return: the reply races the kill and wins."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    Path(ready).touch()
+    try:
+        time.sleep(30)
+    except _Terminated:
+        return "cleaned up"
+    return "slept"
+
+
+def spawn_grandchild_then_sleep(pid_file: str) -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    tmp = pid_file + ".tmp"
+    Path(tmp).write_text(str(child.pid))
+    os.replace(tmp, pid_file)
+    time.sleep(30)
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def touch_after(path: str, seconds: float) -> None:
+    time.sleep(seconds)
+    Path(path).touch()
+
+
+def add_sys_path(path: str) -> None:
+    sys.path.insert(0, path)
+    importlib.invalidate_caches()
+
+
+def return_lock() -> Any:
+    return threading.Lock()
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+class TwoArgError(Exception):
+    """Default exception pickling calls cls(*args): one arg for a two-arg __init__."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_two_arg_error() -> None:
+    raise TwoArgError(1, 2)
+
+
+def raise_with_lock_payload() -> None:
+    raise ValueError(threading.Lock())
+
+
+_PARENT_PID = os.getpid()
+
+
+def _rebuild_only_in_parent(parent_pid: int) -> NotInWorker:
+    if os.getpid() != parent_pid:
+        raise RuntimeError("NotInWorker cannot be rebuilt in a worker")
+    return NotInWorker()
+
+
+def _rebuild_only_in_worker(parent_pid: int) -> NotInParent:
+    if os.getpid() == parent_pid:
+        raise RuntimeError("NotInParent cannot be rebuilt in the parent")
+    return NotInParent(parent_pid)
+
+
+class NotInWorker:
+    """Pickles fine in the parent, blows up when unpickled in a worker."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_only_in_parent, (_PARENT_PID,))
+
+
+class NotInParent:
+    """Made in a worker, pickles fine there, blows up when unpickled in the parent."""
+
+    def __init__(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_only_in_worker, (self.parent_pid,))
+
+
+def make_not_in_parent(parent_pid: int) -> NotInParent:
+    return NotInParent(parent_pid)
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
+    """Poll ``predicate`` (no event exists for it) until true, else fail."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(0.005)
+
+
+def running_pid(task: parstream.Task[Any]) -> int:
+    wait_until(lambda: task.pid is not None, what="the task to start")
+    pid = task.pid
+    assert pid is not None
+    return pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- await -------------------------------------------------------------------------
+
+
+def test_await_returns_value(sup: parstream.Supervisor) -> None:
+    """await_ returns the task's value, and a second await_ returns it again."""
+    task = sup.async_(pow, 3, 4)
+    assert task.await_() == 81
+    assert task.await_(0) == 81
+    assert parstream.await_(task) == 81
+    assert task.done()
+
+
+def test_exception_keeps_type_and_remote_traceback(sup: parstream.Supervisor) -> None:
+    """A task's exception comes back with its own type; __cause__ is the worker traceback."""
+    task = sup.async_(raise_in_worker_deliberately, 7)
+    with pytest.raises(ValueError, match="deliberate 7") as info:
+        task.await_(20)
+    assert type(info.value) is ValueError
+    cause = info.value.__cause__
+    assert isinstance(cause, parstream.RemoteTraceback)
+    assert "raise_in_worker_deliberately" in str(cause)
+    assert "ValueError: deliberate 7" in str(cause)
+    with pytest.raises(ValueError, match="deliberate 7"):
+        task.await_(0)
+
+
+def test_await_many_returns_input_order(sup: parstream.Supervisor) -> None:
+    """await_many gives values in input order whatever order the tasks finish in."""
+    tasks = [sup.async_(sleep_return, d, i) for i, d in enumerate([0.4, 0.0, 0.2, 0.0])]
+    assert parstream.await_many(tasks, timeout=20) == [0, 1, 2, 3]
+    assert parstream.await_many([]) == []
+
+
+@pytest.mark.slow
+def test_await_many_has_one_deadline_but_await_one_by_one_works(
+    sup: parstream.Supervisor,
+) -> None:
+    """Scenario 9: await_many(ts, 1.0) times out; awaiting one by one restarts the clock."""
+    # Warm both workers (they import this module on first use) so the clock
+    # measures the tasks, not a worker start on a busy machine.
+    parstream.await_many([sup.async_(sleep_return, 0.3, 0) for _ in range(2)], 30)
+    tasks = [sup.async_(sleep_return, 0.4 * i, i) for i in range(1, 6)]
+    t0 = time.monotonic()
+    with pytest.raises(parstream.TaskTimeout) as info:
+        parstream.await_many(tasks, 1.0)
+    elapsed = time.monotonic() - t0
+    assert isinstance(info.value, TimeoutError)
+    assert 0.9 <= elapsed < 8.0, elapsed
+    # The unfinished ones were killed, not left running.
+    assert all(t.done() for t in tasks)
+    assert tasks[0].yield_(0) == Ok(1)
+    last = tasks[-1].yield_(0)
+    assert isinstance(last, Exit)
+    assert isinstance(last.reason, parstream.TaskTimeout)
+
+    tasks = [sup.async_(sleep_return, 0.4 * i, i) for i in range(1, 6)]
+    assert [parstream.await_(t, 3.0) for t in tasks] == [1, 2, 3, 4, 5]
+
+
+def test_await_many_raises_first_failure_at_once_and_kills_the_rest(
+    sup: parstream.Supervisor,
+) -> None:
+    """A failing task makes await_many raise promptly, and the still-running task is killed."""
+    slow = sup.async_(time.sleep, 30)
+    slow_pid = running_pid(slow)
+    bad = sup.async_(raise_in_worker_deliberately, 3)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="deliberate 3"):
+        parstream.await_many([slow, bad])
+    assert time.monotonic() - t0 < 10
+    assert gone(slow_pid, 3.0)
+    assert isinstance(slow.yield_(0), Exit)
+
+
+# -- yield ---------------------------------------------------------------------------
+
+
+def test_yield_returns_none_then_ok(sup: parstream.Supervisor) -> None:
+    """yield_ returns None while the task runs, leaves it running, then returns Ok."""
+    task = sup.async_(sleep_return, 0.5, "v")
+    assert task.yield_(0.01) is None
+    assert not task.done()
+    assert parstream.yield_(task, 20) == Ok("v")
+    assert task.yield_(0) == Ok("v")
+
+
+def test_yield_never_raises(sup: parstream.Supervisor) -> None:
+    """yield_ hands back failures and crashes as Exit instead of raising them."""
+    failed = sup.async_(raise_in_worker_deliberately, 1).yield_(20)
+    assert isinstance(failed, Exit)
+    assert isinstance(failed.reason, ValueError)
+    assert isinstance(failed.reason.__cause__, parstream.RemoteTraceback)
+    crashed = sup.async_(exit_hard, 4).yield_(20)
+    assert isinstance(crashed, Exit)
+    assert isinstance(crashed.reason, parstream.WorkerCrashed)
+    assert crashed.reason.exitcode == 4
+
+
+@pytest.mark.slow
+def test_yield_many_kill_task_and_limit() -> None:
+    """Scenario 10: one deadline, Ok prefix then None-and-killed; limit returns early."""
+    with parstream.Supervisor(max_workers=10) as sup:
+        # Warm up until ten concurrent tasks land on ten distinct, ready workers.
+        deadline = time.monotonic() + 30
+        while True:
+            pids = parstream.await_many([sup.async_(pid_after, 0.3) for _ in range(10)], 20)
+            if len(set(pids)) == 10:
+                break
+            assert time.monotonic() < deadline, pids
+
+        tasks = [sup.async_(sleep_return, 0.2 * i, i) for i in range(1, 11)]
+        pids = [running_pid(t) for t in tasks]
+        t0 = time.monotonic()
+        results = parstream.yield_many(tasks, 1.1, on_timeout="kill_task")
+        elapsed = time.monotonic() - t0
+        assert 1.0 <= elapsed < 8.0, elapsed
+        assert [t for t, _ in results] == tasks  # input order
+        statuses = [r for _, r in results]
+        n_ok = sum(isinstance(r, Ok) for r in statuses)
+        assert statuses[:n_ok] == [Ok(i) for i in range(1, n_ok + 1)], statuses
+        assert all(r is None for r in statuses[n_ok:]), statuses
+        assert 3 <= n_ok <= 6, statuses  # 1..3 surely done, 7..10 surely not
+        for t, pid in zip(tasks[n_ok:], pids[n_ok:], strict=True):
+            assert t.done()
+            assert gone(pid, 3.0), pid
+
+        tasks = [sup.async_(sleep_return, 0.15 * i, i) for i in range(1, 7)]
+        results = parstream.yield_many(tasks, 20, on_timeout="kill_task", limit=3)
+        statuses = [r for _, r in results]
+        assert sum(r is not None for r in statuses) >= 3
+        assert statuses[:3] == [Ok(1), Ok(2), Ok(3)], statuses
+        rest = [t for t, r in results if r is None]
+        assert rest, "limit=3 should return before the slow tasks finish"
+        # Not killed: they finish normally.
+        assert [t.await_(20) for t in rest] == [i for i in range(1, 7) if statuses[i - 1] is None]
+
+
+# -- shutdown --------------------------------------------------------------------------
+
+
+def test_shutdown_brutal_kill_returns_none_and_kills_the_worker(
+    sup: parstream.Supervisor,
+) -> None:
+    """shutdown(BRUTAL_KILL) returns None, the worker dies, and await_ says TaskShutdown."""
+    task = sup.async_(time.sleep, 30)
+    pid = running_pid(task)
+    assert parstream.shutdown(task, BRUTAL_KILL) is None
+    assert gone(pid, 3.0)
+    assert task.done()
+    with pytest.raises(parstream.TaskShutdown):
+        task.await_(0)
+    assert sup.async_(abs, -2).await_(20) == 2
+
+
+@pytest.mark.slow
+def test_shutdown_escalates_to_sigkill_after_the_grace(
+    sup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """Scenario 13: a task ignoring SIGTERM is SIGKILLed after ~2 s; shutdown returns None."""
+    ready = tmp_path / "ready"
+    task = sup.async_(ignore_sigterm, str(ready), 30)
+    pid = running_pid(task)
+    wait_until(ready.exists, what="the task to ignore SIGTERM")
+    t0 = time.monotonic()
+    assert task.shutdown(2.0) is None
+    elapsed = time.monotonic() - t0
+    assert 1.5 <= elapsed < 10.0, elapsed
+    assert gone(pid, 3.0)
+    assert sup.async_(abs, -3).await_(20) == 3
+
+
+def test_shutdown_of_a_finished_task_returns_its_result(sup: parstream.Supervisor) -> None:
+    """shutdown on a finished task returns its Ok, or its Exit if it failed."""
+    ok = sup.async_(pow, 2, 5)
+    assert ok.await_(20) == 32
+    assert ok.shutdown(2.0) == Ok(32)
+    assert ok.shutdown(BRUTAL_KILL) == Ok(32)
+    failed = sup.async_(raise_in_worker_deliberately, 2)
+    assert isinstance(failed.yield_(20), Exit)
+    result = failed.shutdown()
+    assert isinstance(result, Exit)
+    assert isinstance(result.reason, ValueError)
+
+
+def test_graceful_shutdown_reply_wins_and_frees_the_worker(tmp_path: Path) -> None:
+    """A task returning on SIGTERM gives Ok; its worker is not held for the rest of the grace."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        ready = tmp_path / "ready"
+        task = sup.async_(clean_up_on_sigterm, str(ready))
+        running_pid(task)
+        wait_until(ready.exists, what="the SIGTERM handler")
+        assert task.shutdown(10.0) == Ok("cleaned up")
+        # The next task must not wait out the 10 s grace of a task that already ended.
+        assert sup.async_(abs, -4).await_(3.0) == 4
+
+
+@pytest.mark.parametrize("how", ["brutal_kill", "grace", "await_timeout"])
+def test_killing_a_task_kills_the_processes_it_started(
+    how: str, sup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """Every way of killing a task takes down the subprocesses it started, too."""
+    pid_file = tmp_path / "grandchild"
+    task = sup.async_(spawn_grandchild_then_sleep, str(pid_file))
+    worker = running_pid(task)
+    wait_until(pid_file.exists, what="the grandchild")
+    grandchild = int(pid_file.read_text())
+    try:
+        if how == "brutal_kill":
+            assert task.shutdown(BRUTAL_KILL) is None
+        elif how == "grace":
+            assert task.shutdown(2.0) is None
+        else:
+            with pytest.raises(parstream.TaskTimeout):
+                task.await_(0.2)
+        assert gone(worker, 5.0)
+        assert gone(grandchild, 5.0), f"grandchild {grandchild} outlived its killed task"
+    finally:
+        if alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+# -- completed, linked tasks, asyncio -----------------------------------------------------
+
+
+def test_completed() -> None:
+    """completed(v) can be awaited, yielded, shut down and awaited in asyncio."""
+    task = parstream.completed({"a": 1})
+    assert task.done()
+    assert task.pid is None
+    assert task.await_() == {"a": 1}
+    assert task.yield_(0) == Ok({"a": 1})
+    assert task.shutdown() == Ok({"a": 1})
+    assert parstream.await_many([task, parstream.completed(2)], 0) == [{"a": 1}, 2]
+
+    async def main() -> Any:
+        return await parstream.completed("x")
+
+    assert asyncio.run(main()) == "x"
+
+
+def test_dropped_linked_task_kills_its_worker(sup: parstream.Supervisor) -> None:
+    """A linked task whose handle is garbage collected unfinished gets its worker killed."""
+    task = sup.async_(time.sleep, 30)
+    pid = running_pid(task)
+    del task
+    gc.collect()
+    assert gone(pid, 3.0)
+    assert sup.async_(abs, -5).await_(20) == 5
+
+
+def test_dropped_nolink_task_runs_on(sup: parstream.Supervisor, tmp_path: Path) -> None:
+    """An async_nolink task whose handle is dropped still runs to completion."""
+    marker = tmp_path / "done"
+    task = sup.async_nolink(touch_after, str(marker), 0.3)
+    running_pid(task)
+    del task
+    gc.collect()
+    wait_until(marker.exists, what="the dropped nolink task to finish")
+
+
+async def _await_task(task: parstream.Task[Any]) -> Any:
+    return await task
+
+
+def test_await_in_asyncio(sup: parstream.Supervisor) -> None:
+    """`await task` works in asyncio, alone and through gather, failures included."""
+
+    async def main() -> list[Any]:
+        one = await sup.async_(pow, 2, 3)
+        many = await asyncio.gather(*(sup.async_(sleep_return, 0.1, i) for i in range(3)))
+        with pytest.raises(ValueError, match="deliberate 9"):
+            await sup.async_(raise_in_worker_deliberately, 9)
+        return [one, *many]
+
+    assert asyncio.run(main()) == [8, 0, 1, 2]
+
+
+def test_cancelling_the_awaiting_coroutine_kills_the_worker(sup: parstream.Supervisor) -> None:
+    """Cancelling a coroutine blocked in `await task` kills the task's worker."""
+
+    async def main() -> int:
+        task = sup.async_(time.sleep, 30)
+        waiter = asyncio.ensure_future(_await_task(task))
+        while task.pid is None:
+            await asyncio.sleep(0.01)
+        pid = task.pid
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert task.done()
+        return pid
+
+    pid = asyncio.run(main())
+    assert gone(pid, 3.0)
+
+
+def test_asyncio_wait_for_timeout_kills_the_worker(sup: parstream.Supervisor) -> None:
+    """asyncio.wait_for(task, 0.3) raises TimeoutError and the task's worker dies."""
+    pids: list[int] = []
+
+    async def main() -> None:
+        task = sup.async_(time.sleep, 30)
+        while task.pid is None:
+            await asyncio.sleep(0.01)
+        pids.append(task.pid)
+        await asyncio.wait_for(_await_task(task), 0.3)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(main())
+    assert gone(pids[0], 3.0)
+    assert sup.async_(abs, -6).await_(20) == 6
+
+
+# -- start ------------------------------------------------------------------------------
+
+
+class _Seen(logging.Handler):
+    """Sets an event on an ERROR record from the parstream logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "parstream":
+            self.event.set()
+
+
+@contextlib.contextmanager
+def _error_seen() -> Iterator[threading.Event]:
+    # On the root logger and added after caplog's handler, so caplog has the
+    # record by the time the event is set.
+    handler = _Seen()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.event
+    finally:
+        root.removeHandler(handler)
+
+
+def test_start_logs_failures_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """start() of a raising fn returns None at once and logs the failure on 'parstream'."""
+    with caplog.at_level(logging.ERROR, logger="parstream"), _error_seen() as seen:
+        parstream.start(raise_in_worker_deliberately, 5)
+        assert seen.wait(20)
+    records = [r for r in caplog.records if r.name == "parstream"]
+    assert records
+    text = " ".join(r.getMessage() for r in records) + " ".join(
+        repr(r.exc_info[1]) for r in records if r.exc_info
+    )
+    assert "deliberate 5" in text
+
+
+def test_start_of_a_crashing_fn_logs_worker_crash(
+    sup: parstream.Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start() of a fn that kills its worker logs a WorkerCrashed; the pool goes on."""
+    with caplog.at_level(logging.ERROR, logger="parstream"), _error_seen() as seen:
+        sup.start(exit_hard, 9)
+        assert seen.wait(20)
+    assert any(
+        r.exc_info and isinstance(r.exc_info[1], parstream.WorkerCrashed)
+        for r in caplog.records
+        if r.name == "parstream"
+    )
+    assert sup.async_(abs, -7).await_(20) == 7
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def _supervisor(**options: Any) -> None:
+    parstream.Supervisor(**options).close()
+
+
+BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("async_ not callable", lambda: parstream.async_(42), TypeError, "fn"),  # type: ignore[arg-type]
+    ("max_restarts<0", lambda: _supervisor(max_restarts=-1), ValueError, "max_restarts"),
+    ("max_seconds=0", lambda: _supervisor(max_seconds=0), ValueError, "max_seconds"),
+    ("max_workers=0", lambda: _supervisor(max_workers=0), ValueError, "max_workers"),
+    ("max_children=0", lambda: _supervisor(max_children=0), ValueError, "max_children"),
+    ("max_restarts float", lambda: _supervisor(max_restarts=1.5), TypeError, "max_restarts"),
+    ("idle_timeout<0", lambda: _supervisor(idle_timeout=-1), ValueError, "idle_timeout"),
+    (
+        "on_timeout",
+        lambda: parstream.yield_many([], on_timeout="x"),  # type: ignore[arg-type]
+        ValueError,
+        "on_timeout",
+    ),
+    ("limit=0", lambda: parstream.yield_many([], limit=0), ValueError, "limit"),
+    ("await_many non-task", lambda: parstream.await_many([1]), TypeError, "Task"),  # type: ignore[list-item]
+    ("await_ non-task", lambda: parstream.await_(1), TypeError, "Task"),  # type: ignore[arg-type]
+    ("max_seconds nan", lambda: _supervisor(max_seconds=math.nan), ValueError, "max_seconds"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "needle"),
+    [pytest.param(c, e, n, id=i) for i, c, e, n in BAD_CALLS],
+)
+def test_bad_input_fails_at_call_time(
+    call: Callable[[], object], exc: type[Exception], needle: str
+) -> None:
+    """Bad arguments raise TypeError/ValueError at the call, naming the argument."""
+    with pytest.raises(exc, match=needle):
+        call()
+
+
+@pytest.mark.parametrize("method", ["await_", "yield_", "shutdown"])
+def test_nan_timeout_is_rejected_and_leaves_the_task_alone(
+    method: str, sup: parstream.Supervisor
+) -> None:
+    """A NaN timeout is a ValueError at the call; it neither kills nor times out the task."""
+    task = sup.async_(sleep_return, 0.3, "v")
+    with pytest.raises(ValueError, match="timeout"):
+        getattr(task, method)(math.nan)
+    assert task.await_(20) == "v"
+
+
+@pytest.mark.parametrize("method", ["await_", "yield_"])
+def test_infinite_timeout_means_no_limit_or_is_rejected_cleanly(
+    method: str, sup: parstream.Supervisor
+) -> None:
+    """math.inf as a timeout either waits without limit or is refused without harming the task."""
+    task = sup.async_(sleep_return, 0.3, "v")
+    try:
+        result = getattr(task, method)(math.inf)
+    except (ValueError, TypeError):
+        assert task.await_(20) == "v"  # refused up front; the task ran on
+    else:
+        assert result in ("v", Ok("v"))
+
+
+# -- pickling ----------------------------------------------------------------------------------
+
+
+def test_unpicklable_function_is_rejected_at_call_time(sup: parstream.Supervisor) -> None:
+    """A lambda closing over a Lock fails at async_ with a PicklingError naming it."""
+    lock = threading.Lock()
+
+    def uses_lock() -> bool:
+        return lock.locked()
+
+    with pytest.raises(pickle.PicklingError, match=r"uses_lock.*lock"):
+        sup.async_(uses_lock)
+    with pytest.raises(pickle.PicklingError, match="lambda"):
+        sup.async_(lambda: lock.locked())
+    assert sup.async_(abs, -8).await_(20) == 8
+
+
+def test_unpicklable_argument_fails_that_task_alone(sup: parstream.Supervisor) -> None:
+    """A Lock argument fails only its task, with a PicklingError naming the argument."""
+    good = [sup.async_(sleep_return, 0.1, i) for i in range(3)]
+    bad0 = sup.async_(identity, threading.Lock())
+    bad1 = sup.async_(sleep_return, 0.0, threading.Lock())
+    with pytest.raises(pickle.PicklingError, match="argument 0"):
+        bad0.await_(20)
+    with pytest.raises(pickle.PicklingError, match="argument 1"):
+        bad1.await_(20)
+    assert [t.await_(20) for t in good] == [0, 1, 2]
+    assert sup.async_(abs, -9).await_(20) == 9
+
+
+def test_unpicklable_result_fails_that_task_alone() -> None:
+    """A Lock result fails its task with a PicklingError; the same worker serves the next."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        pid = sup.async_(os.getpid).await_(20)
+        with pytest.raises(pickle.PicklingError, match="lock"):
+            sup.async_(return_lock).await_(20)
+        assert sup.async_(os.getpid).await_(20) == pid
+        assert sup.stats().tasks_crashed == 0
+
+
+def test_exception_that_cannot_be_rebuilt_is_reported_clearly(sup: parstream.Supervisor) -> None:
+    """An exception class with a two-argument __init__ becomes a clear PicklingError."""
+    with pytest.raises(pickle.PicklingError, match=r"TwoArgError.*1/2"):
+        sup.async_(raise_two_arg_error).await_(20)
+    with pytest.raises(pickle.PicklingError, match="ValueError"):
+        sup.async_(raise_with_lock_payload).await_(20)
+    assert sup.async_(abs, -11).await_(20) == 11
+    assert sup.stats().tasks_crashed == 0
+
+
+def test_argument_that_cannot_be_unpickled_in_the_worker(sup: parstream.Supervisor) -> None:
+    """An argument whose unpickling fails in the worker fails its task with that error."""
+    with pytest.raises(RuntimeError, match="cannot be rebuilt in a worker"):
+        sup.async_(identity, NotInWorker()).await_(20)
+    assert sup.async_(abs, -12).await_(20) == 12
+    assert sup.stats().tasks_crashed == 0
+
+
+def test_result_that_cannot_be_unpickled_in_the_parent(sup: parstream.Supervisor) -> None:
+    """A result whose unpickling fails in the parent fails its task alone, clearly."""
+    with pytest.raises(pickle.UnpicklingError, match="cannot be rebuilt in the parent"):
+        sup.async_(make_not_in_parent, os.getpid()).await_(20)
+    assert sup.async_(abs, -13).await_(20) == 13
+
+
+def test_function_that_failed_to_load_in_a_worker_is_sent_again(tmp_path: Path) -> None:
+    """After a worker failed to load a function, the next call sends it again (no stale cache)."""
+    module = tmp_path / "only_in_parent_mod.py"
+    module.write_text("def answer():\n    return 42\n")
+    with parstream.Supervisor(max_workers=1) as sup:
+        worker = sup.async_(os.getpid).await_(20)  # the worker exists before sys.path changes
+        sys.path.insert(0, str(tmp_path))
+        try:
+            import only_in_parent_mod  # type: ignore[import-not-found]
+
+            with pytest.raises(ModuleNotFoundError, match="only_in_parent_mod"):
+                sup.async_(only_in_parent_mod.answer).await_(20)
+            # Make the module importable in that same worker, then call again.
+            sup.async_(add_sys_path, str(tmp_path)).await_(20)
+            assert sup.async_(os.getpid).await_(20) == worker
+            assert sup.async_(only_in_parent_mod.answer).await_(20) == 42
+        finally:
+            sys.path.remove(str(tmp_path))
+            sys.modules.pop("only_in_parent_mod", None)
+
+
+def test_a_raising_done_callback_does_not_starve_await_many(sup: parstream.Supervisor) -> None:
+    """One broken add_done_callback callback must not keep await_many from waking."""
+
+    def broken(_: parstream.Task[Any]) -> None:
+        raise RuntimeError("broken callback")
+
+    task = sup.async_(sleep_return, 0.2, "v")
+    task.add_done_callback(broken)
+    t0 = time.monotonic()
+    assert parstream.await_many([task], 6) == ["v"]
+    assert time.monotonic() - t0 < 4, "await_many slept to its deadline"
