@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         TaskShutdown as TaskShutdown,
         TaskTimeout as TaskTimeout,
         WorkerCrashed as WorkerCrashed,
+        WorkerStartFailed as WorkerStartFailed,
     )
     from parstream._results import Exit as Exit, Ok as Ok, Stats as Stats
     from parstream._stream import Stream as Stream
@@ -65,6 +66,7 @@ __all__ = (
     "TaskShutdown",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerStartFailed",
     "async_",
     "async_stream",
     "async_stream_nolink",
@@ -98,6 +100,7 @@ _HOMES = {
     "TaskShutdown": "_errors",
     "TaskTimeout": "_errors",
     "WorkerCrashed": "_errors",
+    "WorkerStartFailed": "_errors",
     "Exit": "_results",
     "Ok": "_results",
     "Stats": "_results",

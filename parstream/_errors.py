@@ -54,6 +54,23 @@ def _rebuild_crashed(message: str, exitcode: int | None, pid: int | None) -> Wor
     return WorkerCrashed(message, exitcode=exitcode, pid=pid)
 
 
+class WorkerStartFailed(WorkerCrashed):
+    """Raised (or put in an ``Exit``) when workers could not start: the
+    Supervisor's ``initializer`` raised in several new workers in a row.
+
+    The message and ``__cause__`` carry the initializer's own exception and
+    worker traceback. The supervisor stays open: the next call starts workers
+    again, so it recovers once the initializer stops raising.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_start_failed, (str(self), self.exitcode))
+
+
+def _rebuild_start_failed(message: str, exitcode: int | None) -> WorkerStartFailed:
+    return WorkerStartFailed(message, exitcode=exitcode)
+
+
 class TaskShutdown(ParstreamError):
     """Put in an ``Exit`` when a task was shut down or killed on request
     (``Task.shutdown``, ``terminate_child``, a closed stream or supervisor)."""

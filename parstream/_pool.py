@@ -50,6 +50,7 @@ from parstream._errors import (
     SupervisorClosed,
     TaskTimeout,
     WorkerCrashed,
+    WorkerStartFailed,
 )
 from parstream._worker import worker_main
 
@@ -67,6 +68,9 @@ class Sink(Protocol):
         positions in ``values`` to ``(exception, traceback_text)``."""
 
     def on_job_done(self, job: Job) -> None: ...
+
+    # Optional: ``on_started(job)``, called (outside the lock, in order with the
+    # other calls) each time the job is given to a worker; see ``Pool._assign``.
 
 
 @dataclass(eq=False)
@@ -163,8 +167,10 @@ class Pool:
         max_memory_per_worker: int | None = None,
         idle_timeout: float = 10.0,
         counters: collections.Counter[str] | None = None,
+        initializer: bytes | None = None,
     ) -> None:
         self.base = max_workers
+        self.initializer = initializer  # pickled (fn, args), run by each worker before READY
         self.max_tasks_per_worker = max_tasks_per_worker
         self.max_memory_per_worker = max_memory_per_worker
         self.idle_timeout = idle_timeout
@@ -178,6 +184,7 @@ class Pool:
         self._reserved = 0  # extra workers asked for by streams and children
         self._closed = False
         self._startup_failures = 0
+        self._start_error: tuple[BaseException, str] | None = None  # the initializer's last
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._wake_pending = False
         self._selector: selectors.BaseSelector | None = None
@@ -210,6 +217,10 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise SupervisorClosed("the supervisor is closed")
+            if self._startup_failures >= STARTUP_FAILURES_LIMIT:
+                # issue 11 (minimal): a new call tries starting workers again, so
+                # the pool recovers once the cause (a raising initializer) is gone.
+                self._startup_failures = 0
             self.counters["tasks_started"] += len(job.items)
             worker = self._idle_worker()
             if worker is None or (job.gate is not None and job.gate.active >= job.gate.limit):
@@ -249,6 +260,26 @@ class Pool:
                     kill_tree(worker.pid)
                 self._wake()
         self._flush_notes()
+
+    def cancel(self, job: Job) -> bool:
+        """Withdraw ``job`` if no worker has taken it yet; True if it was withdrawn.
+
+        Atomic with dispatch (under the lock): a withdrawn job never runs, and
+        its sink hears nothing more. False once the job was given to a worker
+        or has ended.
+        """
+        with self._lock:
+            if job.finished or job.killed or job.worker is not None or job.started_at:
+                return False
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            job.finished = True
+            job.killed = True
+            self.counters["tasks_killed"] += len(job.items) - job.cursor
+            job.cursor = len(job.items)
+            return True
 
     def reserve(self, n: int) -> None:
         """Allow ``n`` more workers than the base size while they are needed."""
@@ -325,6 +356,9 @@ class Pool:
         end = len(job.items) if not job.isolate else job.cursor + 1
         job.sent_end = min(end, len(job.items))
         job.started_at = time.monotonic()
+        on_started = getattr(job.sink, "on_started", None)
+        if on_started is not None:
+            self._note(on_started, job)
 
     def _send(self, worker: _Worker, job: Job) -> None:
         with worker.send_lock:
@@ -513,7 +547,7 @@ class Pool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
-            args=(child_conn, os.getpid()),
+            args=(child_conn, os.getpid(), self.initializer),
             name="parstream-worker",
             env={"PYTHONUNBUFFERED": "1"},
         )
@@ -549,6 +583,9 @@ class Pool:
                     worker.state = "idle"
                     worker.idle_since = time.monotonic()
                 self._startup_failures = 0
+                self._start_error = None
+        elif kind == _wire.START_FAILED:
+            self._on_start_failed(_wire.decode(data))
         elif kind == _wire.LOG:
             name, level, text, position = _wire.decode(data)
             job = worker.job
@@ -737,12 +774,33 @@ class Pool:
             else:
                 self._queue.appendleft(job)
 
+    def _on_start_failed(self, payload: tuple[BaseException, str]) -> None:
+        """A worker's initializer raised (issue 11, minimal): remember why.
+
+        The worker then exits, and its death counts as a failed start in
+        ``_on_death``; at ``STARTUP_FAILURES_LIMIT`` the queued jobs fail with
+        this cause (``_fail_queue``). Back-off and restart intensity belong here.
+        """
+        with self._lock:
+            self._start_error = payload
+
     def _fail_queue(self, exitcode: int | None) -> None:
-        err = WorkerCrashed(
-            f"worker processes die while starting (exit code {exitcode}); "
-            "see the worker's stderr for the cause",
-            exitcode=exitcode,
-        )
+        err: WorkerCrashed
+        if self._start_error is not None:
+            exc, tb = self._start_error
+            err = WorkerStartFailed(
+                f"the initializer raised {type(exc).__qualname__}: {exc} "
+                f"(in {STARTUP_FAILURES_LIMIT} workers in a row; the next call tries again)"
+                + (f"\n\nWorker traceback:\n{tb.rstrip()}" if tb else ""),
+                exitcode=exitcode,
+            )
+            err.__cause__ = _wire.rebuild_error(self._start_error)
+        else:
+            err = WorkerCrashed(
+                f"worker processes die while starting (exit code {exitcode}); "
+                "see the worker's stderr for the cause",
+                exitcode=exitcode,
+            )
         while self._queue:
             job = self._queue.popleft()
             job.killed = True

@@ -14,8 +14,9 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   in order: ``values`` has one entry per item, ``errors`` maps the positions of
   failed items to their error. The header stays readable even when
   the payload cannot be unpickled in the parent, so those items fail alone.
-* ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``: small
-  pickled tuples.
+* ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``,
+  ``START_FAILED`` ``(exception, traceback_text)`` (the initializer raised; the
+  worker then exits): small pickled tuples.
 
 Errors travel as ``(exception, traceback_text)``; ``rebuild_error`` attaches
 the text as a ``RemoteTraceback`` ``__cause__``, the convention of
@@ -36,6 +37,7 @@ READY = 3
 BAD_BATCH = 4
 STOP = 5
 LOG = 6
+START_FAILED = 7  # worker to parent: the initializer raised; (exception, traceback_text)
 
 _HEADER = struct.Struct("<BIBd")
 PROTOCOL = 5

@@ -239,11 +239,28 @@ class _Runner:
             self.run_batch(message)
 
 
-def worker_main(conn: Any, parent_pid: int) -> None:
+def _run_initializer(conn: Any, initializer: bytes) -> None:
+    """Run the pickled ``(fn, args)`` once, before READY; if it raises, report
+    ``START_FAILED`` with its error and exit non-zero (a failed start)."""
+    try:
+        fn, args = pickle.loads(initializer)
+        fn(*args)
+    except BaseException as exc:
+        payload = _wire._portable_error(_failure(exc))
+        try:
+            conn.send_bytes(_wire.encode(_wire.START_FAILED, payload))
+        finally:
+            _flush_std()
+            os._exit(3)
+
+
+def worker_main(conn: Any, parent_pid: int, initializer: bytes | None = None) -> None:
     """Entry point of a worker process (the target given to loky's Process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     runner = _Runner(conn)
+    if initializer is not None:
+        _run_initializer(conn, initializer)
     conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
     try:
         runner.loop()
