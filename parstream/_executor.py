@@ -61,7 +61,12 @@ class _Future(concurrent.futures.Future[Any]):
         # The pool decides atomically: withdrawn means no worker took it, ever.
         if not self._ps_pool.cancel(self._ps_job):
             return self.cancelled()
-        return super().cancel()
+        if not super().cancel():  # pragma: no cover - nothing else settles a pending one
+            return False
+        # What an executor does on dequeuing a cancelled future: wake wait()
+        # and as_completed() at once, not only the done-callbacks.
+        self.set_running_or_notify_cancel()
+        return True
 
 
 class _FutureSink:
