@@ -405,7 +405,7 @@ def test_map_pulls_an_infinite_input_lazily() -> None:
         for consumed, value in enumerate(itertools.islice(it, 500), 1):
             assert value == (consumed - 1) ** 2
             assert pulls[0] <= consumed + 16, (consumed, pulls[0])
-        it.close()
+        del it  # closes the generator, and with it the stream
         # Default bound: the stream's own (max_concurrency chunks plus a buffer).
         pulls[0] = 0
         got = list(itertools.islice(ex.map(f.square, counted()), 3000))
