@@ -251,9 +251,10 @@ class MapState(_State):
         self.drain_events()
 
 
-def map_results(state: MapState) -> Iterator[Any]:
+def map_results(state: MapState, owner: object) -> Iterator[Any]:
     """The values of a ``MapState``, in input order; the first failure raised at
-    its position; the stream is closed however the iteration ends."""
+    its position; the stream is closed however the iteration ends. Holds
+    ``owner`` (the Supervisor), whose workers the stream needs, while alive."""
     gen = _run(state, False)
     try:
         yield from gen

@@ -455,6 +455,9 @@ class Supervisor(concurrent.futures.Executor):
             buffer_size=buffer_size,
         )
         stream = Stream(state, wrap=wrap)
+        # The stream keeps its supervisor alive: a dropped supervisor's
+        # finaliser closes the workers a stream still being consumed needs.
+        stream._owner = self  # type: ignore[attr-defined]
         return stream if wrap else _values(stream)
 
     def async_stream(
@@ -653,7 +656,7 @@ class Supervisor(concurrent.futures.Executor):
             cap=cap,
         )
         state.star = len(iterables) != 1
-        return _executor.map_results(state)
+        return _executor.map_results(state, self)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``: refuse new work, let submitted work finish, then close.

@@ -242,6 +242,7 @@ def test_map_timeout_is_one_deadline_and_cancels_the_rest(kind: str, tmp_path: P
         results = ex.map(f.mark_sleep, [str(tmp_path)] * n, range(n), [0.6] * n, timeout=0.3)
         with pytest.raises(cf.TimeoutError):
             list(results)
+        ex.shutdown(wait=True)  # whatever was still meant to run has run now
     started = {int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")}
     # The stdlib had handed at most its queue (max_workers + 1 calls) out; the
     # calls behind those were cancelled.
@@ -413,6 +414,17 @@ def test_map_pulls_an_infinite_input_lazily() -> None:
         assert pulls[0] < 3000 + 5 * 2 * 32768
 
 
+def test_a_dropped_supervisor_lives_while_its_map_and_streams_do() -> None:
+    """Iterating map() or a stream of an unreferenced supervisor works to the end."""
+    results = parstream.Supervisor(max_workers=1).map(f.square, range(3000))
+    stream = parstream.Supervisor(max_workers=1).async_stream(f.square, range(300))
+    gc.collect()
+    assert list(results) == [x * x for x in range(3000)]
+    assert [r.value for r in stream] == [x * x for x in range(300)]  # type: ignore[union-attr]
+    del results, stream
+    gc.collect()  # then both release their workers (checked by conftest's fixture)
+
+
 def test_map_honours_chunksize() -> None:
     """With chunksize, each run of that many consecutive calls shares one worker."""
     with parstream.Supervisor(max_workers=2) as ex:
@@ -527,6 +539,30 @@ def test_close_cancels_pending_and_kills_running(gate: Gate) -> None:
     assert pending.cancelled()
     assert isinstance(running.exception(timeout=30), parstream.TaskShutdown)
     assert not gate.mark("pending").exists()
+
+
+def test_cancelled_future_wakes_wait_at_once(gate: Gate) -> None:
+    """A pending future cancelled is done for wait() and as_completed() at once."""
+    with parstream.Supervisor(max_workers=1) as ex:
+        running = gate.submit(ex, "running")
+        pending = gate.submit(ex, "pending")
+        wait_file(gate.mark("running"))
+        assert pending.cancel()
+        done, _ = cf.wait([pending], timeout=0)
+        assert done == {pending}
+        assert list(cf.as_completed([pending], timeout=0)) == [pending]
+        gate.release()
+        running.result(timeout=30)
+
+
+def test_shutdown_waits_for_start_tasks(tmp_path: Path) -> None:
+    """shutdown(wait=True) also lets fire-and-forget start() tasks finish."""
+    ex = parstream.Supervisor(max_workers=1)
+    ex.start(f.mark_sleep, str(tmp_path), 0, 0.2)
+    ex.start(f.mark_sleep, str(tmp_path), 1, 0.0)
+    ex.shutdown(wait=True)
+    assert (tmp_path / "done-0").exists()
+    assert (tmp_path / "done-1").exists()
 
 
 def test_keyboard_interrupt_leaving_with_kills_at_once(gate: Gate) -> None:
