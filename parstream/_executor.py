@@ -33,7 +33,7 @@ from parstream._pool import Job
 from parstream._stream import _Closed, _run, _State
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from parstream._pool import Pool
     from parstream._task import Task
@@ -251,6 +251,39 @@ class MapState(_State):
         self.drain_events()
 
 
+def start_map(
+    owner: object,
+    pool: Pool,
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    max_concurrency: int,
+    deadline: float | None,
+    chunksize: int | None,
+    buffersize: int | None,
+) -> Iterator[Any]:
+    """``Supervisor.map``'s iterator (arguments already checked)."""
+    star = len(iterables) != 1
+    source = zip(*iterables, strict=False) if star else iterables[0]
+    state = MapState(
+        pool,
+        fn,
+        source,
+        linked=False,  # failures are raised at their position, not on arrival
+        max_concurrency=max_concurrency,
+        ordered=True,
+        timeout=None,
+        on_timeout="exit",
+        zip_input_on_exit=False,
+        progress=False,
+        chunksize=chunksize,
+        buffer_size=None,
+        deadline=deadline,
+        cap=None if buffersize is None else buffersize * (chunksize or 1),
+    )
+    state.star = star  # one iterable: single arguments, the same path as parstream.map
+    return map_results(state, owner)
+
+
 def map_results(state: MapState, owner: object) -> Iterator[Any]:
     """The values of a ``MapState``, in input order; the first failure raised at
     its position; the stream is closed however the iteration ends. Holds
@@ -263,4 +296,4 @@ def map_results(state: MapState, owner: object) -> Iterator[Any]:
         state.close()
 
 
-__all__ = ["ExecutorCore", "MapState", "finish_at_exit", "map_results", "release"]
+__all__ = ["ExecutorCore", "MapState", "finish_at_exit", "map_results", "release", "start_map"]

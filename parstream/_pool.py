@@ -1,6 +1,7 @@
 """The local worker pool: owns the worker processes and everything sent to them.
 
 The rest of parstream sees only ``Pool.submit(job)``, ``Pool.kill(job, reason)``,
+``Pool.cancel(job)`` (withdraw a job no worker has taken),
 ``Pool.reserve(n)``/``release(n)`` (capacity), ``worker_pids()`` and ``close()``;
 a distributed backend can plug in behind the same surface.
 

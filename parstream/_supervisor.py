@@ -635,28 +635,9 @@ class Supervisor(concurrent.futures.Executor):
         check_int(buffersize, "buffersize", 1)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._check_open()
-        source: Iterable[Any] = (
-            iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+        return _executor.start_map(
+            self, self._pool, fn, iterables, self.max_workers, deadline, chunksize, buffersize
         )
-        cap = None if buffersize is None else buffersize * (chunksize or 1)
-        state = _executor.MapState(
-            self._pool,
-            fn,
-            source,
-            linked=False,  # failures are raised at their position, not on arrival
-            max_concurrency=self.max_workers,
-            ordered=True,
-            timeout=None,
-            on_timeout="exit",
-            zip_input_on_exit=False,
-            progress=False,
-            chunksize=chunksize,
-            buffer_size=None,
-            deadline=deadline,
-            cap=cap,
-        )
-        state.star = len(iterables) != 1
-        return _executor.map_results(state, self)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``: refuse new work, let submitted work finish, then close.
