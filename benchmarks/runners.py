@@ -167,10 +167,12 @@ def infinite_rss(name: str, n: int, workers: int, samples: int = 10) -> dict[str
     proc = psutil.Process()
     rss: list[int] = []
     step = max(1, n // samples)
-    with open_pool(name, workers) as pool:
+    with open_pool("parstream" if name.startswith("parstream") else name, workers) as pool:
         t0 = time.perf_counter()
         if name == "parstream":
             it: Iterator[Any] = pool.stream_map(w.square, itertools.count())
+        elif name.startswith("parstream"):  # Supervisor.map, the Executor's
+            it = pool.map(w.square, itertools.count())
         elif name == "pool":
             it = pool.imap(w.square, itertools.count(), chunksize=2048)
         elif name == "joblib":

@@ -21,6 +21,7 @@ from typing import Any
 import parstream
 from benchmarks import runners as r, workloads as w
 
+EXECUTOR_MAP = "parstream Supervisor.map"  # the Executor's map, next to parstream.map
 WORKLOADS = ("cpu", "tiny", "roundtrip", "cold", "io", "faults", "infinite", "numpy")
 
 
@@ -54,7 +55,11 @@ class Outcome:
             if seq_med and runner != "sequential" and not self.higher_is_better:
                 row["speedup"] = seq_med / med
             rows[runner] = row
-        peers = {k: v["median"] for k, v in rows.items() if k not in ("sequential", "parstream")}
+        peers = {
+            k: v["median"]
+            for k, v in rows.items()
+            if k != "sequential" and not k.startswith("parstream")
+        }
         if "parstream" in rows and peers:
             if self.higher_is_better:
                 best = max(peers, key=lambda k: peers[k])
@@ -110,7 +115,10 @@ def _map_workload(
     chunksize: int,
     rounds: int,
     peers: list[str],
+    more: Callable[[Any], dict[str, Callable[[], Any]]] | None = None,
 ) -> None:
+    """Every runner on the same items; ``more(sup)`` adds runs on parstream's
+    warm supervisor (rows named ``parstream ...``, not counted as peers)."""
     expected = [fn(x) for x in items[:3]]
     with contextlib.ExitStack() as stack:
         runners: dict[str, Callable[[], float]] = {
@@ -125,6 +133,9 @@ def _map_workload(
                 assert all(_same(a, b) for a, b in zip(out[:3], expected, strict=True)), name
 
             runners[name] = _timed(run)
+            if name == "parstream" and more is not None:
+                for label, extra_run in more(pool).items():
+                    runners[label] = _timed(extra_run)
         _interleave(outcome, runners, rounds)
 
 
@@ -162,9 +173,24 @@ def bench_tiny(cfg: Config) -> Outcome:
     peers = [p for p in cfg.peers if not (cfg.quick and p in ("joblib", "pebble", "mpire"))]
     if len(peers) < len(cfg.peers):
         out.notes.append("quick mode skips the slowest peers (joblib, pebble, mpire)")
-    _map_workload(cfg, out, w.square, list(range(n)), chunk, _rounds(cfg, 3, 5), peers)
+    items = list(range(n))
+
+    def executor_map(sup: Any) -> dict[str, Callable[[], Any]]:
+        # Issue 11: the Executor's map runs on the same engine, on the same warm
+        # supervisor; the goal is within 1.1x of parstream.map.
+        def run() -> None:
+            out = list(sup.map(w.square, items))
+            assert len(out) == n
+
+        return {EXECUTOR_MAP: run}
+
+    _map_workload(cfg, out, w.square, items, chunk, _rounds(cfg, 3, 5), peers, executor_map)
     out.extra["items"] = n
     out.extra["items_per_s"] = {k: n / statistics.median(v) for k, v in out.samples.items()}
+    out.extra["executor_map_over_map"] = statistics.median(
+        out.samples[EXECUTOR_MAP]
+    ) / statistics.median(out.samples["parstream"])
+    out.notes.append(f"'{EXECUTOR_MAP}': the same warm supervisor as 'parstream' (goal <= 1.1x)")
     return out
 
 
@@ -290,7 +316,7 @@ def bench_faults(cfg: Config) -> Outcome:
 def bench_infinite(cfg: Config) -> Outcome:
     n = 100_000 if cfg.quick else 1_000_000
     out = Outcome("infinite", f"map(square, itertools.count()) consumed for {n:,} items")
-    names = ["parstream"] + [
+    names = ["parstream", EXECUTOR_MAP] + [
         p for p in ("pool", "joblib") if p in cfg.peers and not (cfg.quick and p == "joblib")
     ]
     for name in names:

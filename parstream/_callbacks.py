@@ -35,8 +35,13 @@ def _run() -> None:
         del fn, args  # hold nothing of the user's while waiting for the next
 
 
-def current_is_callback_thread() -> bool:
-    return threading.current_thread() is _thread
+def mark_hub_thread(thread: threading.Thread) -> None:
+    """Record that ``thread`` keeps a pool's time: no user code may run on it."""
+    thread._parstream_hub = True  # type: ignore[attr-defined]
+
+
+def on_hub_thread() -> bool:
+    return getattr(threading.current_thread(), "_parstream_hub", False) is True
 
 
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:

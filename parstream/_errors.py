@@ -60,8 +60,9 @@ class WorkerStartFailed(WorkerCrashed):
 
     ``__cause__`` is what made the start fail (no working directory, out of
     processes or file descriptors, an interpreter that dies at once, an
-    ``initializer`` that raised). parstream goes on retrying with back-off,
-    and work submitted after the cause is gone runs normally.
+    ``initializer`` that raised, whose own exception and worker traceback the
+    message carries). parstream goes on retrying with back-off, and work
+    submitted after the cause is gone runs normally.
     """
 
     def __reduce__(self) -> tuple[object, ...]:

@@ -1,6 +1,7 @@
 """The local worker pool: owns the worker processes and everything sent to them.
 
 The rest of parstream sees only ``Pool.submit(job)``, ``Pool.kill(job, reason)``,
+``Pool.cancel(job)`` (withdraw a job no worker has taken),
 ``Pool.reserve(n)``/``release(n)`` (capacity), ``worker_pids()`` and ``close()``;
 a distributed backend can plug in behind the same surface.
 
@@ -61,6 +62,7 @@ from typing import Any, Protocol
 from loky.backend.context import get_context
 
 from parstream import _reaper, _wire
+from parstream._callbacks import mark_hub_thread
 from parstream._errors import (
     ParstreamInternalError,
     SupervisorClosed,
@@ -91,6 +93,9 @@ class Sink(Protocol):
         positions in ``values`` to ``(exception, traceback_text)``."""
 
     def on_job_done(self, job: Job) -> None: ...
+
+    # Optional: ``on_started(job)``, called (outside the lock, in order with the
+    # other calls) each time the job is given to a worker; see ``Pool._assign``.
 
 
 @dataclass(eq=False)
@@ -154,6 +159,7 @@ class _Worker:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     slot: Slot | None = None
     seq: int = 0  # sequence number of the last batch sent
+    init_error: tuple[BaseException, str] | None = None  # the initializer raised
 
 
 def kill_tree(pid: int) -> None:
@@ -188,8 +194,10 @@ class Pool:
         counters: collections.Counter[str] | None = None,
         max_start_failures: int = 3,
         start_failure_window: float = 5.0,
+        initializer: bytes | None = None,
     ) -> None:
         self.base = max_workers
+        self.initializer = initializer  # pickled (fn, args), run by each worker before READY
         self.max_tasks_per_worker = max_tasks_per_worker
         self.max_memory_per_worker = max_memory_per_worker
         self.idle_timeout = idle_timeout
@@ -210,6 +218,7 @@ class Pool:
         self._start_error: BaseException | None = None
         self._next_start_at = 0.0
         self._backoff = 0.0
+        self._start_detail = ""  # the worker traceback of a raising initializer
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._wake_pending = False
         self._selector: selectors.BaseSelector | None = None
@@ -223,6 +232,7 @@ class Pool:
         self._notes_lock = threading.RLock()
         _reaper.acquire(self)
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
+        mark_hub_thread(self._hub)
         self._hub.start()
         _pools.add(self)
 
@@ -263,6 +273,13 @@ class Pool:
                 raise self.fork_error()
             if self._closed:
                 raise SupervisorClosed("the supervisor is closed")
+            if self._start_error is not None:
+                # New work during a run of failed starts: try again soon rather
+                # than at the end of a long back-off, so a fixed cause (a
+                # working directory back, an initializer that no longer raises)
+                # is noticed at once.
+                soon = time.monotonic() + START_BACKOFF_S[0]
+                self._next_start_at = min(self._next_start_at, soon)
             self.counters["tasks_started"] += len(job.items)
             worker = self._idle_worker()
             if worker is None or (job.gate is not None and job.gate.active >= job.gate.limit):
@@ -302,6 +319,26 @@ class Pool:
                     job.killed = True
                     kill_tree(worker.pid)
             self._wake()
+
+    def cancel(self, job: Job) -> bool:
+        """Withdraw ``job`` if no worker has taken it yet; True if it was withdrawn.
+
+        Atomic with dispatch (under the lock): a withdrawn job never runs, and
+        its sink hears nothing more. False once the job was given to a worker
+        or has ended.
+        """
+        with self._lock:
+            if job.finished or job.killed or job.worker is not None or job.started_at:
+                return False
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            job.finished = True
+            job.killed = True
+            self.counters["tasks_killed"] += len(job.items) - job.cursor
+            job.cursor = len(job.items)
+            return True
 
     def reserve(self, n: int) -> None:
         """Allow ``n`` more workers than the base size while they are needed."""
@@ -360,6 +397,10 @@ class Pool:
             w.process.join(timeout=1.0)
         _reaper.release(self)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's workers without touching them."""
         if self._forked:
@@ -412,6 +453,9 @@ class Pool:
         # The first item's clock starts now, before the worker has unpickled
         # anything: a timeout bounds everything from dispatch to result.
         worker.item_started = job.started_at if job.timeout is not None else None
+        on_started = getattr(job.sink, "on_started", None)
+        if on_started is not None:
+            self._note(on_started, job)
 
     def _send(self, worker: _Worker, job: Job) -> None:
         with worker.send_lock:
@@ -644,7 +688,7 @@ class Pool:
         try:
             process = self._ctx.Process(
                 target=worker_main,
-                args=(child_conn, os.getpid(), slot),
+                args=(child_conn, os.getpid(), slot, self.initializer),
                 name="parstream-worker",
                 env={"PYTHONUNBUFFERED": "1"},
             )
@@ -691,6 +735,7 @@ class Pool:
                     log.info("parstream: worker processes start again")
                 self._start_failures.clear()
                 self._start_error = None
+                self._start_detail = ""
                 self._backoff = 0.0
                 self._next_start_at = 0.0
         elif kind == _wire.LOADED:
@@ -699,6 +744,8 @@ class Pool:
         elif kind == _wire.FORGET:
             with self._lock:
                 worker.fns.pop(_wire.decode(data), None)
+        elif kind == _wire.START_FAILED:
+            worker.init_error = _wire.decode(data)
         elif kind == _wire.LOG:
             name, level, text, position = _wire.decode(data)
             job = worker.job
@@ -872,13 +919,16 @@ class Pool:
             job = self._unassign(worker)
             cause = worker.kill_cause
             if was_starting and cause is None and not self._closed:
-                self._start_failed(
-                    WorkerStartFailed(
+                if worker.init_error is not None:
+                    failure: BaseException = _wire.rebuild_error(worker.init_error)
+                    self._start_detail = worker.init_error[1]
+                else:
+                    failure = WorkerStartFailed(
                         f"a worker process (pid {worker.pid}) exited with code {exitcode} "
                         "before it was ready; see its stderr for the cause",
                         exitcode=exitcode,
                     )
-                )
+                self._start_failed(failure)
             if job is None or job.finished:
                 return
             job.worker = None
@@ -1003,6 +1053,11 @@ class Pool:
             f"within {self.start_failure_window:g} s): {cause!r}; parstream keeps retrying",
             exitcode=getattr(cause, "exitcode", None),
         )
+        if self._start_detail:
+            err = WorkerStartFailed(
+                f"{err}\n\nWorker traceback:\n{self._start_detail.rstrip()}",
+                exitcode=err.exitcode,
+            )
         err.__cause__ = cause
         while self._queue:
             job = self._queue.popleft()

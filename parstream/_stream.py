@@ -112,6 +112,7 @@ class _State:
         self.item_cost: float | None = None  # measured seconds per item, chunk overhead included
         self.lock = threading.Lock()  # close() may come from another thread
         self.gate = Gate(max_concurrency)
+        self.star = False  # items are argument tuples (Supervisor.map over several iterables)
 
     # -- sink (hub thread) -----------------------------------------------------
 
@@ -175,6 +176,7 @@ class _State:
                 self.fn,
                 inputs if self.zip_input is False else list(inputs),
                 self,
+                star=self.star,
                 timeout=self.timeout,
                 first_index=chunk.start,
                 tag=chunk,

@@ -6,7 +6,8 @@ submits its one-item ``Job`` to the ``Pool``; ``async_stream`` builds a
 applies the restart rules (temporary, transient, permanent) and the restart
 intensity (more than ``max_restarts`` in ``max_seconds`` makes the supervisor
 give up: it terminates its children and closes). It is also a
-``concurrent.futures.Executor``.
+``concurrent.futures.Executor``: ``submit``, ``map`` and ``shutdown`` delegate
+to ``_executor`` (futures, the map stream, what a shutdown waits for).
 
 Lock order: the Supervisor's lock guards only its own bookkeeping and is never
 held while calling into the pool, whose hub thread runs task callbacks.
@@ -28,6 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from loky import cpu_count as _loky_cpu_count
 
+from parstream import _executor, _wire
 from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._functions import ship
 from parstream._pool import Job, Pool
@@ -67,7 +69,7 @@ class Child:
         restart: Restart,
         shutdown: ShutdownTimeout,
     ) -> None:
-        self._sup = sup
+        self._sup = weakref.ref(sup)  # a child must not keep a dropped supervisor alive
         self.fn = fn
         self.args = args
         self.restart = restart
@@ -124,9 +126,28 @@ class Supervisor(concurrent.futures.Executor):
             stream asking for more concurrency, and each running child, get
             extra workers, which retire after ``idle_timeout`` s idle.
         max_tasks_per_worker: replace a worker after it ran this many items.
+        max_tasks_per_child: ``ProcessPoolExecutor``'s name for
+            ``max_tasks_per_worker``; give one or the other.
+        initializer: called as ``initializer(*initargs)`` once in each worker
+            before its first task, and in every replacement worker (after a
+            crash, a timeout, a recycle). If it raises, the waiting calls fail
+            with ``WorkerStartFailed`` carrying its exception and traceback;
+            the next call tries again.
+        initargs: arguments for ``initializer``.
         max_memory_per_worker: replace a worker whose RSS exceeds this many
             bytes (checked between tasks).
         idle_timeout: seconds an extra worker may stay idle.
+
+    As a ``concurrent.futures.Executor``: ``with Supervisor() as ex:`` is
+    ``shutdown(wait=True)`` on leaving the block normally or with an
+    ``Exception``: submitted calls and tasks finish, children get their
+    ``shutdown`` grace. A ``KeyboardInterrupt`` (any ``BaseException`` that is
+    not an ``Exception``) leaving the block kills everything at once instead,
+    as ``close()`` does: the Ctrl-C promise wins over the contract. A
+    supervisor that is dropped without ``shutdown`` finishes its submitted
+    calls, then releases its workers. At interpreter exit, pending submitted
+    futures run to completion first (Ctrl-C during that wait kills them);
+    tasks from ``async_``/``start``, children and streams are then killed.
 
     Example::
 
@@ -145,6 +166,9 @@ class Supervisor(concurrent.futures.Executor):
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         idle_timeout: float = 10.0,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
     ) -> None:
         check_int(max_restarts, "max_restarts", 0, allow_none=False)
         max_seconds = check_timeout(max_seconds, "max_seconds", allow_none=False)
@@ -153,6 +177,15 @@ class Supervisor(concurrent.futures.Executor):
         check_int(max_children, "max_children", 1)
         check_int(max_workers, "max_workers", 1)
         check_int(max_tasks_per_worker, "max_tasks_per_worker", 1)
+        check_int(max_tasks_per_child, "max_tasks_per_child", 1)
+        if max_tasks_per_child is not None:
+            if max_tasks_per_worker is not None and max_tasks_per_worker != max_tasks_per_child:
+                raise ValueError(
+                    "max_tasks_per_child is an alias of max_tasks_per_worker; give one, "
+                    f"got {max_tasks_per_worker} and {max_tasks_per_child}"
+                )
+            max_tasks_per_worker = max_tasks_per_child
+        init_bytes = _pickle_initializer(initializer, initargs)
         check_int(max_memory_per_worker, "max_memory_per_worker", 1)
         check_timeout(idle_timeout, "idle_timeout", allow_none=False)
         self.max_restarts = max_restarts
@@ -174,7 +207,11 @@ class Supervisor(concurrent.futures.Executor):
             counters=self._counters,
             max_start_failures=max_restarts,
             start_failure_window=float(max_seconds),
+            initializer=init_bytes,
         )
+        self._core = _executor.ExecutorCore(self._pool, self._tasks)
+        # Dropped unreferenced: finish submitted work, then release the workers.
+        weakref.finalize(self, _executor.release, self._core).atexit = False
         _live.add(self)
 
     # -- tasks ---------------------------------------------------------------
@@ -185,17 +222,22 @@ class Supervisor(concurrent.futures.Executor):
         if self._closed_reason is not None:
             raise SupervisorClosed(self._closed_reason)
 
-    def _make_task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
+    def _make_task(
+        self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool, track: bool = True
+    ) -> Task[T]:
         """A task for ``fn(*args)``, its function pickled now; not yet submitted."""
         check_callable(fn)
         self._check_open()
         job = Job(ship(fn), [args], None, star=True)  # type: ignore[arg-type]
         task: Task[T] = Task(self._pool, job, linked=linked)
-        self._tasks.add(task)
+        if track:  # shutdown(wait=True) waits for it (children end by their own rules)
+            self._tasks.add(task)
         return task
 
-    def _task(self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool) -> Task[T]:
-        task = self._make_task(fn, args, linked=linked)
+    def _task(
+        self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool, track: bool = True
+    ) -> Task[T]:
+        task = self._make_task(fn, args, linked=linked, track=track)
         assert task._job is not None
         self._submit(task._job)
         return task
@@ -261,7 +303,7 @@ class Supervisor(concurrent.futures.Executor):
 
     def _run_child(self, child: Child, *, first: bool = False) -> None:
         try:
-            task = self._make_task(child.fn, child.args, linked=False)
+            task = self._make_task(child.fn, child.args, linked=False, track=False)
         except SupervisorClosed:
             self._end_child(child)
             if first:
@@ -285,7 +327,8 @@ class Supervisor(concurrent.futures.Executor):
         if stop:
             self._end_child(child)
             return
-        task.add_done_callback(functools.partial(self._child_done, child))
+        # Weakly: the pool holds the task, and must not hold the supervisor.
+        task.add_done_callback(functools.partial(_child_done, weakref.ref(self), child))
         assert task._job is not None
         try:
             self._submit(task._job)
@@ -408,6 +451,9 @@ class Supervisor(concurrent.futures.Executor):
             buffer_size=buffer_size,
         )
         stream = Stream(state, wrap=wrap)
+        # The stream keeps its supervisor alive: a dropped supervisor's
+        # finaliser closes the workers a stream still being consumed needs.
+        stream._owner = self  # type: ignore[attr-defined]
         return stream if wrap else _values(stream)
 
     def async_stream(
@@ -529,42 +575,107 @@ class Supervisor(concurrent.futures.Executor):
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
-        """``Executor.submit``: a ``concurrent.futures.Future`` for ``fn(*args, **kwargs)``."""
+        """``Executor.submit``: a ``concurrent.futures.Future`` for ``fn(*args, **kwargs)``.
+
+        The future is pending until a worker takes the call; until then
+        ``cancel()`` withdraws it (it never runs) and returns True.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            SupervisorClosed: (a ``RuntimeError``) after ``shutdown``/``close``.
+        """
+        check_callable(fn)
+        self._check_open()
         call = functools.partial(fn, *args, **kwargs) if kwargs else fn
-        task = self._task(call, args if not kwargs else (), linked=False)
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-
-        def settle(t: Task[Any]) -> None:
-            r = t.result_nowait()
-            if isinstance(r, Ok):
-                future.set_result(r.value)
-            elif isinstance(r, Exit):
-                future.set_exception(r.reason)
-
-        task.add_done_callback(settle)
-        return future
+        shipped = ship(call)
+        try:
+            return self._core.submit(shipped, () if kwargs else args)
+        except SupervisorClosed:
+            raise SupervisorClosed(self._closed_reason or "the supervisor is closed") from None
 
     def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
     ) -> Iterator[T]:
-        """``Executor.map``, with its contract: ``timeout`` is one deadline for the
-        whole call (``parstream.map``'s is per item, and lazy)."""
+        """``Executor.map`` on the stream engine: ``fn(*args)`` for the items of
+        ``iterables`` zipped (to the shortest), values in input order.
+
+        Lazy and bounded, unlike the stdlib's eager ``map``: items are pulled as
+        results are consumed, so an endless input is fine. The first exception
+        is raised at its position; the calls after it are then stopped.
+
+        Args:
+            timeout: one deadline for the whole call, from the call to ``map``:
+                a result not there by then raises ``TimeoutError``, the calls
+                running are killed and those not started never run.
+            chunksize: calls per message to a worker; None (the default)
+                adapts it to the measured cost per call.
+            buffersize: at most this many calls (chunks, with ``chunksize``)
+                pulled from the input and not yet yielded, as in Python 3.14;
+                None: the stream's own bound.
+
+        Raises:
+            TypeError/ValueError: bad arguments (named), at call time.
+            SupervisorClosed: (a ``RuntimeError``) after ``shutdown``/``close``.
+        """
         check_callable(fn)
-        check_timeout(timeout, "timeout")
-        check_int(chunksize, "chunksize", 1, allow_none=False)
-        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+        for it in iterables:
+            if not isinstance(it, Iterable):
+                raise TypeError(f"iterables must be iterable, got {type(it).__name__}")
+        timeout = check_timeout(timeout, "timeout")
+        check_int(chunksize, "chunksize", 1)
+        check_int(buffersize, "buffersize", 1)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._check_open()
+        return _executor.start_map(
+            self, self._pool, fn, iterables, self.max_workers, deadline, chunksize, buffersize
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """``Executor.shutdown``: with ``wait``, let running and queued tasks finish first."""
-        if wait and not cancel_futures:
-            for t in list(self._tasks):
-                t._done.wait()
-        self.close()
+        """``Executor.shutdown``: refuse new work, let submitted work finish, then close.
+
+        Submitted futures and ``async_``/``start`` tasks run to completion;
+        children are not restarted and each ends with its own ``shutdown``
+        grace. ``wait=False`` returns at once and all that happens in the
+        background. ``cancel_futures=True`` cancels the futures no worker has
+        taken yet (running ones finish). Ctrl-C while waiting kills everything.
+        """
+        with self._lock:
+            if self._closed_reason is None:
+                self._closed_reason = "the supervisor was shut down"
+        if cancel_futures:
+            self._core.cancel_pending()
+        if not wait:
+            threading.Thread(target=self._finish, name="parstream-shutdown", daemon=True).start()
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self.close()
+            raise
+
+    def _finish(self) -> None:
+        with self._lock:
+            children = [c for c in self._children if c.alive()]
+            for c in children:
+                c.terminated = True
+        ending = []
+        for c in children:
+            task = c.task
+            if task is not None and task._job is not None and not task.done():
+                grace = 0.0 if isinstance(c.shutdown_timeout, _BrutalKill) else c.shutdown_timeout
+                self._pool.kill(task._job, None, grace=grace)
+                ending.append(task)
+        self._core.wait_all()
+        for task in ending:
+            task._done.wait()
+        for c in children:
+            self._end_child(c)
+        self._close(self._closed_reason or "the supervisor was shut down")
 
     # -- the rest ----------------------------------------------------------------
 
@@ -601,7 +712,15 @@ class Supervisor(concurrent.futures.Executor):
         return self._closed_reason is not None
 
     def close(self) -> None:
-        """Kill every task, child and worker now; later calls raise ``SupervisorClosed``."""
+        """Kill every task, child and worker now; later calls raise ``SupervisorClosed``.
+
+        Submitted futures no worker has taken are cancelled; running ones fail
+        with ``TaskShutdown``.
+        """
+        with self._lock:
+            if self._closed_reason is None:
+                self._closed_reason = "the supervisor was closed"
+        self._core.cancel_pending()
         self._close("the supervisor was closed")
 
     def _close(self, reason: str) -> None:
@@ -621,14 +740,17 @@ class Supervisor(concurrent.futures.Executor):
         for t in list(self._tasks):
             if not t.done():
                 t._set(Exit(TaskShutdown(reason)))
-        self._pool.close()
+        self._core.close_pool()
         _live.discard(self)
 
     def __enter__(self) -> Supervisor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.close()  # Ctrl-C: kill at once rather than wait
+        else:
+            self.shutdown(wait=True)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -644,6 +766,32 @@ def _values(stream: Stream) -> Iterator[Any]:
         stream.close()
 
 
+def _child_done(ref: weakref.ref[Supervisor], child: Child, task: Task[Any]) -> None:
+    sup = ref()
+    if sup is None:  # dropped: no more restarts; closing its pool ends the rest
+        child.last_result = task.result_nowait()
+        child._ended.set()
+        return
+    sup._child_done(child, task)
+
+
+def _pickle_initializer(initializer: Any, initargs: Any) -> bytes | None:
+    if initializer is None:
+        return None
+    check_callable(initializer, "initializer")
+    if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
+        raise TypeError(f"initargs must be a tuple of arguments, got {initargs!r}")
+    try:
+        return bytes(_wire.dumps((initializer, tuple(initargs))))
+    except Exception as cause:
+        import pickle
+
+        name = getattr(initializer, "__qualname__", type(initializer).__qualname__)
+        raise pickle.PicklingError(
+            f"initializer ({name}) or its initargs could not be pickled: {cause}"
+        ) from cause
+
+
 def _log_failure(task: Task[Any]) -> None:
     r = task.result_nowait()
     if isinstance(r, Exit) and not isinstance(r.reason, TaskShutdown):
@@ -652,11 +800,17 @@ def _log_failure(task: Task[Any]) -> None:
 
 @atexit.register
 def _close_all() -> None:
-    for sup in list(_live):
-        try:
-            sup._close("the interpreter is exiting")
-        except Exception:  # pragma: no cover
-            pass
+    # Registered after multiprocessing's exit hook (imported with the pool), so
+    # it runs first: the workers are gone before that hook joins them.
+    try:
+        _executor.finish_at_exit()  # pending futures first, as the stdlib does
+    finally:
+        for sup in list(_live):
+            try:
+                sup._close("the interpreter is exiting")
+            except Exception:  # pragma: no cover
+                pass
+        _executor.close_all()
 
 
 __all__ = ["BRUTAL_KILL", "Child", "Supervisor", "cpu_count"]

@@ -22,7 +22,8 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   with a per-item timeout was loaded; the first item's clock restarts.
 * ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``,
   ``FORGET`` ``key`` (a function the worker failed to load: send it again
-  next time): small pickles.
+  next time), ``START_FAILED`` ``(exception, traceback_text)`` (the
+  initializer raised; the worker then exits): small pickles.
 
 Errors travel as ``(exception, traceback_text)``; ``rebuild_error`` attaches
 the text as a ``RemoteTraceback`` ``__cause__``, the convention of
@@ -45,6 +46,7 @@ STOP = 5
 LOG = 6
 FORGET = 7
 LOADED = 8
+START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceback_text)
 
 _HEADER = struct.Struct("<BIBd")
 _RUN_HEADER = struct.Struct("<BQ")

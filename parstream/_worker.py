@@ -305,7 +305,24 @@ class _Runner:
             self.run_batch(message)
 
 
-def worker_main(conn: Any, parent_pid: int, slot: Slot | None = None) -> None:
+def _run_initializer(conn: Any, initializer: bytes) -> None:
+    """Run the pickled ``(fn, args)`` once, before READY; if it raises, report
+    ``START_FAILED`` with its error and exit non-zero (a failed start)."""
+    try:
+        fn, args = pickle.loads(initializer)
+        fn(*args)
+    except BaseException as exc:
+        payload = _wire._portable_error(_failure(exc))
+        try:
+            conn.send_bytes(_wire.encode(_wire.START_FAILED, payload))
+        finally:
+            _flush_std()
+            os._exit(3)
+
+
+def worker_main(
+    conn: Any, parent_pid: int, slot: Slot | None = None, initializer: bytes | None = None
+) -> None:
     """Entry point of a worker process (the target given to loky's Process)."""
     # A process group of its own, before any task runs: everything a task
     # starts inherits it, so the parent (and the reaper) can kill it all.
@@ -317,6 +334,8 @@ def worker_main(conn: Any, parent_pid: int, slot: Slot | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     runner = _Runner(conn, slot)
+    if initializer is not None:
+        _run_initializer(conn, initializer)
     conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
     try:
         runner.loop()

@@ -1,0 +1,310 @@
+"""The ``concurrent.futures.Executor`` side of a Supervisor: futures, ``map``, shutdown.
+
+``Supervisor.submit`` builds a one-item ``Job`` whose sink is a ``_FutureSink``;
+``Supervisor.map`` builds a ``MapState``, a stream (``_stream._State``) with
+``Executor.map``'s whole-call deadline. Nothing here holds the Supervisor, so a
+dropped one can be garbage collected; ``ExecutorCore`` is what its finaliser
+and the interpreter-exit hook need to finish submitted work and then release
+the workers::
+
+    Supervisor --holds--> ExecutorCore --holds--> Pool, pending futures, tasks
+        ^                      ^
+        | weakref.finalize     | _cores (until its pool is closed)
+        +-> release(core): finish the futures in a thread, then close the pool
+
+A future stays pending until a worker takes its job (``Sink.on_started``), so
+``cancel()`` succeeds exactly while ``Pool.cancel`` can still withdraw the job:
+a cancelled call never runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from parstream import _wire
+from parstream._callbacks import call_soon, on_hub_thread
+from parstream._errors import TaskShutdown
+from parstream._functions import Shipped
+from parstream._pool import Job
+from parstream._stream import _Closed, _run, _State
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from parstream._pool import Pool
+    from parstream._task import Task
+
+log = logging.getLogger("parstream")
+
+_cores: set[ExecutorCore] = set()  # cores whose pool is still open
+_cores_lock = threading.Lock()
+WAIT_SLICE_S = 0.2  # waits at exit in slices, so Ctrl-C is seen on every platform
+
+
+class _Future(concurrent.futures.Future[Any]):
+    """A Future whose ``cancel()`` withdraws its job from the pool's queue."""
+
+    def __init__(self, pool: Pool, job: Job) -> None:
+        super().__init__()
+        self._ps_pool = pool
+        self._ps_job = job
+
+    def cancel(self) -> bool:
+        if self.cancelled():
+            return True
+        if self.running() or self.done():
+            return False
+        # The pool decides atomically: withdrawn means no worker took it, ever.
+        if not self._ps_pool.cancel(self._ps_job):
+            return self.cancelled()
+        if not super().cancel():  # pragma: no cover - nothing else settles a pending one
+            return False
+        # What an executor does on dequeuing a cancelled future: wake wait()
+        # and as_completed() at once, not only the done-callbacks.
+        self.set_running_or_notify_cancel()
+        return True
+
+    def _invoke_callbacks(self) -> None:
+        # Settled on a hub thread: the user's done-callbacks must not run on
+        # the thread that keeps every deadline; wait()/as_completed() waiters
+        # were already woken by the base class.
+        if on_hub_thread():
+            call_soon(super()._invoke_callbacks)  # type: ignore[misc]
+        else:
+            super()._invoke_callbacks()  # type: ignore[misc]
+
+
+class _FutureSink:
+    """The pool's sink for a submitted call: settles its Future."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: _Future) -> None:
+        self.future = future
+
+    def on_started(self, job: Job) -> None:
+        f = self.future
+        if not f.running() and not f.done():
+            f.set_running_or_notify_cancel()
+
+    def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
+        try:
+            if errors:
+                self.future.set_exception(_wire.rebuild_error(errors[0]))
+            else:
+                self.future.set_result(values[0])
+        except concurrent.futures.InvalidStateError:  # pragma: no cover - settled already
+            pass
+
+    def on_job_done(self, job: Job) -> None:
+        if not self.future.done():
+            try:
+                self.future.set_exception(
+                    TaskShutdown("the call was killed before it returned (supervisor closed)")
+                )
+            except concurrent.futures.InvalidStateError:  # pragma: no cover
+                pass
+
+
+class ExecutorCore:
+    """The pool plus the work a shutdown waits for; never refers to the Supervisor."""
+
+    def __init__(self, pool: Pool, tasks: weakref.WeakSet[Task[Any]]) -> None:
+        self.pool = pool
+        self.tasks = tasks  # the supervisor's one-off tasks (not its children)
+        self.lock = threading.Lock()
+        self.futures: set[_Future] = set()
+        with _cores_lock:
+            _cores.add(self)
+
+    def submit(self, fn: Shipped, args: tuple[Any, ...]) -> _Future:
+        job = Job(fn, [args], None, star=True)  # type: ignore[arg-type]
+        future = _Future(self.pool, job)
+        job.sink = _FutureSink(future)
+        with self.lock:
+            self.futures.add(future)
+        future.add_done_callback(self._forget)
+        try:
+            self.pool.submit(job)
+        except BaseException:
+            with self.lock:
+                self.futures.discard(future)
+            raise
+        return future
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self.lock:
+            self.futures.discard(future)
+
+    def pending_futures(self) -> list[_Future]:
+        with self.lock:
+            return [f for f in self.futures if not f.done()]
+
+    def cancel_pending(self) -> None:
+        """Cancel every future no worker has taken yet; running ones go on."""
+        for f in self.pending_futures():
+            f.cancel()
+
+    def wait_futures(self) -> None:
+        """Until every submitted future is done (new ones included)."""
+        while True:
+            pending = self.pending_futures()
+            if not pending:
+                return
+            concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
+
+    def wait_all(self) -> None:
+        """Until every submitted future and every tracked task is done."""
+        while True:
+            self.wait_futures()
+            tasks = [t for t in list(self.tasks) if not t.done()]
+            if not tasks:
+                if not self.pending_futures():
+                    return
+                continue
+            for t in tasks:
+                while not t._done.wait(WAIT_SLICE_S):
+                    pass
+
+    def close_pool(self) -> None:
+        self.cancel_pending()
+        self.pool.close()
+        with _cores_lock:
+            _cores.discard(self)
+
+
+def release(core: ExecutorCore) -> None:
+    """A dropped Supervisor's finaliser: like ``shutdown(wait=False)``, submitted
+    work still completes, then the workers are closed (from a helper thread:
+    the collection may run on any thread, the hub's included)."""
+    if core.pool.closed:
+        with _cores_lock:
+            _cores.discard(core)
+        return
+
+    def finish() -> None:
+        try:
+            core.wait_all()
+        finally:
+            core.close_pool()
+
+    threading.Thread(target=finish, name="parstream-release", daemon=True).start()
+
+
+def finish_at_exit() -> None:
+    """Interpreter exit: let pending submitted futures run to completion first,
+    as ``ProcessPoolExecutor`` does; Ctrl-C during that wait kills everything.
+    Then every remaining pool (tasks, children, streams) is closed."""
+    try:
+        while True:
+            with _cores_lock:
+                cores = list(_cores)
+            pending = [f for c in cores for f in c.pending_futures()]
+            if not pending:
+                break
+            concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
+    finally:
+        close_all()
+
+
+def close_all() -> None:
+    with _cores_lock:
+        cores = list(_cores)
+    for core in cores:
+        try:
+            core.close_pool()
+        except Exception:  # pragma: no cover
+            log.exception("parstream: closing a pool at exit failed")
+
+
+class MapState(_State):
+    """A stream with ``Executor.map``'s deadline and Python 3.14's ``buffersize``."""
+
+    def __init__(self, *args: Any, deadline: float | None, cap: int | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+        self.cap = cap  # most items pulled and not yet yielded
+
+    def limit(self) -> int:
+        base = super().limit()
+        return base if self.cap is None else min(base, self.cap)
+
+    def next_chunk_size(self) -> int:
+        size = super().next_chunk_size()
+        return size if self.cap is None else max(1, min(size, self.cap))
+
+    def wait_event(self) -> None:
+        if self.deadline is None:
+            super().wait_event()
+            return
+        while True:
+            if self.closed:
+                raise _Closed
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                # Leaving the generator closes the stream: running calls are
+                # killed, queued ones withdrawn, unpulled ones never pulled.
+                raise concurrent.futures.TimeoutError(
+                    "Supervisor.map: the results did not all arrive within the timeout"
+                )
+            try:
+                event = self.events.get(timeout=min(0.1, left))
+                break
+            except queue.Empty:
+                continue
+        self.apply(event)
+        self.drain_events()
+
+
+def start_map(
+    owner: object,
+    pool: Pool,
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    max_concurrency: int,
+    deadline: float | None,
+    chunksize: int | None,
+    buffersize: int | None,
+) -> Iterator[Any]:
+    """``Supervisor.map``'s iterator (arguments already checked)."""
+    star = len(iterables) != 1
+    source = zip(*iterables, strict=False) if star else iterables[0]
+    state = MapState(
+        pool,
+        fn,
+        source,
+        linked=False,  # failures are raised at their position, not on arrival
+        max_concurrency=max_concurrency,
+        ordered=True,
+        timeout=None,
+        on_timeout="exit",
+        zip_input_on_exit=False,
+        progress=False,
+        chunksize=chunksize,
+        buffer_size=None,
+        deadline=deadline,
+        cap=None if buffersize is None else buffersize * (chunksize or 1),
+    )
+    state.star = star  # one iterable: single arguments, the same path as parstream.map
+    return map_results(state, owner)
+
+
+def map_results(state: MapState, owner: object) -> Iterator[Any]:
+    """The values of a ``MapState``, in input order; the first failure raised at
+    its position; the stream is closed however the iteration ends. Holds
+    ``owner`` (the Supervisor), whose workers the stream needs, while alive."""
+    gen = _run(state, False)
+    try:
+        yield from gen
+    finally:
+        gen.close()
+        state.close()
+
+
+__all__ = ["ExecutorCore", "MapState", "finish_at_exit", "map_results", "release", "start_map"]

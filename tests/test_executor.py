@@ -1,0 +1,637 @@
+"""The concurrent.futures.Executor contract, on ProcessPoolExecutor and Supervisor (issue 11).
+
+Every contract test runs on both: the stdlib is the control, so a test that
+fails on ``ProcessPoolExecutor`` is wrong, not the stdlib. Calls synchronise
+through files (``mark_then_wait``): a call leaves a mark when it starts and
+waits for a release file, so "running" and "pending" are known, not guessed.
+The tests after the contract section are parstream's own: the lazy map, the
+initializer, Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import _executor_funcs as f
+import psutil
+import pytest
+from _util import gone
+
+import parstream
+
+KINDS = ["stdlib", "parstream"]
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def make(kind: str, workers: int = 2, **kw: Any) -> cf.Executor:
+    if kind == "stdlib":
+        return cf.ProcessPoolExecutor(max_workers=workers, **kw)
+    return parstream.Supervisor(max_workers=workers, **kw)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def wait_file(path: Path, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.01)
+
+
+def new_children(before: set[int]) -> list[int]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid in before or "resource_tracker" in " ".join(p.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        out.append(p.pid)
+    return out
+
+
+def consume(it: Any, into: list[Any]) -> None:
+    """Append what ``it`` yields to ``into`` until it ends or raises."""
+    for x in it:
+        into.append(x)  # noqa: PERF402 - one at a time: keep what came before a raise
+
+
+class Gate:
+    """Marks and a release file in ``tmp_path`` for ``mark_then_wait`` calls."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.release_path = folder / "release"
+
+    def mark(self, name: str) -> Path:
+        return self.folder / f"mark-{name}"
+
+    def submit(self, ex: cf.Executor, name: str) -> cf.Future[Any]:
+        return ex.submit(f.mark_then_wait, str(self.mark(name)), str(self.release_path))
+
+    def release(self) -> None:
+        self.release_path.touch()
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()  # a failed test must not leave calls waiting
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Gate]:
+    with Gate(tmp_path) as g:
+        yield g
+
+
+# -- submit, result, cancel -----------------------------------------------------------
+
+
+def test_submit_result_and_exception(kind: str) -> None:
+    """result() gives the value; a raising call's exception() and result() give its error."""
+    with make(kind) as ex:
+        assert ex.submit(f.square, 7).result(timeout=30) == 49
+        bad = ex.submit(f.raise_value_error, "nope")
+        err = bad.exception(timeout=30)
+        assert isinstance(err, ValueError)
+        assert str(err) == "nope"
+        with pytest.raises(ValueError, match="nope"):
+            bad.result()
+        assert bad.done()
+        assert not bad.cancelled()
+
+
+def test_submit_kwargs(kind: str) -> None:
+    """Keyword arguments reach the call."""
+    with make(kind) as ex:
+        assert ex.submit(f.with_kwargs, 1, c=3).result(timeout=30) == (1, 0, 3)
+        assert ex.submit(f.with_kwargs, a=1, b=2).result(timeout=30) == (1, 2, 0)
+
+
+def test_cancel_pending_and_running(kind: str, tmp_path: Path) -> None:
+    """A running future cannot be cancelled; a pending one can, and then never runs."""
+    with make(kind, workers=1) as ex, Gate(tmp_path) as gate:
+        first = gate.submit(ex, "first")
+        # The stdlib hands calls to its queue ahead (max_workers + 1 of them
+        # behind the running one) and marks them running; the fourth is
+        # pending in both executors.
+        queued = [gate.submit(ex, f"q{i}") for i in range(2)]
+        last = gate.submit(ex, "last")
+        wait_file(gate.mark("first"))
+        assert first.running()
+        assert not last.running()
+        assert not last.done()
+        called: list[cf.Future[Any]] = []
+        last.add_done_callback(called.append)
+        assert first.cancel() is False
+        assert last.cancel() is True
+        assert last.cancelled()
+        assert last.done()
+        assert not last.running()
+        assert called == [last]
+        assert last.cancel() is True  # again: still cancelled
+        with pytest.raises(cf.CancelledError):
+            last.result()
+        gate.release()
+        assert first.result(timeout=30) == str(gate.mark("first"))
+        assert [q.result(timeout=30) for q in queued] == [
+            str(gate.mark("q0")),
+            str(gate.mark("q1")),
+        ]
+        assert first.cancel() is False  # finished
+    assert not gate.mark("last").exists()
+
+
+def test_done_callbacks(kind: str, tmp_path: Path) -> None:
+    """A callback runs once with its future on completion, and at once if added after."""
+    with make(kind) as ex, Gate(tmp_path) as gate:
+        seen: list[cf.Future[Any]] = []
+        fut = gate.submit(ex, "a")
+        fut.add_done_callback(seen.append)
+        assert seen == []
+        gate.release()
+        fut.result(timeout=30)
+        deadline = time.monotonic() + 10
+        while not seen:  # the executor's thread may still be running callbacks
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert seen == [fut]
+        late: list[cf.Future[Any]] = []
+        fut.add_done_callback(late.append)
+        assert late == [fut]
+
+
+def test_wait_three_modes(kind: str, tmp_path: Path) -> None:
+    """wait() with FIRST_COMPLETED, FIRST_EXCEPTION and ALL_COMPLETED."""
+    with make(kind) as ex, Gate(tmp_path) as gate:
+        blocked = gate.submit(ex, "blocked")
+        wait_file(gate.mark("blocked"))
+        quick = ex.submit(f.square, 3)
+        done, not_done = cf.wait([blocked, quick], timeout=30, return_when=cf.FIRST_COMPLETED)
+        assert done == {quick}
+        assert not_done == {blocked}
+        failing = ex.submit(f.raise_value_error, "x")
+        done, not_done = cf.wait([blocked, failing], timeout=30, return_when=cf.FIRST_EXCEPTION)
+        assert done == {failing}
+        assert not_done == {blocked}
+        done, not_done = cf.wait([blocked, quick], timeout=0.2, return_when=cf.ALL_COMPLETED)
+        assert not_done == {blocked}
+        gate.release()
+        done, not_done = cf.wait([blocked, quick, failing], timeout=30)
+        assert done == {blocked, quick, failing}
+        assert not_done == set()
+
+
+def test_as_completed_timeout_and_duplicates(kind: str, tmp_path: Path) -> None:
+    """as_completed yields a duplicated future once, then raises TimeoutError on time."""
+    with make(kind) as ex, Gate(tmp_path) as gate:
+        blocked = gate.submit(ex, "blocked")
+        quick = ex.submit(f.square, 4)
+        assert quick.result(timeout=30) == 16
+        got: list[Any] = []
+        with pytest.raises(cf.TimeoutError):
+            consume(cf.as_completed([quick, blocked, quick], timeout=0.5), got)
+        assert got == [quick]
+        gate.release()
+        assert set(cf.as_completed([quick, blocked, quick], timeout=30)) == {quick, blocked}
+
+
+# -- map --------------------------------------------------------------------------------
+
+
+def test_map_order_zip_and_empty(kind: str) -> None:
+    """Results in input order; several iterables zipped to the shortest; empty input."""
+    with make(kind) as ex:
+        assert list(ex.map(f.square, range(50))) == [x * x for x in range(50)]
+        assert list(ex.map(f.add, [1, 2, 3], (10, 20))) == [11, 22]
+        assert list(ex.map(f.add, iter([1, 2]), range(10, 100))) == [11, 13]
+        assert list(ex.map(f.square, [])) == []
+        assert list(ex.map(f.square)) == []
+
+
+def test_map_exception_at_its_position(kind: str) -> None:
+    """The first exception is raised where its item is, after the earlier results."""
+    with make(kind) as ex:
+        got: list[Any] = []
+        with pytest.raises(ValueError, match="bad item 3"):
+            consume(ex.map(f.fail_at, range(8), [3] * 8), got)
+        assert got == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_map_timeout_is_one_deadline_and_cancels_the_rest(kind: str, tmp_path: Path) -> None:
+    """map(timeout=) raises TimeoutError on time, and calls not yet started never run."""
+    n = 8
+    with make(kind, workers=1) as ex:
+        results = ex.map(f.mark_sleep, [str(tmp_path)] * n, range(n), [0.6] * n, timeout=0.3)
+        with pytest.raises(cf.TimeoutError):
+            list(results)
+        ex.shutdown(wait=True)  # whatever was still meant to run has run now
+    started = {int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")}
+    # The stdlib had handed at most its queue (max_workers + 1 calls) out; the
+    # calls behind those were cancelled.
+    assert started <= {0, 1, 2, 3}, started
+    assert not any((tmp_path / f"started-{i}").exists() for i in range(4, n))
+
+
+# -- shutdown, with, after shutdown -----------------------------------------------------
+
+
+def test_shutdown_wait_true_finishes_queued_work(kind: str) -> None:
+    """shutdown(wait=True) returns after every submitted call, queued ones included."""
+    ex = make(kind, workers=1)
+    futs = [ex.submit(f.sleep_return, 0.1, i) for i in range(4)]
+    ex.shutdown(wait=True)
+    assert all(fut.done() for fut in futs)
+    assert [fut.result() for fut in futs] == [0, 1, 2, 3]
+
+
+def test_shutdown_wait_false_returns_and_work_completes(kind: str, gate: Gate) -> None:
+    """shutdown(wait=False) returns at once; submitted work still completes."""
+    ex = make(kind, workers=1)
+    blocked = gate.submit(ex, "a")
+    queued = ex.submit(f.sleep_return, 0.0, "queued")
+    ex.shutdown(wait=False)
+    assert not blocked.done()  # it waits for the release file, made only now
+    gate.release()
+    assert blocked.result(timeout=30) == str(gate.mark("a"))
+    assert queued.result(timeout=30) == "queued"
+
+
+def test_shutdown_cancel_futures(kind: str, gate: Gate) -> None:
+    """cancel_futures=True: pending futures are cancelled, the running one finishes."""
+    ex = make(kind, workers=1)
+    running = gate.submit(ex, "running")
+    for i in range(2):  # queued: the stdlib may already count them as running
+        gate.submit(ex, f"q{i}")
+    pending = [gate.submit(ex, f"p{i}") for i in range(3)]
+    wait_file(gate.mark("running"))
+    ex.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + 30
+    while not all(p.cancelled() for p in pending):  # the stdlib's manager thread cancels them
+        assert time.monotonic() < deadline, pending
+        time.sleep(0.01)
+    gate.release()
+    assert running.result(timeout=30) == str(gate.mark("running"))
+    ex.shutdown(wait=True)
+    assert not any(gate.mark(f"p{i}").exists() for i in range(3))
+
+
+def test_with_block_waits_for_submitted_work(kind: str) -> None:
+    """Leaving a with block is shutdown(wait=True): queued calls finish, none is killed."""
+    with make(kind, workers=1) as ex:
+        futs = [ex.submit(f.sleep_return, 0.1, i) for i in range(3)]
+    assert [fut.result(timeout=0) for fut in futs] == [0, 1, 2]
+
+
+def test_submit_and_map_after_shutdown_raise_runtime_error(kind: str) -> None:
+    """After shutdown, submit() and map() raise RuntimeError."""
+    ex = make(kind)
+    ex.submit(f.square, 2).result(timeout=30)
+    ex.shutdown()
+    with pytest.raises(RuntimeError):
+        ex.submit(f.square, 2)
+    with pytest.raises(RuntimeError):
+        ex.map(f.square, [1])
+    ex.shutdown()  # a second shutdown is harmless
+
+
+# -- dropped executors and interpreter exit ---------------------------------------------
+
+
+def _drop(kind: str, mid_map: bool) -> list[int]:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    ex = make(kind)
+    assert sorted(ex.map(f.square, range(20))) == [x * x for x in range(20)]
+    assert ex.submit(f.square, 3).result(timeout=30) == 9
+    if mid_map:
+        it = ex.map(f.square, range(10_000))
+        assert next(it) == 0
+        del it
+    pids = new_children(before)
+    assert pids
+    del ex
+    return pids
+
+
+@pytest.mark.parametrize("mid_map", [False, True], ids=["idle", "mid-map"])
+def test_dropped_executor_releases_its_workers(kind: str, mid_map: bool) -> None:
+    """A used executor dropped without shutdown is collected and its workers exit."""
+    pids = _drop(kind, mid_map)
+    gc.collect()
+    assert all(gone(p, within=15) for p in pids), pids
+
+
+EXIT_SCRIPTS = {
+    "pending": """
+        for i in range(3):
+            ex.submit(f.mark_sleep, folder, i, 0.2)
+    """,
+    "idle": """
+        assert ex.submit(f.square, 3).result() == 9
+    """,
+    "dropped": """
+        it = ex.map(f.square, range(100_000))
+        assert next(it) == 0
+        futs = [ex.submit(f.mark_sleep, folder, i, 0.2) for i in range(3)]
+        del ex, it
+        gc.collect()
+    """,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(EXIT_SCRIPTS))
+def test_interpreter_exit(kind: str, case: str, tmp_path: Path) -> None:
+    """A script that ends with an executor alive (or dropped) exits, pending work done."""
+    make_ex = (
+        "concurrent.futures.ProcessPoolExecutor(max_workers=1)"
+        if kind == "stdlib"
+        else "parstream.Supervisor(max_workers=1)"
+    )
+    body = textwrap.dedent(
+        f"""
+        import concurrent.futures, gc, parstream
+        import _executor_funcs as f
+        folder = {str(tmp_path)!r}
+        ex = {make_ex}
+        """
+    ) + textwrap.dedent(EXIT_SCRIPTS[case])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
+    proc = subprocess.run(
+        [sys.executable, "-c", body],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if case != "idle":
+        done = sorted(p.name for p in tmp_path.glob("done-*"))
+        assert done == ["done-0", "done-1", "done-2"], (done, proc.stderr[-2000:])
+
+
+# -- parstream's own: the lazy map ------------------------------------------------------
+
+
+def test_map_pulls_an_infinite_input_lazily() -> None:
+    """map over itertools.count() returns at once and pulls only ahead by a bound."""
+    pulls = [0]
+
+    def counted() -> Iterator[int]:
+        for i in itertools.count():
+            pulls[0] += 1
+            yield i
+
+    with parstream.Supervisor(max_workers=2) as ex:
+        it = ex.map(f.square, counted(), buffersize=16)
+        assert pulls[0] == 0  # nothing before the first next()
+        for consumed, value in enumerate(itertools.islice(it, 500), 1):
+            assert value == (consumed - 1) ** 2
+            assert pulls[0] <= consumed + 16, (consumed, pulls[0])
+        del it  # closes the generator, and with it the stream
+        # Default bound: the stream's own (max_concurrency chunks plus a buffer).
+        pulls[0] = 0
+        got = list(itertools.islice(ex.map(f.square, counted()), 3000))
+        assert got == [x * x for x in range(3000)]
+        assert pulls[0] < 3000 + 5 * 2 * 32768
+
+
+def test_a_dropped_supervisor_lives_while_its_map_and_streams_do() -> None:
+    """Iterating map() or a stream of an unreferenced supervisor works to the end."""
+    results = parstream.Supervisor(max_workers=1).map(f.square, range(3000))
+    stream = parstream.Supervisor(max_workers=1).async_stream(f.square, range(300))
+    gc.collect()
+    assert list(results) == [x * x for x in range(3000)]
+    assert [r.value for r in stream] == [x * x for x in range(300)]  # type: ignore[union-attr]
+    del results, stream
+    gc.collect()  # then both release their workers (checked by conftest's fixture)
+
+
+def test_map_honours_chunksize() -> None:
+    """With chunksize, each run of that many consecutive calls shares one worker."""
+    with parstream.Supervisor(max_workers=2) as ex:
+        pids = list(ex.map(f.getpid, range(40), chunksize=8))
+        for k in range(0, 40, 8):
+            assert len(set(pids[k : k + 8])) == 1, pids
+
+
+def test_map_validates_arguments_at_call_time() -> None:
+    """Bad map arguments raise at the call, naming the parameter."""
+    with parstream.Supervisor(max_workers=1) as ex:
+        with pytest.raises(TypeError, match="fn"):
+            ex.map(3, [1])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="iterables"):
+            ex.map(f.square, 3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            ex.map(f.square, [1], timeout=-1)
+        with pytest.raises(ValueError, match="chunksize"):
+            ex.map(f.square, [1], chunksize=0)
+        with pytest.raises(ValueError, match="buffersize"):
+            ex.map(f.square, [1], buffersize=0)
+        with pytest.raises(TypeError, match="buffersize"):
+            ex.map(f.square, [1], buffersize=1.5)  # type: ignore[arg-type]
+
+
+def test_stream_map_is_kept() -> None:
+    """stream_map, the parstream.map twin, still works on a supervisor."""
+    with parstream.Supervisor(max_workers=1) as ex:
+        assert list(ex.stream_map(f.square, range(5))) == [0, 1, 4, 9, 16]
+
+
+# -- parstream's own: initializer, constructor ------------------------------------------
+
+
+def test_initializer_state_is_seen_by_tasks() -> None:
+    """The initializer runs in each worker before its first task."""
+    with parstream.Supervisor(max_workers=2, initializer=f.set_state, initargs=("ready",)) as ex:
+        assert ex.submit(f.get_state).result(timeout=30) == "ready"
+        assert set(ex.map(f.get_state, range(100))) == {"ready"}
+        assert ex.async_(f.get_state, None).await_(30) == "ready"
+
+
+def test_initializer_reruns_in_a_replacement_worker(tmp_path: Path) -> None:
+    """After a crash, the replacement worker runs the initializer before its first task."""
+    with parstream.Supervisor(
+        max_workers=1, initializer=f.set_state, initargs=("again", str(tmp_path))
+    ) as ex:
+        first = ex.submit(f.getpid).result(timeout=30)
+        with pytest.raises(parstream.WorkerCrashed):
+            ex.submit(f.exit_hard, 1).result(timeout=30)
+        assert ex.submit(f.get_state).result(timeout=30) == "again"
+        second = ex.submit(f.getpid).result(timeout=30)
+    assert second != first
+    marks = {p.name for p in tmp_path.iterdir()}
+    assert {str(first), str(second)} <= marks
+
+
+def test_raising_initializer_is_reported_and_the_supervisor_recovers(tmp_path: Path) -> None:
+    """A raising initializer fails the waiting calls with its error; fixed, it recovers."""
+    marker = tmp_path / "broken"
+    marker.touch()
+    with parstream.Supervisor(
+        max_workers=1, initializer=f.fail_while_exists, initargs=(str(marker),)
+    ) as ex:
+        fut = ex.submit(f.square, 2)
+        with pytest.raises(parstream.WorkerStartFailed) as info:
+            fut.result(timeout=60)
+        err = info.value
+        assert isinstance(err, parstream.WorkerCrashed)
+        assert "RuntimeError" in str(err)
+        assert "initializer refused" in str(err)
+        assert "fail_while_exists" in str(err)  # the worker traceback
+        assert isinstance(err.__cause__, RuntimeError)
+        assert isinstance(err.__cause__.__cause__, parstream.RemoteTraceback)
+        assert not ex.closed
+        with pytest.raises(parstream.WorkerStartFailed):
+            list(ex.map(f.square, range(3)))
+        marker.unlink()
+        assert ex.submit(f.square, 3).result(timeout=60) == 9
+        assert ex.submit(f.get_state).result(timeout=30) == "initialized"
+
+
+def test_constructor_checks_initializer_and_alias() -> None:
+    """Bad initializer/initargs and conflicting max_tasks_* fail at construction."""
+    with pytest.raises(TypeError, match="initializer"):
+        parstream.Supervisor(initializer=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="initargs"):
+        parstream.Supervisor(initializer=f.set_state, initargs=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        parstream.Supervisor(max_tasks_per_worker=2, max_tasks_per_child=3)
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        parstream.Supervisor(max_tasks_per_child=0)
+
+
+def test_max_tasks_per_child_recycles() -> None:
+    """max_tasks_per_child is the stdlib's name for max_tasks_per_worker."""
+    with parstream.Supervisor(max_workers=1, max_tasks_per_child=2) as ex:
+        pids = [ex.submit(f.getpid).result(timeout=30) for _ in range(6)]
+    assert len(set(pids)) >= 3
+
+
+# -- parstream's own: close, Ctrl-C, children ---------------------------------------------
+
+
+def test_close_cancels_pending_and_kills_running(gate: Gate) -> None:
+    """close() kills at once: pending futures cancelled, running ones fail TaskShutdown."""
+    ex = parstream.Supervisor(max_workers=1)
+    running = gate.submit(ex, "running")
+    pending = gate.submit(ex, "pending")
+    wait_file(gate.mark("running"))
+    ex.close()
+    assert pending.cancelled()
+    assert isinstance(running.exception(timeout=30), parstream.TaskShutdown)
+    assert not gate.mark("pending").exists()
+
+
+def test_cancelled_future_wakes_wait_at_once(gate: Gate) -> None:
+    """A pending future cancelled is done for wait() and as_completed() at once."""
+    with parstream.Supervisor(max_workers=1) as ex:
+        running = gate.submit(ex, "running")
+        pending = gate.submit(ex, "pending")
+        wait_file(gate.mark("running"))
+        assert pending.cancel()
+        done, _ = cf.wait([pending], timeout=0)
+        assert done == {pending}
+        assert list(cf.as_completed([pending], timeout=0)) == [pending]
+        gate.release()
+        running.result(timeout=30)
+
+
+def test_shutdown_waits_for_start_tasks(tmp_path: Path) -> None:
+    """shutdown(wait=True) also lets fire-and-forget start() tasks finish."""
+    ex = parstream.Supervisor(max_workers=1)
+    ex.start(f.mark_sleep, str(tmp_path), 0, 0.2)
+    ex.start(f.mark_sleep, str(tmp_path), 1, 0.0)
+    ex.shutdown(wait=True)
+    assert (tmp_path / "done-0").exists()
+    assert (tmp_path / "done-1").exists()
+
+
+def test_keyboard_interrupt_leaving_with_kills_at_once(gate: Gate) -> None:
+    """A KeyboardInterrupt leaving the block kills instead of waiting (the one deviation)."""
+    box: dict[str, Any] = {}
+
+    def interrupted() -> None:
+        with parstream.Supervisor(max_workers=1) as ex:
+            box["ex"] = ex
+            box["running"] = gate.submit(ex, "running")
+            wait_file(gate.mark("running"))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted()
+    ex, running = box["ex"], box["running"]
+    assert ex.closed
+    assert isinstance(running.exception(timeout=0), parstream.TaskShutdown)
+
+
+def test_with_block_ends_children_with_their_grace() -> None:
+    """On leaving the block, children are not restarted and end by their shutdown grace."""
+    with parstream.Supervisor(max_workers=1) as ex:
+        child = ex.start_child(f.sleep_return, 30, "x", restart="permanent", shutdown=0.5)
+        deadline = time.monotonic() + 30
+        while child.pid is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pid = child.pid
+    assert not child.alive()
+    assert child.restarts == 0
+    assert gone(pid)
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_exit_kills_pending_work(tmp_path: Path) -> None:
+    """Ctrl-C while exit waits for pending futures kills them and the script ends."""
+    body = textwrap.dedent(
+        f"""
+        import json, time, parstream
+        import _executor_funcs as f
+        ex = parstream.Supervisor(max_workers=1)
+        fut = ex.submit(f.mark_then_wait, {str(tmp_path / "m")!r}, {str(tmp_path / "r")!r}, 120)
+        while not fut.running():
+            time.sleep(0.01)
+        print(json.dumps(ex.worker_pids()), flush=True)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", body],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        import json
+
+        pids = json.loads(proc.stdout.readline())
+        wait_file(tmp_path / "m")
+        time.sleep(0.3)  # let the script reach its exit hook
+        assert proc.poll() is None  # waiting for the pending future, as the stdlib does
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(30)
+        assert all(gone(p) for p in pids), pids
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
