@@ -44,9 +44,14 @@ Verdict = Literal["parallel", "more-concurrency", "batch", "transfer", "sequenti
 ROUNDS = 3  # timed rounds of each; more narrows the spread but multiplies the wait
 PAYS = 1.2  # speedup below which parallel is not worth its moving parts
 TRANSFER_BYTES = 1_000_000  # pickled result size from which shipping it back is the story
-IO_CPU_SHARE = 0.5  # below this share of CPU time per wall second an item mostly waits
+IO_CPU_SHARE = 0.2  # below this CPU share an item mostly waits (a busy machine also lowers it)
 RESULT_SAMPLES = 5  # results pickled to estimate the size of one
+TINY_ITEM_S = 1e-3  # below this, an overhead larger than the item is the cost of shipping it
 EXTRAPOLATE_FACTOR = 4  # advice extrapolates to this many times the workers measured
+
+
+class _EmptyInput(ValueError):
+    """Raised by ``compare`` when there are no items (the CLI reports it in one line)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class Comparison:
         rows = [
             f"parstream.compare: {self.items:,} items{sample}, {self.workers} workers "
             f"on {self.cores} cores, {self.rounds} rounds",
-            f"  {'':<12}{'median':>10}   {'min - max':<21}",
+            f"  {'':<12}{'median':>10}   min - max",
             f"  {'sequential':<12}{_dur(self.sequential_s):>10}   "
             f"{_dur(self.sequential_min_s)} - {_dur(self.sequential_max_s)}",
             f"  {'parallel':<12}{_dur(self.parallel_s):>10}   "
@@ -257,7 +262,7 @@ def compare(
     total = _length(iterable)
     items = list(iterable if sample is None else itertools.islice(iterable, sample))
     if not items:
-        raise ValueError("iterable is empty: there is nothing to compare")
+        raise _EmptyInput("iterable is empty: there is nothing to compare")
 
     bar: Progress | None = None
     if progress is not False:
@@ -385,8 +390,8 @@ def _advise(
     if speedup >= PAYS:
         if cpu_share < IO_CPU_SHARE:
             return "more-concurrency", (
-                f"parallel is {speedup:.1f}x faster with {workers} workers, and each item "
-                f"mostly waits (CPU busy {cpu_share:.0%} of its time): use parstream.map with "
+                f"parallel pays: parstream.map is {speedup:.1f}x faster with {workers} workers, "
+                f"and each item mostly waits (CPU busy {cpu_share:.0%} of its time): use it with "
                 f"max_concurrency above the core count (e.g. {4 * max(workers, cores)})." + whole
             )
         more = EXTRAPOLATE_FACTOR * workers
@@ -408,7 +413,7 @@ def _advise(
             f"({_dur(overhead)} per item to ship against {_dur(cost)} of work); return less "
             "from fn (a summary, or write the data to a file and return its path)."
         )
-    if overhead > cost:
+    if overhead > cost and cost < TINY_ITEM_S:
         return "batch", (
             f"each item takes {_dur(cost)} but costs {_dur(overhead)} to ship "
             f"(parallel {speedup:.2f}x on {workers} workers): batch the work inside fn "
@@ -416,7 +421,8 @@ def _advise(
         )
     return "sequential", (
         f"parallel is only {speedup:.2f}x on {workers} workers with {items:,} items "
-        f"of {_dur(cost)}: stay sequential, or measure a larger sample." + whole
+        f"of {_dur(cost)} (+ {_dur(overhead)} overhead each): stay sequential, or measure "
+        "a larger sample (on a busy machine the workers also wait for a core)." + whole
     )
 
 
