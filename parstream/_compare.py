@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import os
 import pickle
 import statistics
 import time
@@ -62,8 +63,10 @@ class Comparison:
     spread. ``cost_per_item_s`` is ``sequential_s / items``;
     ``overhead_per_item_s`` is ``max(0, parallel_s * workers - sequential_s) / items``
     (worker-seconds spent beyond the work, per item: pickling, transfer,
-    dispatch, idle workers). ``total_items`` is the whole input's length when
-    a sample was taken and ``len()`` knew it. ``verdict`` is one of
+    dispatch, idle workers). ``load_average`` is the machine's one-minute load
+    when the measurement began (None where the OS does not say).
+    ``total_items`` is the whole input's length when a sample was taken and
+    ``len()`` knew it. ``verdict`` is one of
     ``"parallel"``, ``"more-concurrency"`` (items mostly wait: use more
     concurrency than cores), ``"batch"`` (items are too small to ship one by
     one), ``"transfer"`` (results are too big to ship) and ``"sequential"``.
@@ -84,6 +87,7 @@ class Comparison:
     result_bytes: int
     workers: int
     cores: int
+    load_average: float | None
     chunksize: int
     rounds: int
     verdict: Verdict
@@ -101,7 +105,8 @@ class Comparison:
         )
         rows = [
             f"parstream.compare: {self.items:,} items{sample}, {self.workers} workers "
-            f"on {self.cores} cores, {self.rounds} rounds",
+            f"on {self.cores} cores, {self.rounds} rounds"
+            + (f", load {self.load_average:.1f}" if self.load_average is not None else ""),
             f"  {'':<12}{'median':>10}   min - max",
             f"  {'sequential':<12}{_dur(self.sequential_s):>10}   "
             f"{_dur(self.sequential_min_s)} - {_dur(self.sequential_max_s)}",
@@ -264,6 +269,7 @@ def compare(
     if not items:
         raise _EmptyInput("iterable is empty: there is nothing to compare")
 
+    load = _load_average()
     bar: Progress | None = None
     if progress is not False:
         spec: Any = progress
@@ -333,6 +339,7 @@ def compare(
         result_bytes=result_bytes,
         workers=used,
         cores=cores,
+        load=load,
     )
     return Comparison(
         items=n,
@@ -350,6 +357,7 @@ def compare(
         result_bytes=result_bytes,
         workers=workers,
         cores=cores,
+        load_average=load,
         chunksize=chunksize,
         rounds=rounds,
         verdict=verdict,
@@ -379,6 +387,7 @@ def _advise(
     result_bytes: int,
     workers: int,
     cores: int,
+    load: float | None = None,
 ) -> tuple[Verdict, str]:
     """The verdict and one or two sentences with the numbers behind it."""
     whole = ""
@@ -419,11 +428,25 @@ def _advise(
             f"(parallel {speedup:.2f}x on {workers} workers): batch the work inside fn "
             "(one call per list of items), or stay sequential." + whole
         )
+    if load is not None and load > cores - 1 and cost >= TINY_ITEM_S:
+        return "sequential", (
+            f"parallel is only {speedup:.2f}x on {workers} workers, but the machine is busy "
+            f"(load average {load:.1f} on {cores} cores), so the workers waited for a core: "
+            f"with items of {_dur(cost)} parallel should pay; measure again when it is quieter."
+            + whole
+        )
     return "sequential", (
         f"parallel is only {speedup:.2f}x on {workers} workers with {items:,} items "
         f"of {_dur(cost)} (+ {_dur(overhead)} overhead each): stay sequential, or measure "
-        "a larger sample (on a busy machine the workers also wait for a core)." + whole
+        "a larger sample." + whole
     )
+
+
+def _load_average() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
 
 
 def _length(iterable: Iterable[Any]) -> int | None:

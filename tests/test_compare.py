@@ -54,6 +54,7 @@ def made_up(**changes: Any) -> parstream.Comparison:
         "result_bytes": 28,
         "workers": 2,
         "cores": 2,
+        "load_average": 0.5,
         "chunksize": 1,
         "rounds": 3,
         "verdict": "parallel",
@@ -175,6 +176,7 @@ def test_str_is_a_short_table_with_the_advice() -> None:
     lines = text.splitlines()
     assert len(lines) <= 8
     assert "8 items (sample of 800)" in lines[0]
+    assert lines[0].endswith(", load 0.5")
     assert any(line.split()[:2] == ["sequential", "400"] for line in lines)
     assert "390 ms - 450 ms" in text
     assert "1.90x" in text
@@ -237,6 +239,27 @@ def test_advice_for_cpu_work_extrapolates_with_amdahl() -> None:
     assert advice.startswith("parallel pays: parstream.map is 1.9x faster on 2 workers; ")
     assert "expect about 5.8x on 8 cores" in advice
     assert "For all 8,000 items expect about 6.7 min sequential and 3.5 min parallel" in advice
+
+
+def test_advice_on_a_busy_machine_says_so() -> None:
+    """Coarse items without a speedup under a high load: the load is named, not the items."""
+    verdict, advice = _advise(
+        items=8,
+        total=None,
+        seq_s=0.4,
+        par_s=0.41,
+        speedup=0.4 / 0.41,
+        cost=0.05,
+        overhead=0.05,
+        cpu_share=0.9,
+        result_bytes=4,
+        workers=2,
+        cores=2,
+        load=6.5,
+    )
+    assert verdict == "sequential"
+    assert "the machine is busy (load average 6.5 on 2 cores)" in advice
+    assert "measure again when it is quieter" in advice
 
 
 def test_advice_when_results_are_big() -> None:
