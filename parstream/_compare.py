@@ -221,7 +221,9 @@ def compare(
     only up to the sample, so an endless one is fine). One parallel run warms
     the workers untimed, then ``rounds`` sequential and parallel runs
     alternate, so drift on a shared machine hits both alike. ``fn`` runs in
-    this process for the sequential runs and in workers for the parallel ones.
+    this process for the sequential runs and in workers for the parallel ones,
+    ``2 * rounds + 1`` times per item (the first once more): keep side effects
+    out of it, or make them harmless to repeat.
 
     Example::
 
