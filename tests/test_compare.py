@@ -163,6 +163,15 @@ def test_bad_input_fails_at_call_time(kwargs: dict[str, Any], error: type, match
     assert _api._default is None  # nothing was started
 
 
+def test_default_supervisor_is_used_and_left_open() -> None:
+    """Without max_concurrency the default supervisor's warm workers are used, not closed."""
+    c = parstream.compare(square, range(4), rounds=1, progress=False)
+    sup = parstream.default_supervisor()
+    assert c.workers == sup.max_workers
+    assert not sup.closed
+    assert c.rounds == 1
+
+
 def test_local_backend_is_accepted() -> None:
     """backend='local' is today's only backend, and it works."""
     c = parstream.compare(square, range(4), max_concurrency=1, backend="local", progress=False)
