@@ -151,7 +151,9 @@ class Comparison:
         return (
             '<div class="parstream-compare">'
             f"<p><b>parstream.compare</b>: {self.items:,} items{sample}, "
-            f"{self.workers} workers on {self.cores} cores, {self.rounds} rounds</p>"
+            f"{self.workers} workers on {self.cores} cores, {self.rounds} rounds"
+            + (f", load {self.load_average:.1f}" if self.load_average is not None else "")
+            + "</p>"
             '<table class="parstream-compare-table">'
             "<tr><th></th><th>median</th><th>min &ndash; max</th></tr>"
             + row("sequential", self.sequential_s, self.sequential_min_s, self.sequential_max_s)
