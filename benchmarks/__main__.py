@@ -1,8 +1,10 @@
 """``python -m benchmarks``: sequential vs parstream vs the peers, in one run.
 
-Prints a table, writes ``<out>/<timestamp>.json`` and ``<out>/<timestamp>.png``
-and says where they are. ``python -m benchmarks scaling`` sweeps the worker
-count instead.
+Prints an at-a-glance table (speedup over sequential, parstream / best peer),
+the full table, writes ``<out>/<timestamp>.json`` and ``<out>/<timestamp>.png``
+(the same two views on top, then each workload's times) and says where they
+are. ``--quick`` first says what its small inputs do to the comparison.
+``python -m benchmarks scaling`` sweeps the worker count instead.
 """
 
 from __future__ import annotations
@@ -92,7 +94,69 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(results: dict[str, Any], path: Path) -> None:
+def glance(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per workload: parstream's speedup, the best peer's, and parstream / best peer."""
+    out = []
+    for name, res in results.items():
+        rows, extra = res["rows"], res["extra"]
+        best = extra.get("best_peer")
+        entry = {
+            "workload": name,
+            "parstream_speedup": rows.get("parstream", {}).get("speedup"),
+            "best_peer": best,
+            "best_peer_speedup": rows.get(best, {}).get("speedup") if best else None,
+            "ratio_to_best_peer": extra.get("ratio_to_best_peer"),
+        }
+        if entry["parstream_speedup"] is not None or entry["ratio_to_best_peer"] is not None:
+            out.append(entry)
+    return out
+
+
+def glance_table(results: dict[str, Any]) -> str:
+    lines = [
+        "== at a glance: speedup over sequential, and parstream / best peer "
+        "(time ratio; < 1 means parstream was faster)",
+        f"   {'workload':<12}{'parstream':>12}{'best peer':>24}{'ratio':>10}",
+    ]
+    for e in glance(results):
+        ps = f"x{e['parstream_speedup']:.2f}" if e["parstream_speedup"] is not None else "-"
+        peer = "-"
+        if e["best_peer"] is not None:
+            speed = e["best_peer_speedup"]
+            peer = e["best_peer"] + (f" x{speed:.2f}" if speed is not None else "")
+        ratio = e["ratio_to_best_peer"]
+        lines.append(
+            f"   {e['workload']:<12}{ps:>12}{peer:>24}"
+            f"{f'{ratio:.2f}' if ratio is not None else '-':>10}"
+        )
+    return "\n".join(lines)
+
+
+def quick_note(results: dict[str, Any]) -> str:
+    """What a --quick run's small inputs do to the comparison, from this run's figures."""
+    behind = [
+        f"{e['workload']} ({e['ratio_to_best_peer']:.2f}x the best peer's time)"
+        for e in glance(results)
+        if e["ratio_to_best_peer"] is not None and e["ratio_to_best_peer"] > 1
+    ]
+    head = (
+        "QUICK RUN: small inputs and 2-3 rounds, so fixed start-up and per-call costs "
+        "weigh more than in a full run"
+    )
+    if behind:
+        return (
+            f"{head}; that favours the peers, and here parstream trailed the best peer on "
+            f"{', '.join(behind)}. Run without --quick for "
+            "representative figures."
+        )
+    return (
+        f"{head}; that favours the peers, though in this run parstream matched or beat the "
+        "best peer everywhere. Run without --quick for representative figures."
+    )
+
+
+def chart(results: dict[str, Any], path: Path, *, quick: bool = False) -> None:
+    """Top row: speedup over sequential and ratio to the best peer; then each workload."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,8 +165,63 @@ def chart(results: dict[str, Any], path: Path) -> None:
     names = list(results)
     cols = 2
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(12, 3.2 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
+    fig = plt.figure(figsize=(12, 3.6 + 3.2 * rows))
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.15] + [1] * rows)
+    at = glance(results)
+
+    ax = fig.add_subplot(grid[0, 0])
+    sped = [e for e in at if e["parstream_speedup"] is not None]
+    ys = list(range(len(sped)))
+    bars = ax.barh(
+        [y - 0.2 for y in ys],
+        [e["parstream_speedup"] for e in sped],
+        height=0.4,
+        color="tab:red",
+        label="parstream",
+    )
+    ax.bar_label(bars, labels=[f"x{e['parstream_speedup']:.2f}" for e in sped], fontsize=7)
+    bars = ax.barh(
+        [y + 0.2 for y in ys],
+        [e["best_peer_speedup"] or 0 for e in sped],
+        height=0.4,
+        color="tab:gray",
+        label="best peer",
+    )
+    ax.bar_label(
+        bars,
+        labels=[
+            f"{e['best_peer']} x{e['best_peer_speedup']:.2f}" if e["best_peer_speedup"] else ""
+            for e in sped
+        ],
+        fontsize=7,
+    )
+    ax.set_yticks(ys, [e["workload"] for e in sped])
+    ax.invert_yaxis()
+    ax.axvline(1, color="black", lw=0.8)
+    ax.set_title("speedup over sequential (higher is better; 1 = no gain)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.tick_params(labelsize=8)
+
+    ax = fig.add_subplot(grid[0, 1])
+    rated = [e for e in at if e["ratio_to_best_peer"] is not None]
+    ratios = [e["ratio_to_best_peer"] for e in rated]
+    bars = ax.barh(
+        [f"{e['workload']} (vs {e['best_peer']})" for e in rated],
+        [x - 1 for x in ratios],
+        left=1,  # bars grow from parity: left when parstream is faster, right when slower
+        color=["tab:green" if x <= 1 else "tab:red" for x in ratios],
+    )
+    ax.bar_label(bars, labels=[f"{x:.2f}" for x in ratios], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")  # 0.5 and 2 lie equally far from 1
+    if ratios:
+        ax.set_xlim(min(0.5, min(ratios) / 1.3), max(2.0, max(ratios) * 1.3))
+    ax.axvline(1, color="black", lw=0.8)
+    ax.set_title("parstream time / best peer time (log; < 1: parstream faster)", fontsize=9)
+    ax.tick_params(labelsize=8)
+
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(grid[1 + i // cols, i % cols])
         res = results[name]
         labels = list(res["rows"])
         med = [res["rows"][k]["median"] for k in labels]
@@ -122,8 +241,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
             ax2.plot(ks, [eff[k] if k in eff else eff[str(k)] for k in ks], "o-")
             ax2.set_ylim(0, 1.1)
             ax2.set_title("efficiency", fontsize=7)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
+    if quick:
+        fig.suptitle("quick run: small inputs favour the peers", fontsize=10, color="tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -154,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg.skipped[x] = "not installed"
             print(f"note: peer {x!r} is not installed; skipped", file=sys.stderr)
 
+    if args.quick:
+        print(
+            "note: --quick uses small inputs, which favour the peers where start-up and "
+            "per-call costs dominate; the report says where",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[str, Any] = {}
@@ -181,8 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stamp}.json"
     png_path = args.out / f"{stamp}.png"
+    report["glance"] = glance(results)
+    if args.quick:
+        report["quick_note"] = quick_note(results)
     json_path.write_text(json.dumps(report, indent=2, default=str))
-    chart(results, png_path)
+    chart(results, png_path, quick=args.quick)
+    if args.quick:
+        print(report["quick_note"] + "\n")
+    print(glance_table(results))
     print(table(results))
     m = report["machine"]
     print(f"\nmachine: {m['cores']} cores, {m['cpu']}, Python {m['python']}")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         restart_workers as restart_workers,
         start as start,
     )
+    from parstream._compare import Comparison as Comparison, compare as compare
     from parstream._errors import (
         ParstreamError as ParstreamError,
         ParstreamInternalError as ParstreamInternalError,
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = (
     "BRUTAL_KILL",
     "Child",
+    "Comparison",
     "Exit",
     "Ok",
     "ParstreamError",
@@ -72,6 +74,7 @@ __all__ = (
     "async_stream_nolink",
     "await_",
     "await_many",
+    "compare",
     "completed",
     "cpu_count",
     "default_supervisor",
@@ -94,6 +97,8 @@ _HOMES = {
     "map": "_api",
     "restart_workers": "_api",
     "start": "_api",
+    "Comparison": "_compare",
+    "compare": "_compare",
     "ParstreamError": "_errors",
     "ParstreamInternalError": "_errors",
     "SupervisorClosed": "_errors",

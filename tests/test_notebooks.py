@@ -144,6 +144,18 @@ def test_notebook_runs_in_a_real_kernel(path: Path, tmp_path: Path) -> None:
     if failure is not None:
         pytest.fail(failure, pytrace=False)
     assert all_gone(leftover, 10.0) == []
+    if path.name == "compare.ipynb":
+        # Each Comparison cell rendered through _repr_html_: table, bars and advice.
+        pages = [
+            out["data"]["text/html"]
+            for cell in nb.cells
+            if cell.cell_type == "code"
+            for out in cell.outputs
+            if "text/html" in out.get("data", {})
+        ]
+        tables = [p for p in pages if '<table class="parstream-compare-table">' in p]
+        assert len(tables) == 3, pages
+        assert all("<b>advice</b>:" in p and "background:#c44e52" in p for p in tables)
 
 
 class Kernel:
