@@ -60,7 +60,11 @@ STARTUP_FAILURES_LIMIT = 3  # workers dying before READY in a row before queued 
 
 
 class Sink(Protocol):
-    """Receives a job's outcomes; called from the hub thread (or the submitter's)."""
+    """Receives a job's outcomes; called from the hub thread (or the submitter's).
+
+    A sink may also have ``on_returned(job)``: the job ended early with the items
+    from ``job.cursor`` on unrun, for the sink to resubmit (else it is re-queued).
+    """
 
     def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
         """The next ``len(values)`` items of ``job``, in order; ``errors`` maps
@@ -102,6 +106,7 @@ class Job:
     cursor: int = 0  # first item not yet reported
     sent_end: int = 0  # end of the slice on the worker
     isolate: bool = False  # run one item at a time (after an ambiguous crash)
+    has_bad: bool = False  # some items were replaced by BadArgs stand-ins
     finished: bool = False
     kill_reason: BaseException | None = None
     killed: bool = False
@@ -352,7 +357,7 @@ class Pool:
         report_each = job.timeout is not None
         items = job.items[job.cursor : job.sent_end]
         level = logging.getLogger().getEffectiveLevel()
-        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict, False, level)
+        message = (job.fn_id, fn_bytes, items, job.star, report_each, evict, job.has_bad, level)
         try:
             return _wire.encode(_wire.RUN, message)
         except BaseException:
@@ -365,6 +370,7 @@ class Pool:
             except BaseException as cause:
                 items[i] = _wire.BadArgs(_culprit_error(args if job.star else (args,), cause))
         job.items[job.cursor : job.sent_end] = items
+        job.has_bad = True  # also when a slice of this job is sent again
         return _wire.encode(_wire.RUN, (*message[:-2], True, level))
 
     # -- the hub thread -----------------------------------------------------
@@ -627,6 +633,15 @@ class Pool:
         elif job.cursor >= len(job.items):
             job.finished = True
             self._note(job.sink.on_job_done, job)
+        elif not (job.isolate or job.has_bad) and (
+            returned := getattr(job.sink, "on_returned", None)
+        ):
+            # The worker stopped the batch at its time budget (issue 8, item
+            # 10): the sink re-cuts the unrun rest, so items that turned slow
+            # spread over every free worker instead of staying on this one.
+            job.finished = True
+            self.counters["tasks_started"] -= len(job.items) - job.cursor
+            self._note(returned, job)
         else:
             self._queue.appendleft(job)
             self._wake()
