@@ -44,6 +44,7 @@ import collections
 import contextlib
 import contextvars
 import itertools
+import operator
 import queue
 import threading
 import time
@@ -66,6 +67,12 @@ TAIL_CHUNK_S = 0.002  # the smallest chunk worth a round trip near the end of a 
 GROWTH = 8  # how fast an automatic chunk may grow between two measurements
 BUFFER_CHUNKS = 4  # default buffer_size, in chunks per unit of max_concurrency
 WAIT_POLL_S = 0.1  # the consumer's longest sleep: keeps Ctrl-C and close() prompt
+FEED_BLOCK_S = 0.001  # the feeder's pull per block; longer amortises, but see FEED_POLL_S
+MAX_FEED_BLOCK = 1 << 16
+# While the feeder is inside a block of several items, a consumer that waits
+# for input looks at the buffer this often: items that came before an input
+# stalls mid-block are not held back until the block ends.
+FEED_POLL_S = 0.002
 
 # Built-in containers whose iterators never block: pulled inline, without a
 # feeder thread (exact types: a subclass may override __iter__).
@@ -178,6 +185,10 @@ class _State:
         self.signalled = False
         self.input_done = False  # the feeder has appended its last item
         self.input_gap: float | None = None  # seconds between two items of the input
+        self.pull_gate: list[
+            None
+        ] = []  # the feeder's pulls left in this block; close() empties it
+        self.feeding = False  # the feeder is inside a block of several items
 
     # -- sink (hub thread) -----------------------------------------------------
 
@@ -413,8 +424,9 @@ class _State:
         # close() from another thread (an ``async for`` being cancelled).
         if self.closed:
             raise _Closed
+        poll = FEED_POLL_S if self.feeding and self.need != _NEVER else WAIT_POLL_S
         try:
-            event = self.events.get(timeout=WAIT_POLL_S)
+            event = self.events.get(timeout=poll)
         except queue.Empty:
             return
         self.apply(event)
@@ -456,8 +468,8 @@ class _State:
                 return
             self.closed = True
             running = list(self.running)
-        # Stop the feeder: it checks ``need`` after every item it appends.
-        self.need = -1
+        # Stop the feeder: no pull starts once its gate is empty.
+        self.pull_gate.clear()
         with self.cond:
             self.cond.notify()
         for chunk in running:
@@ -487,47 +499,64 @@ def _feed(state: _State) -> None:
     """The feeder thread: pull the input while there is room, wake the consumer.
 
     Only this thread touches the input's iterator (a generator cannot run on
-    two threads). It looks for a close after every item, before the next
-    ``next()``; a close that comes while ``next()`` blocks takes effect when
-    that call returns, and its item is dropped. The time between items it
-    measures is the input's pace (``input_gap``), which caps the chunk size.
+    two threads). It pulls in blocks, at C speed, of about ``FEED_BLOCK_S``
+    of the input's pace (one item at a time for a slow input); each item lands
+    in the buffer as it comes. Every pull goes through ``pull_gate``, a list that
+    ``close()`` empties, so no ``next()`` starts after a close; one that
+    blocks when the stream closes is left to return, and its item is dropped.
+    The time per item of each block is the input's pace (``input_gap``).
     """
     it = state.it
     assert it is not None
+    extend = state.buf.extend
     buf = state.buf
-    append = buf.append
     cond = state.cond
     put = state.events.put
     monotonic = time.monotonic
+    second = operator.itemgetter(1)
     fed = 0
+    block = 1
     try:
         while True:
             with cond:
                 while fed >= state.allow and not state.closed:
                     cond.wait()
-                room = state.allow - fed
+                n = min(block, state.allow - fed)
+            gate: list[None] = [None] * n
+            state.pull_gate = gate
+            if state.closed:  # after publishing the gate: a close from now on empties it
+                return
+            state.feeding = n > 1
+            error: BaseException | None = None
+            pulls = iter(gate)
+            t0 = monotonic()
+            try:
+                # zip() takes from the gate first, so an emptied gate stops it
+                # before the input's next().
+                extend(map(second, zip(pulls, it, strict=False)))
+            except BaseException as exc:
+                error = exc
+            dt = monotonic() - t0
+            state.feeding = False
             if state.closed:
                 return
-            start = mark_n = fed
-            mark_t = monotonic()
-            for item in itertools.islice(it, room):
-                append(item)
-                fed += 1
-                if len(buf) >= state.need:  # the consumer wants it (or closed: need < 0)
-                    if state.closed:
-                        return
-                    now = monotonic()
-                    state.input_gap = (now - mark_t) / (fed - mark_n)
-                    mark_t, mark_n = now, fed
-                    if not state.signalled:
-                        state.signalled = True
-                        put(_WAKE)
-            if fed > mark_n:
-                state.input_gap = (monotonic() - mark_t) / (fed - mark_n)
-            if fed - start < room:
+            left = operator.length_hint(pulls)
+            got = n if left == 0 and error is None else n - left - 1
+            fed += got
+            if got:
+                state.input_gap = dt / got
+            if dt > FEED_BLOCK_S:
+                block = max(1, int(block * FEED_BLOCK_S / dt))
+            elif dt < FEED_BLOCK_S / 2 and got == n:
+                block = min(2 * block, MAX_FEED_BLOCK)
+            if error is not None:
+                state.input_error = error
+                return
+            if got < n:
                 return  # the input is exhausted
-    except BaseException as exc:
-        state.input_error = exc
+            if len(buf) >= state.need and not state.signalled:
+                state.signalled = True
+                put(_WAKE)
     finally:
         if state.closed:
             if isinstance(it, types.GeneratorType):
