@@ -93,6 +93,16 @@ _INLINE_TYPES = frozenset(
         type({}.keys()),
         type({}.values()),
         type({}.items()),
+        # ... and their iterators
+        type(iter([])),
+        type(iter(())),
+        type(iter(range(0))),
+        type(iter(range(1 << 64))),
+        type(iter("")),
+        type(iter({})),
+        type(iter({}.values())),
+        type(iter({}.items())),
+        type(iter(set())),
     }
 )
 
