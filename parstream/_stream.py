@@ -195,9 +195,8 @@ class _State:
         self.signalled = False
         self.input_done = False  # the feeder has appended its last item
         self.input_gap: float | None = None  # seconds between two items of the input
-        self.pull_gate: list[
-            None
-        ] = []  # the feeder's pulls left in this block; close() empties it
+        # The feeder's pulls left in its current block; close() empties it.
+        self.pull_gate: list[None] = []
         self.feeding = False  # the feeder is inside a block of several items
 
     # -- sink (hub thread) -----------------------------------------------------

@@ -290,3 +290,42 @@ def test_a_returned_batch_keeps_its_unpicklable_item(sup: parstream.Supervisor) 
     assert isinstance(out[1], Exit)
     assert isinstance(out[1].reason, pickle.PicklingError)
     assert out[2] == Ok(0.0)
+
+
+def sleepy_or_raise(folder: str, x: int) -> int:
+    """~10 ms; logs each run once; multiples of 7 raise."""
+    time.sleep(0.01)
+    fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{x} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    if x % 7 == 0:
+        raise ValueError(x)
+    return x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_batch_stopped_early_keeps_order_and_failures(
+    sup: parstream.Supervisor, tmp_path: Path, ordered: bool
+) -> None:
+    """Batches of 20 items of ~10 ms outlast the worker's time budget: their
+    unrun rest is re-cut and spread, and every item still gets its own result
+    (failures in their places) and runs exactly once."""
+    fn = functools.partial(sleepy_or_raise, str(tmp_path))
+    out = list(sup.async_stream_nolink(fn, range(60), chunksize=20, ordered=ordered))
+    assert len(out) == 60
+    got = {}
+    for r in out:
+        if isinstance(r, Exit):
+            assert isinstance(r.reason, ValueError)
+            got[r.reason.args[0]] = "raised"
+        else:
+            got[r.value] = "ok"
+    assert got == {x: "raised" if x % 7 == 0 else "ok" for x in range(60)}
+    if ordered:
+        keys = [r.reason.args[0] if isinstance(r, Exit) else r.value for r in out]
+        assert keys == list(range(60))
+    runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
+    assert sorted(int(x) for x, _ in runs) == list(range(60))
+    assert len({pid for _, pid in runs}) == 2
