@@ -262,17 +262,28 @@ def test_a_task_failure_before_the_input_fault_comes_first(sup: parstream.Superv
 
 
 @pytest.mark.parametrize(
-    ("tiny", "timeout", "ordered"),
-    [(100_000, None, True), (100_000, None, False), (5_000, 30.0, True)],
+    ("tiny", "timeout", "ordered", "source_kind"),
+    [
+        (100_000, None, True, "generator"),
+        (100_000, None, False, "generator"),
+        (5_000, 30.0, True, "generator"),
+        (100_000, None, True, "list"),
+    ],
 )
 def test_slow_items_after_tiny_ones_use_every_worker(
-    sup: parstream.Supervisor, tmp_path: Path, tiny: int, timeout: float | None, ordered: bool
+    sup: parstream.Supervisor,
+    tmp_path: Path,
+    tiny: int,
+    timeout: float | None,
+    ordered: bool,
+    source_kind: str,
 ) -> None:
-    """Tiny items from a generator, then 200 of ~5 ms: the chunk size learnt from
-    the tiny ones does not pin the slow ones to one worker, and each item runs
-    exactly once, in its place."""
+    """Tiny items, then 200 of ~5 ms: the chunk size learnt from the tiny ones
+    does not pin the slow ones to one worker, and each item runs exactly once,
+    in its place."""
     fn = functools.partial(tiny_then_slow, str(tmp_path), tiny)
-    source = (x for x in range(tiny + 200))
+    numbers = range(tiny + 200)
+    source = (x for x in numbers) if source_kind == "generator" else list(numbers)
     out = list(sup.stream_map(fn, source, timeout=timeout, ordered=ordered))
     assert (out if ordered else sorted(out)) == list(range(tiny + 200))
     runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
