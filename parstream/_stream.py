@@ -537,20 +537,19 @@ def _feed(state: _State) -> None:
                 return
             state.feeding = n > 1
             error: BaseException | None = None
-            pulls = iter(gate)
+            counted = itertools.count()  # advanced once per item the input gives
             t0 = monotonic()
             try:
                 # zip() takes from the gate first, so an emptied gate stops it
                 # before the input's next().
-                extend(map(second, zip(pulls, it, strict=False)))
+                extend(map(second, zip(gate, it, counted, strict=False)))
             except BaseException as exc:
                 error = exc
             dt = monotonic() - t0
             state.feeding = False
             if state.closed:
                 return
-            left = operator.length_hint(pulls)
-            got = n if left == 0 and error is None else n - left - 1
+            got = next(counted)
             fed += got
             if got:
                 state.input_gap = dt / got
