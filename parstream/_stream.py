@@ -73,6 +73,9 @@ MAX_FEED_BLOCK = 1 << 16
 # for input looks at the buffer this often: items that came before an input
 # stalls mid-block are not held back until the block ends.
 FEED_POLL_S = 0.002
+# The feeder rests once it has buffered this many chunks per unit of
+# max_concurrency: pulling further ahead would only hold the GIL from the hub.
+LEVEL_CHUNKS = 2
 
 # Built-in containers whose iterators never block: pulled inline, without a
 # feeder thread (exact types: a subclass may override __iter__).
@@ -116,6 +119,7 @@ _INPUT = 3  # the feeder has input (or its end) for the consumer
 Event = tuple[int, Any, Any, Any, float]
 _WAKE: Event = (_INPUT, None, None, None, 0.0)
 _NEVER = 1 << 62  # a buffer level the feeder never reaches
+_SECOND: Callable[[Any, Any], Any] = {}.get  # (None, item) -> item, at C speed
 
 
 class _Chunk:
@@ -191,6 +195,7 @@ class _State:
         self.buf: collections.deque[Any] = collections.deque()
         self.cond = threading.Condition(threading.Lock())
         self.allow = 0
+        self.level = 1  # the feeder rests while the buffer holds this many items
         self.need = 1
         self.signalled = False
         self.input_done = False  # the feeder has appended its last item
@@ -237,6 +242,7 @@ class _State:
             self.progress = Progress(self.progress_spec, total=self.length)
         if type(self.iterable) not in _INLINE_TYPES:
             self.allow = self.limit()
+            self.level = LEVEL_CHUNKS * self.max_concurrency
             # The caller's context variables stay visible to a generator.
             ctx = contextvars.copy_context()
             self.feeder = threading.Thread(
@@ -254,9 +260,6 @@ class _State:
         if self.fixed_chunk is not None:
             return self.fixed_chunk
         size = self.chunk
-        if self.input_gap is not None:
-            # No chunk longer than TARGET_CHUNK_S of the input's own pace.
-            size = min(size, int(TARGET_CHUNK_S / max(self.input_gap, 1e-9)))
         if self.length is not None:
             # Keep the tail balanced: no chunk above a share of what is left,
             # nor below about TAIL_CHUNK_S of work (each chunk costs a round trip).
@@ -313,14 +316,19 @@ class _State:
                         return
                     need = 1 if running < self.max_concurrency else size
                     break
-                if running >= self.max_concurrency and avail < size and not ended:
-                    # Every worker is busy: queue a full chunk ahead, or none.
-                    need = size
-                    break
+                if running >= self.max_concurrency and not ended:
+                    # Every worker is busy: queue a chunk ahead once it is full,
+                    # full meaning no more than TARGET_CHUNK_S of the input's pace.
+                    gap = self.input_gap
+                    enough = size if gap is None else min(size, int(TARGET_CHUNK_S / gap) + 1)
+                    if avail < enough:
+                        need = enough
+                        break
                 n = min(size, avail)
                 self.submit(list(itertools.starmap(take, itertools.repeat((), n))))
             with self.cond:
                 self.allow = self.delivered + self.limit()
+                self.level = LEVEL_CHUNKS * self.max_concurrency * self.next_chunk_size()
                 self.cond.notify()
             self.need = need
             self.signalled = False
@@ -522,13 +530,12 @@ def _feed(state: _State) -> None:
     cond = state.cond
     put = state.events.put
     monotonic = time.monotonic
-    second = operator.itemgetter(1)
     fed = 0
     block = 1
     try:
         while True:
             with cond:
-                while fed >= state.allow and not state.closed:
+                while not state.closed and (fed >= state.allow or len(buf) >= state.level):
                     cond.wait()
                 n = min(block, state.allow - fed)
             gate: list[None] = [None] * n
@@ -537,19 +544,23 @@ def _feed(state: _State) -> None:
                 return
             state.feeding = n > 1
             error: BaseException | None = None
-            counted = itertools.count()  # advanced once per item the input gives
+            pulls = iter(gate)
             t0 = monotonic()
             try:
-                # zip() takes from the gate first, so an emptied gate stops it
-                # before the input's next().
-                extend(map(second, zip(gate, it, counted, strict=False)))
+                # map() takes from the gate first, so an emptied gate stops it
+                # before the input's next(); {}.get(None, item) is the item.
+                extend(map(_SECOND, pulls, it))
             except BaseException as exc:
                 error = exc
             dt = monotonic() - t0
             state.feeding = False
             if state.closed:
                 return
-            got = next(counted)
+            # The gate moves once more than the input when the input ends or
+            # raises; an input ending one short of the block counts one item
+            # too many, which only makes the bound stricter.
+            left = operator.length_hint(pulls)
+            got = n if left == 0 and error is None else n - left - 1
             fed += got
             if got:
                 state.input_gap = dt / got
