@@ -22,10 +22,12 @@ Bounds (``_State.fill``): at most ``max_concurrency`` chunks run at once (a
 at most ``max_concurrency * chunk + buffer_size`` items are pulled but not yet
 delivered, so a slow head item or a slow consumer stops the pulling instead of
 growing memory. With ``chunksize=None`` the chunk size adapts to the measured
-cost per item, learnt from every flush (about every ``TARGET_CHUNK_S``): 1
+cost per item, learnt from every flush of results (about every 20 ms): 1
 while items are slow (exactly Elixir's behaviour), growing for tiny items
 until a chunk takes about ``TARGET_CHUNK_S``, dropping at once when the cost
-rises, and capped by the rate at which the input produces. A batch whose items
+rises. A chunk queued ahead waits for no more than ``TARGET_CHUNK_S`` of the
+input's measured pace (an input producing an item every 50 ms gets chunks of
+1), and the feeder rests at ``LEVEL_CHUNKS`` rounds ahead. A batch whose items
 turn slow stops at the worker's time budget and its unrun rest comes back
 (``on_returned``), to be cut into smaller chunks for any free worker.
 
