@@ -5,6 +5,7 @@ slow spreads over the workers (issue 8, items 7, 8 and 10)."""
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import os
 import pickle
@@ -150,6 +151,31 @@ def test_close_stops_the_feeder_and_closes_the_generator(sup: parstream.Supervis
         t.join(5)
     assert not _feeders()
     assert pulled == [0, 1, 2, 3, 4, 5]
+
+
+def test_break_closes_the_generator_on_the_feeder(sup: parstream.Supervisor) -> None:
+    """Leaving a for loop early (the stream is then dropped) stops the feeder
+    and closes the generator, which is pulled no further."""
+    pulled: list[int] = []
+    finalised = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            for i in itertools.count():
+                pulled.append(i)
+                yield i
+        finally:
+            finalised.set()
+
+    for r in sup.async_stream(square, source(), chunksize=1, buffer_size=2):
+        if r == Ok(81):
+            break
+    gc.collect()
+    assert finalised.wait(10)
+    for t in _feeders():
+        t.join(5)
+    assert not _feeders()
+    assert len(pulled) <= 10 + 2 + 2  # delivered + buffer + max_concurrency
 
 
 def test_a_blocked_input_does_not_keep_the_process_alive(tmp_path: Path) -> None:
