@@ -8,7 +8,8 @@ the flush's cost per item) and enforces per-item timeouts, so timers run on
 while the consumer is busy.
 
 Input: a list, tuple, range, dict (view), set, str/bytes or other built-in
-container cannot block, so the consumer pulls it inline, a chunk at a time.
+container cannot block, so the consumer pulls it inline, a chunk at a time
+(so does an sqlite3 cursor, which refuses other threads).
 Any other iterable (a generator, a file, a queue, a socket) is pulled on a
 daemon *feeder* thread that appends items to a buffer and wakes the consumer,
 so a ``next()`` that blocks on the input never delays results that are ready,
@@ -242,7 +243,7 @@ class _State:
             self.pool.reserve(extra)
         if self.progress_spec is not False:
             self.progress = Progress(self.progress_spec, total=self.length)
-        if type(self.iterable) not in _INLINE_TYPES:
+        if not _pull_inline(self.iterable):
             self.allow = self.limit()
             self.level = LEVEL_CHUNKS * self.max_concurrency
             # The caller's context variables stay visible to a generator.
@@ -718,6 +719,13 @@ def _pickle_fn(fn: Callable[..., Any]) -> bytes:
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         err = pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}")
         raise err from cause
+
+
+def _pull_inline(iterable: Iterable[Any]) -> bool:
+    """Whether the consumer pulls ``iterable`` itself: it cannot block, or it
+    must not move threads (an sqlite3 cursor checks its thread by default)."""
+    kind = type(iterable)
+    return kind in _INLINE_TYPES or (kind.__module__, kind.__qualname__) == ("sqlite3", "Cursor")
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:

@@ -125,6 +125,20 @@ def test_inline_inputs_use_no_feeder_thread(sup: parstream.Supervisor) -> None:
     assert not _feeders()
 
 
+def test_an_sqlite_cursor_stays_on_its_thread(sup: parstream.Supervisor) -> None:
+    """An sqlite3 cursor refuses other threads: it is pulled inline."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("create table t (x integer)")
+        db.executemany("insert into t values (?)", [(i,) for i in range(100)])
+        rows = db.execute("select x from t order by x")
+        assert list(sup.stream_map(sum, rows)) == list(range(100))
+    finally:
+        db.close()
+
+
 def test_close_stops_the_feeder_and_closes_the_generator(sup: parstream.Supervisor) -> None:
     """A generator blocked in next() when the stream closes finishes that one
     call, is pulled no further and is closed on the feeder thread."""
