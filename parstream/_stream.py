@@ -122,7 +122,7 @@ _INPUT = 3  # the feeder has input (or its end) for the consumer
 Event = tuple[int, Any, Any, Any, float]
 _WAKE: Event = (_INPUT, None, None, None, 0.0)
 _NEVER = 1 << 62  # a buffer level the feeder never reaches
-_SECOND: Callable[[Any, Any], Any] = {}.get  # (None, item) -> item, at C speed
+_SECOND = operator.itemgetter(1)
 
 
 class _Chunk:
@@ -547,23 +547,19 @@ def _feed(state: _State) -> None:
                 return
             state.feeding = n > 1
             error: BaseException | None = None
-            pulls = iter(gate)
+            counted = itertools.count()  # moves once per item the input gives
             t0 = monotonic()
             try:
-                # map() takes from the gate first, so an emptied gate stops it
-                # before the input's next(); {}.get(None, item) is the item.
-                extend(map(_SECOND, pulls, it))
+                # zip() takes from the gate first, so an emptied gate stops it
+                # before the input's next(), and from the counter last.
+                extend(map(_SECOND, zip(gate, it, counted, strict=False)))
             except BaseException as exc:
                 error = exc
             dt = monotonic() - t0
             state.feeding = False
             if state.closed:
                 return
-            # The gate moves once more than the input when the input ends or
-            # raises; an input ending one short of the block counts one item
-            # too many, which only makes the bound stricter.
-            left = operator.length_hint(pulls)
-            got = n if left == 0 and error is None else n - left - 1
+            got = next(counted)
             fed += got
             if got:
                 state.input_gap = dt / got

@@ -239,6 +239,24 @@ def test_back_pressure_holds_with_a_feeder(sup: parstream.Supervisor) -> None:
     stream.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 100])
+@pytest.mark.parametrize("bounds", [(1, 1, 0), (2, 1, 0), (2, None, 1)])
+def test_a_generator_ends_under_tight_bounds(
+    sup: parstream.Supervisor, n: int, bounds: tuple[int, int | None, int]
+) -> None:
+    """The feeder sees the input's end whatever the room it had left."""
+    concurrency, chunksize, buffer_size = bounds
+    out = sup.stream_map(
+        square,
+        (x for x in range(n)),
+        max_concurrency=concurrency,
+        chunksize=chunksize,
+        buffer_size=buffer_size,
+    )
+    assert list(out) == [x * x for x in range(n)]
+
+
 # -- item 8: an input that raises keeps the results before it --------------------------------
 
 
