@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from parstream._progress import Progress, check_progress
-from parstream._supervisor import Supervisor, check_callable, check_int, cpu_count
+from parstream._supervisor import Supervisor, cpu_count
+from parstream._validate import check_callable, check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

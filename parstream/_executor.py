@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 import weakref
@@ -32,7 +31,7 @@ from parstream._callbacks import call_soon, on_hub_thread
 from parstream._errors import TaskShutdown
 from parstream._functions import Shipped
 from parstream._pool import Job
-from parstream._stream import _Closed, _run, _State
+from parstream._stream import _run, _State
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -240,26 +239,15 @@ class MapState(_State):
         return size if self.cap is None else max(1, min(size, self.cap))
 
     def wait_event(self) -> None:
-        if self.deadline is None:
-            super().wait_event()
-            return
-        while True:
-            if self.closed:
-                raise _Closed
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                # Leaving the generator closes the stream: running calls are
-                # killed, queued ones withdrawn, unpulled ones never pulled.
-                raise concurrent.futures.TimeoutError(
-                    "Supervisor.map: the results did not all arrive within the timeout"
-                )
-            try:
-                event = self.events.get(timeout=min(0.1, left))
-                break
-            except queue.Empty:
-                continue
-        self.apply(event)
-        self.drain_events()
+        # The base class waits one short poll at a time, so the deadline is
+        # checked at least that often.
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            # Leaving the generator closes the stream: running calls are
+            # killed, queued ones withdrawn, unpulled ones never pulled.
+            raise concurrent.futures.TimeoutError(
+                "Supervisor.map: the results did not all arrive within the timeout"
+            )
+        super().wait_event()
 
 
 def start_map(

@@ -86,7 +86,11 @@ _pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 class Sink(Protocol):
     """Receives a job's outcomes; called from the hub thread only, outside the
-    pool's lock. Implementations must be quick and run no user code."""
+    pool's lock. Implementations must be quick and run no user code.
+
+    A sink may also have ``on_returned(job)``: the job ended early with the items
+    from ``job.cursor`` on unrun, for the sink to resubmit (else it is re-queued).
+    """
 
     def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
         """The next ``len(values)`` items of ``job``, in order; ``errors`` maps
@@ -132,6 +136,7 @@ class Job:
     cursor: int = 0  # first item not yet reported
     sent_end: int = 0  # end of the slice on the worker
     isolate: bool = False  # run one item at a time (after an ambiguous crash)
+    has_bad: bool = False  # some items were replaced by BadArgs stand-ins
     finished: bool = False
     kill_reason: BaseException | None = None
     killed: bool = False
@@ -489,7 +494,7 @@ class Pool:
             worker.item_started = job.started_at + FUNCTION_LOAD_S
         items = job.items[job.cursor : job.sent_end]
         level = logging.getLogger().getEffectiveLevel()
-        has_bad = False
+        has_bad = job.has_bad
         try:
             items_bytes = _wire.dumps(items)
         except BaseException:
@@ -503,7 +508,7 @@ class Pool:
                     items[i] = _wire.BadArgs(culprit)
             job.items[job.cursor : job.sent_end] = items
             items_bytes = _wire.dumps(items)
-            has_bad = True
+            has_bad = job.has_bad = True  # also when a slice is sent again
         message = (
             key,
             fn_bytes,
@@ -829,6 +834,15 @@ class Pool:
         elif job.cursor >= len(job.items):
             job.finished = True
             self._note(job.sink.on_job_done, job)
+        elif not (job.isolate or job.has_bad) and (
+            returned := getattr(job.sink, "on_returned", None)
+        ):
+            # The worker stopped the batch at its time budget (issue 8, item
+            # 10): the sink re-cuts the unrun rest, so items that turned slow
+            # spread over every free worker instead of staying on this one.
+            job.finished = True
+            self.counters["tasks_started"] -= len(job.items) - job.cursor
+            self._note(returned, job)
         else:
             self._queue.appendleft(job)
             self._wake()

@@ -1,31 +1,57 @@
 """Streams: lazy, back-pressured parallel map with ordered or unordered results.
 
-The consumer's thread does all the stream's work inside ``next()``: it pulls
-input, cuts it into chunks, submits each chunk to the pool as one ``Job``, and
-hands results out in input or completion order. The pool's hub thread only
-appends ``(chunk, values, errors)`` events to the stream's queue (one event per
-flush from a worker, not per item) and enforces per-item timeouts, so timers
-run on while the consumer is busy.
+The consumer's thread does the stream's work inside ``next()``: it cuts input
+into chunks, submits each chunk to the pool as one ``Job``, and hands results
+out in input or completion order. The pool's hub thread only appends events to
+the stream's queue (one per flush from a worker, not per item, stamped with
+the flush's cost per item) and enforces per-item timeouts, so timers run on
+while the consumer is busy.
+
+Input: a list, tuple, range, dict (view), set, str/bytes or other built-in
+container cannot block, so the consumer pulls it inline, a chunk at a time
+(so does an sqlite3 cursor, which refuses other threads).
+Any other iterable (a generator, a file, a queue, a socket) is pulled on a
+daemon *feeder* thread that appends items to a buffer and wakes the consumer,
+so a ``next()`` that blocks on the input never delays results that are ready,
+and a chunk is cut from what has arrived, never waiting for more while a
+worker is idle. The feeder pulls only while there is room (the bound below).
+When the input raises, the results of every item pulled before the fault are
+delivered first; then the input's own exception is raised from the stream.
 
 Bounds (``_State.fill``): at most ``max_concurrency`` chunks run at once (a
 ``Gate`` in the pool; batched chunks may wait queued one round ahead), and
 at most ``max_concurrency * chunk + buffer_size`` items are pulled but not yet
 delivered, so a slow head item or a slow consumer stops the pulling instead of
 growing memory. With ``chunksize=None`` the chunk size adapts to the measured
-cost per item: 1 while items are slow (exactly Elixir's behaviour), growing
-for tiny items until a chunk takes about ``TARGET_CHUNK_S``.
+cost per item, learnt from every flush of results (about every 20 ms): 1
+while items are slow (exactly Elixir's behaviour), growing for tiny items
+until a chunk takes about ``TARGET_CHUNK_S``, dropping at once when the cost
+rises. A chunk queued ahead waits for no more than ``TARGET_CHUNK_S`` of the
+input's measured pace (an input producing an item every 50 ms gets chunks of
+1), and the feeder rests at ``LEVEL_CHUNKS`` rounds ahead. A batch whose items
+turn slow stops at the worker's time budget and its unrun rest comes back
+(``on_returned``), to be cut into smaller chunks for any free worker.
 
 Leaving early (``close()``, ``break`` then garbage collection, an exception in
-the consumer, Ctrl-C) kills the stream's running chunks at once.
+the consumer, Ctrl-C) kills the stream's running chunks at once and stops the
+feeder: it pulls no further item. A feeder blocked inside the input's
+``next()`` is left to finish that one call (the thread is a daemon, so it
+never keeps the process alive); the item is dropped and a generator is then
+closed on that thread.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
+import contextvars
 import itertools
+import operator
 import queue
 import threading
+import time
+import types
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,12 +70,64 @@ MAX_CHUNK = 32768  # caps memory per chunk and the cost of re-running after a cr
 TAIL_CHUNK_S = 0.002  # the smallest chunk worth a round trip near the end of a known input
 GROWTH = 8  # how fast an automatic chunk may grow between two measurements
 BUFFER_CHUNKS = 4  # default buffer_size, in chunks per unit of max_concurrency
+WAIT_POLL_S = 0.1  # the consumer's longest sleep: keeps Ctrl-C and close() prompt
+FEED_BLOCK_S = 0.001  # the feeder's pull per block; longer amortises, but see FEED_POLL_S
+MAX_FEED_BLOCK = 1 << 16
+# While the feeder is inside a block of several items, a consumer that waits
+# for input looks at the buffer this often: items that came before an input
+# stalls mid-block are not held back until the block ends.
+FEED_POLL_S = 0.002
+# The feeder rests once it has buffered this many chunks per unit of
+# max_concurrency: pulling further ahead would only hold the GIL from the hub.
+LEVEL_CHUNKS = 2
+
+# Built-in containers whose iterators never block: pulled inline, without a
+# feeder thread (exact types: a subclass may override __iter__).
+_INLINE_TYPES = frozenset(
+    {
+        list,
+        tuple,
+        range,
+        str,
+        bytes,
+        bytearray,
+        memoryview,
+        dict,
+        set,
+        frozenset,
+        collections.deque,
+        array.array,
+        type({}.keys()),
+        type({}.values()),
+        type({}.items()),
+        # ... and their iterators
+        type(iter([])),
+        type(iter(())),
+        type(iter(range(0))),
+        type(iter(range(1 << 64))),
+        type(iter("")),
+        type(iter({})),
+        type(iter({}.values())),
+        type(iter({}.items())),
+        type(iter(set())),
+    }
+)
 
 OnTimeout = Literal["exit", "kill_task"]
 
+# Event kinds on a stream's queue: (kind, chunk, values, errors, cost per item)
+_RESULTS = 0  # a flush of results from the hub thread
+_DONE = 1  # the chunk's job ended
+_RETURNED = 2  # the worker stopped the chunk early; its unrun rest came back
+_INPUT = 3  # the feeder has input (or its end) for the consumer
+Event = tuple[int, Any, Any, Any, float]
+_WAKE: Event = (_INPUT, None, None, None, 0.0)
+_NEVER = 1 << 62  # a buffer level the feeder never reaches
+_SECOND = operator.itemgetter(1)
+
 
 class _Chunk:
-    __slots__ = ("done", "errors", "inputs", "job", "start", "taken", "values")
+    __slots__ = ("done", "errors", "flushed_at", "inputs", "job", "start", "taken", "values")
 
     def __init__(self, start: int, inputs: list[Any]) -> None:
         self.start = start
@@ -59,6 +137,7 @@ class _Chunk:
         self.taken = 0  # results handed out
         self.done = False
         self.job: Job | None = None
+        self.flushed_at = 0.0  # hub thread: when the last flush arrived
 
 
 class _State:
@@ -96,15 +175,14 @@ class _State:
         self.fixed_chunk = chunksize
         self.buffer_size = buffer_size
         self.chunk = chunksize or 1
-        self.events: queue.SimpleQueue[tuple[_Chunk, list[Any] | None, _wire.Errors]] = (
-            queue.SimpleQueue()
-        )
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.pending: collections.deque[_Chunk] = collections.deque()  # ordered: by start
         self.ready: collections.deque[_Chunk] = collections.deque()  # unordered: with results
         self.running: set[_Chunk] = set()
-        self.pulled = 0
+        self.pulled = 0  # items cut into chunks
         self.delivered = 0
         self.exhausted = False
+        self.input_error: BaseException | None = None  # what the input raised, once
         self.closed = False
         self.started = False
         self.reserved = 0
@@ -113,16 +191,47 @@ class _State:
         self.lock = threading.Lock()  # close() may come from another thread
         self.gate = Gate(max_concurrency)
         self.star = False  # items are argument tuples (Supervisor.map over several iterables)
+        # The feeder (inputs that may block). ``buf`` is appended to by the
+        # feeder and popped by the consumer; the feeder may pull while its
+        # count is below ``allow``, and wakes the consumer (one _WAKE until
+        # the consumer clears ``signalled``) once ``len(buf) >= need``.
+        self.feeder: threading.Thread | None = None
+        self.buf: collections.deque[Any] = collections.deque()
+        self.cond = threading.Condition(threading.Lock())
+        self.allow = 0
+        self.level = 1  # the feeder rests while the buffer holds this many items
+        self.need = 1
+        self.signalled = False
+        self.input_done = False  # the feeder has appended its last item
+        self.input_gap: float | None = None  # seconds between two items of the input
+        # The feeder's pulls left in its current block; close() empties it.
+        self.pull_gate: list[None] = []
+        self.feeding = False  # the feeder is inside a block of several items
 
     # -- sink (hub thread) -----------------------------------------------------
 
     def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
-        if job.tag is not None:
-            self.events.put((job.tag, values, errors))
+        chunk = job.tag
+        if chunk is None:
+            return
+        # The flush's cost per item, from the parent's clock: a rise in cost
+        # is seen within one flush (~FLUSH_INTERVAL_S), not at the job's end.
+        now = time.monotonic()
+        since = max(job.started_at, chunk.flushed_at)
+        chunk.flushed_at = now
+        cost = (now - since) / len(values) if values and not job.killed else 0.0
+        self.events.put((_RESULTS, chunk, values, errors, cost))
 
     def on_job_done(self, job: Job) -> None:
-        if job.tag is not None:
-            self.events.put((job.tag, None, {}))
+        chunk = job.tag
+        if chunk is not None:
+            self.events.put((_DONE, chunk, None, None, 0.0))
+
+    def on_returned(self, job: Job) -> None:
+        """The worker stopped ``job`` at its time budget; the rest is ours to re-cut."""
+        chunk = job.tag
+        if chunk is not None:
+            self.events.put((_RETURNED, chunk, None, None, 0.0))
 
     # -- consumer side -----------------------------------------------------------
 
@@ -135,6 +244,15 @@ class _State:
             self.pool.reserve(extra)
         if self.progress_spec is not False:
             self.progress = Progress(self.progress_spec, total=self.length)
+        if not _pull_inline(self.iterable):
+            self.allow = self.limit()
+            self.level = LEVEL_CHUNKS * self.max_concurrency
+            # The caller's context variables stay visible to a generator.
+            ctx = contextvars.copy_context()
+            self.feeder = threading.Thread(
+                target=ctx.run, args=(_feed, self), name="parstream-feeder", daemon=True
+            )
+            self.feeder.start()
 
     def limit(self) -> int:
         buffer = self.buffer_size
@@ -156,6 +274,9 @@ class _State:
 
     def fill(self) -> None:
         """Pull and submit chunks while there is room."""
+        if self.feeder is not None:
+            self.fill_from_feeder()
+            return
         assert self.it is not None
         while not self.exhausted:
             size = self.next_chunk_size()
@@ -166,57 +287,138 @@ class _State:
                 return
             if self.pulled - self.delivered + size > self.limit():
                 return
-            inputs = list(itertools.islice(self.it, size))
+            inputs: list[Any] = []
+            try:
+                # extend() keeps what was pulled before a fault.
+                inputs.extend(itertools.islice(self.it, size))
+            except BaseException as exc:
+                self.input_error = exc
+                self.exhausted = True
             if not inputs:
                 self.exhausted = True
                 return
-            chunk = _Chunk(self.pulled, inputs)
-            self.pulled += len(inputs)
-            job = Job(
-                self.fn,
-                inputs if self.zip_input is False else list(inputs),
-                self,
-                star=self.star,
-                timeout=self.timeout,
-                first_index=chunk.start,
-                tag=chunk,
-                gate=self.gate,
-            )
-            chunk.job = job
-            with self.lock:
-                if self.closed:
-                    raise _Closed
-                self.running.add(chunk)
-                if self.ordered:
-                    self.pending.append(chunk)
-                self.pool.submit(job)
+            self.submit(inputs)
 
-    def apply(self, event: tuple[_Chunk, list[Any] | None, _wire.Errors]) -> None:
-        chunk, values, errors = event
-        if values is None:
-            if len(chunk.values) < len(chunk.inputs) and not self.closed:
-                # Killed by someone else: its supervisor closed under us.
-                raise SupervisorClosed("the supervisor was closed while this stream was running")
-            chunk.done = True
-            self.running.discard(chunk)
-            if chunk.job is not None:
-                self.learn(chunk.job)
-                # Break chunk <-> job: a cycle would keep the chunk's lists
-                # alive until a full garbage collection.
-                chunk.job.tag = None
-                chunk.job = None
-            if not self.ordered and chunk.taken >= len(chunk.values) and chunk in self.ready:
-                self.ready.remove(chunk)
+    def fill_from_feeder(self) -> None:
+        """Cut chunks from what the feeder has buffered; never wait for more
+        while a worker could take it."""
+        buf = self.buf
+        take = buf.popleft
+        while True:
+            ended = self.input_done  # read before the buffer: then it holds the last item
+            while True:
+                size = self.next_chunk_size()
+                ahead = self.max_concurrency if size > 1 else 0
+                running = len(self.running)
+                if running >= self.max_concurrency + ahead:
+                    need = _NEVER  # a chunk's end wakes us
+                    break
+                avail = len(buf)
+                if not avail:
+                    if ended:
+                        self.exhausted = True
+                        return
+                    need = 1 if running < self.max_concurrency else size
+                    break
+                if running >= self.max_concurrency and not ended:
+                    # Every worker is busy: queue a chunk ahead once it is full,
+                    # full meaning no more than TARGET_CHUNK_S of the input's pace.
+                    gap = self.input_gap
+                    enough = size if gap is None else min(size, int(TARGET_CHUNK_S / gap) + 1)
+                    if avail < enough:
+                        need = enough
+                        break
+                n = min(size, avail)
+                self.submit(list(itertools.starmap(take, itertools.repeat((), n))))
+            with self.cond:
+                self.allow = self.delivered + self.limit()
+                self.level = LEVEL_CHUNKS * self.max_concurrency * self.next_chunk_size()
+                self.cond.notify()
+            self.need = need
+            self.signalled = False
+            # The feeder may have appended after we looked, seeing the old flag.
+            if len(buf) < need and self.input_done == ended:
+                return
+
+    def submit(self, inputs: list[Any]) -> _Chunk:
+        chunk = _Chunk(self.pulled, inputs)
+        self.pulled += len(inputs)
+        self.submit_chunk(chunk)
+        if self.ordered:
+            self.pending.append(chunk)
+        return chunk
+
+    def submit_chunk(self, chunk: _Chunk) -> None:
+        inputs = chunk.inputs
+        job = Job(
+            self.fn,
+            inputs if self.zip_input is False else list(inputs),
+            self,
+            star=self.star,
+            timeout=self.timeout,
+            first_index=chunk.start,
+            tag=chunk,
+            gate=self.gate,
+        )
+        chunk.job = job
+        with self.lock:
+            if self.closed:
+                raise _Closed
+            self.running.add(chunk)
+            self.pool.submit(job)
+
+    def apply(self, event: Event) -> None:
+        kind, chunk, values, errors, cost = event
+        if kind == _RESULTS:
+            if cost > 0:
+                self.learn(cost)
+            if errors:
+                self.check_failures(chunk, errors)
+                base = len(chunk.values)
+                for i, e in errors.items():
+                    chunk.errors[base + i] = e
+            had = chunk.taken < len(chunk.values)
+            chunk.values.extend(values)
+            if not self.ordered and not had and values:
+                self.ready.append(chunk)
             return
-        if errors:
-            self.check_failures(chunk, errors)
-            base = len(chunk.values)
-            for i, e in errors.items():
-                chunk.errors[base + i] = e
-        had = chunk.taken < len(chunk.values)
-        chunk.values.extend(values)
-        if not self.ordered and not had and values:
-            self.ready.append(chunk)
+        if kind == _INPUT:
+            return  # the loop around us fills
+        if kind == _RETURNED:
+            self.split_returned(chunk)
+        elif len(chunk.values) < len(chunk.inputs) and not self.closed:
+            # Killed by someone else: its supervisor closed under us.
+            raise SupervisorClosed("the supervisor was closed while this stream was running")
+        chunk.done = True
+        self.running.discard(chunk)
+        if chunk.job is not None:
+            # Break chunk <-> job: a cycle would keep the chunk's lists
+            # alive until a full garbage collection.
+            chunk.job.tag = None
+            chunk.job = None
+        if not self.ordered and chunk.taken >= len(chunk.values) and chunk in self.ready:
+            self.ready.remove(chunk)
+
+    def split_returned(self, chunk: _Chunk) -> None:
+        """Cut the unrun rest of ``chunk`` into chunks of the size its items now
+        need, placed right after it, so every free worker can take some."""
+        if self.closed:
+            return
+        ran = len(chunk.values)
+        rest = chunk.inputs[ran:]
+        chunk.inputs = chunk.inputs[:ran]
+        if not rest:
+            return
+        share = -(-len(rest) // self.max_concurrency)
+        size = max(1, min(self.next_chunk_size(), share))
+        at = self.pending.index(chunk) + 1 if self.ordered else 0
+        start = chunk.start + ran
+        for lo in range(0, len(rest), size):
+            piece = _Chunk(start + lo, rest[lo : lo + size])
+            self.submit_chunk(piece)
+            if self.ordered:
+                self.pending.insert(at, piece)
+                at += 1
 
     def check_failures(self, chunk: _Chunk, errors: _wire.Errors) -> None:
         """Linked streams raise a failure at once; so does any timeout under 'exit'."""
@@ -228,26 +430,26 @@ class _State:
             elif self.linked:
                 raise exc
 
-    def learn(self, job: Job) -> None:
-        """Adapt the automatic chunk size to the measured cost of an item."""
-        if self.fixed_chunk is not None or not job.items or job.busy_time <= 0:
+    def learn(self, cost: float) -> None:
+        """Adapt the automatic chunk size to the cost per item of one flush:
+        down at once when the cost rises, up by at most GROWTH per flush."""
+        if self.fixed_chunk is not None:
             return
-        cost = job.busy_time / len(job.items)
-        self.item_cost = cost if self.item_cost is None else (self.item_cost + cost) / 2
+        old = self.item_cost
+        self.item_cost = cost if old is None or cost > old else (old + cost) / 2
         want = int(TARGET_CHUNK_S / max(self.item_cost, 1e-9))
         self.chunk = max(1, min(want, self.chunk * GROWTH, MAX_CHUNK))
 
     def wait_event(self) -> None:
         # A bounded wait keeps Ctrl-C prompt on every platform, and notices a
         # close() from another thread (an ``async for`` being cancelled).
-        while True:
-            if self.closed:
-                raise _Closed
-            try:
-                event = self.events.get(timeout=0.1)
-                break
-            except queue.Empty:
-                continue
+        if self.closed:
+            raise _Closed
+        poll = FEED_POLL_S if self.feeding and self.need != _NEVER else WAIT_POLL_S
+        try:
+            event = self.events.get(timeout=poll)
+        except queue.Empty:
+            return
         self.apply(event)
         self.drain_events()
 
@@ -287,6 +489,10 @@ class _State:
                 return
             self.closed = True
             running = list(self.running)
+        # Stop the feeder: no pull starts once its gate is empty.
+        self.pull_gate.clear()
+        with self.cond:
+            self.cond.notify()
         for chunk in running:
             job = chunk.job
             if job is not None:
@@ -296,6 +502,7 @@ class _State:
         self.running.clear()
         self.pending.clear()
         self.ready.clear()
+        self.buf.clear()
         if self.reserved:
             self.pool.release(self.reserved)
             self.reserved = 0
@@ -307,6 +514,77 @@ class _State:
         if self.zip_input:
             return Exit(exc, chunk.inputs[pos])
         return Exit(exc)
+
+
+def _feed(state: _State) -> None:
+    """The feeder thread: pull the input while there is room, wake the consumer.
+
+    Only this thread touches the input's iterator (a generator cannot run on
+    two threads). It pulls in blocks, at C speed, of about ``FEED_BLOCK_S``
+    of the input's pace (one item at a time for a slow input); each item lands
+    in the buffer as it comes. Every pull goes through ``pull_gate``, a list that
+    ``close()`` empties, so no ``next()`` starts after a close; one that
+    blocks when the stream closes is left to return, and its item is dropped.
+    The time per item of each block is the input's pace (``input_gap``).
+    """
+    it = state.it
+    assert it is not None
+    extend = state.buf.extend
+    buf = state.buf
+    cond = state.cond
+    put = state.events.put
+    monotonic = time.monotonic
+    fed = 0
+    block = 1
+    try:
+        while True:
+            with cond:
+                while not state.closed and (fed >= state.allow or len(buf) >= state.level):
+                    cond.wait()
+                n = min(block, state.allow - fed)
+            gate: list[None] = [None] * n
+            state.pull_gate = gate
+            if state.closed:  # after publishing the gate: a close from now on empties it
+                return
+            state.feeding = n > 1
+            error: BaseException | None = None
+            counted = itertools.count()  # moves once per item the input gives
+            t0 = monotonic()
+            try:
+                # zip() takes from the gate first, so an emptied gate stops it
+                # before the input's next(), and from the counter last.
+                extend(map(_SECOND, zip(gate, it, counted, strict=False)))
+            except BaseException as exc:
+                error = exc
+            dt = monotonic() - t0
+            state.feeding = False
+            if state.closed:
+                return
+            got = next(counted)
+            fed += got
+            if got:
+                state.input_gap = dt / got
+            if dt > FEED_BLOCK_S:
+                block = max(1, int(block * FEED_BLOCK_S / dt))
+            elif dt < FEED_BLOCK_S / 2 and got == n:
+                block = min(2 * block, MAX_FEED_BLOCK)
+            if error is not None:
+                state.input_error = error
+                return
+            if got < n:
+                return  # the input is exhausted
+            if len(buf) >= state.need and not state.signalled:
+                state.signalled = True
+                put(_WAKE)
+    finally:
+        if state.closed:
+            if isinstance(it, types.GeneratorType):
+                with contextlib.suppress(BaseException):
+                    it.close()
+        else:
+            state.input_done = True
+            put(_WAKE)
+        state.it = None
 
 
 class _Closed(Exception):
@@ -334,6 +612,10 @@ def _produce(state: _State, wrap: bool) -> Generator[Any, None, None]:
         span = state.take()
         if span is None:
             if state.finished():
+                error, state.input_error = state.input_error, None
+                if error is not None:
+                    # Every item pulled before the fault has had its result.
+                    raise error
                 if progress is not None:
                     progress.finish()
                 return
@@ -423,6 +705,13 @@ async def _aiter(stream: Stream) -> AsyncIterator[Result]:
             yield item
     finally:
         stream.close()
+
+
+def _pull_inline(iterable: Iterable[Any]) -> bool:
+    """Whether the consumer pulls ``iterable`` itself: it cannot block, or it
+    must not move threads (an sqlite3 cursor checks its thread by default)."""
+    kind = type(iterable)
+    return kind in _INLINE_TYPES or (kind.__module__, kind.__qualname__) == ("sqlite3", "Cursor")
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:

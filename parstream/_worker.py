@@ -50,6 +50,11 @@ from parstream._slot import BEGUN, JOURNAL_MIN_ITEM_S, SEQ, Slot
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
 PARENT_POLL_S = 0.25
+# A batch that has run this long with items left stops and sends them back
+# unrun (``done`` with fewer results than items), so the parent can spread
+# items that turned slow over free workers; shorter costs more round trips.
+# About 3x the stream's chunk target (issue 8, item 10).
+BATCH_BUDGET_S = 0.06
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -119,6 +124,12 @@ class _Runner:
         self.functions: dict[bytes, Any] = {}
         self.position = 0  # items of the current batch finished so far
         self.lock = threading.Lock()  # log records may come from any thread
+        # run_flushing reads the clock when len(values) reaches check[0]; the
+        # ticker thread zeroes it every FLUSH_INTERVAL_S while a batch runs, so
+        # items that turn slow are noticed within an interval, not a stride.
+        self.check = [1]
+        self.batch_running = threading.Event()
+        self.ticker: threading.Thread | None = None
         root = logging.getLogger()
         root.addHandler(_Forward(self))
 
@@ -195,6 +206,7 @@ class _Runner:
     def run_reporting_each(self, call: Any, items: list[Any]) -> None:
         """One message per item, so the parent always knows which item runs since when."""
         self.send_results([], {}, False)
+        started = time.monotonic()
         words = self.words
         for begun, args in enumerate(items, 1):
             words[BEGUN] = begun
@@ -205,7 +217,21 @@ class _Runner:
                 result, errors = [None], {0: _failure(exc)}
             self.position += 1
             self.send_results(result, errors, False)
+            if self.position < len(items) and time.monotonic() - started >= BATCH_BUDGET_S:
+                break  # over budget: the rest goes back unrun
         self.send_results([], {}, True)
+
+    def start_ticker(self) -> None:
+        if self.ticker is None:
+            self.ticker = threading.Thread(target=self.tick, name="parstream-tick", daemon=True)
+            self.ticker.start()
+        self.batch_running.set()
+
+    def tick(self) -> None:
+        while True:
+            self.batch_running.wait()
+            time.sleep(FLUSH_INTERVAL_S)
+            self.check[0] = 0
 
     def run_flushing(self, call: Any, items: list[Any]) -> None:
         """Results go back every ``FLUSH_INTERVAL_S`` and at the end.
@@ -214,6 +240,8 @@ class _Runner:
         each reading to land a few readings per interval: a clock read per item
         would cost more than a tiny item itself. The ``try`` sits outside the
         inner loop for the same reason; an exception resumes after its item.
+        The ticker thread forces a reading every interval (``check``), and past
+        ``BATCH_BUDGET_S`` the batch stops, leaving its unrun items to the parent.
 
         Between flushes, each finished item's result also goes into the
         slot's journal (see ``_slot``) while items take at least
@@ -224,9 +252,13 @@ class _Runner:
         errors: _wire.Errors = {}
         append = values.append
         it = iter(items)
-        last = monotonic()
+        last = started = monotonic()
         stride = 1
-        check_at = 1
+        check = self.check
+        check[0] = 1
+        total = len(items)
+        if total > 1:
+            self.start_ticker()
         done = 0  # items finished in earlier flushes
         words = self.words
         begun = 0
@@ -243,19 +275,24 @@ class _Runner:
                     append(value)
                     if keep and not journal(value):  # type: ignore[misc]
                         full = True
-                    if len(values) >= check_at or full:
+                        check[0] = 0
+                    if len(values) >= check[0]:
                         now = monotonic()
+                        if now - started >= BATCH_BUDGET_S and done + len(values) < total:
+                            break  # over budget: the rest goes back unrun
                         elapsed = now - last
                         slow = elapsed >= JOURNAL_MIN_ITEM_S * len(values)
                         if elapsed >= FLUSH_INTERVAL_S or full:
-                            stride = max(1, int(len(values) * FLUSH_INTERVAL_S / elapsed / 4))
+                            stride = max(
+                                1, int(len(values) * FLUSH_INTERVAL_S / max(elapsed, 1e-9) / 4)
+                            )
                             done += len(values)
                             self.position = done
                             self.send_results(values, errors, False)
                             values, errors = [], {}
                             append = values.append
                             last = now
-                            check_at = stride
+                            check[0] = stride
                             full = False
                             if slot is not None:
                                 slot.journal_reset(done)
@@ -263,7 +300,7 @@ class _Runner:
                             if elapsed > 0:
                                 rate = len(values) / elapsed
                                 stride = max(1, int(rate * FLUSH_INTERVAL_S / 4))
-                            check_at = len(values) + stride
+                            check[0] = len(values) + stride
                         if slot is not None and slow != keep:
                             keep = slow
                             if keep:  # entries must run on from the journal's base
@@ -276,7 +313,8 @@ class _Runner:
                 append(None)
                 if keep and slot is not None and not slot.journal_error(failure):
                     full = True
-                    check_at = len(values)
+                    check[0] = 0
+        self.batch_running.clear()
         self.position = done + len(values)
         self.send_results(values, errors, True)
 

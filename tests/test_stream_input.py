@@ -1,0 +1,400 @@
+"""How streams pull their input: a slow input never holds back results, an
+input that raises keeps the results before it, and a batch whose items turn
+slow spreads over the workers (issue 8, items 7, 8 and 10)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import parstream
+from parstream import Exit, Ok
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def sleep_ret(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def tiny_then_slow(folder: str, first_slow: int, x: int) -> Any:
+    """Tiny below ``first_slow``; from there ~5 ms, logging (index, pid) once per run."""
+    if x < first_slow:
+        return x
+    time.sleep(0.005)
+    fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{x} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return x
+
+
+def _feeders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "parstream-feeder"]
+
+
+# -- item 7: a slow input never holds back finished results ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["map", "ordered", "unordered", "nolink"])
+def test_each_result_comes_before_the_next_item_is_produced(
+    sup: parstream.Supervisor, kind: str
+) -> None:
+    """The input produces item i+1 only once result i was received: a pull that
+    blocks the consumer (today's inline pull) deadlocks here."""
+    n = 12
+    received = [threading.Event() for _ in range(n)]
+
+    def source() -> Iterator[int]:
+        for i in range(n):
+            if i and not received[i - 1].wait(20):
+                raise RuntimeError(f"result {i - 1} was held back until the next item came")
+            yield i
+
+    if kind == "map":
+        values = sup.stream_map(square, source())
+    elif kind == "nolink":
+        values = (r.value for r in sup.async_stream_nolink(square, source()))
+    else:
+        values = (r.value for r in sup.async_stream(square, source(), ordered=kind == "ordered"))
+    got = []
+    for v in values:
+        got.append(v)
+        received[len(got) - 1].set()
+    assert got == [i * i for i in range(n)]
+
+
+def test_a_burst_then_a_slow_input(sup: parstream.Supervisor) -> None:
+    """Tiny items that arrive one at a time are sent one per chunk: each result
+    comes back while the input still waits for the consumer."""
+    n = 30
+    received = [threading.Event() for _ in range(n)]
+
+    def source() -> Iterator[int]:
+        # First a burst, so the chunk size grows from the items' cost...
+        yield from range(5000)
+        # ...then an input whose next item waits for the previous result.
+        for i in range(n):
+            if i and not received[i - 1].wait(20):
+                raise RuntimeError(f"result {i - 1} was held back in a chunk")
+            yield 5000 + i
+
+    got = 0
+    for v in sup.stream_map(square, source()):
+        if v >= 5000 * 5000:
+            received[got].set()
+            got += 1
+    assert got == n
+
+
+def test_inline_inputs_use_no_feeder_thread(sup: parstream.Supervisor) -> None:
+    """A list or range is pulled on the consumer's thread; a generator gets a
+    feeder thread that ends with its input."""
+    for source in ([1, 2, 3], range(3), (1, 2, 3), {1: 0, 2: 0}.keys()):
+        for _ in sup.stream_map(square, source):
+            assert not _feeders()
+    threads = []
+
+    def source() -> Iterator[int]:
+        for x in range(3):
+            threads.append(threading.current_thread().name)
+            yield x
+
+    assert list(sup.stream_map(square, source())) == [0, 1, 4]
+    assert threads == ["parstream-feeder"] * 3
+    for t in _feeders():
+        t.join(5)
+    assert not _feeders()
+
+
+def test_an_sqlite_cursor_stays_on_its_thread(sup: parstream.Supervisor) -> None:
+    """An sqlite3 cursor refuses other threads: it is pulled inline."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("create table t (x integer)")
+        db.executemany("insert into t values (?)", [(i,) for i in range(100)])
+        rows = db.execute("select x from t order by x")
+        assert list(sup.stream_map(sum, rows)) == list(range(100))
+    finally:
+        db.close()
+
+
+def test_close_stops_the_feeder_and_closes_the_generator(sup: parstream.Supervisor) -> None:
+    """A generator blocked in next() when the stream closes finishes that one
+    call, is pulled no further and is closed on the feeder thread."""
+    pulled: list[int] = []
+    release = threading.Event()
+    finalised = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            for i in itertools.count():
+                if i == 5:
+                    release.wait(20)
+                pulled.append(i)
+                yield i
+        finally:
+            finalised.set()
+
+    stream = sup.async_stream(square, source())
+    assert [next(stream) for _ in range(3)] == [Ok(0), Ok(1), Ok(4)]
+    stream.close()
+    release.set()
+    assert finalised.wait(10)
+    for t in _feeders():
+        t.join(5)
+    assert not _feeders()
+    assert pulled == [0, 1, 2, 3, 4, 5]
+
+
+def test_break_closes_the_generator_on_the_feeder(sup: parstream.Supervisor) -> None:
+    """Leaving a for loop early (the stream is then dropped) stops the feeder
+    and closes the generator, which is pulled no further."""
+    pulled: list[int] = []
+    finalised = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            for i in itertools.count():
+                pulled.append(i)
+                yield i
+        finally:
+            finalised.set()
+
+    for r in sup.async_stream(square, source(), chunksize=1, buffer_size=2):
+        if r == Ok(81):
+            break
+    gc.collect()
+    assert finalised.wait(10)
+    for t in _feeders():
+        t.join(5)
+    assert not _feeders()
+    assert len(pulled) <= 10 + 2 + 2  # delivered + buffer + max_concurrency
+
+
+def test_a_blocked_input_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """Leaving a stream whose input blocks forever still lets the script exit."""
+    script = tmp_path / "blocked.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import threading
+            import parstream
+
+            def source():
+                yield 1
+                yield 2
+                threading.Event().wait()  # blocks for good
+                yield 3
+
+            if __name__ == "__main__":
+                for v in parstream.map(abs, source()):
+                    if v == 2:
+                        break
+                print("left", flush=True)
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "left"
+
+
+def test_back_pressure_holds_with_a_feeder(sup: parstream.Supervisor) -> None:
+    """The feeder pulls no further ahead than the stream's bound."""
+    pulled = 0
+
+    def source() -> Iterator[float]:
+        nonlocal pulled
+        for _ in itertools.count():
+            pulled += 1
+            yield 0.0
+
+    stream = sup.async_stream(sleep_ret, source(), max_concurrency=2, chunksize=1, buffer_size=3)
+    for consumed, _ in enumerate(itertools.islice(stream, 50), 1):
+        assert pulled - consumed <= 2 + 3
+    stream.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 100])
+@pytest.mark.parametrize("bounds", [(1, 1, 0), (2, 1, 0), (2, None, 1)])
+def test_a_generator_ends_under_tight_bounds(
+    sup: parstream.Supervisor, n: int, bounds: tuple[int, int | None, int]
+) -> None:
+    """The feeder sees the input's end whatever the room it had left."""
+    concurrency, chunksize, buffer_size = bounds
+    out = sup.stream_map(
+        square,
+        (x for x in range(n)),
+        max_concurrency=concurrency,
+        chunksize=chunksize,
+        buffer_size=buffer_size,
+    )
+    assert list(out) == [x * x for x in range(n)]
+
+
+# -- item 8: an input that raises keeps the results before it --------------------------------
+
+
+class InputFault(Exception):
+    pass
+
+
+def faulty(n: int, at: int) -> Iterator[int]:
+    for i in range(n):
+        if i == at:
+            raise InputFault(f"input broke at {i}")
+        yield i
+
+
+@pytest.mark.parametrize("kind", ["map", "ordered", "unordered", "nolink", "nolink-unordered"])
+def test_input_fault_comes_after_every_earlier_result(
+    sup: parstream.Supervisor, kind: str
+) -> None:
+    """50,000 tiny items, the input raising at 40,000: all 40,000 results are
+    delivered (in order when ordered), then the input's own exception."""
+    at = 40_000
+    ordered = not kind.endswith("unordered")
+    got: list[int] = []
+
+    def consume() -> None:
+        if kind == "map":
+            got.extend(sup.stream_map(square, faulty(50_000, at)))
+            return
+        make = sup.async_stream_nolink if kind.startswith("nolink") else sup.async_stream
+        for r in make(square, faulty(50_000, at), ordered=ordered):
+            assert isinstance(r, Ok)
+            got.append(r.value)
+
+    with pytest.raises(InputFault, match="input broke at 40000") as info:
+        consume()
+    expected = [i * i for i in range(at)]
+    assert (got if ordered else sorted(got)) == expected
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "faulty" in frames  # the input's own traceback
+
+
+def test_input_fault_at_the_first_item(sup: parstream.Supervisor) -> None:
+    """An input that raises before its first item raises from the first next()."""
+    with pytest.raises(InputFault):
+        next(sup.async_stream(square, faulty(10, 0)))
+
+
+def test_a_task_failure_before_the_input_fault_comes_first(sup: parstream.Supervisor) -> None:
+    """Linked: a failed item pulled before the fault is raised, as a loop would."""
+
+    def source() -> Iterator[Any]:
+        yield 1
+        yield "not a number"
+        raise InputFault("late")
+
+    with pytest.raises(TypeError):
+        list(sup.stream_map(functools.partial(pow, 2), source()))
+
+
+# -- item 10: items that turn slow spread over the workers -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tiny", "timeout", "ordered", "source_kind"),
+    [
+        (100_000, None, True, "generator"),
+        (100_000, None, False, "generator"),
+        (5_000, 30.0, True, "generator"),
+        (100_000, None, True, "list"),
+    ],
+)
+def test_slow_items_after_tiny_ones_use_every_worker(
+    sup: parstream.Supervisor,
+    tmp_path: Path,
+    tiny: int,
+    timeout: float | None,
+    ordered: bool,
+    source_kind: str,
+) -> None:
+    """Tiny items, then 200 of ~5 ms: the chunk size learnt from the tiny ones
+    does not pin the slow ones to one worker, and each item runs exactly once,
+    in its place."""
+    fn = functools.partial(tiny_then_slow, str(tmp_path), tiny)
+    numbers = range(tiny + 200)
+    source = (x for x in numbers) if source_kind == "generator" else list(numbers)
+    out = list(sup.stream_map(fn, source, timeout=timeout, ordered=ordered))
+    assert (out if ordered else sorted(out)) == list(range(tiny + 200))
+    runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
+    assert sorted(int(x) for x, _ in runs) == list(range(tiny, tiny + 200))
+    pids = {pid for _, pid in runs}
+    assert len(pids) == 2, f"all 200 slow items ran on {pids}"
+
+
+def test_a_returned_batch_keeps_its_unpicklable_item(sup: parstream.Supervisor) -> None:
+    """A batch stopped at the worker's time budget keeps each item's failure:
+    an unpicklable argument sent again still fails as itself."""
+    items: list[Any] = [0.2, threading.Lock(), 0.0]
+    out = list(sup.async_stream_nolink(sleep_ret, items, chunksize=3))
+    assert out[0] == Ok(0.2)
+    assert isinstance(out[1], Exit)
+    assert isinstance(out[1].reason, pickle.PicklingError)
+    assert out[2] == Ok(0.0)
+
+
+def sleepy_or_raise(folder: str, x: int) -> int:
+    """~10 ms; logs each run once; multiples of 7 raise."""
+    time.sleep(0.01)
+    fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{x} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    if x % 7 == 0:
+        raise ValueError(x)
+    return x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_batch_stopped_early_keeps_order_and_failures(
+    sup: parstream.Supervisor, tmp_path: Path, ordered: bool
+) -> None:
+    """Batches of 20 items of ~10 ms outlast the worker's time budget: their
+    unrun rest is re-cut and spread, and every item still gets its own result
+    (failures in their places) and runs exactly once."""
+    fn = functools.partial(sleepy_or_raise, str(tmp_path))
+    out = list(sup.async_stream_nolink(fn, range(60), chunksize=20, ordered=ordered))
+    assert len(out) == 60
+    got = {}
+    for r in out:
+        if isinstance(r, Exit):
+            assert isinstance(r.reason, ValueError)
+            got[r.reason.args[0]] = "raised"
+        else:
+            got[r.value] = "ok"
+    assert got == {x: "raised" if x % 7 == 0 else "ok" for x in range(60)}
+    if ordered:
+        keys = [r.reason.args[0] if isinstance(r, Exit) else r.value for r in out]
+        assert keys == list(range(60))
+    runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
+    assert sorted(int(x) for x, _ in runs) == list(range(60))
+    assert len({pid for _, pid in runs}) == 2
