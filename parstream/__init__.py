@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from parstream._errors import (
         ParstreamError as ParstreamError,
         ParstreamInternalError as ParstreamInternalError,
+        RemoteError as RemoteError,
         SupervisorClosed as SupervisorClosed,
         TaskShutdown as TaskShutdown,
         TaskTimeout as TaskTimeout,
@@ -56,6 +57,7 @@ __all__ = (
     "Ok",
     "ParstreamError",
     "ParstreamInternalError",
+    "RemoteError",
     "RemoteTraceback",
     "Stats",
     "Stream",
@@ -94,6 +96,7 @@ _HOMES = {
     "start": "_api",
     "ParstreamError": "_errors",
     "ParstreamInternalError": "_errors",
+    "RemoteError": "_errors",
     "SupervisorClosed": "_errors",
     "TaskShutdown": "_errors",
     "TaskTimeout": "_errors",

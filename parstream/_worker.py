@@ -234,7 +234,7 @@ class _Runner:
             except BaseException as exc:
                 # Arguments that cannot be rebuilt in the worker: tell the
                 # parent, which isolates the culprit item by item.
-                self.send(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
+                self.send(_wire.encode(_wire.BAD_BATCH, _wire.pack_error(_failure(exc))))
                 continue
             self.run_batch(message)
 
