@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-import threading
+import types
 from typing import Any
 
 import cloudpickle
@@ -166,80 +166,121 @@ Errors = dict[int, tuple[BaseException, str]]
 _ATOMIC = frozenset({int, float, bool, type(None), str, bytes, complex})
 _CONTAINERS = frozenset({tuple, list, dict})
 _ATOMIC_OR_CONTAINER = _ATOMIC | _CONTAINERS
-PLAIN_CONTAINER_MAX = 64  # longer containers are checked by pickling them alone
+# Objects pickled once per flush, in a table, rather than inside each value.
+_SHARED = (type, types.FunctionType, types.BuiltinFunctionType)
 
 
 def _is_plain(value: Any) -> bool:
+    """An atomic value, or a flat container of atomic values."""
     cls = type(value)
     if cls in _ATOMIC:
         return True
-    if cls not in _CONTAINERS or len(value) > PLAIN_CONTAINER_MAX:
-        return False
     if cls is dict:
         return set(map(type, value)) <= _ATOMIC and set(map(type, value.values())) <= _ATOMIC
-    return set(map(type, value)) <= _ATOMIC
+    return cls in _CONTAINERS and set(map(type, value)) <= _ATOMIC
 
 
 def _all_plain(values: list[Any]) -> bool:
-    types = set(map(type, values))
-    if types <= _ATOMIC:
+    types_ = set(map(type, values))
+    if types_ <= _ATOMIC:
         return True
-    return types <= _ATOMIC_OR_CONTAINER and all(map(_is_plain, values))
+    return types_ <= _ATOMIC_OR_CONTAINER and all(map(_is_plain, values))
 
 
-class _ItemPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """Pickles one value at a time; classes go to a table shared by the flush.
+class _ValuePacker:
+    """Pickles a flush's values one at a time, so each can be unpickled alone.
 
-    Each value must unpickle alone in the parent, but a class pickled by value
-    (one defined in ``__main__`` or a notebook) costs ~50 us and ~700 bytes:
-    per item, that would be 20 times the cost of a small instance. So a class
-    is pickled once per flush, in a table of its own, and items refer to it by
-    position (a class that cannot be rebuilt fails only the items using it).
+    Classes and functions inside the values go to a table pickled once per
+    flush and are referred to by persistent id: a class pickled by value (one
+    defined in ``__main__`` or a notebook) costs ~50 us and ~700 bytes, and
+    even one by reference costs the parent a ~1 us import lookup, per item.
+    A class that cannot be rebuilt in the parent fails only the items using it.
+    The C pickler goes first; cloudpickle's only for a value the C one refuses
+    (a lambda inside a ``functools.partial``, a ``property``...).
     """
 
-    def __init__(self, file: io.BytesIO, classes: dict[type, int]) -> None:
-        super().__init__(file, protocol=PROTOCOL)
-        self.classes = classes
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.shared: dict[int, tuple[int, Any]] = {}
+        self.fast = pickle.Pickler(self.buf, PROTOCOL)
+        self.fast.persistent_id = self.persistent_id  # type: ignore[method-assign]
+        self.slow: Any = None
 
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, type):
-            key = self.classes.get(obj)
-            if key is None:
-                key = self.classes[obj] = len(self.classes)
-            return _shared_class, (key,)
-        return super().reducer_override(obj)
+    def persistent_id(self, obj: Any) -> int | None:
+        if type(obj) in _ATOMIC_OR_CONTAINER or not isinstance(obj, _SHARED):
+            return None
+        entry = self.shared.get(id(obj))
+        if entry is None:
+            entry = self.shared[id(obj)] = (len(self.shared), obj)
+        return entry[0]
 
+    def add(self, value: Any) -> int:
+        """Append one value's pickle; its end offset. Raises if it cannot be pickled."""
+        buf = self.buf
+        start = buf.tell()
+        try:
+            self.fast.clear_memo()
+            self.fast.dump(value)
+            return buf.tell()
+        except BaseException:
+            buf.seek(start)
+            buf.truncate()
+        if self.slow is None:
+            self.slow = cloudpickle.Pickler(buf, protocol=PROTOCOL)
+            self.slow.persistent_id = self.persistent_id
+        try:
+            self.slow.clear_memo()
+            self.slow.dump(value)
+        except BaseException:
+            buf.seek(start)
+            buf.truncate()
+            raise
+        return buf.tell()
 
-class _Loading(threading.local):
-    classes: list[tuple[str, bytes | None, str]] | None = None
-    loaded: dict[int, Any] | None = None
-
-
-_loading = _Loading()
-
-
-def _shared_class(key: int) -> Any:
-    """Called while unpickling an item: its class from the flush's table."""
-    classes, loaded = _loading.classes, _loading.loaded
-    if classes is None or loaded is None:
-        raise pickle.UnpicklingError("a shared class outside of a flush of results")
-    if key not in loaded:
-        name, data, reason = classes[key]
-        if data is None:
-            loaded[key] = pickle.PicklingError(f"the class {name} {reason}")
-        else:
+    def table(self) -> list[tuple[str, bytes | None, str]]:
+        out: list[tuple[str, bytes | None, str]] = []
+        for _, obj in self.shared.values():
+            name = _type_name(obj) if isinstance(obj, type) else _function_name(obj)
             try:
-                loaded[key] = pickle.loads(data)
+                out.append((name, dumps(obj), ""))
             except BaseException as cause:
-                err = pickle.UnpicklingError(
-                    f"the class {name} could not be unpickled in the parent: {cause!r}"
-                )
-                err.__cause__ = cause
-                loaded[key] = err
-    found = loaded[key]
-    if isinstance(found, BaseException):
-        raise found
-    return found
+                out.append((name, None, f"could not be pickled in the worker: {cause!r}"))
+        return out
+
+
+def _function_name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None)
+    name = str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "?"))
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+class _SharedTable:
+    """The parent's side of ``_ValuePacker``'s table: each entry unpickled
+    on first use, a failure kept and raised for every item that uses it."""
+
+    def __init__(self, entries: list[tuple[str, bytes | None, str]]) -> None:
+        self.entries = entries
+        self.loaded: dict[int, Any] = {}
+        self.failed: dict[int, BaseException] = {}
+
+    def persistent_load(self, key: int) -> Any:
+        try:
+            return self.loaded[key]
+        except KeyError:
+            pass
+        if key in self.failed:
+            raise self.failed[key]
+        name, data, reason = self.entries[key]
+        try:
+            if data is None:
+                raise pickle.PicklingError(f"{name} {reason}")
+            obj = self.loaded[key] = pickle.loads(data)
+        except BaseException as cause:
+            err = pickle.UnpicklingError(f"{name} could not be rebuilt in the parent: {cause!r}")
+            err.__cause__ = cause
+            self.failed[key] = err
+            raise err from cause
+        return obj
 
 
 def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) -> bytes:
@@ -247,11 +288,12 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
 
     ``values`` has one entry per item (``None`` where the item failed);
     ``errors`` maps positions in it to ``(exception, traceback_text)``.
-    The payload is ``(values, packed, blob, classes, errors)``: ``values``
-    holds the plain values (``_ATOMIC``, or small containers of them) in
-    place; every other value is pickled alone into ``blob`` (``packed`` lists
-    ``(position, end offset, type name)``), its classes into ``classes``;
-    errors are ``PackedError``. A value that cannot be pickled fails alone.
+    The payload is ``(values, packed, blob, table, errors)``: ``values``
+    holds the plain values (see ``_is_plain``) in place; every other value
+    is pickled alone into ``blob`` (``packed`` lists ``(position, end
+    offset, type name)``) by a ``_ValuePacker``, whose shared ``table`` it
+    refers to; errors are ``PackedError``. A value that cannot be pickled
+    fails alone.
     """
     header = _HEADER.pack(RESULTS, len(values), 1 if done else 0, t_next)
     if not errors and _all_plain(values):
@@ -260,9 +302,7 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
     packed: list[tuple[int, int, str]] = []
     failed: dict[int, PackedError] = {}
     same: dict[int, PackedError] = {}  # one payload shared by many items packs once
-    buf = io.BytesIO()
-    classes: dict[type, int] = {}
-    pickler = _ItemPickler(buf, classes)
+    packer = _ValuePacker()
     names: dict[type, str] = {}
     for i, value in enumerate(values):
         if i in errors:
@@ -279,27 +319,18 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
         name = names.get(cls)
         if name is None:
             name = names[cls] = _type_name(cls)
-        start = buf.tell()
         try:
-            pickler.clear_memo()
-            pickler.dump(value)
+            end = packer.add(value)
         except BaseException as cause:
-            buf.seek(start)
-            buf.truncate()
             err = pickle.PicklingError(
                 f"the task's result ({name}) could not be pickled "
                 f"to send it back from the worker: {cause}"
             )
             failed[i] = PackedError(err, "")
             continue
-        packed.append((i, buf.tell(), name))
-    table: list[tuple[str, bytes | None, str]] = []
-    for cls in classes:
-        try:
-            table.append((_type_name(cls), dumps(cls), ""))
-        except BaseException as cause:
-            table.append((_type_name(cls), None, f"could not be pickled in the worker: {cause!r}"))
-    return header + pickle.dumps((plain, packed, buf.getvalue(), table, failed), PROTOCOL)
+        packed.append((i, end, name))
+    frame = (plain, packed, packer.buf.getvalue(), packer.table(), failed)
+    return header + pickle.dumps(frame, PROTOCOL)
 
 
 def loads_results(data: bytes) -> tuple[bool, float, list[Any], Errors]:
@@ -307,28 +338,33 @@ def loads_results(data: bytes) -> tuple[bool, float, list[Any], Errors]:
     rebuilt fails its own item, with its type's name in the message."""
     _, count, done, t_next = _HEADER.unpack_from(data)
     try:
-        values, packed, blob, classes, errors = pickle.loads(memoryview(data)[_HEADER.size :])
+        values, packed, blob, table, errors = pickle.loads(memoryview(data)[_HEADER.size :])
     except BaseException as cause:  # pragma: no cover - only built-in types and our own
         err = pickle.UnpicklingError(f"a flush of results could not be unpickled: {cause!r}")
         return bool(done), t_next, [None] * count, dict.fromkeys(range(count), (err, ""))
     if not packed:
         return bool(done), t_next, values, errors or {}
-    view = memoryview(blob)
-    _loading.classes, _loading.loaded = classes, {}
-    try:
-        start = 0
-        for i, end, name in packed:
-            try:
-                values[i] = pickle.loads(view[start:end])
-            except BaseException as cause:
-                err = pickle.UnpicklingError(
-                    f"the task's result ({name}) could not be unpickled in the parent: {cause!r}"
-                )
-                err.__cause__ = cause
-                errors[i] = (err, "")
-            start = end
-    finally:
-        _loading.classes = _loading.loaded = None
+    shared = _SharedTable(table)
+    file = io.BytesIO(blob)
+    unpickler: Any = None
+    start = 0
+    for i, end, name in packed:
+        # One unpickler reads the values one after another, each a complete
+        # pickle; after a failure its state is suspect, so a new one goes on.
+        if unpickler is None:
+            unpickler = pickle.Unpickler(file)
+            unpickler.persistent_load = shared.persistent_load
+        file.seek(start)
+        try:
+            values[i] = unpickler.load()
+        except BaseException as cause:
+            unpickler = None
+            err = pickle.UnpicklingError(
+                f"the task's result ({name}) could not be unpickled in the parent: {cause!r}"
+            )
+            err.__cause__ = cause
+            errors[i] = (err, "")
+        start = end
     if len(errors) > 1:
         errors = dict(sorted(errors.items()))
     return bool(done), t_next, values, errors
