@@ -559,6 +559,9 @@ class Pool:
             job = worker.job
             if job is None:
                 return
+            with worker.send_lock:
+                # The worker could not read the message, function included.
+                worker.fns.pop(job.fn_id, None)
             if job.sent_end - job.cursor <= 1:
                 self._report_error(job, err, "tasks_failed")
                 with self._lock:

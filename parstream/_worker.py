@@ -81,6 +81,23 @@ def _failure(exc: BaseException) -> tuple[BaseException, str]:
     return exc, tb
 
 
+class _Unloadable:
+    """Cached in place of a function that could not be unpickled here."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: tuple[BaseException, str]) -> None:
+        self.payload = payload
+
+
+class _FunctionFailed(Exception):
+    """Raised by ``load_function`` for a cached ``_Unloadable``."""
+
+    def __init__(self, payload: tuple[BaseException, str]) -> None:
+        super().__init__(payload[0])
+        self.payload = payload
+
+
 class _Forward(logging.Handler):
     """Ships log records to the parent, tagged with the item being run."""
 
@@ -125,8 +142,15 @@ class _Runner:
         if fn is None:
             if fn_bytes is None:
                 raise RuntimeError(f"function {fn_id} was never sent to this worker")
-            fn = pickle.loads(fn_bytes)
+            try:
+                fn = pickle.loads(fn_bytes)
+            except BaseException as exc:
+                # The parent sends the function once per worker: the next
+                # batches of this function must fail with the same cause.
+                fn = _Unloadable(_failure(exc))
             self.functions[fn_id] = fn
+        if type(fn) is _Unloadable:
+            raise _FunctionFailed(fn.payload)
         return fn
 
     def run_batch(self, message: tuple[Any, ...]) -> None:
@@ -138,7 +162,7 @@ class _Runner:
         except BaseException as exc:
             # The function cannot be rebuilt here: every item fails with that
             # cause, and the worker stays healthy.
-            err = _failure(exc)
+            err = exc.payload if isinstance(exc, _FunctionFailed) else _failure(exc)
             self.send_results([None] * len(items), dict.fromkeys(range(len(items)), err), True)
             return
         if has_bad:
