@@ -187,6 +187,34 @@ def _all_plain(values: list[Any]) -> bool:
     return types_ <= _ATOMIC_OR_CONTAINER and all(map(_is_plain, values))
 
 
+class _Sharing:
+    """Classes and functions go to a table shared by the flush (see ``_ValuePacker``)."""
+
+    shared: dict[int, tuple[int, Any]]
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if type(obj) in _ATOMIC_OR_CONTAINER or not isinstance(obj, _SHARED):
+            return None
+        entry = self.shared.get(id(obj))
+        if entry is None:
+            entry = self.shared[id(obj)] = (len(self.shared), obj)
+        return entry[0]
+
+
+# Subclasses, not an assigned attribute: Python 3.13 made ``persistent_id``
+# read-only on pickler instances.
+class _FastPickler(_Sharing, pickle.Pickler):
+    def __init__(self, file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> None:
+        super().__init__(file, PROTOCOL)
+        self.shared = shared
+
+
+class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
+    def __init__(self, file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> None:
+        super().__init__(file, protocol=PROTOCOL)
+        self.shared = shared
+
+
 class _ValuePacker:
     """Pickles a flush's values one at a time, so each can be unpickled alone.
 
@@ -202,17 +230,8 @@ class _ValuePacker:
     def __init__(self) -> None:
         self.buf = io.BytesIO()
         self.shared: dict[int, tuple[int, Any]] = {}
-        self.fast = pickle.Pickler(self.buf, PROTOCOL)
-        self.fast.persistent_id = self.persistent_id  # type: ignore[method-assign]
-        self.slow: Any = None
-
-    def persistent_id(self, obj: Any) -> int | None:
-        if type(obj) in _ATOMIC_OR_CONTAINER or not isinstance(obj, _SHARED):
-            return None
-        entry = self.shared.get(id(obj))
-        if entry is None:
-            entry = self.shared[id(obj)] = (len(self.shared), obj)
-        return entry[0]
+        self.fast = _FastPickler(self.buf, self.shared)
+        self.slow: _CloudPickler | None = None
 
     def add(self, value: Any) -> int:
         """Append one value's pickle; its end offset. Raises if it cannot be pickled."""
@@ -226,8 +245,7 @@ class _ValuePacker:
             buf.seek(start)
             buf.truncate()
         if self.slow is None:
-            self.slow = cloudpickle.Pickler(buf, protocol=PROTOCOL)
-            self.slow.persistent_id = self.persistent_id
+            self.slow = _CloudPickler(buf, self.shared)
         try:
             self.slow.clear_memo()
             self.slow.dump(value)
@@ -281,6 +299,15 @@ class _SharedTable:
             self.failed[key] = err
             raise err from cause
         return obj
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, shared: _SharedTable) -> None:
+        super().__init__(file)
+        self.shared = shared
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.shared.persistent_load(pid)
 
 
 def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) -> bytes:
@@ -352,8 +379,7 @@ def loads_results(data: bytes) -> tuple[bool, float, list[Any], Errors]:
         # One unpickler reads the values one after another, each a complete
         # pickle; after a failure its state is suspect, so a new one goes on.
         if unpickler is None:
-            unpickler = pickle.Unpickler(file)
-            unpickler.persistent_load = shared.persistent_load
+            unpickler = _Unpickler(file, shared)
         file.seek(start)
         try:
             values[i] = unpickler.load()
