@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from loky.backend.context import get_context
 
-from parstream import _wire
+from parstream import _output, _wire
 from parstream._errors import (
     ParstreamInternalError,
     SupervisorClosed,
@@ -584,6 +584,7 @@ class Pool:
             self.counters["tasks_failed"] += len(errors)
             self.counters["tasks_ok"] += count - len(errors)
             if not job.killed:
+                _output.settle()  # in a kernel: the worker's output first
                 self._note(job.sink.on_results, job, values, errors)
         if count or worker.item_started is None:
             worker.item_started = t_next
