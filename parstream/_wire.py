@@ -161,8 +161,9 @@ Errors = dict[int, tuple[BaseException, str]]
 
 # -- results ---------------------------------------------------------------
 
-# Values of these exact types cannot fail to pickle or to unpickle, so a flush
-# of them travels as one pickle (the fast path for tiny items).
+# Values of these exact types cannot fail to pickle or to unpickle: a flush of
+# them travels as one pickle (the fast path for tiny items, ``_PlainPickler``);
+# in other flushes, such values (flat containers included) stay in place.
 _ATOMIC = frozenset({int, float, bool, type(None), str, bytes, complex})
 _CONTAINERS = frozenset({tuple, list, dict})
 _ATOMIC_OR_CONTAINER = _ATOMIC | _CONTAINERS
@@ -180,11 +181,33 @@ def _is_plain(value: Any) -> bool:
     return cls in _CONTAINERS and set(map(type, value)) <= _ATOMIC
 
 
-def _all_plain(values: list[Any]) -> bool:
-    types_ = set(map(type, values))
-    if types_ <= _ATOMIC:
-        return True
-    return types_ <= _ATOMIC_OR_CONTAINER and all(map(_is_plain, values))
+class _NotPlain(Exception):
+    pass
+
+
+class _PlainPickler(pickle.Pickler):
+    """Pickles a flush whose values are all plain, or raises ``_NotPlain``.
+
+    The C pickler handles ``None``, ``bool``, exact ``int``, ``float``,
+    ``str``, ``bytes``, ``bytearray`` and the built-in containers without
+    consulting ``reducer_override``; anything else reaches it. So a flush of
+    plain values (which cannot fail to unpickle) costs no check at all, and the
+    first other value sends the flush down the per-item path.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is complex:
+            return NotImplemented
+        raise _NotPlain
+
+
+def _dumps_plain(payload: Any) -> bytes | None:
+    buf = io.BytesIO()
+    try:
+        _PlainPickler(buf, PROTOCOL).dump(payload)
+    except _NotPlain:
+        return None
+    return buf.getvalue()
 
 
 class _Sharing:
@@ -323,8 +346,10 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
     fails alone.
     """
     header = _HEADER.pack(RESULTS, len(values), 1 if done else 0, t_next)
-    if not errors and _all_plain(values):
-        return header + pickle.dumps((values, None, b"", None, None), PROTOCOL)
+    if not errors:
+        data = _dumps_plain((values, None, b"", None, None))
+        if data is not None:
+            return header + data
     plain = list(values)
     packed: list[tuple[int, int, str]] = []
     failed: dict[int, PackedError] = {}

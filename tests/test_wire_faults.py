@@ -273,6 +273,18 @@ def test_results_of_every_shape_survive_the_per_item_path(sup: parstream.Supervi
     assert values[11] is square
 
 
+def plain(x: int) -> Any:
+    """Built-in values only: they travel in one pickle per flush."""
+    return [x, 1.5 * x, f"s{x}", b"b", None, True, 2j * x, (x, [x, {"k": {x}}]), bytearray(b"a")][
+        x % 9
+    ]
+
+
+def test_plain_values_of_every_builtin_kind(sup: parstream.Supervisor) -> None:
+    """The one-pickle fast path gives back exactly what a plain loop would."""
+    assert list(sup.stream_map(plain, range(90), chunksize=90)) == [plain(x) for x in range(90)]
+
+
 def test_exception_rebuilt_in_the_parent_keeps_its_type(sup: parstream.Supervisor) -> None:
     """The per-item path does not turn a picklable exception into a stand-in."""
 
