@@ -396,6 +396,35 @@ def test_argument_fault_in_a_stream(kind: str, sup: parstream.Supervisor) -> Non
     assert len(got) <= CULPRIT
 
 
+class LockedOnLoad:
+    """An argument whose unpickling in the worker raises an unpicklable exception."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise_locked, (self.value,))
+
+
+def _raise_locked(value: int) -> LockedOnLoad:
+    if not IN_PARENT[0]:
+        raise LockedError(f"argument {value} would not load")
+    return LockedOnLoad(value)
+
+
+def test_argument_whose_load_error_cannot_travel(sup: parstream.Supervisor) -> None:
+    """The worker's report on an unreadable batch arrives even when its error cannot."""
+    items = [LockedOnLoad(i) if i == CULPRIT else i for i in range(12)]
+    out = list(sup.async_stream_nolink(value_of, items, chunksize=6))
+    for i, r in enumerate(out):
+        if i == CULPRIT:
+            assert isinstance(r, parstream.Exit), r
+            assert isinstance(r.reason, parstream.RemoteError), r
+            assert "LockedError: argument 7 would not load" in str(r.reason)
+        else:
+            assert r == parstream.Ok(i), (i, r)
+
+
 # -- the input iterator -------------------------------------------------------------
 
 
