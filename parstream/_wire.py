@@ -328,9 +328,13 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, shared: _SharedTable) -> None:
         super().__init__(file)
         self.shared = shared
+        self.loaded = shared.loaded
 
     def persistent_load(self, pid: Any) -> Any:
-        return self.shared.persistent_load(pid)
+        try:
+            return self.loaded[pid]
+        except KeyError:
+            return self.shared.persistent_load(pid)
 
 
 def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) -> bytes:
