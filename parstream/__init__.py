@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from parstream._errors import (
         ParstreamError as ParstreamError,
         ParstreamInternalError as ParstreamInternalError,
+        RemoteError as RemoteError,
         SupervisorClosed as SupervisorClosed,
         TaskShutdown as TaskShutdown,
         TaskTimeout as TaskTimeout,
@@ -59,6 +60,7 @@ __all__ = (
     "Ok",
     "ParstreamError",
     "ParstreamInternalError",
+    "RemoteError",
     "RemoteTraceback",
     "Stats",
     "Stream",
@@ -101,6 +103,7 @@ _HOMES = {
     "compare": "_compare",
     "ParstreamError": "_errors",
     "ParstreamInternalError": "_errors",
+    "RemoteError": "_errors",
     "SupervisorClosed": "_errors",
     "TaskShutdown": "_errors",
     "TaskTimeout": "_errors",

@@ -86,6 +86,32 @@ class SupervisorClosed(ParstreamError, RuntimeError):
     """
 
 
+class RemoteError(ParstreamError):
+    """Stands in for a task's exception that could not travel back as itself.
+
+    Raised (or put in an ``Exit``) in place of an exception that could not be
+    pickled in the worker, or not be unpickled in the parent (its class exists
+    only in the worker, its ``__init__`` does not accept its own ``args``, it
+    holds a lock...). ``type_name`` is the original class's qualified name,
+    ``message`` its ``str()``, and the worker's traceback is the
+    ``__cause__``, as for any task exception. To get the exception back as
+    itself, make it picklable (pass every ``__init__`` argument on to
+    ``super().__init__``, or define ``__reduce__``).
+    """
+
+    def __init__(self, type_name: str, message: str, reason: str = "") -> None:
+        text = f"{type_name}: {message}" if message else type_name
+        if reason:
+            text += f" (stand-in: the task's exception {reason})"
+        super().__init__(text)
+        self.type_name = type_name
+        self.message = message
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, self.message, self.reason))
+
+
 class ParstreamInternalError(ParstreamError):
     """Raised when parstream broke one of its own rules: this is our bug,
     please report it with the traceback."""

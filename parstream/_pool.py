@@ -61,7 +61,7 @@ from typing import Any, Protocol
 
 from loky.backend.context import get_context
 
-from parstream import _reaper, _wire
+from parstream import _output, _reaper, _wire
 from parstream._callbacks import mark_hub_thread
 from parstream._errors import (
     ParstreamInternalError,
@@ -761,6 +761,9 @@ class Pool:
             job = worker.job
             if job is None:
                 return
+            with worker.send_lock:
+                # The worker could not read the message, function included.
+                worker.fns.pop(job.fn.key, None)
             if job.sent_end - job.cursor <= 1:
                 self._report_error(job, err, "tasks_failed")
                 with self._lock:
@@ -783,6 +786,7 @@ class Pool:
             self.counters["tasks_failed"] += len(errors)
             self.counters["tasks_ok"] += count - len(errors)
             if not job.killed:
+                _output.settle()  # in a kernel: the worker's output first
                 self._note(job.sink.on_results, job, values, errors)
         if count:
             worker.item_started = t_next  # the worker's clock: the next item's start

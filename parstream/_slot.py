@@ -95,13 +95,11 @@ class Slot:
         return self._append(_VALUE, data)
 
     def journal_error(self, failure: tuple[BaseException, str]) -> bool:
-        exc, tb = failure
-        try:
-            data = pickle.dumps((exc, tb), protocol=5)
-        except Exception:
-            stand_in = RuntimeError(f"{type(exc).__qualname__}: {exc}")
-            data = pickle.dumps((stand_in, tb), protocol=5)
-        return self._append(_ERROR, data)
+        from parstream import _wire
+
+        # Unpickles to (exception, traceback), or to a RemoteError keeping the
+        # type's name, message and traceback if the exception cannot travel.
+        return self._append(_ERROR, pickle.dumps(_wire.pack_error(failure), protocol=5))
 
     def _append(self, kind: int, data: bytes) -> bool:
         used = self.words[J_USED]

@@ -181,7 +181,7 @@ class _Runner:
         except BaseException as exc:
             # Arguments that cannot be rebuilt in the worker: tell the
             # parent, which isolates the culprit item by item.
-            self.send(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
+            self.send(_wire.encode(_wire.BAD_BATCH, _wire.pack_error(_failure(exc))))
             return
         if has_bad:
             bad = _wire.BadArgs
@@ -338,7 +338,7 @@ class _Runner:
             except BaseException as exc:
                 # Arguments that cannot be rebuilt in the worker: tell the
                 # parent, which isolates the culprit item by item.
-                self.send(_wire.encode(_wire.BAD_BATCH, _failure(exc)))
+                self.send(_wire.encode(_wire.BAD_BATCH, _wire.pack_error(_failure(exc))))
                 continue
             self.run_batch(message)
 
@@ -350,7 +350,7 @@ def _run_initializer(conn: Any, initializer: bytes) -> None:
         fn, args = pickle.loads(initializer)
         fn(*args)
     except BaseException as exc:
-        payload = _wire._portable_error(_failure(exc))
+        payload = _wire.pack_error(_failure(exc))
         try:
             conn.send_bytes(_wire.encode(_wire.START_FAILED, payload))
         finally:

@@ -305,3 +305,32 @@ def test_notebook_code_output_and_await(kernel: Kernel) -> None:
     )
     assert content["status"] == "ok", content
     assert "1024 [1, 2]" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_worker_output_comes_before_what_the_cell_prints_next(kernel: Kernel) -> None:
+    """Issue 8, item 15: a task's output reaches the cell before the cell's next print,
+    each on its own line, even when the kernel's fd-forwarding thread lags (Python 3.13)."""
+    rounds = 150
+    content, out = kernel.run(
+        f"""
+        import parstream
+
+        def shout(x):
+            print(f"worker says {{x}}")
+            return x
+
+        for i in range({rounds}):
+            values = list(parstream.map(shout, range(3), max_concurrency=1))
+            print(f"cell got {{values}} in round {{i}}")
+        """
+    )
+    assert content["status"] == "ok", content
+    expected = []
+    for i in range(rounds):
+        expected += [f"worker says {x}" for x in range(3)] + [f"cell got [0, 1, 2] in round {i}"]
+    lines = out.splitlines()
+    pairs = zip(lines, expected, strict=False)
+    wrong = next((k for k, (a, b) in enumerate(pairs) if a != b), len(expected))
+    assert lines == expected, lines[max(0, wrong - 4) : wrong + 4]
