@@ -650,10 +650,11 @@ def test_unpicklable_result_fails_that_task_alone() -> None:
 
 
 def test_exception_that_cannot_be_rebuilt_is_reported_clearly(sup: parstream.Supervisor) -> None:
-    """An exception class with a two-argument __init__ becomes a clear PicklingError."""
-    with pytest.raises(pickle.PicklingError, match=r"TwoArgError.*1/2"):
+    """An exception that cannot be rebuilt keeps its type's name, message and traceback."""
+    with pytest.raises(parstream.RemoteError, match=r"TwoArgError.*1/2") as info:
         sup.async_(raise_two_arg_error).await_(20)
-    with pytest.raises(pickle.PicklingError, match="ValueError"):
+    assert isinstance(info.value.__cause__, parstream.RemoteTraceback)
+    with pytest.raises(parstream.RemoteError, match="ValueError"):
         sup.async_(raise_with_lock_payload).await_(20)
     assert sup.async_(abs, -11).await_(20) == 11
     assert sup.stats().tasks_crashed == 0
