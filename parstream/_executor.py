@@ -30,6 +30,7 @@ from parstream import _wire
 from parstream._callbacks import call_soon, on_hub_thread
 from parstream._errors import TaskShutdown
 from parstream._functions import Shipped
+from parstream._output import settle as settle_output
 from parstream._pool import Job
 from parstream._stream import _run, _State
 
@@ -68,6 +69,11 @@ class _Future(concurrent.futures.Future[Any]):
         # and as_completed() at once, not only the done-callbacks.
         self.set_running_or_notify_cancel()
         return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        settle_output()  # in a kernel: what the worker printed is in the cell first
+        return value
 
     def _invoke_callbacks(self) -> None:
         # Settled on a hub thread: the user's done-callbacks must not run on

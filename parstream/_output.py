@@ -10,7 +10,9 @@ always) that thread lags behind, and the cell's next ``print`` reached the
 buffer first, even in the middle of a worker's line (``print`` writes the
 text and the newline separately).
 
-``settle()`` runs on the hub thread before results are handed out: it waits
+``settle()`` runs in the caller's thread just before a result is handed to
+user code (``Task.await_``/``yield_``/``await``, ``Future.result``, each run
+of a stream's results), never on a hub thread that keeps deadlines: it waits
 until the pipe is empty and the forwarding thread is back in ``read()`` on it
 (so it has written every earlier chunk into the buffer), sleeping in short
 steps that let that thread run. It is bounded (``SETTLE_MAX_S``) and costs one

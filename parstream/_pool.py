@@ -61,7 +61,7 @@ from typing import Any, Protocol
 
 from loky.backend.context import get_context
 
-from parstream import _output, _reaper, _wire
+from parstream import _reaper, _wire
 from parstream._callbacks import mark_hub_thread
 from parstream._errors import (
     ParstreamInternalError,
@@ -786,7 +786,6 @@ class Pool:
             self.counters["tasks_failed"] += len(errors)
             self.counters["tasks_ok"] += count - len(errors)
             if not job.killed:
-                _output.settle()  # in a kernel: the worker's output first
                 self._note(job.sink.on_results, job, values, errors)
         if count:
             worker.item_started = t_next  # the worker's clock: the next item's start

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from parstream import _wire
 from parstream._errors import SupervisorClosed, TaskTimeout
 from parstream._functions import ship
+from parstream._output import settle as settle_output
 from parstream._pool import Gate, Job
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, Result
@@ -622,6 +623,7 @@ def _produce(state: _State, wrap: bool) -> Generator[Any, None, None]:
             state.wait_event()
             continue
         chunk, lo, hi = span
+        settle_output()  # in a kernel: what the workers printed is in the cell first
         chunk.taken = hi
         state.delivered += hi - lo
         if progress is not None:

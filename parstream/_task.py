@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 from parstream import _wire
 from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
+from parstream._output import settle as settle_output
 from parstream._results import Exit, Ok
 from parstream._validate import check_timeout, wait_seconds
 
@@ -188,6 +189,7 @@ class Task(Generic[T]):
             err = TaskTimeout(message, timeout=timeout)
             err.__cause__ = start_error
             self._kill(err)
+        settle_output()  # in a kernel: what the worker printed is in the cell first
         return _unwrap(self._result)
 
     def yield_(self, timeout: float = 5.0) -> Ok[T] | Exit | None:
@@ -198,7 +200,8 @@ class Task(Generic[T]):
         """
         timeout = check_timeout(timeout, "timeout", allow_none=False)
         self._check_reachable()
-        self._done.wait(wait_seconds(timeout))
+        if self._done.wait(wait_seconds(timeout)):
+            settle_output()
         return self._result
 
     def shutdown(self, timeout: ShutdownTimeout = 5.0) -> Ok[T] | Exit | None:
@@ -253,6 +256,7 @@ class Task(Generic[T]):
             if not self.done():
                 self._kill(TaskShutdown("the awaiting coroutine was cancelled"))
             raise
+        settle_output()
         return _unwrap(self._result)
 
     def __repr__(self) -> str:
