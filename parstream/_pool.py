@@ -136,6 +136,8 @@ class Job:
     cursor: int = 0  # first item not yet reported
     sent_end: int = 0  # end of the slice on the worker
     isolate: bool = False  # run one item at a time (after an ambiguous crash)
+    isolate_from: int = 0  # run items one at a time from here ...
+    isolate_until: int = 0  # ... up to here (a step of tiny items that crashed)
     has_bad: bool = False  # some items were replaced by BadArgs stand-ins
     finished: bool = False
     kill_reason: BaseException | None = None
@@ -448,7 +450,10 @@ class Pool:
         worker.timed_out_index = None
         job.worker = worker
         job.pid = worker.pid
-        end = len(job.items) if not job.isolate else job.cursor + 1
+        alone = job.isolate or job.isolate_from <= job.cursor < job.isolate_until
+        end = len(job.items) if not alone else job.cursor + 1
+        if job.cursor < job.isolate_from:
+            end = min(end, job.isolate_from)  # a batch up to the crashed step
         if self.max_tasks_per_worker:
             # A batch never takes a worker past its limit: the rest of the
             # job goes to the next worker once this one retires.
@@ -912,9 +917,9 @@ class Pool:
         worker.process.join(timeout=1.0)
         exitcode = worker.process.exitcode
         slot = worker.slot
-        begun_seq, begun = slot.read() if slot is not None else (-1, -1)
+        begun_seq, begun, window = slot.read() if slot is not None else (-1, -1, None)
         try:
-            self._settle_death(worker, slot, delivered, exitcode, begun_seq, begun)
+            self._settle_death(worker, slot, delivered, exitcode, begun_seq, begun, window)
         finally:
             if slot is not None:
                 slot.close()
@@ -927,6 +932,7 @@ class Pool:
         exitcode: int | None,
         begun_seq: int,
         begun: int,
+        window: int | None,
     ) -> None:
         with self._lock:
             if worker in self._workers:
@@ -958,7 +964,7 @@ class Pool:
                 self._queue.appendleft(job)
                 return
             if slot is not None:
-                self._blame_exactly(worker, job, cause, exitcode, begun_seq, begun)
+                self._blame_exactly(worker, job, cause, exitcode, begun_seq, begun, window)
             else:
                 self._blame_coarsely(worker, job, cause, exitcode)
             if job.cursor >= len(job.items):
@@ -984,16 +990,33 @@ class Pool:
         exitcode: int | None,
         begun_seq: int,
         begun: int,
+        window: int | None,
     ) -> None:
         """Settle a dead worker's slice from its slot (lock held).
 
         The slot says how many of the slice's items the worker began: the
         last one began is the culprit, every later one never started and is
-        re-queued, so nothing runs twice.
+        re-queued, so nothing runs twice. For tiny items run from C a step
+        at a time, the slot gives the step instead (``window``): the items
+        before it are settled so, and the step's items run again one at a
+        time, which finds the culprit.
         """
         if begun_seq != worker.seq:
             return  # the worker never began this slice: re-queue it whole
-        culprit = worker.batch_start + begun - 1  # index in job.items
+        end = min(worker.batch_start + begun, job.sent_end)
+        if window is not None:
+            # Tiny items, run from C a step at a time and not journaled (the
+            # journal would cost more than the item): what finished since the
+            # last flush runs again, as a batch, and the step that crashed
+            # runs one item at a time, which finds the culprit.
+            start = worker.batch_start + window
+            if start >= end or end <= job.cursor:
+                return  # died between steps, after reporting what it ran
+            self._settle_finished(worker, job, exitcode, job.cursor, start)
+            job.isolate_from = max(start, job.cursor)
+            job.isolate_until = max(job.isolate_until, end)
+            return
+        culprit = end - 1  # index in job.items
         if begun == 0:
             # Died while unpickling the batch (a function or argument whose
             # loading kills the process): find the culprit one item at a time.
@@ -1004,11 +1027,26 @@ class Pool:
                 return
         if culprit < job.cursor:
             return  # died between items, after reporting the last one it ran
+        self._settle_finished(worker, job, exitcode, culprit, culprit)
+        if job.cursor > culprit:
+            return  # the last item begun had finished: nothing to blame
+        if cause == "timeout":
+            if culprit == worker.timed_out_index:
+                late = self._timeout_error(worker, job)
+                self._report_error(job, (late, ""), "tasks_timed_out")
+            # else: the late item finished just before the kill, and the one
+            # after it had barely begun; that one is re-queued.
+        else:
+            self._report_error(job, (_crash_error(worker.pid, exitcode), ""), "tasks_crashed")
+
+    def _settle_finished(
+        self, worker: _Worker, job: Job, exitcode: int | None, until: int, culprit: int
+    ) -> None:
+        """Deliver the dead worker's items finished before ``until`` (lock held):
+        from the journal where it has them, else as lost. None runs again."""
         assert worker.slot is not None
         base, entries = worker.slot.journal()
         base += worker.batch_start
-        # Items finished since the last flush: from the journal where it has
-        # them; the rest are reported lost. None of them runs again.
         values: list[Any] = []
         errors: _wire.Errors = {}
         lost = WorkerCrashed(
@@ -1019,7 +1057,7 @@ class Pool:
             pid=worker.pid,
         )
         position = job.cursor
-        while position < culprit or base <= position < base + len(entries):
+        while position < until or base <= position < base + len(entries):
             if base <= position < base + len(entries):
                 ok, outcome = entries[position - base]
                 if ok:
@@ -1038,16 +1076,6 @@ class Pool:
             self.counters["tasks_ok"] += len(values) - failed
             if not job.killed:
                 self._note(job.sink.on_results, job, values, errors)
-        if job.cursor > culprit:
-            return  # the last item begun had finished: nothing to blame
-        if cause == "timeout":
-            if culprit == worker.timed_out_index:
-                late = self._timeout_error(worker, job)
-                self._report_error(job, (late, ""), "tasks_timed_out")
-            # else: the late item finished just before the kill, and the one
-            # after it had barely begun; that one is re-queued.
-        else:
-            self._report_error(job, (_crash_error(worker.pid, exitcode), ""), "tasks_crashed")
 
     def _blame_coarsely(
         self, worker: _Worker, job: Job, cause: str | None, exitcode: int | None

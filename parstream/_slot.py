@@ -14,9 +14,11 @@ finished since its last flush of results to the pipe, appended one by one
 as they finish. A worker that dies mid-batch leaves its finished items'
 results there, so they are delivered, not lost and not run again. Writing
 an entry costs ~0.3 us (an int) to ~0.8 us (anything pickled), so workers
-journal only items that take at least ``JOURNAL_MIN_ITEM_S``; below that
-(a pure computation of a microsecond), the up to ~20 ms of results since the
-last flush are reported as lost if the worker dies, and still never re-run.
+journal, and mark one by one, only items that take at least
+``JOURNAL_MIN_ITEM_S``. Below that (pure computations of a microsecond),
+items run from C a step at a time and the slot holds the step's bounds
+(``WINDOW`` .. ``BEGUN``, ``EXACT`` = 0): after a death, the items finished
+since the last flush run again and the step runs one item at a time.
 
 The memory is an anonymous ``memfd`` (Linux), mapped on both sides and handed
 to the worker as an inherited file descriptor; nothing is left in
@@ -37,6 +39,8 @@ BEGUN = 1  # items of that batch the worker has begun
 J_BASE = 2  # the batch position of the journal's first entry
 J_COUNT = 3  # entries written (each complete before this is raised)
 J_USED = 4  # bytes of the journal in use
+WINDOW = 5  # tiny items: the batch position where the current step began
+EXACT = 6  # 1 while BEGUN counts items one by one; 0 while it counts steps
 _WORDS = 8
 _DATA = 8 * _WORDS  # where the journal's entries start
 JOURNAL_BYTES = 4 << 20  # pages are only allocated as they are written
@@ -58,8 +62,14 @@ class Slot:
         self._map = mmap.mmap(fd, _SIZE)
         self.words = memoryview(self._map).cast("Q")
 
-    def read(self) -> tuple[int, int]:
-        return self.words[SEQ], self.words[BEGUN]
+    def read(self) -> tuple[int, int, int | None]:
+        """``(seq, begun, window)``: the batch begun last; how many of its
+        items had begun; ``window`` is ``None`` when ``begun`` is exact, else
+        the position where the step of tiny items that was running began
+        (the culprit is one of ``window .. begun - 1``)."""
+        words = self.words
+        exact = words[EXACT] == 1
+        return words[SEQ], words[BEGUN], None if exact else words[WINDOW]
 
     # -- the journal: written by the worker --------------------------------
 

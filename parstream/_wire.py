@@ -78,7 +78,8 @@ def kind_of(data: bytes) -> int:
 
 
 def encode_run(seq: int, message: tuple[Any, ...]) -> bytes:
-    return _RUN_HEADER.pack(RUN, seq) + dumps(message)
+    # The message holds only bytes, ints, flags and keys: the C pickler does.
+    return _RUN_HEADER.pack(RUN, seq) + pickle.dumps(message, PROTOCOL)
 
 
 def run_seq(data: bytes) -> int:

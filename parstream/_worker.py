@@ -42,10 +42,11 @@ import sys
 import threading
 import time
 import traceback
+from itertools import islice
 from typing import Any
 
 from parstream import _wire
-from parstream._slot import BEGUN, JOURNAL_MIN_ITEM_S, SEQ, Slot
+from parstream._slot import BEGUN, EXACT, JOURNAL_MIN_ITEM_S, SEQ, WINDOW, Slot
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
@@ -55,6 +56,7 @@ PARENT_POLL_S = 0.25
 # items that turned slow over free workers; shorter costs more round trips.
 # About 3x the stream's chunk target (issue 8, item 10).
 BATCH_BUDGET_S = 0.06
+TINY_STEP = 32  # tiny items run from C this many at a time; a crash is placed within one step
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -120,8 +122,11 @@ class _Runner:
     def __init__(self, conn: Any, slot: Slot | None) -> None:
         self.conn = conn
         self.slot = slot
-        self.words: Any = slot.words if slot is not None else [0, 0]
+        self.words: Any = slot.words if slot is not None else [0] * 8
         self.functions: dict[bytes, Any] = {}
+        # Per function: whether its last batch ended journaling (items slow
+        # enough for the journal to be cheap); a new batch starts from that.
+        self.journaled: dict[bytes, bool] = {}
         self.position = 0  # items of the current batch finished so far
         self.lock = threading.Lock()  # log records may come from any thread
         # run_flushing reads the clock when len(values) reaches check[0]; the
@@ -146,6 +151,7 @@ class _Runner:
     def load_function(self, key: bytes, data: bytes | None, evict: list[bytes]) -> Any:
         for old in evict:
             self.functions.pop(old, None)
+            self.journaled.pop(old, None)
         fn = self.functions.get(key)
         if fn is None:
             if data is None:
@@ -200,8 +206,21 @@ class _Runner:
             call = fn
         if report_each:
             self.run_reporting_each(call, items)
+        elif len(items) == 1:
+            self.run_one(call, items[0])
         else:
-            self.run_flushing(call, items)
+            self.journaled[key] = self.run_flushing(call, items, self.journaled.get(key, True))
+
+    def run_one(self, call: Any, args: Any) -> None:
+        """A batch of one (a task): marked begun, run, its result sent at once,
+        so nothing is there to journal."""
+        self.words[BEGUN] = 1
+        try:
+            values, errors = [call(args)], {}
+        except BaseException as exc:
+            values, errors = [None], {0: _failure(exc)}
+        self.position = 1
+        self.send_results(values, errors, True)
 
     def run_reporting_each(self, call: Any, items: list[Any]) -> None:
         """One message per item, so the parent always knows which item runs since when."""
@@ -233,19 +252,26 @@ class _Runner:
             time.sleep(FLUSH_INTERVAL_S)
             self.check[0] = 0
 
-    def run_flushing(self, call: Any, items: list[Any]) -> None:
+    def run_flushing(self, call: Any, items: list[Any], journal_first: bool = True) -> bool:
         """Results go back every ``FLUSH_INTERVAL_S`` and at the end.
+
+        Items run in one of two modes, chosen at each reading of the clock:
+
+        * slow items (``JOURNAL_MIN_ITEM_S`` or more): a Python loop that
+          marks each item begun in the slot before it runs and journals its
+          result after, so a crash anywhere loses nothing and runs nothing
+          twice;
+        * tiny items: steps of ``TINY_STEP`` items run from C
+          (``list.extend(map(...))``, no bytecode per item); the slot holds
+          the step's bounds, so a crash is placed within one step.
 
         The clock is read only every ``stride`` items, a stride re-estimated at
         each reading to land a few readings per interval: a clock read per item
-        would cost more than a tiny item itself. The ``try`` sits outside the
-        inner loop for the same reason; an exception resumes after its item.
-        The ticker thread forces a reading every interval (``check``), and past
-        ``BATCH_BUDGET_S`` the batch stops, leaving its unrun items to the parent.
-
-        Between flushes, each finished item's result also goes into the
-        slot's journal (see ``_slot``) while items take at least
-        ``JOURNAL_MIN_ITEM_S``, so a crash later in the batch loses nothing.
+        would cost more than a tiny item itself. The ticker thread forces a
+        reading every interval (``check``), and past ``BATCH_BUDGET_S`` the
+        batch stops, leaving its unrun items to the parent. An exception
+        fails its item alone and the batch goes on. Returns whether the batch
+        ended journaling (the next batch of the function starts so).
         """
         monotonic = time.monotonic
         values: list[Any] = []
@@ -261,52 +287,32 @@ class _Runner:
             self.start_ticker()
         done = 0  # items finished in earlier flushes
         words = self.words
-        begun = 0
         slot = self.slot
-        keep = slot is not None  # journal until the items prove tiny
+        keep = slot is not None and journal_first  # journal (and mark one by one)?
         journal = slot.journal_value if slot is not None else None
         full = False  # the journal is full: flush now
-        while True:
+        step = TINY_STEP
+        while done + len(values) < total:
+            pos = done + len(values)
             try:
-                for args in it:
-                    begun += 1
-                    words[BEGUN] = begun  # before the item: the parent's record of a crash
-                    value = call(args)
-                    append(value)
-                    if keep and not journal(value):  # type: ignore[misc]
-                        full = True
-                        check[0] = 0
-                    if len(values) >= check[0]:
-                        now = monotonic()
-                        if now - started >= BATCH_BUDGET_S and done + len(values) < total:
-                            break  # over budget: the rest goes back unrun
-                        elapsed = now - last
-                        slow = elapsed >= JOURNAL_MIN_ITEM_S * len(values)
-                        if elapsed >= FLUSH_INTERVAL_S or full:
-                            stride = max(
-                                1, int(len(values) * FLUSH_INTERVAL_S / max(elapsed, 1e-9) / 4)
-                            )
-                            done += len(values)
-                            self.position = done
-                            self.send_results(values, errors, False)
-                            values, errors = [], {}
-                            append = values.append
-                            last = now
-                            check[0] = stride
-                            full = False
-                            if slot is not None:
-                                slot.journal_reset(done)
-                        else:
-                            if elapsed > 0:
-                                rate = len(values) / elapsed
-                                stride = max(1, int(rate * FLUSH_INTERVAL_S / 4))
-                            check[0] = len(values) + stride
-                        if slot is not None and slow != keep:
-                            keep = slow
-                            if keep:  # entries must run on from the journal's base
-                                slot.journal_reset(done + len(values))
-                        self.position = done + len(values)
-                break
+                if keep:
+                    words[EXACT] = 1
+                    for begun, args in enumerate(it, pos + 1):
+                        words[BEGUN] = begun  # before the item: the parent's record of a crash
+                        value = call(args)
+                        append(value)
+                        if not journal(value):  # type: ignore[misc]
+                            full = True
+                            check[0] = 0
+                        if len(values) >= check[0]:
+                            break
+                else:
+                    words[EXACT] = 0
+                    while len(values) < check[0] and pos < total:
+                        words[WINDOW] = pos
+                        words[BEGUN] = min(pos + step, total)
+                        values.extend(map(call, islice(it, step)))
+                        pos = done + len(values)
             except BaseException as exc:
                 failure = _failure(exc)
                 errors[len(values)] = failure
@@ -314,9 +320,54 @@ class _Runner:
                 if keep and slot is not None and not slot.journal_error(failure):
                     full = True
                     check[0] = 0
+                if len(values) < check[0]:
+                    continue
+            if done + len(values) >= total:
+                break
+            now = monotonic()
+            if now - started >= BATCH_BUDGET_S:
+                break  # over budget: the rest goes back unrun
+            elapsed = now - last
+            slow = elapsed >= JOURNAL_MIN_ITEM_S * max(1, len(values))
+            if elapsed >= FLUSH_INTERVAL_S or full:
+                stride = max(1, int(len(values) * FLUSH_INTERVAL_S / max(elapsed, 1e-9) / 4))
+                done += len(values)
+                self.position = done
+                self.send_results(values, errors, False)
+                values, errors = [], {}
+                append = values.append
+                last = now
+                check[0] = stride
+                full = False
+                if slot is not None:
+                    slot.journal_reset(done)
+            else:
+                if elapsed > 0:
+                    rate = len(values) / elapsed
+                    stride = max(1, int(rate * FLUSH_INTERVAL_S / 4))
+                check[0] = len(values) + stride
+            if slot is not None and slow != keep:
+                keep = slow
+                if keep:
+                    # Journal what is pending too: the entries run on from
+                    # the last flush, with no gap.
+                    slot.journal_reset(done)
+                    for i, pending in enumerate(values):
+                        earlier = errors.get(i)
+                        ok = (
+                            slot.journal_error(earlier)
+                            if earlier is not None
+                            else slot.journal_value(pending)
+                        )
+                        if not ok:
+                            full = True
+                            check[0] = 0
+                            break
+            self.position = done + len(values)
         self.batch_running.clear()
         self.position = done + len(values)
         self.send_results(values, errors, True)
+        return keep
 
     def loop(self) -> None:
         while True:
@@ -330,6 +381,7 @@ class _Runner:
             # Mark the batch begun before unpickling it: from here on, a death
             # is this batch's doing, not an idle worker's.
             self.words[BEGUN] = 0
+            self.words[EXACT] = 1
             if self.slot is not None:
                 self.slot.journal_reset(0)  # no entry of an earlier batch survives
             self.words[SEQ] = _wire.run_seq(raw)
