@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -18,3 +19,11 @@ def gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
+    """Poll ``predicate`` (for states no event announces) until true, else fail."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(0.01)

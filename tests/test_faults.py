@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import gone
+from _util import gone, wait_until
 
 import parstream
 
@@ -55,14 +55,6 @@ def innocent(directory: str, task_id: str, seconds: float) -> str:
 def pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
-
-
-def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` (no event exists for it) until true, else fail."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
-        time.sleep(0.005)
 
 
 # -- the table ------------------------------------------------------------------------

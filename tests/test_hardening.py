@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import warnings
 import weakref
 from collections import Counter
@@ -23,6 +22,7 @@ import _hostile
 import psutil
 import pytest
 from _hostile import Holder, SlowToUnpickle, append_index, identity, pid_of, sleep_then
+from _util import wait_until
 
 import parstream
 from parstream import Exit, Ok
@@ -42,13 +42,6 @@ def run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess[st
         env=env,
         check=False,
     )
-
-
-def wait_until(cond: Any, within: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 # -- 1. fork ----------------------------------------------------------------------

@@ -9,12 +9,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import gone
+from _util import gone, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
@@ -72,14 +71,6 @@ def hold_memory(mb: int) -> int:
     for i in range(0, len(_HELD), 4096):  # touch every page: it must count in the RSS
         _HELD[i] = 1
     return os.getpid()
-
-
-def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` (no event exists for it) until true, else fail."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
-        time.sleep(0.01)
 
 
 def task_pid(task: parstream.Task[Any]) -> int:

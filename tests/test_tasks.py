@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
-from _util import gone
+from _util import gone, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
@@ -151,14 +151,6 @@ def make_not_in_parent(parent_pid: int) -> NotInParent:
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` (no event exists for it) until true, else fail."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
-        time.sleep(0.005)
 
 
 def running_pid(task: parstream.Task[Any]) -> int:
