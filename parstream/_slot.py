@@ -45,7 +45,7 @@ _WORDS = 8
 _DATA = 8 * _WORDS  # where the journal's entries start
 JOURNAL_BYTES = 4 << 20  # pages are only allocated as they are written
 _SIZE = _DATA + JOURNAL_BYTES
-JOURNAL_MIN_ITEM_S = 3e-6
+JOURNAL_MIN_ITEM_S = 1e-6
 _BIG = 1 << 20  # results this large are flushed at once instead of journaled
 
 _VALUE, _ERROR, _INT = 0, 1, 2

@@ -341,3 +341,16 @@ def test_journaled_failures_survive_a_later_crash(tmp_path: Path) -> None:
             assert str(r.reason) == f"item {i} refuses"
         else:
             assert r == Ok(i)
+
+
+def test_single_write_items_run_exactly_once_under_a_crash(tmp_path: Path) -> None:
+    """Items whose whole work is one write() are still journaled: only the culprit fails."""
+    log = tmp_path / "ran.log"
+    culprit = 15_000
+    fn = functools.partial(_hostile.write_index, str(log), culprit)
+    with parstream.Supervisor(max_workers=2) as sup:
+        results = list(sup.async_stream_nolink(fn, range(40_000)))
+    counts = Counter(int(x) for x in log.read_text().split())
+    assert max(counts.values()) == 1
+    assert len(counts) == 39_999
+    assert [i for i, r in enumerate(results) if isinstance(r, Exit)] == [culprit]
