@@ -347,6 +347,16 @@ class Pool:
             job.cursor = len(job.items)
             return True
 
+    def running_pid(self, job: Job) -> int | None:
+        """The pid of the worker that has begun ``job``'s current slice, if any."""
+        worker = job.worker
+        if worker is None or worker.state != "busy":
+            return None
+        slot = worker.slot
+        if slot is not None and slot.read()[0] != worker.seq:
+            return None  # handed over, not begun: a death now re-queues it
+        return worker.pid
+
     def reserve(self, n: int) -> None:
         """Allow ``n`` more workers than the base size while they are needed."""
         if self.forked:
@@ -441,6 +451,7 @@ class Pool:
         return None
 
     def _assign(self, worker: _Worker, job: Job) -> None:
+        worker.seq += 1  # this slice's number: the worker writes it in its slot on reading it
         worker.state = "busy"
         worker.job = job
         worker.batch_start = job.cursor
@@ -525,7 +536,6 @@ class Pool:
             has_bad,
             level,
         )
-        worker.seq += 1
         return _wire.encode_run(worker.seq, message)
 
     # -- the hub thread -----------------------------------------------------

@@ -152,8 +152,12 @@ class Task(Generic[T]):
 
     @property
     def pid(self) -> int | None:
-        """The pid of the worker running the task now, if it is running."""
-        return self._job.pid if self._job is not None else None
+        """The pid of the worker running the task now: set once a worker has
+        begun it (a task handed to a worker that dies before reading it is
+        re-queued, not failed, so it has no pid yet), ``None`` otherwise."""
+        if self._pool is None or self._job is None:
+            return None
+        return self._pool.running_pid(self._job)
 
     def result_nowait(self) -> Ok[T] | Exit | None:
         """The result if there is one, else ``None``; never blocks."""
