@@ -111,6 +111,9 @@ _INLINE_TYPES = frozenset(
         type(iter({}.values())),
         type(iter({}.items())),
         type(iter(set())),
+        # endless but never blocking: pulled inline like a range
+        itertools.count,
+        itertools.repeat,
     }
 )
 
