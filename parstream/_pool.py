@@ -142,7 +142,6 @@ class Job:
     finished: bool = False
     kill_reason: BaseException | None = None
     killed: bool = False
-    pid: int | None = None  # the worker running it now
     worker: _Worker | None = field(default=None, repr=False)
 
 
@@ -460,7 +459,6 @@ class Pool:
         worker.delivered = False
         worker.timed_out_index = None
         job.worker = worker
-        job.pid = worker.pid
         alone = job.isolate or job.isolate_from <= job.cursor < job.isolate_until
         end = len(job.items) if not alone else job.cursor + 1
         if job.cursor < job.isolate_from:
@@ -839,7 +837,6 @@ class Pool:
         """The worker finished its slice of ``job`` (lock held)."""
         self._unassign(worker)
         job.worker = None
-        job.pid = None
         worker.state = "idle"
         worker.idle_since = time.monotonic()
         if worker.kill_cause == "kill" and worker.kill_deadline is not None:
@@ -868,7 +865,6 @@ class Pool:
     def _requeue(self, worker: _Worker, job: Job) -> None:
         self._unassign(worker)
         job.worker = None
-        job.pid = None
         worker.state = "idle"
         self._queue.appendleft(job)
         self._wake()
@@ -965,7 +961,6 @@ class Pool:
             if job is None or job.finished:
                 return
             job.worker = None
-            job.pid = None
             if job.killed or cause in ("kill", "close"):
                 job.killed = True
                 self._finish_killed(job)
