@@ -20,11 +20,16 @@ if TYPE_CHECKING:
         restart_workers as restart_workers,
         start as start,
     )
+    from parstream._backend import Node as Node, Worker as Worker
+    from parstream._backends.inline import InlineBackend as InlineBackend
+    from parstream._backends.local import LocalBackend as LocalBackend
+    from parstream._children import Child as Child
     from parstream._compare import Comparison as Comparison, compare as compare
     from parstream._errors import (
         ParstreamError as ParstreamError,
         ParstreamInternalError as ParstreamInternalError,
         RemoteError as RemoteError,
+        RemoteTraceback as RemoteTraceback,
         SupervisorClosed as SupervisorClosed,
         TaskShutdown as TaskShutdown,
         TaskTimeout as TaskTimeout,
@@ -33,11 +38,7 @@ if TYPE_CHECKING:
     )
     from parstream._results import Exit as Exit, Ok as Ok, Stats as Stats
     from parstream._stream import Stream as Stream
-    from parstream._supervisor import (
-        Child as Child,
-        Supervisor as Supervisor,
-        cpu_count as cpu_count,
-    )
+    from parstream._supervisor import Supervisor as Supervisor, cpu_count as cpu_count
     from parstream._task import (
         BRUTAL_KILL as BRUTAL_KILL,
         Task as Task,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
         yield_ as yield_,
         yield_many as yield_many,
     )
-    from parstream._wire import RemoteTraceback as RemoteTraceback
+    from parstream._validate import Options as Options
 
 __version__ = "0.1.0"
 
@@ -57,7 +58,11 @@ __all__ = (
     "Child",
     "Comparison",
     "Exit",
+    "InlineBackend",
+    "LocalBackend",
+    "Node",
     "Ok",
+    "Options",
     "ParstreamError",
     "ParstreamInternalError",
     "RemoteError",
@@ -69,6 +74,7 @@ __all__ = (
     "Task",
     "TaskShutdown",
     "TaskTimeout",
+    "Worker",
     "WorkerCrashed",
     "WorkerStartFailed",
     "async_",
@@ -89,9 +95,15 @@ __all__ = (
 )
 
 # Where each public name lives. The package loads them on first use (PEP 562),
-# so a worker process, which imports only ``parstream._worker``, does not pay
-# for the parent-side modules at every start.
+# so a worker process, which imports only ``parstream._backends.local._worker``,
+# does not pay for the parent-side modules at every start, and Ray is never
+# imported until a Ray backend is used.
 _HOMES = {
+    "Node": "_backend",
+    "Worker": "_backend",
+    "InlineBackend": "_backends.inline",
+    "LocalBackend": "_backends.local",
+    "Child": "_children",
     "async_": "_api",
     "async_stream": "_api",
     "async_stream_nolink": "_api",
@@ -104,6 +116,7 @@ _HOMES = {
     "ParstreamError": "_errors",
     "ParstreamInternalError": "_errors",
     "RemoteError": "_errors",
+    "RemoteTraceback": "_errors",
     "SupervisorClosed": "_errors",
     "TaskShutdown": "_errors",
     "TaskTimeout": "_errors",
@@ -113,7 +126,6 @@ _HOMES = {
     "Ok": "_results",
     "Stats": "_results",
     "Stream": "_stream",
-    "Child": "_supervisor",
     "Supervisor": "_supervisor",
     "cpu_count": "_supervisor",
     "BRUTAL_KILL": "_task",
@@ -124,7 +136,7 @@ _HOMES = {
     "shutdown": "_task",
     "yield_": "_task",
     "yield_many": "_task",
-    "RemoteTraceback": "_wire",
+    "Options": "_validate",
 }
 
 

@@ -1,10 +1,11 @@
-"""Module-level functions: the same calls on a default Supervisor.
+"""Module-level functions: the same calls on a default Supervisor per backend.
 
-The default supervisor is started on first use and reused across calls (a
-notebook's second cell finds warm workers); it is replaced if it was closed,
-and shut down at interpreter exit. A child made by ``os.fork()`` (or a
-fork-started ``multiprocessing`` worker) starts a default supervisor of its
-own, with its own workers, on its first call; the parent's is left alone.
+The default supervisor of a backend is started on first use and reused
+across calls (a notebook's second cell finds warm workers); it is replaced if
+it was closed, and shut down at interpreter exit. ``backend=`` picks it
+(``"local"`` by default). A child made by ``os.fork()`` (or a fork-started
+``multiprocessing`` worker) starts default supervisors of its own, with its
+own workers, on its first call; the parent's are left alone.
 """
 
 from __future__ import annotations
@@ -12,38 +13,69 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from parstream._stream import OnTimeout, Stream
+from parstream._backend import resolve
 from parstream._supervisor import Supervisor
-from parstream._task import Task
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from parstream._stream import Stream
+    from parstream._task import Task
+    from parstream._validate import MapOptions, StreamOptions
 
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_default: Supervisor | None = None
+_defaults: dict[Any, Supervisor] = {}
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _default
+    global _lock, _defaults
     _lock = threading.Lock()
-    _default = None  # the parent's: its pool is inert here
+    _defaults = {}  # the parent's: their backends are inert here
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def default_supervisor() -> Supervisor:
-    """The Supervisor behind the module-level functions, started on first use."""
-    global _default
+@overload
+def default_supervisor(backend: Any = None, *, start: Literal[True] = True) -> Supervisor: ...
+
+
+@overload
+def default_supervisor(backend: Any = None, *, start: bool) -> Supervisor | None: ...
+
+
+def default_supervisor(backend: Any = None, *, start: bool = True) -> Supervisor | None:
+    """The Supervisor behind the module-level functions for ``backend``.
+
+    Started on first use; with ``start=False``, None unless one is running.
+
+    Raises:
+        TypeError/ValueError: ``backend`` is not a backend name or object.
+    """
+    key = "local" if backend is None else backend
+    if not isinstance(key, str):
+        key = resolve(key)  # checks it; a config object is its own key
     with _lock:
-        if _default is None or _default.closed:
-            _default = Supervisor()
-        return _default
+        sup = _defaults.get(key)
+        if sup is None or sup.closed:
+            if not start:
+                return None
+            sup = _defaults[key] = Supervisor(backend=backend)
+        return sup
 
 
-def async_(fn: Callable[..., T], *args: Any) -> Task[T]:
+def _default(backend: Any) -> Supervisor:
+    return default_supervisor(backend)
+
+
+def async_(
+    fn: Callable[..., T], *args: Any, backend: Any = None, node: str | None = None
+) -> Task[T]:
     """Run ``fn(*args)`` in a worker and return a linked ``Task``.
 
     Example::
@@ -51,28 +83,24 @@ def async_(fn: Callable[..., T], *args: Any) -> Task[T]:
         task = parstream.async_(sum, [1, 2, 3])
         assert task.await_() == 6
     """
-    return default_supervisor().async_(fn, *args)
+    return _default(backend).async_(fn, *args, node=node)
 
 
-def start(fn: Callable[..., Any], *args: Any) -> None:
+def start(
+    fn: Callable[..., Any], *args: Any, backend: Any = None, node: str | None = None
+) -> None:
     """Fire and forget ``fn(*args)``; a failure is logged on the ``parstream`` logger."""
-    default_supervisor().start(fn, *args)
+    _default(backend).start(fn, *args, node=node)
 
 
 def async_stream(
-    fn: Callable[..., Any],
+    fn: Callable[..., T],
     iterable: Iterable[Any],
     *,
-    max_concurrency: int | None = None,
-    ordered: bool = True,
-    timeout: float | None = None,
-    on_timeout: OnTimeout = "exit",
-    zip_input_on_exit: bool = False,
-    progress: Any = False,
-    chunksize: int | None = None,
-    buffer_size: int | None = None,
-) -> Stream:
-    """``Supervisor.async_stream`` on the default supervisor.
+    backend: Any = None,
+    **options: Unpack[StreamOptions],
+) -> Stream[T]:
+    """``Supervisor.async_stream`` on the default supervisor of ``backend``.
 
     Example::
 
@@ -80,83 +108,40 @@ def async_stream(
             match result:
                 case parstream.Ok(value): print(value)
     """
-    return default_supervisor().async_stream(
-        fn,
-        iterable,
-        max_concurrency=max_concurrency,
-        ordered=ordered,
-        timeout=timeout,
-        on_timeout=on_timeout,
-        zip_input_on_exit=zip_input_on_exit,
-        progress=progress,
-        chunksize=chunksize,
-        buffer_size=buffer_size,
-    )
+    return _default(backend).async_stream(fn, iterable, **options)
 
 
 def async_stream_nolink(
-    fn: Callable[..., Any],
+    fn: Callable[..., T],
     iterable: Iterable[Any],
     *,
-    max_concurrency: int | None = None,
-    ordered: bool = True,
-    timeout: float | None = None,
-    on_timeout: OnTimeout = "exit",
-    zip_input_on_exit: bool = False,
-    progress: Any = False,
-    chunksize: int | None = None,
-    buffer_size: int | None = None,
-) -> Stream:
-    """``Supervisor.async_stream_nolink`` on the default supervisor."""
-    return default_supervisor().async_stream_nolink(
-        fn,
-        iterable,
-        max_concurrency=max_concurrency,
-        ordered=ordered,
-        timeout=timeout,
-        on_timeout=on_timeout,
-        zip_input_on_exit=zip_input_on_exit,
-        progress=progress,
-        chunksize=chunksize,
-        buffer_size=buffer_size,
-    )
+    backend: Any = None,
+    **options: Unpack[StreamOptions],
+) -> Stream[T]:
+    """``Supervisor.async_stream_nolink`` on the default supervisor of ``backend``."""
+    return _default(backend).async_stream_nolink(fn, iterable, **options)
 
 
 def map(
     fn: Callable[..., T],
     iterable: Iterable[Any],
     *,
-    max_concurrency: int | None = None,
-    ordered: bool = True,
-    timeout: float | None = None,
-    on_timeout: OnTimeout = "exit",
-    progress: Any = False,
-    chunksize: int | None = None,
-    buffer_size: int | None = None,
+    backend: Any = None,
+    **options: Unpack[MapOptions],
 ) -> Iterator[T]:
     """Parallel, lazy ``map``: values in input order, raising the first failure.
 
     The drop-in for a slow ``for`` loop. ``timeout`` is per item (unlike
     ``Supervisor.map``, the ``concurrent.futures`` one, where it is one
-    deadline). Options as for ``async_stream``.
+    deadline). Options as for ``async_stream``, less ``zip_input_on_exit``.
 
     Example::
 
         squares = list(parstream.map(slow_square, range(100), progress=True))
     """
-    return default_supervisor().stream_map(
-        fn,
-        iterable,
-        max_concurrency=max_concurrency,
-        ordered=ordered,
-        timeout=timeout,
-        on_timeout=on_timeout,
-        progress=progress,
-        chunksize=chunksize,
-        buffer_size=buffer_size,
-    )
+    return _default(backend).stream_map(fn, iterable, **options)
 
 
-def restart_workers() -> None:
+def restart_workers(backend: Any = None) -> None:
     """Replace the default supervisor's workers (after editing a module they use)."""
-    default_supervisor().restart_workers()
+    _default(backend).restart_workers()

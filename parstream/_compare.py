@@ -1,8 +1,7 @@
 """``compare``: will parallel pay for *this* loop? Sequential vs ``parstream.map``, measured.
 
 This module owns the measurement and its presentation, and nothing of the
-engine: it runs on the public ``Supervisor`` API only (plus a read of a
-stream's adaptive chunk size, to report what the batching chose).
+engine: it runs on the public ``Supervisor`` and ``Stream`` API only.
 
 Data flow::
 
@@ -34,9 +33,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from parstream._progress import Progress, check_progress
+from parstream._progress import Progress
 from parstream._supervisor import Supervisor, cpu_count
-from parstream._validate import check_callable, check_int
+from parstream._validate import check_callable, check_int, check_progress
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -376,7 +375,7 @@ def _warm_up(sup: Supervisor, fn: Callable[[Any], Any], items: list[Any], worker
     with stream:
         for _ in stream:  # linked: a failing fn raises here, before anything is timed
             pass
-    return int(stream._state.chunk)
+    return stream.chunksize
 
 
 def _advise(
@@ -468,10 +467,10 @@ def _result_size(results: list[Any]) -> int:
         try:
             sizes.append(len(pickle.dumps(r, protocol=5)))
         except Exception:
-            from parstream import _wire
+            from parstream._backends._codec import dumps
 
             try:
-                sizes.append(len(_wire.dumps(r)))
+                sizes.append(len(dumps(r)))
             except Exception:
                 continue
     return int(statistics.mean(sizes)) if sizes else 0

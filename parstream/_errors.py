@@ -1,7 +1,7 @@
 """The exception hierarchy, nothing else.
 
 Every class here is raised by parstream itself; a task's own exception is
-re-raised with its original type (see ``_wire.RemoteTraceback``).
+re-raised with its original type (see ``RemoteTraceback``).
 """
 
 from __future__ import annotations
@@ -110,6 +110,19 @@ class RemoteError(ParstreamError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.type_name, self.message, self.reason))
+
+
+class RemoteTraceback(Exception):
+    """The worker-side traceback of a task's exception, attached as its
+    ``__cause__``, so the traceback printed in the parent shows where in the
+    task the exception was raised."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb.rstrip() + "\n"
 
 
 class ParstreamInternalError(ParstreamError):

@@ -7,14 +7,14 @@ dropped one can be garbage collected; ``ExecutorCore`` is what its finaliser
 and the interpreter-exit hook need to finish submitted work and then release
 the workers::
 
-    Supervisor --holds--> ExecutorCore --holds--> Pool, pending futures, tasks
+    Supervisor --holds--> ExecutorCore --holds--> Backend, pending futures, tasks
         ^                      ^
-        | weakref.finalize     | _cores (until its pool is closed)
-        +-> release(core): finish the futures in a thread, then close the pool
+        | weakref.finalize     | _cores (until its backend is closed)
+        +-> release(core): finish the futures in a thread, then close the backend
 
 A future stays pending until a worker takes its job (``Sink.on_started``), so
-``cancel()`` succeeds exactly while ``Pool.cancel`` can still withdraw the job:
-a cancelled call never runs.
+``cancel()`` succeeds exactly while ``Backend.cancel`` can still withdraw the
+job: a cancelled call never runs.
 """
 
 from __future__ import annotations
@@ -26,42 +26,41 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from parstream import _wire
+from parstream._backend import Job
 from parstream._callbacks import call_soon, on_hub_thread
 from parstream._errors import TaskShutdown
-from parstream._functions import Shipped
 from parstream._output import settle as settle_output
-from parstream._pool import Job
-from parstream._stream import _run, _State
+from parstream._stream import _State, values
+from parstream._validate import Options
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
 
-    from parstream._pool import Pool
+    from parstream._backend import Backend, End, FnHandle
     from parstream._task import Task
 
 log = logging.getLogger("parstream")
 
-_cores: set[ExecutorCore] = set()  # cores whose pool is still open
+_cores: set[ExecutorCore] = set()  # cores whose backend is still open
 _cores_lock = threading.Lock()
 WAIT_SLICE_S = 0.2  # waits at exit in slices, so Ctrl-C is seen on every platform
 
 
 class _Future(concurrent.futures.Future[Any]):
-    """A Future whose ``cancel()`` withdraws its job from the pool's queue."""
+    """A Future whose ``cancel()`` withdraws its job from the backend's queue."""
 
-    def __init__(self, pool: Pool, job: Job) -> None:
+    def __init__(self, backend: Backend) -> None:
         super().__init__()
-        self._ps_pool = pool
-        self._ps_job = job
+        self._ps_backend = backend
+        self._ps_job: Job | None = None
 
     def cancel(self) -> bool:
         if self.cancelled():
             return True
         if self.running() or self.done():
             return False
-        # The pool decides atomically: withdrawn means no worker took it, ever.
-        if not self._ps_pool.cancel(self._ps_job):
+        # The backend decides atomically: withdrawn means no worker took it, ever.
+        if self._ps_job is None or not self._ps_backend.cancel(self._ps_job):
             return self.cancelled()
         if not super().cancel():  # pragma: no cover - nothing else settles a pending one
             return False
@@ -86,28 +85,28 @@ class _Future(concurrent.futures.Future[Any]):
 
 
 class _FutureSink:
-    """The pool's sink for a submitted call: settles its Future."""
+    """The backend's sink for a submitted call: settles its Future."""
 
     __slots__ = ("future",)
 
     def __init__(self, future: _Future) -> None:
         self.future = future
 
-    def on_started(self, job: Job) -> None:
+    def on_started(self, at: float) -> None:
         f = self.future
         if not f.running() and not f.done():
             f.set_running_or_notify_cancel()
 
-    def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
+    def on_results(self, values: list[Any], errors: Mapping[int, BaseException]) -> None:
         try:
             if errors:
-                self.future.set_exception(_wire.rebuild_error(errors[0]))
+                self.future.set_exception(errors[0])
             else:
                 self.future.set_result(values[0])
         except concurrent.futures.InvalidStateError:  # pragma: no cover - settled already
             pass
 
-    def on_job_done(self, job: Job) -> None:
+    def on_done(self, end: End, unrun: int) -> None:
         if not self.future.done():
             try:
                 self.future.set_exception(
@@ -118,25 +117,25 @@ class _FutureSink:
 
 
 class ExecutorCore:
-    """The pool plus the work a shutdown waits for; never refers to the Supervisor."""
+    """The backend plus the work a shutdown waits for; never refers to the Supervisor."""
 
-    def __init__(self, pool: Pool, tasks: weakref.WeakSet[Task[Any]]) -> None:
-        self.pool = pool
+    def __init__(self, backend: Backend, tasks: weakref.WeakSet[Task[Any]]) -> None:
+        self.backend = backend
+        self.closed = False
         self.tasks = tasks  # the supervisor's one-off tasks (not its children)
         self.lock = threading.Lock()
         self.futures: set[_Future] = set()
         with _cores_lock:
             _cores.add(self)
 
-    def submit(self, fn: Shipped, args: tuple[Any, ...]) -> _Future:
-        job = Job(fn, [args], None, star=True)  # type: ignore[arg-type]
-        future = _Future(self.pool, job)
-        job.sink = _FutureSink(future)
+    def submit(self, fn: FnHandle, args: tuple[Any, ...]) -> _Future:
+        future = _Future(self.backend)
+        job = future._ps_job = Job(fn, [args], _FutureSink(future), star=True)
         with self.lock:
             self.futures.add(future)
         future.add_done_callback(self._forget)
         try:
-            self.pool.submit(job)
+            self.backend.submit(job)
         except BaseException:
             with self.lock:
                 self.futures.discard(future)
@@ -177,9 +176,10 @@ class ExecutorCore:
                 while not t._done.wait(WAIT_SLICE_S):
                     pass
 
-    def close_pool(self) -> None:
+    def close_backend(self) -> None:
         self.cancel_pending()
-        self.pool.close()
+        self.closed = True
+        self.backend.close()
         with _cores_lock:
             _cores.discard(self)
 
@@ -188,7 +188,7 @@ def release(core: ExecutorCore) -> None:
     """A dropped Supervisor's finaliser: like ``shutdown(wait=False)``, submitted
     work still completes, then the workers are closed (from a helper thread:
     the collection may run on any thread, the hub's included)."""
-    if core.pool.closed:
+    if core.closed:
         with _cores_lock:
             _cores.discard(core)
         return
@@ -197,7 +197,7 @@ def release(core: ExecutorCore) -> None:
         try:
             core.wait_all()
         finally:
-            core.close_pool()
+            core.close_backend()
 
     threading.Thread(target=finish, name="parstream-release", daemon=True).start()
 
@@ -205,7 +205,7 @@ def release(core: ExecutorCore) -> None:
 def finish_at_exit() -> None:
     """Interpreter exit: let pending submitted futures run to completion first,
     as ``ProcessPoolExecutor`` does; Ctrl-C during that wait kills everything.
-    Then every remaining pool (tasks, children, streams) is closed."""
+    Then every remaining backend (tasks, children, streams) is closed."""
     try:
         while True:
             with _cores_lock:
@@ -223,9 +223,9 @@ def close_all() -> None:
         cores = list(_cores)
     for core in cores:
         try:
-            core.close_pool()
+            core.close_backend()
         except Exception:  # pragma: no cover
-            log.exception("parstream: closing a pool at exit failed")
+            log.exception("parstream: closing a backend at exit failed")
 
 
 class MapState(_State):
@@ -258,8 +258,8 @@ class MapState(_State):
 
 def start_map(
     owner: object,
-    pool: Pool,
-    fn: Callable[..., Any],
+    backend: Backend,
+    fn: FnHandle,
     iterables: tuple[Iterable[Any], ...],
     max_concurrency: int,
     deadline: float | None,
@@ -270,35 +270,17 @@ def start_map(
     star = len(iterables) != 1
     source = zip(*iterables, strict=False) if star else iterables[0]
     state = MapState(
-        pool,
+        backend,
         fn,
         source,
+        Options(chunksize=chunksize),
         linked=False,  # failures are raised at their position, not on arrival
         max_concurrency=max_concurrency,
-        ordered=True,
-        timeout=None,
-        on_timeout="exit",
-        zip_input_on_exit=False,
-        progress=False,
-        chunksize=chunksize,
-        buffer_size=None,
+        star=star,  # one iterable: single arguments, the same path as parstream.map
         deadline=deadline,
         cap=None if buffersize is None else buffersize * (chunksize or 1),
     )
-    state.star = star  # one iterable: single arguments, the same path as parstream.map
-    return map_results(state, owner)
+    return values(state, owner)
 
 
-def map_results(state: MapState, owner: object) -> Iterator[Any]:
-    """The values of a ``MapState``, in input order; the first failure raised at
-    its position; the stream is closed however the iteration ends. Holds
-    ``owner`` (the Supervisor), whose workers the stream needs, while alive."""
-    gen = _run(state, False)
-    try:
-        yield from gen
-    finally:
-        gen.close()
-        state.close()
-
-
-__all__ = ["ExecutorCore", "MapState", "finish_at_exit", "map_results", "release", "start_map"]
+__all__ = ["ExecutorCore", "MapState", "finish_at_exit", "release", "start_map"]

@@ -65,13 +65,3 @@ class Progress:
         if self._widget:
             # The widget's saved text/plain form shows 0%; leave the final state.
             print(str(self.bar), file=sys.stderr)
-
-
-def check_progress(value: Any) -> Any:
-    if value is True or value is False or isinstance(value, dict):
-        return value
-    if hasattr(value, "update") and hasattr(value, "close"):
-        return value
-    raise TypeError(
-        f"progress must be True, False, a dict of tqdm options or a tqdm instance, got {value!r}"
-    )

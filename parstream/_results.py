@@ -45,7 +45,16 @@ Result = Ok[Any] | Exit
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """A snapshot of a Supervisor's counters, from ``Supervisor.stats()``."""
+    """A snapshot of a Supervisor's counters, from ``Supervisor.stats()``.
+
+    Items are counted one by one (a stream's item is a task here):
+    ``tasks_submitted`` were handed to the backend, ``tasks_started`` were
+    sent to a worker; each that ended is counted once in ``tasks_ok``,
+    ``tasks_failed`` (its own exception, or it could not be sent),
+    ``tasks_crashed`` (its worker died), ``tasks_timed_out`` or
+    ``tasks_killed`` (killed or withdrawn on request, or dropped when a
+    stream was left early).
+    """
 
     tasks_started: int = 0
     tasks_ok: int = 0
@@ -56,3 +65,4 @@ class Stats:
     workers_started: int = 0
     workers_alive: int = 0
     restarts: int = 0
+    tasks_submitted: int = 0

@@ -1,117 +1,75 @@
-"""The Supervisor: the public owner of a pool, its tasks, children and streams.
+"""The Supervisor: the public owner of a backend, its tasks, children and streams.
 
-It validates every call, then wires the parts: ``async_`` makes a ``Task`` and
-submits its one-item ``Job`` to the ``Pool``; ``async_stream`` builds a
-``Stream``; ``start_child`` runs a ``Child`` whose task's completion callback
-applies the restart rules (temporary, transient, permanent) and the restart
-intensity (more than ``max_restarts`` in ``max_seconds`` makes the supervisor
-give up: it terminates its children and closes). It is also a
+It validates every call, then wires the parts, all through the
+``parstream._backend`` seam: ``async_`` makes a ``Task`` (a one-item ``Job``);
+``async_stream`` and ``map`` build a ``Stream`` (``_stream``); ``start_child``
+hands a ``Child`` to ``_children``, which applies the restart rules and the
+restart intensity (more than ``max_restarts`` in ``max_seconds`` makes the
+supervisor give up: it terminates its children and closes). It is also a
 ``concurrent.futures.Executor``: ``submit``, ``map`` and ``shutdown`` delegate
 to ``_executor`` (futures, the map stream, what a shutdown waits for).
 
 Lock order: the Supervisor's lock guards only its own bookkeeping and is never
-held while calling into the pool, whose hub thread runs task callbacks.
+held while calling into the backend.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures
-import contextlib
+import dataclasses
 import functools
-import logging
+
+# Before our exit hook is registered: atexit runs hooks last-registered first,
+# so ours then runs before multiprocessing's, which would otherwise join the
+# (live, non-daemonic) workers and wait for ever.
+import multiprocessing.util  # noqa: F401
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from loky import cpu_count as _loky_cpu_count
-
-from parstream import _executor, _wire
+from parstream import _executor
+from parstream._backend import BackendClosed, Settings, resolve
+from parstream._children import RESTARTS, Child, Children, Restart, RestartWindow, log_failure
 from parstream._errors import SupervisorClosed, TaskShutdown
-from parstream._functions import ship
-from parstream._pool import Job, Pool
-from parstream._progress import check_progress
-from parstream._results import Exit, Ok, Stats
-from parstream._stream import OnTimeout, Stream, _State
-from parstream._task import BRUTAL_KILL, ShutdownTimeout, Task, _BrutalKill
-from parstream._validate import check_callable, check_int, check_timeout
+from parstream._results import Exit, Stats
+from parstream._stream import Stream, _State, values
+from parstream._task import ShutdownTimeout, Task, _BrutalKill
+from parstream._validate import (
+    MapOptions,
+    Options,
+    StreamOptions,
+    check_callable,
+    check_choice,
+    check_int,
+    check_iterable,
+    check_node,
+    check_positive_seconds,
+    check_timeout,
+)
 
-log = logging.getLogger("parstream")
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from parstream._backend import Backend, Node, Worker
 
 T = TypeVar("T")
-Restart = Literal["temporary", "transient", "permanent"]
 
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+_MAP_OPTIONS = frozenset(MapOptions.__annotations__)
 
 
 def cpu_count() -> int:
     """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
-    return int(_loky_cpu_count())
+    from parstream._backends.local import cpu_count as local_cpu_count
 
-
-class Child:
-    """A supervised child started by ``Supervisor.start_child``.
-
-    ``restart`` decides what happens when its call ends: ``"temporary"``
-    never restarts, ``"transient"`` restarts after an abnormal end (an
-    exception other than ``SystemExit(0)``, a crash, a timeout), ``"permanent"``
-    always restarts.
-    """
-
-    def __init__(
-        self,
-        sup: Supervisor,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        restart: Restart,
-        shutdown: ShutdownTimeout,
-    ) -> None:
-        self._sup = weakref.ref(sup)  # a child must not keep a dropped supervisor alive
-        self.fn = fn
-        self.args = args
-        self.restart = restart
-        self.shutdown_timeout = shutdown
-        self.restarts = 0
-        self.task: Task[Any] | None = None
-        self.terminated = False
-        self.last_result: Ok[Any] | Exit | None = None
-        self._ended = threading.Event()
-
-    @property
-    def pid(self) -> int | None:
-        """The worker pid running the child now, or None between runs."""
-        return self.task.pid if self.task is not None else None
-
-    def alive(self) -> bool:
-        """True while the child is running or about to be restarted."""
-        return not self._ended.is_set()
-
-    def wait(self, timeout: float | None = None) -> Ok[Any] | Exit | None:
-        """Wait until the child ends for good (no more restarts); its last result."""
-        self._ended.wait(timeout)
-        return self.last_result if self._ended.is_set() else None
-
-    def __repr__(self) -> str:
-        return f"<Child {self.restart} restarts={self.restarts} alive={self.alive()}>"
-
-
-def _is_normal(result: Ok[Any] | Exit | None) -> bool:
-    if isinstance(result, Ok):
-        return True
-    if isinstance(result, Exit):
-        reason = result.reason
-        if isinstance(reason, SystemExit) and reason.code in (0, None):
-            return True
-        if isinstance(reason, TaskShutdown):
-            return True
-    return False
+    return local_cpu_count()
 
 
 class Supervisor(concurrent.futures.Executor):
-    """Owns worker processes and supervises the tasks, children and streams run on them.
+    """Owns workers and supervises the tasks, children and streams run on them.
 
     Args:
         max_restarts: restarts allowed within ``max_seconds`` before the
@@ -122,9 +80,14 @@ class Supervisor(concurrent.futures.Executor):
             once workers start again).
         max_seconds: the window for ``max_restarts``, in seconds (> 0).
         max_children: cap on running children (``start_child``); None = no cap.
-        max_workers: worker processes kept warm; default ``cpu_count()``. A
-            stream asking for more concurrency, and each running child, get
-            extra workers, which retire after ``idle_timeout`` s idle.
+        max_workers: workers kept warm; default ``cpu_count()`` (the
+            backend's size: the cluster's CPUs on Ray, 1 inline). A stream
+            asking for more concurrency, and each running child, get extra
+            workers, which retire after ``idle_timeout`` s idle.
+        backend: where the work runs: ``"local"`` (worker processes, the
+            default), ``"inline"`` (this process, for debuggers and
+            profilers), ``"ray"``, or a backend object such as
+            ``parstream.RayBackend(address=...)``.
         max_tasks_per_worker: replace a worker after it ran this many items.
         max_tasks_per_child: ``ProcessPoolExecutor``'s name for
             ``max_tasks_per_worker``; give one or the other.
@@ -163,6 +126,7 @@ class Supervisor(concurrent.futures.Executor):
         max_children: int | None = None,
         max_workers: int | None = None,
         *,
+        backend: Any = None,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         idle_timeout: float = 10.0,
@@ -171,9 +135,7 @@ class Supervisor(concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
     ) -> None:
         check_int(max_restarts, "max_restarts", 0, allow_none=False)
-        max_seconds = check_timeout(max_seconds, "max_seconds", allow_none=False)
-        if max_seconds <= 0:
-            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        max_seconds = check_positive_seconds(max_seconds, "max_seconds")
         check_int(max_children, "max_children", 1)
         check_int(max_workers, "max_workers", 1)
         check_int(max_tasks_per_worker, "max_tasks_per_worker", 1)
@@ -185,87 +147,118 @@ class Supervisor(concurrent.futures.Executor):
                     f"got {max_tasks_per_worker} and {max_tasks_per_child}"
                 )
             max_tasks_per_worker = max_tasks_per_child
-        init_bytes = _pickle_initializer(initializer, initargs)
+        if initializer is not None:
+            check_callable(initializer, "initializer")
+        if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
+            raise TypeError(f"initargs must be a tuple of arguments, got {initargs!r}")
         check_int(max_memory_per_worker, "max_memory_per_worker", 1)
-        check_timeout(idle_timeout, "idle_timeout", allow_none=False)
-        self.max_restarts = max_restarts
-        self.max_seconds = float(max_seconds)
-        self.max_children = max_children
-        self.max_workers = max_workers or cpu_count()
-        self._lock = threading.Lock()
-        self._closed_reason: str | None = None
-        self._children: list[Child] = []
-        self._restart_times: collections.deque[float] = collections.deque()
-        self._restarts = 0
-        self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
-        self._counters: collections.Counter[str] = collections.Counter()
-        self._pool = Pool(
-            self.max_workers,
+        idle_timeout = check_timeout(idle_timeout, "idle_timeout", allow_none=False)
+        config = resolve(backend)
+        settings = Settings(
+            max_workers=max_workers,
             max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker,
-            idle_timeout=float(idle_timeout),
-            counters=self._counters,
+            idle_timeout=idle_timeout,
+            initializer=initializer,
+            initargs=tuple(initargs),
             max_start_failures=max_restarts,
-            start_failure_window=float(max_seconds),
-            initializer=init_bytes,
+            start_failure_window=max_seconds,
         )
-        self._core = _executor.ExecutorCore(self._pool, self._tasks)
+        self.max_restarts = max_restarts
+        self.max_seconds = max_seconds
+        self.max_children = max_children
+        self._lock = threading.Lock()
+        self._closed_reason: str | None = None
+        self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
+        self._backend: Backend = config.open(settings)
+        self.max_workers = self._backend.capacity
+        self._children = Children(self, RestartWindow(max_restarts, max_seconds))
+        self._core = _executor.ExecutorCore(self._backend, self._tasks)
         # Dropped unreferenced: finish submitted work, then release the workers.
         weakref.finalize(self, _executor.release, self._core).atexit = False
         _live.add(self)
 
+    @property
+    def backend(self) -> str:
+        """The name of the backend this supervisor runs on."""
+        return self._backend.name
+
     # -- tasks ---------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._pool.forked:
-            raise self._pool.fork_error()
+        why = self._backend.usable() if self._backend.forked else None
+        if why is not None:
+            raise SupervisorClosed(why)
         if self._closed_reason is not None:
             raise SupervisorClosed(self._closed_reason)
 
+    def _check_node(self, node: str | None) -> str | None:
+        node = check_node(node)
+        if node is None:
+            return None
+        if not self._backend.capabilities.nodes:
+            raise ValueError(
+                f"node={node!r}: the {self._backend.name} backend has no nodes; "
+                "node= needs a cluster backend (backend='ray')"
+            )
+        return self._backend.check_node(node)
+
     def _make_task(
-        self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool, track: bool = True
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        *,
+        linked: bool,
+        track: bool = False,
+        node: str | None = None,
     ) -> Task[T]:
-        """A task for ``fn(*args)``, its function pickled now; not yet submitted."""
+        """A task for ``fn(*args)``, its function prepared now; not yet submitted."""
         check_callable(fn)
         self._check_open()
-        job = Job(ship(fn), [args], None, star=True)  # type: ignore[arg-type]
-        task: Task[T] = Task(self._pool, job, linked=linked)
+        task: Task[T] = Task(
+            self._backend, self._backend.prepare(fn), args, linked=linked, node=node
+        )
         if track:  # shutdown(wait=True) waits for it (children end by their own rules)
             self._tasks.add(task)
         return task
 
-    def _task(
-        self, fn: Callable[..., T], args: tuple[Any, ...], *, linked: bool, track: bool = True
-    ) -> Task[T]:
-        task = self._make_task(fn, args, linked=linked, track=track)
+    def _submit_task(self, task: Task[Any]) -> None:
         assert task._job is not None
-        self._submit(task._job)
+        try:
+            self._backend.submit(task._job)
+        except BackendClosed as exc:
+            raise SupervisorClosed(self._closed_reason or str(exc)) from None
+
+    def _task(
+        self, fn: Callable[..., T], args: tuple[Any, ...], linked: bool, node: str | None
+    ) -> Task[T]:
+        node = self._check_node(node)
+        task = self._make_task(fn, args, linked=linked, track=True, node=node)
+        self._submit_task(task)
         return task
 
-    def _submit(self, job: Job) -> None:
-        try:
-            self._pool.submit(job)
-        except SupervisorClosed:
-            raise SupervisorClosed(self._closed_reason or "the supervisor is closed") from None
-
-    def async_(self, fn: Callable[..., T], *args: Any) -> Task[T]:
+    def async_(self, fn: Callable[..., T], *args: Any, node: str | None = None) -> Task[T]:
         """Run ``fn(*args)`` in a worker; a linked task (killed if its handle is dropped).
+
+        Args:
+            node: run it on this node (a node id or label value; backends
+                with nodes only).
 
         Raises:
             TypeError: ``fn`` is not callable.
+            ValueError: ``node`` does not exist or has died.
             pickle.PicklingError: ``fn`` cannot be pickled (the culprit is named).
             SupervisorClosed: the supervisor was closed or gave up.
         """
-        return self._task(fn, args, linked=True)
+        return self._task(fn, args, True, node)
 
-    def async_nolink(self, fn: Callable[..., T], *args: Any) -> Task[T]:
+    def async_nolink(self, fn: Callable[..., T], *args: Any, node: str | None = None) -> Task[T]:
         """Like ``async_``, but the task lives on if its handle is dropped."""
-        return self._task(fn, args, linked=False)
+        return self._task(fn, args, False, node)
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+    def start(self, fn: Callable[..., Any], *args: Any, node: str | None = None) -> None:
         """Fire and forget: a failure is logged on the ``parstream`` logger, never raised."""
-        task = self._task(fn, args, linked=False)
-        task.add_done_callback(_log_failure)
+        self._task(fn, args, False, node).add_done_callback(log_failure)
 
     # -- children ------------------------------------------------------------
 
@@ -275,300 +268,118 @@ class Supervisor(concurrent.futures.Executor):
         *args: Any,
         restart: Restart = "temporary",
         shutdown: ShutdownTimeout = 5.0,
+        node: str | None = None,
     ) -> Child:
         """Start a supervised child running ``fn(*args)``; see ``Child`` for ``restart``.
 
         Raises:
-            ValueError: unknown ``restart``, negative ``shutdown``, or
-                ``max_children`` reached.
+            ValueError: unknown ``restart``, negative ``shutdown``, an unknown
+                ``node``, or ``max_children`` reached.
             SupervisorClosed: the supervisor was closed or gave up.
         """
         check_callable(fn)
-        if restart not in ("temporary", "transient", "permanent"):
-            raise ValueError(
-                f"restart must be 'temporary', 'transient' or 'permanent', got {restart!r}"
-            )
+        check_choice(restart, "restart", RESTARTS)
         if not isinstance(shutdown, _BrutalKill):
             check_timeout(shutdown, "shutdown", allow_none=False)
+        node = self._check_node(node)
         self._check_open()
-        child = Child(self, fn, args, restart, shutdown)
-        with self._lock:
-            running = sum(1 for c in self._children if c.alive())
-            if self.max_children is not None and running >= self.max_children:
-                raise ValueError(f"max_children ({self.max_children}) children already running")
-            self._children.append(child)
-        self._pool.reserve(1)
-        self._run_child(child, first=True)
+        child = Child(fn, args, restart, shutdown, node)
+        self._children.add(child, self.max_children)
+        self._backend.reserve(1)
+        self._children.run(child, first=True)
         return child
-
-    def _run_child(self, child: Child, *, first: bool = False) -> None:
-        try:
-            task = self._make_task(child.fn, child.args, linked=False, track=False)
-        except SupervisorClosed:
-            self._end_child(child)
-            if first:
-                raise
-            return
-        except Exception as exc:
-            if first:  # start_child itself: the caller gets the error
-                self._end_child(child)
-                raise
-            # The call no longer pickles (its closure changed): the child ends
-            # with that error instead of waiting between runs for ever.
-            child.last_result = Exit(exc)
-            log.error("parstream: could not restart %r: %r", child, exc)
-            self._end_child(child)
-            return
-        with self._lock:
-            # terminate_child may have run while the call was being pickled.
-            stop = child.terminated or self._closed_reason is not None
-            if not stop:
-                child.task = task
-        if stop:
-            self._end_child(child)
-            return
-        # Weakly: the pool holds the task, and must not hold the supervisor.
-        task.add_done_callback(functools.partial(_child_done, weakref.ref(self), child))
-        assert task._job is not None
-        try:
-            self._submit(task._job)
-        except SupervisorClosed:
-            self._end_child(child)
-
-    def _child_done(self, child: Child, task: Task[Any]) -> None:
-        result = task.result_nowait()
-        child.last_result = result
-        if child.terminated or self._closed_reason is not None:
-            self._end_child(child)
-            return
-        normal = _is_normal(result)
-        if child.restart == "temporary" or (child.restart == "transient" and normal):
-            if not normal:
-                _log_failure(task)
-            self._end_child(child)
-            return
-        now = time.monotonic()
-        with self._lock:
-            self._restart_times.append(now)
-            while self._restart_times and now - self._restart_times[0] > self.max_seconds:
-                self._restart_times.popleft()
-            too_many = len(self._restart_times) > self.max_restarts
-            if not too_many:
-                self._restarts += 1
-                child.restarts += 1
-        if too_many:
-            reason = (
-                f"the supervisor gave up: more than {self.max_restarts} restarts within "
-                f"{self.max_seconds} s (last: {child!r} ended with {result!r})"
-            )
-            log.error("parstream: %s", reason)
-            # Closed before anyone can see the child end: from the moment a
-            # waiter wakes, every new call raises SupervisorClosed.
-            with self._lock:
-                if self._closed_reason is None:
-                    self._closed_reason = reason
-            self._close(reason)
-            return
-        self._run_child(child)
-
-    def _end_child(self, child: Child) -> None:
-        with self._lock:
-            if child._ended.is_set():
-                return
-            child._ended.set()
-            # Ended children are forgotten: a long-lived supervisor running a
-            # child per request does not grow.
-            with contextlib.suppress(ValueError):
-                self._children.remove(child)
-        self._pool.release(1)
 
     def children(self) -> list[Child]:
         """The children still running (or between restarts)."""
-        with self._lock:
-            return [c for c in self._children if c.alive()]
+        return self._children.alive()
 
     def terminate_child(self, child: Child) -> bool:
         """Stop ``child`` (never restarted, even if permanent); False if not found."""
         if not isinstance(child, Child):
             raise TypeError(f"child must be a Child, got {type(child).__name__}")
+        return self._children.terminate(child)
+
+    def _give_up(self, reason: str) -> None:
+        # Closed before anyone can see the child end: from the moment a
+        # waiter wakes, every new call raises SupervisorClosed.
         with self._lock:
-            if child not in self._children or not child.alive():
-                return False
-            child.terminated = True
-        task = child.task
-        if task is not None:
-            task.shutdown(child.shutdown_timeout)
-        self._end_child(child)
-        return True
+            if self._closed_reason is None:
+                self._closed_reason = reason
+        self._close(reason)
 
     # -- streams -----------------------------------------------------------------
 
-    def _stream(
+    def _state(
         self,
         fn: Callable[..., Any],
         iterable: Iterable[Any],
+        options: Options,
         *,
         linked: bool,
-        wrap: bool,
-        max_concurrency: int | None,
-        ordered: bool,
-        timeout: float | None,
-        on_timeout: OnTimeout,
-        zip_input_on_exit: bool,
-        progress: Any,
-        chunksize: int | None,
-        buffer_size: int | None,
-    ) -> Any:
+    ) -> _State:
         check_callable(fn)
-        if not isinstance(iterable, Iterable):
-            raise TypeError(f"iterable must be iterable, got {type(iterable).__name__}")
-        check_int(max_concurrency, "max_concurrency", 1)
-        if not isinstance(ordered, bool):
-            raise TypeError(f"ordered must be a bool, got {ordered!r}")
-        timeout = check_timeout(timeout, "timeout")
-        if timeout == 0:
-            raise ValueError("timeout must be > 0 or None, got 0")
-        if on_timeout not in ("exit", "kill_task"):
-            raise ValueError(f"on_timeout must be 'exit' or 'kill_task', got {on_timeout!r}")
-        if not isinstance(zip_input_on_exit, bool):
-            raise TypeError(f"zip_input_on_exit must be a bool, got {zip_input_on_exit!r}")
-        check_progress(progress)
-        check_int(chunksize, "chunksize", 1)
-        check_int(buffer_size, "buffer_size", 0)
+        check_iterable(iterable, "iterable")
+        node = self._check_node(options.node)
+        if node != options.node:
+            options = dataclasses.replace(options, node=node)
         self._check_open()
-        state = _State(
-            self._pool,
-            fn,
+        return _State(
+            self._backend,
+            self._backend.prepare(fn),
             iterable,
+            options,
             linked=linked,
-            max_concurrency=max_concurrency or self.max_workers,
-            ordered=ordered,
-            timeout=timeout,
-            on_timeout=on_timeout,
-            zip_input_on_exit=zip_input_on_exit,
-            progress=progress,
-            chunksize=chunksize,
-            buffer_size=buffer_size,
+            max_concurrency=options.max_concurrency or self.max_workers,
         )
-        stream = Stream(state, wrap=wrap)
-        # The stream keeps its supervisor alive: a dropped supervisor's
-        # finaliser closes the workers a stream still being consumed needs.
-        stream._owner = self  # type: ignore[attr-defined]
-        return stream if wrap else _values(stream)
 
     def async_stream(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., T],
         iterable: Iterable[Any],
-        *,
-        max_concurrency: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        on_timeout: OnTimeout = "exit",
-        zip_input_on_exit: bool = False,
-        progress: Any = False,
-        chunksize: int | None = None,
-        buffer_size: int | None = None,
-    ) -> Stream:
+        **options: Unpack[StreamOptions],
+    ) -> Stream[T]:
         """Run ``fn(item)`` for each item, in parallel, lazily; yield ``Ok``/``Exit``.
 
         Linked: the first task failure is raised from the iterator (original
         type, worker traceback as ``__cause__``) and the rest are killed.
 
-        Args:
-            max_concurrency: items running at once (default ``max_workers``);
-                may exceed the cores, for I/O-bound items.
-            ordered: yield in input order (True) or completion order.
-            timeout: per item, from when it starts; the item's worker is
-                killed and replaced on overrun.
-            on_timeout: ``"exit"`` raises ``TaskTimeout`` from the iterator;
-                ``"kill_task"`` yields ``Exit(TaskTimeout)`` and goes on.
-            zip_input_on_exit: put the input item on every ``Exit``.
-            progress: True, a dict of tqdm options, or a tqdm instance.
-            chunksize: items per message to a worker; None adapts it to the
-                measured cost per item (1 while items are slow).
-            buffer_size: results that may wait behind a slow head item (or a
-                slow consumer) before pulling stops; default
-                ``4 * max_concurrency * chunk``. At most
-                ``max_concurrency * chunk + buffer_size`` items are pulled and
-                not yet delivered.
+        Options (keyword-only; see ``parstream.Options`` for each):
+        ``max_concurrency``, ``ordered``, ``timeout`` (per item; the item's
+        worker is killed and replaced on overrun), ``on_timeout``
+        (``"exit"`` raises ``TaskTimeout``, ``"kill_task"`` yields an
+        ``Exit`` and goes on), ``zip_input_on_exit``, ``progress``,
+        ``chunksize``, ``buffer_size``, ``node``.
+
+        Raises:
+            TypeError/ValueError: a bad argument or option, named, at call time.
+            SupervisorClosed: the supervisor was closed or gave up.
         """
-        return self._stream(  # type: ignore[no-any-return]
-            fn,
-            iterable,
-            linked=True,
-            wrap=True,
-            max_concurrency=max_concurrency,
-            ordered=ordered,
-            timeout=timeout,
-            on_timeout=on_timeout,
-            zip_input_on_exit=zip_input_on_exit,
-            progress=progress,
-            chunksize=chunksize,
-            buffer_size=buffer_size,
-        )
+        state = self._state(fn, iterable, Options.of(options), linked=True)
+        return Stream(state, owner=self)
 
     def async_stream_nolink(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., T],
         iterable: Iterable[Any],
-        *,
-        max_concurrency: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        on_timeout: OnTimeout = "exit",
-        zip_input_on_exit: bool = False,
-        progress: Any = False,
-        chunksize: int | None = None,
-        buffer_size: int | None = None,
-    ) -> Stream:
+        **options: Unpack[StreamOptions],
+    ) -> Stream[T]:
         """Like ``async_stream``, but failures come back as ``Exit`` items and the
         stream goes on; every input gets exactly one result. A timeout under
         ``on_timeout="exit"`` still raises (as in Elixir)."""
-        return self._stream(  # type: ignore[no-any-return]
-            fn,
-            iterable,
-            linked=False,
-            wrap=True,
-            max_concurrency=max_concurrency,
-            ordered=ordered,
-            timeout=timeout,
-            on_timeout=on_timeout,
-            zip_input_on_exit=zip_input_on_exit,
-            progress=progress,
-            chunksize=chunksize,
-            buffer_size=buffer_size,
-        )
+        state = self._state(fn, iterable, Options.of(options), linked=False)
+        return Stream(state, owner=self)
 
     def stream_map(
         self,
         fn: Callable[..., T],
         iterable: Iterable[Any],
-        *,
-        max_concurrency: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        on_timeout: OnTimeout = "exit",
-        progress: Any = False,
-        chunksize: int | None = None,
-        buffer_size: int | None = None,
+        **options: Unpack[MapOptions],
     ) -> Iterator[T]:
         """The plain-values stream (``parstream.map`` on this supervisor): values in
-        input order, raising the first failure. ``timeout`` is per item."""
-        return self._stream(  # type: ignore[no-any-return]
-            fn,
-            iterable,
-            linked=True,
-            wrap=False,
-            max_concurrency=max_concurrency,
-            ordered=ordered,
-            timeout=timeout,
-            on_timeout=on_timeout,
-            zip_input_on_exit=False,
-            progress=progress,
-            chunksize=chunksize,
-            buffer_size=buffer_size,
-        )
+        input order, raising the first failure. ``timeout`` is per item;
+        the options are ``async_stream``'s, less ``zip_input_on_exit``."""
+        opts = Options.of(options, allowed=_MAP_OPTIONS)
+        return values(self._state(fn, iterable, opts, linked=True), self)
 
     # -- concurrent.futures.Executor ----------------------------------------
 
@@ -587,11 +398,11 @@ class Supervisor(concurrent.futures.Executor):
         check_callable(fn)
         self._check_open()
         call = functools.partial(fn, *args, **kwargs) if kwargs else fn
-        shipped = ship(call)
+        prepared = self._backend.prepare(call)
         try:
-            return self._core.submit(shipped, () if kwargs else args)
-        except SupervisorClosed:
-            raise SupervisorClosed(self._closed_reason or "the supervisor is closed") from None
+            return self._core.submit(prepared, () if kwargs else args)
+        except BackendClosed as exc:
+            raise SupervisorClosed(self._closed_reason or str(exc)) from None
 
     def map(
         self,
@@ -624,15 +435,21 @@ class Supervisor(concurrent.futures.Executor):
         """
         check_callable(fn)
         for it in iterables:
-            if not isinstance(it, Iterable):
-                raise TypeError(f"iterables must be iterable, got {type(it).__name__}")
+            check_iterable(it, "iterables")
         timeout = check_timeout(timeout, "timeout")
         check_int(chunksize, "chunksize", 1)
         check_int(buffersize, "buffersize", 1)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._check_open()
         return _executor.start_map(
-            self, self._pool, fn, iterables, self.max_workers, deadline, chunksize, buffersize
+            self,
+            self._backend,
+            self._backend.prepare(fn),
+            iterables,
+            self.max_workers,
+            deadline,
+            chunksize,
+            buffersize,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -659,44 +476,51 @@ class Supervisor(concurrent.futures.Executor):
             raise
 
     def _finish(self) -> None:
-        with self._lock:
-            children = [c for c in self._children if c.alive()]
-            for c in children:
-                c.terminated = True
+        children = self._children.end_all()
         ending = []
         for c in children:
             task = c.task
             if task is not None and task._job is not None and not task.done():
                 grace = 0.0 if isinstance(c.shutdown_timeout, _BrutalKill) else c.shutdown_timeout
-                self._pool.kill(task._job, None, grace=grace)
+                self._backend.kill(task._job, None, grace=grace)
                 ending.append(task)
         self._core.wait_all()
         for task in ending:
             task._done.wait()
         for c in children:
-            self._end_child(c)
+            self._children.end(c)
         self._close(self._closed_reason or "the supervisor was shut down")
 
-    # -- the rest ----------------------------------------------------------------
+    # -- observing ---------------------------------------------------------------
 
     def stats(self) -> Stats:
         """A snapshot of this supervisor's counters."""
-        c = self._counters
+        c = self._backend.counts()
         return Stats(
-            tasks_started=c["tasks_started"],
-            tasks_ok=c["tasks_ok"],
-            tasks_failed=c["tasks_failed"],
-            tasks_crashed=c["tasks_crashed"],
-            tasks_timed_out=c["tasks_timed_out"],
-            tasks_killed=c["tasks_killed"],
-            workers_started=c["workers_started"],
-            workers_alive=len(self._pool.worker_pids()),
-            restarts=self._restarts,
+            tasks_submitted=c.submitted,
+            tasks_started=c.started,
+            tasks_ok=c.ok,
+            tasks_failed=c.failed,
+            tasks_crashed=c.crashed,
+            tasks_timed_out=c.timed_out,
+            tasks_killed=c.killed,
+            workers_started=c.workers_started,
+            workers_alive=len(self._backend.workers()),
+            restarts=self._children.restarts,
         )
 
+    def workers(self) -> list[Worker]:
+        """A snapshot of the live workers (``pid`` is None where the backend
+        cannot know it)."""
+        return self._backend.workers()
+
     def worker_pids(self) -> list[int]:
-        """Pids of the live worker processes."""
-        return self._pool.worker_pids()
+        """Pids of the live worker processes (empty where pids are unknown)."""
+        return [w.pid for w in self._backend.workers() if w.pid is not None]
+
+    def nodes(self) -> list[Node]:
+        """The alive nodes of a cluster backend (empty for backends without nodes)."""
+        return self._backend.nodes()
 
     def restart_workers(self) -> None:
         """Replace every worker (idle ones now, busy ones after their task).
@@ -705,7 +529,7 @@ class Supervisor(concurrent.futures.Executor):
         call this so the next tasks run the new code.
         """
         self._check_open()
-        self._pool.restart_workers()
+        self._backend.restart_workers()
 
     @property
     def closed(self) -> bool:
@@ -724,23 +548,21 @@ class Supervisor(concurrent.futures.Executor):
         self._close("the supervisor was closed")
 
     def _close(self, reason: str) -> None:
-        if self._pool.forked:
+        if self._backend.forked:
             # A forked child's copy: its lock may have been held at the fork,
             # and the workers are the parent's. Only drop our copies.
-            self._pool.close()
+            self._backend.close()
             _live.discard(self)
             return
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = reason
-            children = list(self._children)
-        for child in children:
-            child.terminated = True
-            self._end_child(child)
+        for child in self._children.end_all():
+            self._children.end(child)
         for t in list(self._tasks):
             if not t.done():
                 t._set(Exit(TaskShutdown(reason)))
-        self._core.close_pool()
+        self._core.close_backend()
         _live.discard(self)
 
     def __enter__(self) -> Supervisor:
@@ -754,54 +576,13 @@ class Supervisor(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Supervisor {state} max_workers={self.max_workers}>"
-
-
-def _values(stream: Stream) -> Iterator[Any]:
-    # Straight from the generator: a Python-level __next__ per item would
-    # cost more than a tiny item's own work.
-    try:
-        yield from stream._gen
-    finally:
-        stream.close()
-
-
-def _child_done(ref: weakref.ref[Supervisor], child: Child, task: Task[Any]) -> None:
-    sup = ref()
-    if sup is None:  # dropped: no more restarts; closing its pool ends the rest
-        child.last_result = task.result_nowait()
-        child._ended.set()
-        return
-    sup._child_done(child, task)
-
-
-def _pickle_initializer(initializer: Any, initargs: Any) -> bytes | None:
-    if initializer is None:
-        return None
-    check_callable(initializer, "initializer")
-    if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
-        raise TypeError(f"initargs must be a tuple of arguments, got {initargs!r}")
-    try:
-        return bytes(_wire.dumps((initializer, tuple(initargs))))
-    except Exception as cause:
-        import pickle
-
-        name = getattr(initializer, "__qualname__", type(initializer).__qualname__)
-        raise pickle.PicklingError(
-            f"initializer ({name}) or its initargs could not be pickled: {cause}"
-        ) from cause
-
-
-def _log_failure(task: Task[Any]) -> None:
-    r = task.result_nowait()
-    if isinstance(r, Exit) and not isinstance(r.reason, TaskShutdown):
-        log.error("parstream: a task failed: %r", r.reason, exc_info=r.reason)
+        return f"<Supervisor {state} backend={self.backend} max_workers={self.max_workers}>"
 
 
 @atexit.register
 def _close_all() -> None:
-    # Registered after multiprocessing's exit hook (imported with the pool), so
-    # it runs first: the workers are gone before that hook joins them.
+    # Registered after multiprocessing's exit hook (imported above), so it
+    # runs first: the workers are gone before that hook joins them.
     try:
         _executor.finish_at_exit()  # pending futures first, as the stdlib does
     finally:
@@ -811,6 +592,3 @@ def _close_all() -> None:
             except Exception:  # pragma: no cover
                 pass
         _executor.close_all()
-
-
-__all__ = ["BRUTAL_KILL", "Child", "Supervisor", "cpu_count"]

@@ -1,7 +1,8 @@
 """Task handles: one call on one worker, and the ways to wait for it.
 
-A ``Task`` is the pool's ``Sink`` for a one-item job: the hub thread fills in
-its result (``Ok``/``Exit``) and sets an event; callers block on that event
+A ``Task`` is the backend's ``Sink`` for a one-item ``Job``: the backend's
+event thread fills in its result (``Ok``/``Exit``) and sets an event; callers
+block on that event
 (``await_``, ``yield_``), in asyncio (``await task``) or through callbacks
 (``Supervisor.submit``'s futures, child restarts). "Linked" (``async_``) means
 the task is killed when its handle is garbage collected unfinished, and
@@ -16,7 +17,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
-from parstream import _wire
+from parstream._backend import Job
 from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._output import settle as settle_output
@@ -25,8 +26,9 @@ from parstream._validate import check_timeout, wait_seconds
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Mapping
 
-    from parstream._pool import Job, Pool
+    from parstream._backend import Backend, End, FnHandle, Worker
 
 T = TypeVar("T")
 
@@ -42,28 +44,32 @@ BRUTAL_KILL: Final = _BrutalKill()
 ShutdownTimeout = float | _BrutalKill
 
 
-def _kill_job(pool: Pool, job: Job) -> None:
-    pool.kill(job, None)
+def _kill_job(backend: Backend, job: Job) -> None:
+    backend.kill(job, None)
 
 
-class _WeakSink:
-    """The pool's sink for a linked task: a weak reference, so the pool does
-    not keep the Task alive and dropping the handle runs its finaliser."""
+class _TaskSink:
+    """The backend's sink for a task. A linked task's holds it weakly, so the
+    backend does not keep the Task alive and dropping the handle runs its
+    finaliser (which kills the call)."""
 
-    __slots__ = ("task",)
+    __slots__ = ("ref",)
 
-    def __init__(self, task: Task[Any]) -> None:
-        self.task = weakref.ref(task)
+    def __init__(self, task: Task[Any], *, weak: bool) -> None:
+        self.ref: Callable[[], Task[Any] | None] = weakref.ref(task) if weak else lambda: task
 
-    def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
-        task = self.task()
+    def on_started(self, at: float) -> None:
+        pass
+
+    def on_results(self, values: list[Any], errors: Mapping[int, BaseException]) -> None:
+        task = self.ref()
         if task is not None:
-            task.on_results(job, values, errors)
+            task._set(Exit(errors[0]) if errors else Ok(values[0]))
 
-    def on_job_done(self, job: Job) -> None:
-        task = self.task()
+    def on_done(self, end: End, unrun: int) -> None:
+        task = self.ref()
         if task is not None:
-            task.on_job_done(job)
+            task._set(Exit(TaskShutdown("the task was shut down before it returned")))
 
 
 class Task(Generic[T]):
@@ -74,9 +80,16 @@ class Task(Generic[T]):
     ``await_many``/``yield_many``.
     """
 
-    def __init__(self, pool: Pool | None, job: Job | None, *, linked: bool) -> None:
-        self._pool = pool
-        self._job = job
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        fn: FnHandle | None = None,
+        args: tuple[Any, ...] = (),
+        *,
+        linked: bool = False,
+        node: str | None = None,
+    ) -> None:
+        self._backend = backend
         self._linked = linked
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -84,21 +97,12 @@ class Task(Generic[T]):
         self._callbacks: list[Callable[[Task[T]], None]] = []
         self._waiters: list[Callable[[Task[T]], None]] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
-        if job is not None:
-            job.sink = _WeakSink(self) if linked else self
-        if linked and pool is not None and job is not None:
-            self._finalizer = weakref.finalize(self, _kill_job, pool, job)
-
-    # -- Sink (called by the pool) ------------------------------------------
-
-    def on_results(self, job: Job, values: list[Any], errors: _wire.Errors) -> None:
-        if errors:
-            self._set(Exit(_wire.rebuild_error(errors[0])))
-        else:
-            self._set(Ok(values[0]))
-
-    def on_job_done(self, job: Job) -> None:
-        self._set(Exit(TaskShutdown("the task was shut down before it returned")))
+        self._job: Job | None = None
+        if backend is not None and fn is not None:
+            sink = _TaskSink(self, weak=linked)
+            self._job = Job(fn, [args], sink, star=True, node=node)
+            if linked:
+                self._finalizer = weakref.finalize(self, _kill_job, backend, self._job)
 
     def _set(self, result: Ok[T] | Exit) -> None:
         with self._lock:
@@ -141,8 +145,11 @@ class Task(Generic[T]):
 
     def _check_reachable(self) -> None:
         """A task inherited through os.fork() can never finish in the child."""
-        if self._pool is not None and self._pool.forked and not self._done.is_set():
-            raise self._pool.fork_error()
+        backend = self._backend
+        if backend is not None and backend.forked and not self._done.is_set():
+            from parstream._errors import SupervisorClosed
+
+            raise SupervisorClosed(backend.usable() or "the supervisor is closed")
 
     # -- waiting ----------------------------------------------------------------
 
@@ -154,10 +161,18 @@ class Task(Generic[T]):
     def pid(self) -> int | None:
         """The pid of the worker running the task now: set once a worker has
         begun it (a task handed to a worker that dies before reading it is
-        re-queued, not failed, so it has no pid yet), ``None`` otherwise."""
-        if self._pool is None or self._job is None:
+        queued again, not failed, so it has no pid yet), ``None`` otherwise,
+        and always ``None`` on a backend that cannot know pids (Ray)."""
+        worker = self.worker
+        return None if worker is None else worker.pid
+
+    @property
+    def worker(self) -> Worker | None:
+        """The worker running the task now (``pid``, ``node``), once one has
+        begun it; ``None`` otherwise."""
+        if self._backend is None or self._job is None or self._done.is_set():
             return None
-        return self._pool.running_pid(self._job)
+        return self._backend.worker_of(self._job)
 
     def result_nowait(self) -> Ok[T] | Exit | None:
         """The result if there is one, else ``None``; never blocks."""
@@ -187,7 +202,7 @@ class Task(Generic[T]):
             raise
         if not finished:
             message = f"task did not finish within {timeout} s; it was killed"
-            start_error = self._pool.start_error if self._pool is not None else None
+            start_error = self._backend.start_error if self._backend is not None else None
             if start_error is not None:
                 message += f" (no worker process could be started meanwhile: {start_error!r})"
             err = TaskTimeout(message, timeout=timeout)
@@ -220,9 +235,9 @@ class Task(Generic[T]):
             timeout = check_timeout(timeout, "timeout", allow_none=False)
         if self._done.is_set():
             return self._result
-        if self._pool is not None and self._job is not None:
+        if self._backend is not None and self._job is not None:
             grace = 0.0 if isinstance(timeout, _BrutalKill) else timeout
-            self._pool.kill(self._job, None, grace=grace)
+            self._backend.kill(self._job, None, grace=grace)
             self._done.wait()
         with self._lock:
             result = self._result
@@ -238,8 +253,8 @@ class Task(Generic[T]):
 
     def _kill(self, reason: BaseException) -> None:
         self._set(Exit(reason))
-        if self._pool is not None and self._job is not None:
-            self._pool.kill(self._job, reason)
+        if self._backend is not None and self._job is not None:
+            self._backend.kill(self._job, reason)
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._async_await().__await__()
@@ -282,7 +297,7 @@ def _unwrap(result: Ok[T] | Exit | None) -> T:
 
 def completed(value: T) -> Task[T]:
     """A task that has already returned ``value`` (Elixir's ``Task.completed/1``)."""
-    task: Task[T] = Task(None, None, linked=False)
+    task: Task[T] = Task()
     task._set(Ok(value))
     return task
 

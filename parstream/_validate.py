@@ -1,18 +1,43 @@
-"""Argument checks shared by every public entry point: one place, one wording.
+"""Argument checks for every public entry point: one place, one wording.
 
 Each check raises ``TypeError`` for a wrong type and ``ValueError`` for a
-wrong value, naming the parameter, at call time.
+wrong value, naming the parameter, at call time. ``Options`` is the one
+record of a stream's options (``async_stream``, ``async_stream_nolink``,
+``map`` and their Supervisor twins take them as ``**options``), validated as
+a whole by ``Options.of``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypedDict
+
+OnTimeout = Literal["exit", "kill_task"]
 
 
 def check_callable(fn: Any, name: str = "fn") -> None:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}: {fn!r}")
+
+
+def check_iterable(value: Any, name: str) -> None:
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be iterable, got {type(value).__name__}")
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        wanted = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return value
 
 
 def check_int(value: Any, name: str, minimum: int, *, allow_none: bool = True) -> int | None:
@@ -44,8 +69,120 @@ def check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
     return float(value)
 
 
+def check_positive_seconds(value: Any, name: str) -> float:
+    """A number of seconds > 0 (``inf`` allowed)."""
+    seconds: float = check_timeout(value, name, allow_none=False)
+    if seconds <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return seconds
+
+
+def check_node(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"node must be a node id or label value (str) or None, got {value!r}")
+    return value
+
+
 def wait_seconds(timeout: float | None) -> float | None:
     """A checked timeout as ``threading`` waits take it (no limit is ``None``)."""
     if timeout is None or math.isinf(timeout):
         return None
     return timeout
+
+
+class StreamOptions(TypedDict, total=False):
+    """The options of ``async_stream``/``async_stream_nolink`` (see ``Options``)."""
+
+    max_concurrency: int | None
+    ordered: bool
+    timeout: float | None
+    on_timeout: OnTimeout
+    zip_input_on_exit: bool
+    progress: Any
+    chunksize: int | None
+    buffer_size: int | None
+    node: str | None
+
+
+class MapOptions(TypedDict, total=False):
+    """The options of ``parstream.map`` (``async_stream``'s, less ``zip_input_on_exit``)."""
+
+    max_concurrency: int | None
+    ordered: bool
+    timeout: float | None
+    on_timeout: OnTimeout
+    progress: Any
+    chunksize: int | None
+    buffer_size: int | None
+    node: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """A stream's options, validated.
+
+    Attributes:
+        max_concurrency: items running at once (default: the supervisor's
+            ``max_workers``); may exceed the cores, for I/O-bound items.
+        ordered: yield in input order (True) or completion order.
+        timeout: per item; the item's worker is killed and replaced on
+            overrun (from the item's start, or from dispatch on a backend
+            that cannot know the start).
+        on_timeout: ``"exit"`` raises ``TaskTimeout`` from the iterator;
+            ``"kill_task"`` yields ``Exit(TaskTimeout)`` and goes on.
+        zip_input_on_exit: put the input item on every ``Exit``.
+        progress: True, a dict of tqdm options, or a tqdm instance.
+        chunksize: items per message to a worker; None adapts it to the
+            measured cost per item (1 while items are slow).
+        buffer_size: results that may wait behind a slow head item (or a
+            slow consumer) before pulling stops; default
+            ``4 * max_concurrency * chunk``.
+        node: run every item on this node (backends with nodes).
+    """
+
+    max_concurrency: int | None = None
+    ordered: bool = True
+    timeout: float | None = None
+    on_timeout: OnTimeout = "exit"
+    zip_input_on_exit: bool = False
+    progress: Any = False
+    chunksize: int | None = None
+    buffer_size: int | None = None
+    node: str | None = None
+
+    @classmethod
+    def of(cls, given: Mapping[str, Any], *, allowed: Iterable[str] | None = None) -> Options:
+        """Validate keyword options; ``allowed`` limits which names are taken."""
+        names = {f.name for f in fields(cls)} if allowed is None else set(allowed)
+        for name in given:
+            if name not in names:
+                raise TypeError(
+                    f"unexpected keyword argument {name!r}; the options are "
+                    + ", ".join(sorted(names))
+                )
+        opts = cls(**given)
+        check_int(opts.max_concurrency, "max_concurrency", 1)
+        check_bool(opts.ordered, "ordered")
+        timeout = check_timeout(opts.timeout, "timeout")
+        if timeout == 0:
+            raise ValueError("timeout must be > 0 or None, got 0")
+        check_choice(opts.on_timeout, "on_timeout", ("exit", "kill_task"))
+        check_bool(opts.zip_input_on_exit, "zip_input_on_exit")
+        check_progress(opts.progress)
+        check_int(opts.chunksize, "chunksize", 1)
+        check_int(opts.buffer_size, "buffer_size", 0)
+        check_node(opts.node)
+        if timeout != opts.timeout:
+            object.__setattr__(opts, "timeout", timeout)
+        return opts
+
+
+def check_progress(value: Any) -> Any:
+    """``progress`` is True, False, a dict of tqdm options, or a tqdm-like bar."""
+    if value is True or value is False or isinstance(value, dict):
+        return value
+    if hasattr(value, "update") and hasattr(value, "close"):
+        return value
+    raise TypeError(
+        f"progress must be True, False, a dict of tqdm options or a tqdm instance, got {value!r}"
+    )

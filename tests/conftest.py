@@ -14,7 +14,6 @@ import psutil
 import pytest
 
 import parstream
-from parstream import _api
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -34,10 +33,10 @@ def no_leftover_processes() -> Iterator[None]:
     """Fail a test that leaves any process it started still running."""
     before = set(_descendants())
     yield
-    default = _api._default
-    if default is not None:
-        default.close()
-        _api._default = None
+    for backend in ("local", "inline"):
+        default = parstream.default_supervisor(backend, start=False)
+        if default is not None:
+            default.close()
     deadline = time.monotonic() + 5.0
     while True:
         left = {pid: p for pid, p in _descendants().items() if pid not in before}

@@ -160,9 +160,7 @@ def test_bad_input_fails_at_call_time(kwargs: dict[str, Any], error: type, match
     fn, iterable = call.pop("fn"), call.pop("iterable")
     with pytest.raises(error, match=match):
         parstream.compare(fn, iterable, **call)
-    from parstream import _api
-
-    assert _api._default is None  # nothing was started
+    assert parstream.default_supervisor(start=False) is None  # nothing was started
 
 
 def test_default_supervisor_is_used_and_left_open() -> None:

@@ -23,7 +23,8 @@ import pytest
 from _util import gone
 
 import parstream
-from parstream import BRUTAL_KILL, Exit, WorkerCrashed, _reaper
+from parstream import BRUTAL_KILL, Exit, WorkerCrashed
+from parstream._backends.local import _reaper
 
 GONE_WITHIN_S = 2.0
 
@@ -218,7 +219,7 @@ PARENT_SCRIPT = textwrap.dedent(
     """
     import ctypes, json, os, subprocess, sys, time
     import parstream
-    from parstream import _reaper
+    from parstream._backends.local import _reaper
 
     folder, hold_gil, fork_child, kill_reaper = sys.argv[1], *(a == "1" for a in sys.argv[2:])
 
@@ -246,8 +247,9 @@ PARENT_SCRIPT = textwrap.dedent(
         for name, pid in json.load(open(p)).items():
             pids[f"{name}{i}"] = pid
     if kill_reaper:  # someone SIGKILLs the reaper: the next pool to open replaces it
-        _reaper._proc.kill()
-        _reaper._proc.wait()
+        dead = _reaper.reaper_pid()
+        os.kill(dead, 9)
+        os.waitid(os.P_PID, dead, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
         other = parstream.Supervisor(max_workers=1)
     reaper = _reaper.reaper_pid()
     if reaper is not None:  # (test_the_reaper_is_shared... checks there is one)
@@ -332,7 +334,7 @@ FORK_SCRIPT = textwrap.dedent(
     """
     import json, os, subprocess, sys, time
     import parstream
-    from parstream import _reaper
+    from parstream._backends.local import _reaper
 
     def spawn_and_hang(path):
         direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)

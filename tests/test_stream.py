@@ -204,7 +204,7 @@ def test_timeout_exit_raises_even_in_nolink(sup: parstream.Supervisor) -> None:
     with pytest.raises(parstream.TaskTimeout):
         list(stream)
     deadline = time.monotonic() + 5
-    while sup._pool.busy_pids():
+    while [w.pid for w in sup.workers() if w.busy]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
 
@@ -315,10 +315,10 @@ def _busy_pids_gone(sup: parstream.Supervisor, pids: list[int]) -> None:
 
 def _running_pids(sup: parstream.Supervisor, n: int) -> list[int]:
     deadline = time.monotonic() + 10
-    while len(sup._pool.busy_pids()) < n:
+    while len([w.pid for w in sup.workers() if w.busy]) < n:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    return sup._pool.busy_pids()
+    return [w.pid for w in sup.workers() if w.busy]
 
 
 def test_break_kills_running_items() -> None:

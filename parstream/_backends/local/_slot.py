@@ -96,20 +96,20 @@ class Slot:
         try:
             data = pickle.dumps(value, protocol=5)
         except Exception:
-            from parstream import _wire
+            from parstream._backends._codec import dumps
 
             try:
-                data = _wire.dumps(value)
+                data = dumps(value)
             except Exception:
                 return False  # the flush will report why it cannot be sent
         return self._append(_VALUE, data)
 
     def journal_error(self, failure: tuple[BaseException, str]) -> bool:
-        from parstream import _wire
+        from parstream._backends._codec import pack_error
 
         # Unpickles to (exception, traceback), or to a RemoteError keeping the
         # type's name, message and traceback if the exception cannot travel.
-        return self._append(_ERROR, pickle.dumps(_wire.pack_error(failure), protocol=5))
+        return self._append(_ERROR, pickle.dumps(pack_error(failure), protocol=5))
 
     def _append(self, kind: int, data: bytes) -> bool:
         used = self.words[J_USED]

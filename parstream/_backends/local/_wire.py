@@ -39,11 +39,11 @@ import io
 import pickle
 import struct
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
-from parstream._errors import RemoteError
+from parstream._backends._codec import PROTOCOL, PackedError, dumps, type_name
 
 RUN = 1
 RESULTS = 2
@@ -57,12 +57,20 @@ START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceb
 
 _HEADER = struct.Struct("<BIBd")
 _RUN_HEADER = struct.Struct("<BQ")
-PROTOCOL = 5
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle with cloudpickle, so lambdas, closures and ``__main__`` code travel."""
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
+class RunMessage(NamedTuple):
+    """The body of a ``RUN`` frame (after its ``(kind, seq)`` header)."""
+
+    key: bytes  # the function's key (see ``_functions``)
+    fn_bytes: bytes | None  # the pickled function, if the worker lacks ``key``
+    n_items: int  # items in the batch
+    items_bytes: bytes  # the pickled list of items
+    star: bool  # each item is an argument tuple
+    report_each: bool  # one RESULTS per item (a per-item timeout is running)
+    evict: list[bytes]  # keys the worker may forget
+    has_bad: bool  # some items are ``BadArgs`` stand-ins
+    log_level: int  # the parent's root logging level
 
 
 def encode(kind: int, obj: Any) -> bytes:
@@ -77,109 +85,17 @@ def kind_of(data: bytes) -> int:
     return data[0]
 
 
-def encode_run(seq: int, message: tuple[Any, ...]) -> bytes:
+def encode_run(seq: int, message: RunMessage) -> bytes:
     # The message holds only bytes, ints, flags and keys: the C pickler does.
-    return _RUN_HEADER.pack(RUN, seq) + pickle.dumps(message, PROTOCOL)
+    return _RUN_HEADER.pack(RUN, seq) + pickle.dumps(tuple(message), PROTOCOL)
 
 
 def run_seq(data: bytes) -> int:
     return int(_RUN_HEADER.unpack_from(data)[1])
 
 
-def decode_run(data: bytes) -> Any:
-    return pickle.loads(memoryview(data)[_RUN_HEADER.size :])
-
-
-class RemoteTraceback(Exception):
-    """The worker-side traceback of a task's exception, attached as ``__cause__``."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return "\n\n" + self.tb.rstrip() + "\n"
-
-
-def rebuild_error(payload: tuple[BaseException, str]) -> BaseException:
-    exc, tb = payload
-    if tb:
-        exc.__cause__ = RemoteTraceback(tb)
-    return exc
-
-
-def _type_name(cls: type) -> str:
-    module = getattr(cls, "__module__", None)
-    name = str(getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "?"))
-    return name if module in (None, "builtins") else f"{module}.{name}"
-
-
-def _text_of(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except BaseException as cause:
-        return f"<str() of the exception raised {type(cause).__name__}>"
-
-
-class PackedError:
-    """A task's exception ready to travel, with a text fallback.
-
-    The exception is pickled on its own, next to its type's name, its message
-    and the traceback text; whatever the payload around it, unpickling a
-    ``PackedError`` yields ``(exception, traceback_text)`` and never raises:
-    an exception that could not be pickled in the worker, or not be rebuilt in
-    the parent, comes back as a ``RemoteError`` that keeps the name, message
-    and traceback.
-    """
-
-    __slots__ = ("fields",)
-
-    def __init__(self, exc: BaseException, tb: str) -> None:
-        try:
-            data: bytes | None = dumps(exc)
-            reason = ""
-        except BaseException as cause:
-            data = None
-            reason = f"could not be pickled in the worker: {cause!r}"
-        self.fields = (data, _type_name(type(exc)), _text_of(exc), tb, reason)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpack_error, self.fields)
-
-
-def _unpack_error(
-    data: bytes | None, type_name: str, message: str, tb: str, reason: str
-) -> tuple[BaseException, str]:
-    if data is not None:
-        try:
-            exc = pickle.loads(data)
-        except BaseException as cause:
-            reason = f"could not be unpickled in the parent: {cause!r}"
-        else:
-            if isinstance(exc, BaseException):
-                return exc, tb
-            reason = f"was unpickled in the parent as a {_type_name(type(exc))}"
-    return RemoteError(type_name, message, reason), tb
-
-
-def pack_error(payload: tuple[BaseException, str]) -> PackedError:
-    return PackedError(*payload)
-
-
-class BadArgs:
-    """Stands in for an item whose arguments could not be pickled in the parent.
-
-    The worker reports ``error`` for that item without running it, so results
-    stay in input order and every item gets exactly one.
-    """
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (BadArgs, (self.error,))
+def decode_run(data: bytes) -> RunMessage:
+    return RunMessage(*pickle.loads(memoryview(data)[_RUN_HEADER.size :]))
 
 
 Errors = dict[int, tuple[BaseException, str]]
@@ -306,7 +222,7 @@ class _ValuePacker:
     def table(self) -> list[tuple[str, bytes | None, str]]:
         out: list[tuple[str, bytes | None, str]] = []
         for _, obj in self.shared.values():
-            name = _type_name(obj) if isinstance(obj, type) else _function_name(obj)
+            name = type_name(obj) if isinstance(obj, type) else _function_name(obj)
             try:
                 out.append((name, dumps(obj), ""))
             except BaseException as cause:
@@ -399,7 +315,7 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
         cls = type(value)
         name = names.get(cls)
         if name is None:
-            name = names[cls] = _type_name(cls)
+            name = names[cls] = type_name(cls)
         try:
             end = packer.add(value)
         except BaseException as cause:

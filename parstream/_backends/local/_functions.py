@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from parstream import _wire
+from parstream._backends._codec import PROTOCOL, dumps, pickling_error
 
 _BY_REFERENCE_LIMIT = 1024
 
@@ -60,7 +60,7 @@ def ship(fn: Callable[..., Any]) -> Shipped:
     """Pickle ``fn`` now; raise ``pickle.PicklingError`` naming it if that fails."""
     if _importable(fn):
         try:
-            data = pickle.dumps(fn, protocol=_wire.PROTOCOL)
+            data = pickle.dumps(fn, protocol=PROTOCOL)
         except Exception:
             pass
         else:
@@ -71,10 +71,9 @@ def ship(fn: Callable[..., Any]) -> Shipped:
                 shipped = _by_reference[data] = Shipped(_new_key(), data)
             return shipped
     try:
-        return Shipped(_new_key(), _wire.dumps(fn))
+        return Shipped(_new_key(), dumps(fn))
     except Exception as cause:
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        raise pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}") from cause
+        raise pickling_error(fn, cause) from cause
 
 
 def _reset_after_fork() -> None:

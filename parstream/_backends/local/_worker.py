@@ -45,8 +45,10 @@ import traceback
 from itertools import islice
 from typing import Any
 
-from parstream import _wire
-from parstream._slot import BEGUN, EXACT, JOURNAL_MIN_ITEM_S, SEQ, WINDOW, Slot
+from parstream._backends import _codec
+from parstream._backends._codec import failure as _failure
+from parstream._backends.local import _wire
+from parstream._backends.local._slot import BEGUN, EXACT, JOURNAL_MIN_ITEM_S, SEQ, WINDOW, Slot
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
@@ -88,12 +90,6 @@ def _flush_std() -> None:
                 stream.flush()
         except Exception:
             pass
-
-
-def _failure(exc: BaseException) -> tuple[BaseException, str]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    exc.__traceback__ = None
-    return exc, tb
 
 
 class _Forward(logging.Handler):
@@ -166,7 +162,7 @@ class _Runner:
             self.functions[key] = fn
         return fn
 
-    def run_batch(self, message: tuple[Any, ...]) -> None:
+    def run_batch(self, message: _wire.RunMessage) -> None:
         key, data, count, items_bytes, star, report_each, evict, has_bad, log_level = message
         logging.getLogger().setLevel(log_level)
         self.position = 0
@@ -187,10 +183,10 @@ class _Runner:
         except BaseException as exc:
             # Arguments that cannot be rebuilt in the worker: tell the
             # parent, which isolates the culprit item by item.
-            self.send(_wire.encode(_wire.BAD_BATCH, _wire.pack_error(_failure(exc))))
+            self.send(_wire.encode(_wire.BAD_BATCH, _codec.pack_error(_failure(exc))))
             return
         if has_bad:
-            bad = _wire.BadArgs
+            bad = _codec.BadArgs
 
             def call(args: Any) -> Any:
                 if type(args) is bad:
@@ -390,7 +386,7 @@ class _Runner:
             except BaseException as exc:
                 # Arguments that cannot be rebuilt in the worker: tell the
                 # parent, which isolates the culprit item by item.
-                self.send(_wire.encode(_wire.BAD_BATCH, _wire.pack_error(_failure(exc))))
+                self.send(_wire.encode(_wire.BAD_BATCH, _codec.pack_error(_failure(exc))))
                 continue
             self.run_batch(message)
 
@@ -402,7 +398,7 @@ def _run_initializer(conn: Any, initializer: bytes) -> None:
         fn, args = pickle.loads(initializer)
         fn(*args)
     except BaseException as exc:
-        payload = _wire.pack_error(_failure(exc))
+        payload = _codec.pack_error(_failure(exc))
         try:
             conn.send_bytes(_wire.encode(_wire.START_FAILED, payload))
         finally:

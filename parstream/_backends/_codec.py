@@ -1,0 +1,136 @@
+"""How a task's exception travels from wherever it ran, for every backend.
+
+``failure(exc)`` captures an exception and its traceback text where it was
+raised; ``PackedError`` carries that pair through pickle whatever the
+exception is made of; ``rebuild(payload)`` gives back the exception, ready
+to raise, with the remote traceback as its ``__cause__`` (the convention of
+``concurrent.futures`` and loky). An exception that cannot be pickled where
+it was raised, or not be rebuilt where it arrives, comes back as a
+``RemoteError`` that keeps its type's name, message and traceback.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from parstream._errors import RemoteError, RemoteTraceback
+
+PROTOCOL = 5
+
+Failure = tuple[BaseException, str]
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with cloudpickle, so lambdas, closures and ``__main__`` code travel."""
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
+
+
+def failure(exc: BaseException) -> Failure:
+    """``(exc, traceback_text)``, dropping the live traceback (it holds frames)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    return exc, tb
+
+
+def rebuild(payload: Failure) -> BaseException:
+    """The exception of ``payload``, with its remote traceback as ``__cause__``."""
+    exc, tb = payload
+    if tb and not isinstance(exc.__cause__, RemoteTraceback):
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def type_name(cls: type) -> str:
+    module = getattr(cls, "__module__", None)
+    name = str(getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "?"))
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+def _text_of(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException as cause:
+        return f"<str() of the exception raised {type(cause).__name__}>"
+
+
+class PackedError:
+    """A task's exception ready to travel, with a text fallback.
+
+    The exception is pickled on its own, next to its type's name, its message
+    and the traceback text; whatever the payload around it, unpickling a
+    ``PackedError`` yields ``(exception, traceback_text)`` and never raises.
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        try:
+            data: bytes | None = dumps(exc)
+            reason = ""
+        except BaseException as cause:
+            data = None
+            reason = f"could not be pickled in the worker: {cause!r}"
+        self.fields = (data, type_name(type(exc)), _text_of(exc), tb, reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpack_error, self.fields)
+
+
+def _unpack_error(data: bytes | None, name: str, message: str, tb: str, reason: str) -> Failure:
+    if data is not None:
+        try:
+            exc = pickle.loads(data)
+        except BaseException as cause:
+            reason = f"could not be unpickled in the parent: {cause!r}"
+        else:
+            if isinstance(exc, BaseException):
+                return exc, tb
+            reason = f"was unpickled in the parent as a {type_name(type(exc))}"
+    return RemoteError(name, message, reason), tb
+
+
+def pack_error(payload: Failure) -> PackedError:
+    return PackedError(*payload)
+
+
+class BadArgs:
+    """Stands in for an item whose arguments could not be pickled in the parent.
+
+    The worker reports ``error`` for that item without running it, so results
+    stay in input order and every item gets exactly one.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BadArgs, (self.error,))
+
+
+def culprit_error(args: tuple[Any, ...], cause: BaseException) -> BaseException:
+    """The error for an item whose arguments could not be pickled, naming the
+    first argument that fails."""
+    culprit = "the arguments"
+    for i, arg in enumerate(args):
+        try:
+            dumps(arg)
+        except BaseException:
+            culprit = f"argument {i} ({type(arg).__qualname__})"
+            break
+    err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
+    err.__cause__ = cause
+    return err
+
+
+def pickling_error(fn: Any, cause: BaseException) -> pickle.PicklingError:
+    """``prepare``'s error for a function that cannot travel, naming it."""
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    err = pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}")
+    err.__cause__ = cause
+    return err

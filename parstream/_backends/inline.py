@@ -1,0 +1,249 @@
+"""The inline backend: tasks run in the calling process, one at a time.
+
+For debugging: ``breakpoint()``, pdb, profilers and coverage see a task's
+code as they see the caller's, because it runs in the caller's thread (what
+joblib users get from ``n_jobs=1``). A job runs to its end inside
+``submit``; its outcomes reach the sink from this backend's event thread,
+as with every backend, so streams, tasks, futures and children behave as
+they do elsewhere, one item at a time.
+
+What cannot hold in-process, and what happens instead:
+
+* Nothing is pickled: a function or value that could not travel to a worker
+  process works here.
+* Per-item timeouts are reported, not enforced: an item is never
+  interrupted; if it ran longer than its timeout, its result is dropped and
+  it gets ``TaskTimeout``, as it would elsewhere (with ``on_timeout="exit"``
+  the stream raises it). Refusing ``timeout=`` instead would make the same
+  code fail only when debugged.
+* ``kill`` cannot stop a running item: the job stops after it. Tasks are
+  done when ``async_`` returns, so there is rarely anything to kill.
+* A crash (``os._exit``, a segfault) takes the caller down with it; nothing
+  is isolated. ``KeyboardInterrupt`` inside a task stops the caller, as in a
+  plain loop.
+* ``max_workers`` is 1; ``max_tasks_per_worker`` and
+  ``max_memory_per_worker`` are refused; the ``initializer`` runs once, in
+  this process, when the Supervisor is created.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Node, Worker
+from parstream._errors import TaskTimeout
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from parstream._backend import Backend, Job, Settings
+
+CAPABILITIES = Capabilities(
+    partial_results=True,
+    timeout_from="start",
+    kills=False,
+    isolates_crashes=False,
+    worker_pids=True,
+    restarts_workers=False,
+    nodes=False,
+)
+
+
+@dataclass(frozen=True)
+class InlineBackend:
+    """Run tasks in the calling process, one at a time (for debugging).
+
+    Example::
+
+        # step into the task with pdb: the same code, run inline
+        list(parstream.map(work, items, backend="inline"))
+    """
+
+    name = "inline"
+
+    def open(self, settings: Settings) -> Backend:
+        for option in ("max_tasks_per_worker", "max_memory_per_worker"):
+            if getattr(settings, option) is not None:
+                raise ValueError(f"{option} is not supported by the inline backend")
+        if settings.max_workers not in (None, 1):
+            raise ValueError(
+                f"max_workers must be 1 (or None) on the inline backend, got "
+                f"{settings.max_workers}"
+            )
+        if settings.initializer is not None:
+            settings.initializer(*settings.initargs)
+        return InlinePool()
+
+
+class _Run:
+    __slots__ = ("killed", "running")
+
+    def __init__(self) -> None:
+        self.killed = False
+        self.running = True
+
+
+class InlinePool:
+    """The engine: runs each job inside ``submit``; an event thread tells sinks."""
+
+    name = "inline"
+    capabilities = CAPABILITIES
+    capacity = 1
+    start_error = None
+
+    def __init__(self) -> None:
+        self._counts = Counts()
+        self._lock = threading.Lock()  # one job at a time
+        self._running: Job | None = None
+        self._closed = False
+        self._pid = os.getpid()
+        self._notes: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._events = threading.Thread(
+            target=self._run_events, name="parstream-inline-events", daemon=True
+        )
+        self._events.start()
+
+    @property
+    def forked(self) -> bool:
+        return self._pid != os.getpid()
+
+    def usable(self) -> str | None:
+        if self.forked:
+            return "this Supervisor reached this process through os.fork(); create a new one"
+        if self._closed:
+            return "the supervisor is closed"
+        return None
+
+    def _run_events(self) -> None:
+        while True:
+            note = self._notes.get()
+            if note is None:
+                return
+            fn, args = note
+            try:
+                fn(*args)
+            except Exception:  # pragma: no cover - a sink must not break the backend
+                import logging
+
+                logging.getLogger("parstream").exception("parstream: a sink failed")
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        self._notes.put((fn, args))
+
+    def prepare(self, fn: Callable[..., Any]) -> FnHandle:
+        return FnHandle(fn)
+
+    def submit(self, job: Job) -> None:
+        why = self.usable()
+        if why is not None:
+            raise BackendClosed(why)
+        n = len(job.items)
+        with self._lock:
+            run = job.state = _Run()
+            self._running = job
+            self._counts.submitted += n
+            self._counts.started += n
+            self._post(job.sink.on_started, time.monotonic())
+            try:
+                values, errors = self._run_items(job, run)
+            except BaseException:
+                # KeyboardInterrupt in the task: the job ends here, the
+                # caller's exception goes on up.
+                self._end(job, run, [], {}, n)
+                raise
+            finally:
+                self._running = None
+            self._end(job, run, values, errors, n - len(values))
+
+    def _run_items(self, job: Job, run: _Run) -> tuple[list[Any], dict[int, BaseException]]:
+        fn = job.fn.fn
+        values: list[Any] = []
+        errors: dict[int, BaseException] = {}
+        for index, item in enumerate(job.items, job.first_index):
+            if run.killed or self._closed:
+                break
+            started = time.monotonic()
+            try:
+                value = fn(*item) if job.star else fn(item)
+            except (Exception, SystemExit) as exc:
+                errors[len(values)] = exc
+                value = None
+            took = time.monotonic() - started
+            if job.timeout is not None and took > job.timeout:
+                errors[len(values)] = TaskTimeout(
+                    f"item {index} ran {took:.3g} s, longer than its timeout of "
+                    f"{job.timeout} s; the inline backend cannot stop a running item, "
+                    "so it ran to its end and its result was dropped",
+                    index=index,
+                    timeout=job.timeout,
+                )
+                value = None
+            values.append(value)
+        return values, errors
+
+    def _end(
+        self, job: Job, run: _Run, values: list[Any], errors: dict[int, BaseException], rest: int
+    ) -> None:
+        run.running = False
+        counts = self._counts
+        timed_out = sum(1 for e in errors.values() if isinstance(e, TaskTimeout))
+        counts.timed_out += timed_out
+        counts.failed += len(errors) - timed_out
+        counts.ok += len(values) - len(errors)
+        counts.killed += rest
+        if values:
+            self._post(job.sink.on_results, values, errors)
+        end = "closed" if self._closed and rest else ("killed" if rest else "finished")
+        self._post(job.sink.on_done, end, rest)
+
+    def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
+        run = job.state
+        if isinstance(run, _Run) and run.running:
+            run.killed = True  # it stops after the running item
+
+    def cancel(self, job: Job) -> bool:
+        return False  # a job runs inside submit: there is never one to withdraw
+
+    def reserve(self, n: int) -> None:
+        pass
+
+    def release(self, n: int) -> None:
+        pass
+
+    def check_node(self, node: str) -> str:
+        raise ValueError(f"node={node!r}: the inline backend has no nodes")
+
+    def worker_of(self, job: Job) -> Worker | None:
+        if self._running is job:
+            return Worker(id="inline", pid=os.getpid(), busy=True)
+        return None
+
+    def workers(self) -> list[Worker]:
+        if self._closed:
+            return []
+        return [Worker(id="inline", pid=os.getpid(), busy=self._running is not None)]
+
+    def nodes(self) -> list[Node]:
+        return []
+
+    def counts(self) -> Counts:
+        return Counts(**vars(self._counts))
+
+    def restart_workers(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.forked:
+            self._notes.put(None)
+            if threading.current_thread() is not self._events:
+                self._events.join(timeout=5.0)

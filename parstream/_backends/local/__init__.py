@@ -1,0 +1,49 @@
+"""The local backend: worker processes on this machine.
+
+Modules: ``_pool`` (the engine and its hub thread), ``_spawn`` (starting
+workers, failed starts, killing a process tree), ``_messages`` (the hub's
+reading of worker messages), ``_worker`` (the child's loop), ``_wire`` (the
+message format), ``_slot`` (a worker's progress slot in shared memory),
+``_reaper`` (kills every worker group if the parent dies), ``_functions``
+(shipping a user's function once per worker).
+
+This module stays light: worker processes import it on their way to
+``_worker``; the engine is imported only when a Supervisor opens one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from parstream._backend import Backend, Settings
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
+    from loky import cpu_count as loky_cpu_count
+
+    return int(loky_cpu_count())
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    """Worker processes on this machine (the default backend).
+
+    Each worker is a fresh Python process (loky's context, no fork of the
+    parent), in a process group of its own, killed with its whole tree on a
+    timeout or a kill, replaced when it dies, and never outliving the parent.
+    Every promise of the backend contract holds, with exact crash attribution.
+
+    Example::
+
+        sup = parstream.Supervisor(backend=parstream.LocalBackend())
+    """
+
+    name = "local"
+
+    def open(self, settings: Settings) -> Backend:
+        from parstream._backends.local._pool import LocalPool
+
+        return LocalPool(settings, settings.max_workers or cpu_count())

@@ -1,0 +1,134 @@
+"""The hub's reading of what workers send (``_wire`` kinds), for ``LocalPool``.
+
+Each message from a worker pipe is handled on the hub thread: ``RESULTS``
+move the job on (``Dispatcher.deliver``) and, when the slice is done, free
+the worker; ``READY`` makes a starting worker idle; ``LOADED`` restarts a
+timed item's clock once its function is loaded; ``FORGET`` and
+``BAD_BATCH`` undo what the parent assumed the worker had; ``LOG`` goes to
+the parent's ``parstream`` logger with the item's index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from parstream._backends._dispatch import run_of
+from parstream._backends.local import _wire
+
+if TYPE_CHECKING:
+    from parstream._backend import Job
+    from parstream._backends._dispatch import Dispatcher
+    from parstream._backends.local._spawn import LocalWorker, Starter
+
+log = logging.getLogger("parstream")
+
+
+class MessageHandler:
+    """Mixed into ``LocalPool``: the attributes below are the pool's."""
+
+    _lock: threading.RLock
+    _dispatch: Dispatcher
+    _starter: Starter
+
+    def _after_idle(self, worker: LocalWorker) -> None:
+        raise NotImplementedError
+
+    def _slice_done(self, worker: LocalWorker, job: Job) -> None:
+        raise NotImplementedError
+
+    def _requeue(self, worker: LocalWorker, job: Job) -> None:
+        raise NotImplementedError
+
+    def _read_one(self, worker: LocalWorker) -> bool:
+        """Handle one message from a readable pipe; False at end of file."""
+        try:
+            data = worker.conn.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        self._on_message(worker, data)
+        return True
+
+    def _drain(self, worker: LocalWorker) -> None:
+        """Handle every message already in the pipe (a dead worker's last words)."""
+        while _readable(worker.conn) and self._read_one(worker):
+            pass
+
+    def _on_message(self, worker: LocalWorker, data: bytes) -> None:
+        kind = _wire.kind_of(data)
+        if kind == _wire.RESULTS:
+            self._on_results(worker, data)
+        elif kind == _wire.READY:
+            with self._lock:
+                worker.pid = _wire.decode(data)
+                if worker.state == "starting":
+                    worker.state = "idle"
+                    worker.idle_since = time.monotonic()
+                self._starter.ready()
+        elif kind == _wire.LOADED:
+            if worker.job is not None and worker.job.timeout is not None:
+                worker.item_started = time.monotonic()
+        elif kind == _wire.FORGET:
+            with self._lock:
+                worker.fns.pop(_wire.decode(data), None)
+        elif kind == _wire.START_FAILED:
+            worker.init_error = _wire.decode(data)
+        elif kind == _wire.LOG:
+            name, level, text, position = _wire.decode(data)
+            job = worker.job
+            index = None
+            if job is not None:
+                index = job.first_index + run_of(job).slice_start + position
+            log.log(level, "[item %s, worker %s] %s: %s", index, worker.pid, name, text)
+        elif kind == _wire.BAD_BATCH:
+            self._on_bad_batch(worker, _wire.decode(data))
+
+    def _on_bad_batch(self, worker: LocalWorker, payload: Any) -> None:
+        """The worker could not read the batch (function or arguments)."""
+        job = worker.job
+        if job is None:
+            return
+        with worker.send_lock:
+            worker.fns.pop(job.fn.token.key, None)  # it holds no copy now
+        with self._lock:
+            run = run_of(job)
+            if run.sent_end - run.cursor <= 1:
+                self._dispatch.deliver(job, [None], {0: payload})
+                self._slice_done(worker, job)
+            else:
+                run.isolate = True  # find the item that cannot be read
+                self._requeue(worker, job)
+        self._after_idle(worker)
+
+    def _on_results(self, worker: LocalWorker, data: bytes) -> None:
+        done, t_next, values, errors = _wire.loads_results(data)
+        job = worker.job
+        if job is None:
+            return
+        count = len(values)
+        if count:
+            with self._lock:
+                worker.items_done += count
+                self._dispatch.deliver(job, values, errors)
+            worker.item_started = t_next  # the worker's clock: the next item's start
+        if done:
+            with self._lock:
+                self._slice_done(worker, job)
+            self._after_idle(worker)
+
+
+def _readable(conn: Any) -> bool:
+    """Whether ``conn`` has data now, without Connection.poll()'s set-up cost."""
+    if os.name == "posix":
+        try:
+            return bool(select.select([conn.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+    try:
+        return bool(conn.poll())
+    except (OSError, EOFError):
+        return False

@@ -1,0 +1,644 @@
+"""The local backend's engine: worker processes on this machine, and the hub
+thread that watches them.
+
+``LocalPool`` implements ``parstream._backend.Backend``. What happens to jobs
+(the queue, gates, slices, blame after a death) is the shared
+``Dispatcher``'s; this module owns the processes. Starting them, their
+failures and the process-tree kill live in ``_spawn``; the hub's reading of
+worker messages in ``_messages``.
+
+Data flow::
+
+    caller threads                       hub thread (one per pool)
+    --------------                       -------------------------
+    submit(job) --idle worker?--send-->  wait() on every worker pipe, every
+         |                               process sentinel, the wake pipe and
+         +--no: queue, wake hub------->  the next deadline; then
+                                           RESULTS  -> Dispatcher.deliver
+    kill(job)  --SIGKILL tree, wake-->     sentinel -> drain the pipe, read the
+                                                       worker's slot: Death
+                                           deadline -> kill a hung item's worker
+                                           idle     -> next queued job
+                                         then, outside the lock: Outbox.flush
+                                         (the sinks), and sleep again
+
+Each worker has a progress slot (``_slot``) it writes before each batch and
+each item, so at a death the pool knows exactly whether the batch was begun
+and which item was running, without asking the dead. Workers are started only
+from the hub thread, because ``PR_SET_PDEATHSIG`` fires when the *thread*
+that started a child exits.
+
+After ``os.fork()`` the child's copy of a pool is inert: it refuses work
+(``usable()`` says why), never signals the parent's workers, and closes its
+copies of their pipes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import threading
+import time
+import weakref
+from multiprocessing import connection
+from typing import TYPE_CHECKING, Any
+
+from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
+from parstream._backends._codec import BadArgs, culprit_error, dumps
+from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
+from parstream._backends.local import _reaper, _spawn, _wire
+from parstream._backends.local._functions import ship
+from parstream._backends.local._messages import MessageHandler
+from parstream._callbacks import mark_hub_thread
+from parstream._errors import ParstreamInternalError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from parstream._backend import Settings
+    from parstream._backends.local._spawn import LocalWorker
+
+log = logging.getLogger("parstream")
+
+FN_CACHE_SIZE = 32  # functions a worker keeps unpickled; more means more worker memory
+MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines say
+FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
+
+_pools: weakref.WeakSet[LocalPool] = weakref.WeakSet()
+
+CAPABILITIES = Capabilities()
+
+
+class LocalPool(MessageHandler):
+    """Worker processes plus the hub thread that watches them."""
+
+    name = "local"
+    capabilities = CAPABILITIES
+
+    def __init__(self, settings: Settings, base: int) -> None:
+        self.base = base
+        self.max_tasks_per_worker = settings.max_tasks_per_worker
+        self.max_memory_per_worker = settings.max_memory_per_worker
+        self.idle_timeout = settings.idle_timeout
+        self._counts = Counts()
+        self._outbox = Outbox()
+        self._dispatch = Dispatcher(self._counts, self._outbox)
+        self._lock = threading.RLock()
+        self._workers: list[LocalWorker] = []
+        self._reserved = 0  # extra workers asked for by streams and children
+        self._closed = False
+        self._pid = os.getpid()
+        self._forked = False
+        self._starter = _spawn.Starter(
+            settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
+        )
+        self._wake_r, self._wake_w = self._starter.ctx.Pipe(duplex=False)
+        self._wake_pending = False
+        self._selector: selectors.BaseSelector | None = None
+        if os.name == "posix":
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, ("wake", None))
+        _reaper.acquire(self)
+        self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
+        mark_hub_thread(self._hub)
+        self._hub.start()
+        _pools.add(self)
+
+    # -- the Backend surface ------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.base
+
+    @property
+    def forked(self) -> bool:
+        return self._forked or self._pid != os.getpid()
+
+    @property
+    def start_error(self) -> BaseException | None:
+        return self._starter.error
+
+    def usable(self) -> str | None:
+        if self.forked:
+            return (
+                f"this Supervisor was created in process {self._pid} and reached process "
+                f"{os.getpid()} through os.fork(); its workers belong to the parent. Create "
+                "a new Supervisor in the child (parstream's module-level functions do so)"
+            )
+        if self._closed:
+            return "the supervisor is closed"
+        return None
+
+    def prepare(self, fn: Callable[..., Any]) -> FnHandle:
+        return FnHandle(fn, ship(fn))
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            why = self.usable()
+            if why is not None:
+                raise BackendClosed(why)
+            self._starter.work_arrived()
+            self._dispatch.add(job)
+            worker = self._idle_worker()
+            if worker is None or (job.gate is not None and not job.gate.admits()):
+                self._dispatch.enqueue(job)
+                self._wake()
+                return
+            self._assign(worker, job)
+        self._send(worker, job)
+
+    def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
+        if self.forked:
+            return  # never signal the parent's workers from a forked child
+        with self._lock:
+            run = run_of(job)
+            if run is None or run.finished or run.killed:
+                return
+            run.kill_reason = reason
+            worker: LocalWorker | None = run.holder
+            if worker is None:
+                self._dispatch.kill_queued(job, reason)
+            else:
+                worker.kill_cause = "kill"
+                if grace > 0:
+                    worker.kill_deadline = time.monotonic() + grace
+                    _reaper.term_group(worker.pid)  # the task's subprocesses too
+                else:
+                    run.killed = True
+                    _spawn.kill_tree(worker.pid)
+            self._wake()
+
+    def cancel(self, job: Job) -> bool:
+        with self._lock:
+            return job.state is not None and self._dispatch.withdraw(job)
+
+    def reserve(self, n: int) -> None:
+        if self._forked:
+            return
+        with self._lock:
+            self._reserved += n
+            self._wake()
+
+    def release(self, n: int) -> None:
+        if self._forked:
+            return
+        with self._lock:
+            self._reserved = max(0, self._reserved - n)
+            self._wake()  # extra workers may now be surplus: start their idle clocks
+
+    def check_node(self, node: str) -> str:
+        raise ValueError(f"node={node!r}: the local backend has no nodes")
+
+    def worker_of(self, job: Job) -> Worker | None:
+        run = run_of(job)
+        worker: LocalWorker | None = None if run is None else run.holder
+        if worker is None or worker.state != "busy" or not worker.begun():
+            return None  # handed over, not begun: a death now queues it again
+        return Worker(id=f"pid-{worker.pid}", pid=worker.pid, busy=True)
+
+    def workers(self) -> list[Worker]:
+        with self._lock:
+            return [
+                Worker(id=f"pid-{w.pid}", pid=w.pid, busy=w.state == "busy")
+                for w in self._workers
+                if w.pid and w.state != "dead"
+            ]
+
+    def nodes(self) -> list[Node]:
+        return []
+
+    def counts(self) -> Counts:
+        with self._lock:
+            return Counts(**vars(self._counts))
+
+    def restart_workers(self) -> None:
+        """Retire every idle worker and every busy one once its job ends."""
+        with self._lock:
+            for w in self._workers:
+                if w.state == "idle":
+                    self._retire(w)
+                else:
+                    w.retire_requested = True  # after the current batch
+            self._wake()
+
+    def close(self) -> None:
+        if self.forked:
+            self._forget_after_fork()
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._dispatch.close_queue()
+            workers = list(self._workers)
+            for w in workers:
+                w.kill_cause = "close"
+                _spawn.kill_tree(w.pid or w.process.pid)
+        self._wake()
+        if threading.current_thread() is not self._hub:
+            self._hub.join(timeout=5.0)
+        for w in workers:
+            w.process.join(timeout=1.0)
+        _reaper.release(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's workers without touching them."""
+        if self._forked:
+            return
+        self._forked = True
+        self._closed = True
+        self._lock = threading.RLock()  # a parent thread may have held it at fork
+        self._outbox.reset()
+        for w in self._workers:
+            with contextlib.suppress(OSError):
+                w.conn.close()
+            if w.slot is not None:
+                w.slot.close()
+        self._workers = []
+        self._dispatch.queue.clear()
+        for end in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                end.close()
+        if self._selector is not None:
+            with contextlib.suppress(OSError):
+                self._selector.close()
+            self._selector = None
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _idle_worker(self) -> LocalWorker | None:
+        for w in self._workers:
+            if w.state == "idle" and w.kill_cause is None:
+                return w
+        return None
+
+    def _assign(self, worker: LocalWorker, job: Job) -> None:
+        worker.seq += 1  # this slice's number: the worker writes it in its slot on reading it
+        worker.state = "busy"
+        worker.job = job
+        worker.delivered = False
+        worker.timed_out_index = None
+        limit = None
+        if self.max_tasks_per_worker:
+            # A batch never takes a worker past its limit: the rest of the
+            # job goes to the next worker once this one retires.
+            limit = self.max_tasks_per_worker - worker.items_done
+        run = self._dispatch.begin(job, worker, max_items=limit)
+        # The first item's clock starts now, before the worker has unpickled
+        # anything: a timeout bounds everything from dispatch to result.
+        worker.item_started = run.started_at if job.timeout is not None else None
+
+    def _send(self, worker: LocalWorker, job: Job) -> None:
+        with worker.send_lock:
+            payload = self._encode(worker, job)
+            try:
+                worker.conn.send_bytes(payload)
+                worker.delivered = True
+            except OSError:
+                # The worker died under us; its sentinel tells the hub, which
+                # sees ``delivered`` is False and queues the whole slice again.
+                pass
+
+    def _encode(self, worker: LocalWorker, job: Job) -> bytes:
+        run = run_of(job)
+        shipped = job.fn.token
+        fn_bytes: bytes | None = None
+        evict: list[bytes] = []
+        key = shipped.key
+        if key in worker.fns:
+            worker.fns.move_to_end(key)
+        else:
+            fn_bytes = shipped.data
+            worker.fns[key] = None
+            while len(worker.fns) > FN_CACHE_SIZE:
+                evict.append(worker.fns.popitem(last=False)[0])
+        report_each = job.timeout is not None
+        if report_each and fn_bytes is not None:
+            # Importing the function's module is not the item's time (a heavy
+            # import would time out every first item): the clock restarts
+            # when the worker says LOADED, with this bound on the loading.
+            worker.item_started = run.started_at + FUNCTION_LOAD_S
+        items = run.items[run.cursor : run.sent_end]
+        try:
+            items_bytes = dumps(items)
+        except BaseException:
+            # Some arguments cannot be pickled: each such item fails alone (the
+            # worker reports the stand-in's error in its place, keeping order).
+            bad: dict[int, Any] = {}
+            for i, args in enumerate(items):
+                try:
+                    dumps(args)
+                except BaseException as cause:
+                    bad[i] = BadArgs(culprit_error(args if job.star else (args,), cause))
+            with self._lock:
+                items = self._dispatch.replace_bad(job, bad)
+            items_bytes = dumps(items)
+        message = _wire.RunMessage(
+            key=key,
+            fn_bytes=fn_bytes,
+            n_items=len(items),
+            items_bytes=items_bytes,
+            star=job.star,
+            report_each=report_each,
+            evict=evict,
+            has_bad=run.has_bad,
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        return _wire.encode_run(worker.seq, message)
+
+    def _dispatch_queued(self) -> None:
+        while True:
+            with self._lock:
+                if not self._dispatch.queue or self._closed:
+                    return
+                worker = self._idle_worker()
+                if worker is None:
+                    return
+                job = self._dispatch.take()
+                if job is None:
+                    return
+                self._assign(worker, job)
+            self._send(worker, job)
+
+    # -- the hub thread -----------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(OSError):
+                self._wake_w.send_bytes(b"")
+
+    def _run_hub(self) -> None:
+        try:
+            self._hub_loop()
+        except BaseException:  # pragma: no cover - a bug in the hub itself
+            log.exception("parstream hub thread crashed; killing its workers")
+            err = ParstreamInternalError("the pool's hub thread crashed; see the parstream log")
+            with self._lock:
+                self._closed = True
+                jobs = list(self._dispatch.queue) + [
+                    w.job for w in self._workers if w.job is not None
+                ]
+                self._dispatch.queue.clear()
+                for w in list(self._workers):
+                    _spawn.kill_tree(w.pid or w.process.pid)
+                for job in jobs:
+                    run = run_of(job)
+                    run.killed = True
+                    run.kill_reason = err
+                    self._dispatch.finish_killed(job)
+            self._outbox.flush()
+            _reaper.release(self)
+
+    def _hub_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed and not self._workers:
+                    self._close_selector()
+                    done = True
+                else:
+                    done = False
+                    self._spawn_as_needed()
+                    timeout = self._next_timeout()
+            self._outbox.flush()
+            if done:
+                return
+            deaths: list[LocalWorker] = []
+            for what, w in self._wait(timeout):
+                if w is None:
+                    # Drain first, then clear the flag: a wake() between the two
+                    # would otherwise leave the flag set and no byte to wake us.
+                    wake: Any = self._wake_r
+                    with contextlib.suppress(OSError, EOFError):
+                        while wake.poll():
+                            wake.recv_bytes()
+                    self._wake_pending = False
+                    continue
+                if what == "conn":
+                    # One message per wake-up: the selector is level-triggered,
+                    # so more data wakes it again at once. (Connection.poll()
+                    # would build a new selector per call, ~30 us each.)
+                    if self._selector is not None:
+                        self._read_one(w)
+                    else:
+                        self._drain(w)
+                else:
+                    deaths.append(w)
+            for w in deaths:
+                self._on_death(w)
+            self._check_deadlines()
+            self._dispatch_queued()
+
+    def _wait(self, timeout: float | None) -> list[tuple[str, LocalWorker | None]]:
+        """Wait for pipes and sentinels: a persistent epoll/kqueue selector on
+        POSIX (no per-wake set-up), ``connection.wait`` elsewhere."""
+        if self._selector is not None:
+            return [key.data for key, _ in self._selector.select(timeout)]
+        objs: dict[Any, tuple[str, LocalWorker | None]] = {self._wake_r: ("wake", None)}
+        with self._lock:
+            for w in self._workers:
+                objs[w.conn] = ("conn", w)
+                objs[w.process.sentinel] = ("sentinel", w)
+        return [objs[o] for o in connection.wait(list(objs), timeout)]
+
+    def _watch(self, worker: LocalWorker) -> None:
+        if self._selector is not None:
+            self._selector.register(worker.conn.fileno(), selectors.EVENT_READ, ("conn", worker))
+            self._selector.register(
+                worker.process.sentinel, selectors.EVENT_READ, ("sentinel", worker)
+            )
+
+    def _unwatch(self, worker: LocalWorker) -> None:
+        if self._selector is not None:
+            for fd in (worker.conn.fileno(), worker.process.sentinel):
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._selector.unregister(fd)
+
+    def _close_selector(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+
+    def _next_timeout(self) -> float | None:
+        now = time.monotonic()
+        best: float | None = None
+        next_start = self._starter.next_start_at
+        if next_start > now and self._wanted() > 0:
+            best = next_start - now
+        for w in self._workers:
+            dl: float | None = None
+            if w.kill_deadline is not None:
+                dl = w.kill_deadline
+            elif w.state == "busy" and w.job is not None and w.item_started is not None:
+                if w.job.timeout is not None and w.kill_cause is None:
+                    dl = w.item_started + w.job.timeout
+            elif w.state == "idle" and self._surplus():
+                dl = w.idle_since + self.idle_timeout
+            if dl is not None:
+                wait = max(0.0, dl - now)
+                best = wait if best is None else min(best, wait)
+        return MAX_WAIT_S if best is None else min(best, MAX_WAIT_S)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for w in self._workers:
+                job = w.job
+                if w.kill_deadline is not None and now >= w.kill_deadline:
+                    w.kill_deadline = None
+                    _spawn.kill_tree(w.pid)
+                elif (
+                    w.state == "busy"
+                    and job is not None
+                    and w.kill_cause is None
+                    and job.timeout is not None
+                    and w.item_started is not None
+                    and now >= w.item_started + job.timeout
+                ):
+                    w.kill_cause = "timeout"
+                    w.timed_out_index = run_of(job).cursor
+                    _spawn.kill_tree(w.pid)
+                elif (
+                    w.state == "idle"
+                    and now - w.idle_since >= self.idle_timeout
+                    and self._surplus()
+                ):
+                    self._retire(w)
+
+    # -- workers: how many, starting, retiring, deaths -----------------------------
+
+    def _live(self) -> list[LocalWorker]:
+        return [w for w in self._workers if w.state in ("starting", "idle", "busy")]
+
+    def _surplus(self) -> bool:
+        """More live workers than the base size plus the reservations."""
+        return len(self._live()) > self.base + self._reserved
+
+    def _wanted(self) -> int:
+        if self._closed:
+            return 0
+        live = self._live()
+        idle_or_starting = sum(1 for w in live if w.state in ("starting", "idle"))
+        # Keep the base size warm; grow up to the reservations when work waits.
+        want = max(len(live), self.base)
+        shortfall = len(self._dispatch.queue) - idle_or_starting
+        if shortfall > 0:
+            want = max(want, min(len(live) + shortfall, self.base + self._reserved))
+        return want - len(live)
+
+    def _spawn_as_needed(self) -> None:
+        if self._closed:
+            return
+        for worker in self._starter.start(self._wanted()):
+            self._workers.append(worker)
+            self._watch(worker)
+
+    def _after_idle(self, worker: LocalWorker) -> None:
+        """Recycle a worker that has just become idle, if its limits say so."""
+        with self._lock:
+            if worker.state != "idle":
+                return
+            if (
+                worker.retire_requested
+                or (self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker)
+                or (
+                    self.max_memory_per_worker
+                    and _spawn.rss(worker.pid) > self.max_memory_per_worker
+                )
+            ):
+                self._retire(worker)
+
+    def _retire(self, worker: LocalWorker) -> None:
+        worker.state = "retiring"
+        worker.kill_cause = "retire"
+        try:
+            worker.conn.send_bytes(bytes((_wire.STOP,)))
+        except OSError:
+            _spawn.kill_tree(worker.pid)
+
+    def _on_death(self, worker: LocalWorker) -> None:
+        self._drain(worker)
+        self._unwatch(worker)
+        with worker.send_lock:
+            delivered = worker.delivered
+            worker.conn.close()
+        _reaper.worker_gone(worker.pid)  # before the join: the group id is still ours
+        worker.process.join(timeout=1.0)
+        exitcode = worker.process.exitcode
+        slot = worker.slot
+        begun_seq, begun, window = slot.read() if slot is not None else (-1, -1, None)
+        journal = slot.journal() if slot is not None and begun_seq == worker.seq else None
+        if slot is not None:
+            slot.close()
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            was_starting = worker.state == "starting"
+            worker.state = "dead"
+            job, worker.job = worker.job, None
+            cause = worker.kill_cause
+            if was_starting and cause is None and not self._closed:
+                self._starter.died_starting(worker, exitcode)
+            if job is None:
+                return
+            self._dispatch.unassign(job)
+            death = Death(
+                crash=_spawn.crash_error(worker.pid, exitcode),
+                worker=f"pid {worker.pid}",
+                cause=cause,
+                delivered=delivered,
+                began=slot is None or begun_seq == worker.seq,
+                begun=begun if slot is not None else None,
+                window=window,
+                journal=journal,
+                timed_out_index=worker.timed_out_index,
+            )
+            self._dispatch.settle_death(job, death)
+
+    def _slice_done(self, worker: LocalWorker, job: Job) -> None:
+        """The worker finished its slice of ``job`` (lock held)."""
+        worker.job = None
+        self._dispatch.unassign(job)
+        worker.state = "idle"
+        worker.idle_since = time.monotonic()
+        if worker.kill_cause == "kill" and worker.kill_deadline is not None:
+            # A graceful shutdown the reply won: the worker has had SIGTERM,
+            # so it is not reused; kill it now rather than at the deadline.
+            worker.kill_deadline = None
+            _spawn.kill_tree(worker.pid)
+        self._dispatch.slice_done(job)
+
+    def _requeue(self, worker: LocalWorker, job: Job) -> None:
+        """Take the slice back from a live worker and queue the job first (lock held)."""
+        worker.job = None
+        self._dispatch.unassign(job)
+        worker.state = "idle"
+        worker.idle_since = time.monotonic()
+        self._dispatch.enqueue(job, front=True)
+        self._wake()
+
+
+def _pickle_initializer(settings: Settings) -> bytes | None:
+    if settings.initializer is None:
+        return None
+    try:
+        return bytes(dumps((settings.initializer, tuple(settings.initargs))))
+    except Exception as cause:
+        import pickle
+
+        fn = settings.initializer
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        raise pickle.PicklingError(
+            f"initializer ({name}) or its initargs could not be pickled: {cause}"
+        ) from cause
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,258 @@
+"""Local worker processes: starting them, failed starts, and killing a tree.
+
+``Starter.start(n)`` starts worker processes through loky's context (on the
+hub thread only: ``PR_SET_PDEATHSIG`` is tied to the starting thread), each
+with a duplex pipe and a progress slot, registered with the reaper. A start
+that fails (an exception in the parent, or a process that dies before it is
+ready) is retried with back-off; more than ``max_start_failures`` failures
+within ``start_failure_window`` seconds fail the queued jobs with
+``WorkerStartFailed`` (the cause attached), and the next good start ends the
+episode.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loky.backend.context import get_context
+
+from parstream._backends._codec import rebuild
+from parstream._backends.local import _reaper
+from parstream._backends.local._slot import Slot, new_slot
+from parstream._backends.local._worker import worker_main
+from parstream._errors import WorkerCrashed, WorkerStartFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from parstream._backend import Counts, Job, Settings
+    from parstream._backends._dispatch import Dispatcher
+
+log = logging.getLogger("parstream")
+
+START_BACKOFF_S = (0.05, 2.0)  # first and longest wait between failed worker starts
+
+
+@dataclass(eq=False)
+class LocalWorker:
+    """One worker process, as the hub sees it (written under the pool's lock)."""
+
+    process: Any
+    conn: Any
+    state: str = "starting"  # starting, idle, busy, retiring, dead
+    pid: int = 0
+    job: Job | None = None
+    delivered: bool = False  # the current slice reached the pipe
+    item_started: float | None = None  # when the running item began (jobs with a timeout)
+    timed_out_index: int | None = None
+    kill_cause: str | None = None  # timeout, kill, close, retire
+    kill_deadline: float | None = None  # a graceful kill turns forced then
+    idle_since: float = 0.0
+    items_done: int = 0
+    retire_requested: bool = False
+    fns: collections.OrderedDict[bytes, None] = field(default_factory=collections.OrderedDict)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    slot: Slot | None = None
+    seq: int = 0  # sequence number of the last batch sent
+    init_error: tuple[BaseException, str] | None = None  # the initializer raised
+
+    def begun(self) -> bool:
+        """Whether the worker has begun its current slice (read its header)."""
+        return self.slot is None or self.slot.read()[0] == self.seq
+
+
+class Starter:
+    """Starts workers and keeps the account of failed starts (pool lock held)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        counts: Counts,
+        dispatch: Dispatcher,
+        *,
+        initializer: bytes | None,
+    ) -> None:
+        self.ctx = get_context("loky")
+        self.initializer = initializer  # pickled (fn, args), run by each worker before READY
+        self.counts = counts
+        self.dispatch = dispatch
+        self.max_failures = settings.max_start_failures
+        self.window = settings.start_failure_window
+        self.failures: collections.deque[float] = collections.deque()
+        self.error: BaseException | None = None  # why the last start failed, while failing
+        self.detail = ""  # the worker traceback of a raising initializer
+        self.next_start_at = 0.0
+        self.backoff = 0.0
+
+    def work_arrived(self) -> None:
+        """New work during a run of failed starts: try again soon rather than
+        at the end of a long back-off, so a fixed cause (a working directory
+        back, an initializer that no longer raises) is noticed at once."""
+        if self.error is not None:
+            soon = time.monotonic() + START_BACKOFF_S[0]
+            self.next_start_at = min(self.next_start_at, soon)
+
+    def start(self, n: int) -> Iterator[LocalWorker]:
+        """Start up to ``n`` workers, unless backing off after a failure."""
+        if n <= 0 or time.monotonic() < self.next_start_at:
+            return
+        for _ in range(n):
+            try:
+                worker = self._start_one()
+            except Exception as exc:
+                # Out of processes or descriptors, no working directory, a
+                # broken interpreter: retry later, and tell the waiting work.
+                self.failed(exc)
+                return
+            yield worker
+
+    def _start_one(self) -> LocalWorker:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        slot = new_slot()
+        try:
+            process = self.ctx.Process(
+                target=worker_main,
+                args=(child_conn, os.getpid(), slot, self.initializer),
+                name="parstream-worker",
+                env={"PYTHONUNBUFFERED": "1"},
+            )
+            with _allow_children_of_daemon():
+                process.start()
+        except BaseException:
+            parent_conn.close()
+            child_conn.close()
+            if slot is not None:
+                slot.close()
+            raise
+        _reaper.watch(process.pid)
+        child_conn.close()
+        self.counts.workers_started += 1
+        return LocalWorker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
+
+    def ready(self) -> None:
+        """A worker said READY: starts work again."""
+        if self.error is not None:
+            log.info("parstream: worker processes start again")
+        self.failures.clear()
+        self.error = None
+        self.detail = ""
+        self.backoff = 0.0
+        self.next_start_at = 0.0
+
+    def died_starting(self, worker: LocalWorker, exitcode: int | None) -> None:
+        if worker.init_error is not None:
+            cause: BaseException = rebuild(worker.init_error)
+            self.detail = worker.init_error[1]
+        else:
+            cause = WorkerStartFailed(
+                f"a worker process (pid {worker.pid}) exited with code {exitcode} "
+                "before it was ready; see its stderr for the cause",
+                exitcode=exitcode,
+            )
+        self.failed(cause)
+
+    def failed(self, cause: BaseException) -> None:
+        """A worker could not be started: back off, maybe fail the queue."""
+        now = time.monotonic()
+        first = self.error is None
+        self.error = cause
+        self.counts.worker_start_failures += 1
+        self.failures.append(now)
+        while self.failures and now - self.failures[0] > self.window:
+            self.failures.popleft()
+        low, high = START_BACKOFF_S
+        self.backoff = min(max(self.backoff * 2, low), high)
+        self.next_start_at = now + self.backoff
+        if first:
+            log.error("parstream: could not start a worker process: %r (retrying)", cause)
+        if len(self.failures) > self.max_failures:
+            self.dispatch.fail_queue(self._give_up_error(cause))
+
+    def _give_up_error(self, cause: BaseException) -> WorkerStartFailed:
+        message = (
+            f"no worker process could be started ({len(self.failures)} failures "
+            f"within {self.window:g} s): {cause!r}; parstream keeps retrying"
+        )
+        if self.detail:
+            message += f"\n\nWorker traceback:\n{self.detail.rstrip()}"
+        err = WorkerStartFailed(message, exitcode=getattr(cause, "exitcode", None))
+        err.__cause__ = cause
+        return err
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a worker and every process its tasks started: its process group
+    (which reaches a shell's background grandchild), then, for processes that
+    moved to another group, its descendants as they were before the kill."""
+    import psutil  # here: workers import this package, and psutil costs ~8 ms
+
+    try:
+        proc = psutil.Process(pid)
+        children = proc.children(recursive=True)
+    except psutil.Error:
+        children = []
+    _reaper.kill_group(pid)
+    for child in reversed(children):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def rss(pid: int) -> int:
+    """A worker's resident memory in bytes (0 if it cannot be read)."""
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def crash_error(pid: int, exitcode: int | None) -> WorkerCrashed:
+    """The error for the item a dead worker was running: signal and likely cause."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        cause = {
+            "SIGSEGV": "a segfault, usually in a C extension",
+            "SIGKILL": "killed from outside, often by the OOM killer",
+            "SIGBUS": "a bus error, usually in a C extension",
+            "SIGABRT": "an abort, usually a failed C assertion",
+        }.get(name, "killed by a signal")
+        how = f"{name} ({cause})"
+    else:
+        how = f"exit code {exitcode} (the task called os._exit or the interpreter died)"
+    return WorkerCrashed(
+        f"the worker (pid {pid}) running this task died: {how}", exitcode=exitcode, pid=pid
+    )
+
+
+@contextlib.contextmanager
+def _allow_children_of_daemon() -> Iterator[None]:
+    """Let a daemonic process (a ``multiprocessing.Pool`` worker) start workers.
+
+    multiprocessing refuses children to daemonic processes so that none is
+    orphaned when the daemon is terminated; ours die with their parent
+    (``PR_SET_PDEATHSIG`` and a parent-pid watch), so the rule's reason does
+    not apply. The flag is lifted only while the hub starts one worker.
+    """
+    import multiprocessing
+
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.pop("daemon", None)
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            config["daemon"] = daemon

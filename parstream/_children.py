@@ -1,0 +1,250 @@
+"""Supervised children: restart rules and the restart-intensity window.
+
+``Supervisor.start_child`` hands a ``Child`` to ``Children``, which runs it as
+a task and, from the task's completion callback (on parstream's callback
+thread, never the backend's event thread), applies its restart rule::
+
+    task ends --> temporary, or transient and normal ---> the child ends
+              --> otherwise: RestartWindow.allow(now)?
+                    yes --> run it again (a new task)
+                    no  --> the supervisor gives up: closes with the reason
+
+``RestartWindow`` is Elixir's restart intensity: more than ``max_restarts``
+restarts within ``max_seconds`` is too many.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Literal
+
+from parstream._errors import SupervisorClosed, TaskShutdown
+from parstream._results import Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from parstream._supervisor import Supervisor
+    from parstream._task import ShutdownTimeout, Task
+
+log = logging.getLogger("parstream")
+
+Restart = Literal["temporary", "transient", "permanent"]
+RESTARTS: tuple[Restart, ...] = ("temporary", "transient", "permanent")
+
+
+class RestartWindow:
+    """Restart intensity: at most ``max_restarts`` restarts within ``max_seconds``."""
+
+    def __init__(self, max_restarts: int, max_seconds: float) -> None:
+        self.max_restarts = max_restarts
+        self.max_seconds = max_seconds
+        self.times: collections.deque[float] = collections.deque()
+
+    def allow(self, now: float) -> bool:
+        """Record a restart wanted at ``now``; False if that is one too many."""
+        self.times.append(now)
+        while self.times and now - self.times[0] > self.max_seconds:
+            self.times.popleft()
+        return len(self.times) <= self.max_restarts
+
+
+class Child:
+    """A supervised child started by ``Supervisor.start_child``.
+
+    ``restart`` decides what happens when its call ends: ``"temporary"``
+    never restarts, ``"transient"`` restarts after an abnormal end (an
+    exception other than ``SystemExit(0)``, a crash, a timeout), ``"permanent"``
+    always restarts.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        restart: Restart,
+        shutdown: ShutdownTimeout,
+        node: str | None = None,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.restart = restart
+        self.shutdown_timeout = shutdown
+        self.node = node
+        self.restarts = 0
+        self.task: Task[Any] | None = None
+        self.terminated = False
+        self.last_result: Ok[Any] | Exit | None = None
+        self._ended = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker pid running the child now, or None between runs (and on
+        backends that know no pids)."""
+        return self.task.pid if self.task is not None else None
+
+    def alive(self) -> bool:
+        """True while the child is running or about to be restarted."""
+        return not self._ended.is_set()
+
+    def wait(self, timeout: float | None = None) -> Ok[Any] | Exit | None:
+        """Wait until the child ends for good (no more restarts); its last result."""
+        self._ended.wait(timeout)
+        return self.last_result if self._ended.is_set() else None
+
+    def __repr__(self) -> str:
+        return f"<Child {self.restart} restarts={self.restarts} alive={self.alive()}>"
+
+
+def is_normal(result: Ok[Any] | Exit | None) -> bool:
+    """A normal end: a return, ``SystemExit(0)``, or a shutdown asked for."""
+    if isinstance(result, Ok):
+        return True
+    if isinstance(result, Exit):
+        reason = result.reason
+        if isinstance(reason, SystemExit) and reason.code in (0, None):
+            return True
+        if isinstance(reason, TaskShutdown):
+            return True
+    return False
+
+
+class Children:
+    """A Supervisor's children; holds the Supervisor weakly (a child must not
+    keep a dropped supervisor alive)."""
+
+    def __init__(self, sup: Supervisor, window: RestartWindow) -> None:
+        self._sup = weakref.ref(sup)
+        self.window = window
+        self.lock = threading.Lock()
+        self.running: list[Child] = []
+        self.restarts = 0
+
+    def add(self, child: Child, max_children: int | None) -> None:
+        with self.lock:
+            alive = sum(1 for c in self.running if c.alive())
+            if max_children is not None and alive >= max_children:
+                raise ValueError(f"max_children ({max_children}) children already running")
+            self.running.append(child)
+
+    def alive(self) -> list[Child]:
+        with self.lock:
+            return [c for c in self.running if c.alive()]
+
+    def run(self, child: Child, *, first: bool = False) -> None:
+        sup = self._sup()
+        if sup is None:
+            self.end(child)
+            return
+        try:
+            task = sup._make_task(child.fn, child.args, linked=False, node=child.node)
+        except SupervisorClosed:
+            self.end(child)
+            if first:
+                raise
+            return
+        except Exception as exc:
+            if first:  # start_child itself: the caller gets the error
+                self.end(child)
+                raise
+            # The call no longer pickles (its closure changed): the child ends
+            # with that error instead of waiting between runs for ever.
+            child.last_result = Exit(exc)
+            log.error("parstream: could not restart %r: %r", child, exc)
+            self.end(child)
+            return
+        with self.lock:
+            # terminate_child may have run while the call was being pickled.
+            stop = child.terminated or sup.closed
+            if not stop:
+                child.task = task
+        if stop:
+            self.end(child)
+            return
+        task.add_done_callback(functools.partial(_child_done, weakref.ref(self), child))
+        try:
+            sup._submit_task(task)
+        except SupervisorClosed:
+            self.end(child)
+
+    def done(self, child: Child, task: Task[Any]) -> None:
+        """The child's task ended (callback thread): restart it, or not."""
+        result = task.result_nowait()
+        child.last_result = result
+        sup = self._sup()
+        if sup is None or child.terminated or sup.closed:
+            self.end(child)
+            return
+        normal = is_normal(result)
+        if child.restart == "temporary" or (child.restart == "transient" and normal):
+            if not normal:
+                log_failure(task)
+            self.end(child)
+            return
+        with self.lock:
+            allowed = self.window.allow(time.monotonic())
+            if allowed:
+                self.restarts += 1
+                child.restarts += 1
+        if not allowed:
+            reason = (
+                f"the supervisor gave up: more than {self.window.max_restarts} restarts "
+                f"within {self.window.max_seconds} s (last: {child!r} ended with {result!r})"
+            )
+            log.error("parstream: %s", reason)
+            sup._give_up(reason)
+            return
+        self.run(child)
+
+    def end(self, child: Child) -> None:
+        with self.lock:
+            if child._ended.is_set():
+                return
+            child._ended.set()
+            # Ended children are forgotten: a long-lived supervisor running a
+            # child per request does not grow.
+            with contextlib.suppress(ValueError):
+                self.running.remove(child)
+        sup = self._sup()
+        if sup is not None:
+            sup._backend.release(1)
+
+    def terminate(self, child: Child) -> bool:
+        with self.lock:
+            if child not in self.running or not child.alive():
+                return False
+            child.terminated = True
+        task = child.task
+        if task is not None:
+            task.shutdown(child.shutdown_timeout)
+        self.end(child)
+        return True
+
+    def end_all(self) -> list[Child]:
+        """Mark every child terminated (no more restarts); returns them."""
+        with self.lock:
+            children = [c for c in self.running if c.alive()]
+            for c in children:
+                c.terminated = True
+        return children
+
+
+def _child_done(ref: weakref.ref[Children], child: Child, task: Task[Any]) -> None:
+    children = ref()
+    if children is None:  # dropped: no more restarts; closing its backend ends the rest
+        child.last_result = task.result_nowait()
+        child._ended.set()
+        return
+    children.done(child, task)
+
+
+def log_failure(task: Task[Any]) -> None:
+    r = task.result_nowait()
+    if isinstance(r, Exit) and not isinstance(r.reason, TaskShutdown):
+        log.error("parstream: a task failed: %r", r.reason, exc_info=r.reason)
