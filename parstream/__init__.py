@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from parstream._backend import Node as Node, Worker as Worker
     from parstream._backends.inline import InlineBackend as InlineBackend
     from parstream._backends.local import LocalBackend as LocalBackend
+    from parstream._backends.ray import RayBackend as RayBackend
     from parstream._children import Child as Child
     from parstream._compare import Comparison as Comparison, compare as compare
     from parstream._errors import (
+        NodeDied as NodeDied,
         ParstreamError as ParstreamError,
         ParstreamInternalError as ParstreamInternalError,
         RemoteError as RemoteError,
@@ -61,10 +63,12 @@ __all__ = (
     "InlineBackend",
     "LocalBackend",
     "Node",
+    "NodeDied",
     "Ok",
     "Options",
     "ParstreamError",
     "ParstreamInternalError",
+    "RayBackend",
     "RemoteError",
     "RemoteTraceback",
     "Stats",
@@ -103,6 +107,7 @@ _HOMES = {
     "Worker": "_backend",
     "InlineBackend": "_backends.inline",
     "LocalBackend": "_backends.local",
+    "RayBackend": "_backends.ray",
     "Child": "_children",
     "async_": "_api",
     "async_stream": "_api",
@@ -113,6 +118,7 @@ _HOMES = {
     "start": "_api",
     "Comparison": "_compare",
     "compare": "_compare",
+    "NodeDied": "_errors",
     "ParstreamError": "_errors",
     "ParstreamInternalError": "_errors",
     "RemoteError": "_errors",

@@ -86,9 +86,13 @@ class Sink(Protocol):
         """A worker took the job (``at``: the backend's ``time.monotonic()``);
         again if the job is taken again after a worker died under it."""
 
-    def on_results(self, values: list[Any], errors: Mapping[int, BaseException]) -> None:
+    def on_results(
+        self, values: list[Any], errors: Mapping[int, BaseException], seconds: float | None
+    ) -> None:
         """The job's next ``len(values)`` items, in order; ``errors`` maps
-        positions in ``values`` to the exception of that item."""
+        positions in ``values`` to the exception of that item. ``seconds``:
+        how long these items ran where they ran, if the backend measured it
+        (else the sink measures on its own clock)."""
 
     def on_done(self, end: End, unrun: int) -> None:
         """The job ended (see ``End``); called exactly once, last."""

@@ -80,14 +80,20 @@ class Chunk:
         self.started_at = at
         self.flushed_at = 0.0
 
-    def on_results(self, values: list[Any], errors: Mapping[int, BaseException]) -> None:
-        # The flush's cost per item, from this side's clock: a rise in cost is
-        # seen within one flush (about 20 ms), not at the job's end.
+    def on_results(
+        self, values: list[Any], errors: Mapping[int, BaseException], seconds: float | None
+    ) -> None:
+        # The flush's cost per item: as the backend measured it where the
+        # items ran, else from this side's clock (chunk overhead included). A
+        # rise in cost is seen within one flush (about 20 ms), not at the end.
         now = time.monotonic()
         cost = 0.0
-        if self.started_at and len(errors) < len(values):
-            since = max(self.started_at, self.flushed_at)
-            cost = (now - since) / len(values)
+        if len(errors) < len(values):
+            if seconds is not None:
+                cost = seconds / len(values)
+            elif self.started_at:
+                since = max(self.started_at, self.flushed_at)
+                cost = (now - since) / len(values)
         self.flushed_at = now
         self.events.put((RESULTS, self, values, errors, cost))
 

@@ -73,6 +73,27 @@ def _rebuild_start_failed(message: str, exitcode: int | None) -> WorkerStartFail
     return WorkerStartFailed(message, exitcode=exitcode)
 
 
+class NodeDied(WorkerCrashed):
+    """Raised (or put in an ``Exit``) for a task whose cluster node died
+    under it (a cluster backend), or that cannot be placed on its ``node=``
+    because that node is gone.
+
+    ``node`` is the node's id. Only the items that were on that node fail;
+    the rest of a stream goes on on the other nodes.
+    """
+
+    def __init__(self, message: str, *, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_node_died, (str(self), self.node))
+
+
+def _rebuild_node_died(message: str, node: str | None) -> NodeDied:
+    return NodeDied(message, node=node)
+
+
 class TaskShutdown(ParstreamError):
     """Put in an ``Exit`` when a task was shut down or killed on request
     (``Task.shutdown``, ``terminate_child``, a closed stream or supervisor)."""

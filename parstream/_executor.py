@@ -97,7 +97,9 @@ class _FutureSink:
         if not f.running() and not f.done():
             f.set_running_or_notify_cancel()
 
-    def on_results(self, values: list[Any], errors: Mapping[int, BaseException]) -> None:
+    def on_results(
+        self, values: list[Any], errors: Mapping[int, BaseException], seconds: float | None
+    ) -> None:
         try:
             if errors:
                 self.future.set_exception(errors[0])

@@ -61,7 +61,9 @@ class _TaskSink:
     def on_started(self, at: float) -> None:
         pass
 
-    def on_results(self, values: list[Any], errors: Mapping[int, BaseException]) -> None:
+    def on_results(
+        self, values: list[Any], errors: Mapping[int, BaseException], seconds: float | None
+    ) -> None:
         task = self.ref()
         if task is not None:
             task._set(Exit(errors[0]) if errors else Ok(values[0]))

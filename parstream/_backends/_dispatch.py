@@ -27,6 +27,7 @@ import collections
 import logging
 import threading
 import time
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -237,8 +238,10 @@ class Dispatcher:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def deliver(self, job: Job, values: list[Any], errors: Errors) -> None:
-        """The slice's next ``len(values)`` items are done."""
+    def deliver(
+        self, job: Job, values: list[Any], errors: Errors, seconds: float | None = None
+    ) -> None:
+        """The slice's next ``len(values)`` items are done (in ``seconds``, if known)."""
         if not values:
             return
         run = run_of(job)
@@ -246,13 +249,15 @@ class Dispatcher:
         self.counts.failed += len(errors)
         self.counts.ok += len(values) - len(errors)
         if not run.killed:
-            self._post_results(job, values, errors)
+            self._post_results(job, values, errors, seconds)
 
-    def _post_results(self, job: Job, values: list[Any], errors: Errors) -> None:
+    def _post_results(
+        self, job: Job, values: list[Any], errors: Errors, seconds: float | None = None
+    ) -> None:
         ready: Mapping[int, BaseException] = (
             {i: _ready(e) for i, e in errors.items()} if errors else _NO_ERRORS
         )
-        self.outbox.post(job.sink.on_results, values, ready)
+        self.outbox.post(job.sink.on_results, values, ready, seconds)
 
     def fail_next(self, job: Job, error: BaseException, counter: str) -> None:
         """Fail the item at the job's cursor with ``error``."""
@@ -263,7 +268,7 @@ class Dispatcher:
         if run.killed:
             return
         setattr(self.counts, counter, getattr(self.counts, counter) + 1)
-        self.outbox.post(job.sink.on_results, [None], {0: error})
+        self.outbox.post(job.sink.on_results, [None], {0: error}, None)
 
     def slice_done(self, job: Job) -> None:
         """The worker finished its slice (after ``unassign``): the job ends,
@@ -312,7 +317,9 @@ class Dispatcher:
             self.counts.killed += n
         run.cursor = len(run.items)
         if reason is not None and n > 0:
-            self.outbox.post(job.sink.on_results, [None] * n, dict.fromkeys(range(n), reason))
+            self.outbox.post(
+                job.sink.on_results, [None] * n, dict.fromkeys(range(n), reason), None
+            )
             n = 0
         self.outbox.post(job.sink.on_done, end, n)
 
@@ -462,7 +469,7 @@ class Dispatcher:
             run.isolate = True
 
 
-_NO_ERRORS: Mapping[int, BaseException] = {}
+_NO_ERRORS: Mapping[int, BaseException] = types.MappingProxyType({})
 
 
 def _ready(error: Any) -> BaseException:

@@ -199,7 +199,7 @@ class InlinePool:
         counts.ok += len(values) - len(errors)
         counts.killed += rest
         if values:
-            self._post(job.sink.on_results, values, errors)
+            self._post(job.sink.on_results, values, errors, None)
         end = "closed" if self._closed and rest else ("killed" if rest else "finished")
         self._post(job.sink.on_done, end, rest)
 

@@ -1,0 +1,147 @@
+"""What runs on a Ray worker: one slice of a job, as a streaming generator.
+
+``run_slice`` is the one remote function of the Ray backend (its wrapper is
+made once per process, not per user function); the user's function travels
+as a reference to its cloudpickled bytes and is unpickled once per worker
+process (``_functions``). It yields, in order::
+
+    ("start", pid, node_id)           first, before anything else
+    ("loaded",)                       the function was loaded (timed slices only)
+    ("results", frame, window, secs)  the next items' outcomes (``_frames``) and
+                                      how long they ran
+    ("fn_failed", packed_error)       the function (or initializer) cannot run here
+    ("bad", packed_error)             the items could not be unpickled here
+    ("returned",)                     it stopped at its time budget; the rest is unrun
+
+Items run in order, each exception failing its item alone. A slice with a
+per-item timeout (``each``), and items that take ``EACH_MIN_S`` or more, send
+one result per item, so the driver always knows which item was running when
+the worker died. Tinier items are sent in flushes of at most ``window``
+items (about ``FLUSH_INTERVAL_S`` of work), the window announced in the
+frame before: a death is then placed within one window (``_dispatch.Death``).
+
+This module is imported on the workers: it needs only ``ray``, ``_codec`` and
+``_frames``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from parstream._backends import _codec, _frames
+
+FLUSH_INTERVAL_S = 0.02  # a flush per item costs a yield (~140 us); longer delays results
+EACH_MIN_S = 0.002  # items this slow are sent one by one: exact attribution costs < 10 %
+BATCH_BUDGET_S = 0.06  # past this, a slice stops and gives back its unrun rest
+FN_CACHE_SIZE = 32
+MAX_WINDOW = 4096  # items per flush at most: bounds what a crash makes run again
+
+_functions: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+_initialized: set[bytes] = set()
+
+MODULE_HINT = (
+    "; the code this task needs is not importable on the Ray worker: ship it with "
+    "parstream.RayBackend(runtime_env={'working_dir': '.'}) or "
+    "runtime_env={'py_modules': [your_module]}, or install it on every node"
+)
+
+
+def _load(key: bytes, box: list[Any]) -> Any:
+    fn = _functions.get(key)
+    if fn is not None:
+        _functions.move_to_end(key)
+        return fn
+    import ray
+
+    data = box[0]
+    if not isinstance(data, bytes):
+        data = ray.get(data)
+    fn = pickle.loads(data)
+    _functions[key] = fn
+    while len(_functions) > FN_CACHE_SIZE:
+        _functions.popitem(last=False)
+    return fn
+
+
+def _with_hint(exc: BaseException) -> BaseException:
+    if isinstance(exc, ModuleNotFoundError):
+        exc.add_note(MODULE_HINT[2:])
+        exc.msg = f"{exc.msg}{MODULE_HINT}"
+    return exc
+
+
+def run_slice(
+    key: bytes,
+    box: list[Any],
+    items_bytes: bytes,
+    star: bool,
+    each: bool,
+    has_bad: bool,
+    init: tuple[bytes, list[Any]] | None,
+) -> Iterator[tuple[Any, ...]]:
+    import ray
+
+    yield ("start", os.getpid(), ray.get_runtime_context().get_node_id())
+    try:
+        if init is not None and init[0] not in _initialized:
+            init_fn, init_args = _load(init[0], init[1])
+            init_fn(*init_args)
+            _initialized.add(init[0])
+        cached = key in _functions
+        fn = _load(key, box)
+    except BaseException as exc:
+        # Neither the function nor its initializer can run here: every item
+        # fails with that cause, and the worker stays healthy.
+        yield ("fn_failed", _codec.pack_error(_codec.failure(_with_hint(exc))))
+        return
+    if each and not cached:
+        yield ("loaded",)
+    try:
+        items = pickle.loads(items_bytes)
+    except BaseException as exc:
+        yield ("bad", _codec.pack_error(_codec.failure(_with_hint(exc))))
+        return
+    bad = _codec.BadArgs if has_bad else None
+
+    def call(args: Any) -> Any:
+        if bad is not None and type(args) is bad:
+            raise args.error
+        return fn(*args) if star else fn(args)
+
+    yield from _run(call, items, each)
+
+
+def _run(call: Any, items: list[Any], each: bool) -> Iterator[tuple[Any, ...]]:
+    monotonic = time.monotonic
+    started = last = monotonic()
+    values: list[Any] = []
+    errors: dict[int, Any] = {}
+    window = 0  # announced in the last frame: 0, one result per item; else at most this many
+    total = len(items)
+    for position, args in enumerate(items):
+        try:
+            values.append(call(args))
+        except BaseException as exc:
+            errors[len(values)] = _codec.failure(_with_hint(exc))
+            values.append(None)
+        finished = position + 1 == total
+        now = monotonic()
+        if window and not finished and len(values) < window and now - last < FLUSH_INTERVAL_S:
+            continue
+        per_item = (now - last) / len(values)
+        if each or finished or per_item >= EACH_MIN_S:
+            window = 0
+        else:
+            window = max(1, min(MAX_WINDOW, int(FLUSH_INTERVAL_S / max(per_item, 1e-7))))
+        frame = _frames.dumps_results(finished, now, values, errors)
+        yield ("results", frame, window, now - last)
+        values, errors = [], {}
+        last = now
+        if not finished and now - started >= BATCH_BUDGET_S:
+            yield ("returned",)
+            return
