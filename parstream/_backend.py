@@ -158,6 +158,12 @@ class Capabilities:
         worker_pids: ``Worker.pid`` is known.
         restarts_workers: ``restart_workers()`` replaces the worker processes.
         nodes: jobs can be placed with ``node=``.
+        pickles: functions, arguments and results travel pickled (and fail
+            to, naming the culprit); the inline backend passes them as they are.
+        exact_from_s: items that take at least this long run exactly once even
+            when their worker dies in the middle of a batch; faster ones that
+            had finished since the last flush of results may run again after
+            such a death (at most one flush, about 20 ms of work).
     """
 
     partial_results: bool = True
@@ -167,6 +173,8 @@ class Capabilities:
     worker_pids: bool = True
     restarts_workers: bool = True
     nodes: bool = False
+    pickles: bool = True
+    exact_from_s: float = 1e-6
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,28 +1,63 @@
 """Shared fixtures: every test must leave no worker process behind.
 
-The check runs after each test: the default supervisor is closed, then every
-process this test run started during the test (other than loky's resource
-tracker, which lives as long as pytest) must be gone within a few seconds.
+The check runs after each test: the default supervisors are closed, then
+every process this test run started during the test (other than loky's
+resource tracker, which lives as long as pytest, and the Ray test cluster's
+own processes) must be gone within a few seconds.
+
+``ray_cluster`` starts one real multi-node Ray cluster for the session (a
+head with no CPUs, two worker nodes of one CPU each, labelled ``w1`` and
+``w2``), bound to 127.0.0.1 with token authentication, under a short
+temporary directory; it ends exactly the processes it started.
+``backend_name`` parametrises a test over every backend (the conformance
+suite).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 import parstream
 
+TESTS = Path(__file__).parent
+RAY_MARKERS = (
+    "raylet",
+    "gcs_server",
+    "ray::",
+    "default_worker.py",
+    "ray/_private",
+    "ray/dashboard",
+)
+
+
+def _is_ray_process(p: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return any(marker in cmd for marker in RAY_MARKERS)
+
 
 def _descendants() -> dict[int, psutil.Process]:
     out = {}
     for p in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" in " ".join(p.cmdline()):
-                continue
+            cmd = " ".join(p.cmdline())
         except psutil.Error:
+            continue
+        if "resource_tracker" in cmd or any(marker in cmd for marker in RAY_MARKERS):
             continue
         out[p.pid] = p
     return out
@@ -70,3 +105,89 @@ def sup() -> Iterator[parstream.Supervisor]:
     """A two-worker supervisor, closed after the test."""
     with parstream.Supervisor(max_workers=2) as s:
         yield s
+
+
+# -- Ray ------------------------------------------------------------------------
+
+
+@dataclass
+class RayCluster:
+    """The session's Ray cluster: ``cluster`` is Ray's ``Cluster``; ``nodes``
+    maps each worker node's label value (``w1``, ``w2``) to its node id."""
+
+    cluster: Any
+    nodes: dict[str, str]
+    address: str
+    env: dict[str, str]  # what a driver process needs to join the cluster
+
+
+def _ray_env(tmp: str) -> dict[str, str]:
+    """Set before Ray is imported: loopback only, token auth, no files outside
+    ``tmp``, no usage reporting; the tests' modules importable on workers."""
+    env = {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32),
+        "RAY_TMPDIR": tmp,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """A real three-node Ray cluster on this machine, for the whole session."""
+    # Looked up, not imported: Ray reads its settings when first imported.
+    if importlib.util.find_spec("ray") is None and os.environ.get("PARSTREAM_REQUIRE_RAY") != "1":
+        pytest.skip("the ray extra is not installed")
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # AF_UNIX paths: 107 bytes at most
+    env = _ray_env(tmp)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "no_monitor": True,
+            "include_dashboard": False,
+            "temp_dir": os.path.join(tmp, "ray"),
+            "labels": {"role": "head"},
+            # Node deaths are seen in about a second rather than 15 s.
+            "_system_config": {
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 3,
+                "health_check_timeout_ms": 500,
+            },
+        },
+    )
+    try:
+        nodes = {}
+        for name in ("w1", "w2"):
+            node = cluster.add_node(num_cpus=1, labels={"role": "worker", "wname": name})
+            nodes[name] = node.node_id
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield RayCluster(cluster, nodes, cluster.address, env)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+BACKENDS = ("local", "inline", "ray")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn; the Ray one on the session's cluster."""
+    name: str = request.param
+    if name == "ray":
+        request.getfixturevalue("ray_cluster")
+    return name

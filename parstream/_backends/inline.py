@@ -51,6 +51,7 @@ CAPABILITIES = Capabilities(
     worker_pids=True,
     restarts_workers=False,
     nodes=False,
+    pickles=False,
 )
 
 

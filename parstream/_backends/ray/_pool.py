@@ -63,6 +63,7 @@ CAPABILITIES = Capabilities(
     worker_pids=False,
     restarts_workers=False,
     nodes=True,
+    exact_from_s=0.005,  # _runner.EACH_MIN_S
 )
 
 
@@ -101,6 +102,10 @@ class RayPool:
             "retry_exceptions": False,
             "num_cpus": self._cpus,
             "num_returns": "streaming",
+            # The task waits at each yield until this side has taken the
+            # message: when it dies, everything it sent before the running
+            # item has arrived, so the culprit is known exactly.
+            "_generator_backpressure_num_objects": 1,
         }
         if config.runtime_env is not None and not started_ray:
             self._options["runtime_env"] = config.runtime_env  # not given at ray.init

@@ -1,0 +1,305 @@
+"""The Ray backend on a real multi-node cluster (the session's ``ray_cluster``).
+
+What the conformance suite cannot show from one process: placement on a
+named node, a node dying under a stream, a hung task force-killed on a worker
+node, code from ``__main__`` and closures travelling to other nodes, a
+module the workers lack, and the driver's death stopping its tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _util import gone, wait_until
+from conftest import RayCluster
+
+import parstream
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def rsup(ray_cluster: RayCluster) -> Iterator[parstream.Supervisor]:
+    with parstream.Supervisor(backend="ray") as s:
+        yield s
+
+
+def node_id(_: Any = None) -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def write_pid_then_hang(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def slow_square(x: int) -> int:
+    time.sleep(0.2)
+    return x * x
+
+
+def test_sizes_and_nodes_come_from_the_cluster(
+    rsup: parstream.Supervisor, ray_cluster: RayCluster
+) -> None:
+    """max_workers is the cluster's CPUs; nodes() lists id, labels and CPUs."""
+    assert rsup.max_workers == 2
+    nodes = {n.id: n for n in rsup.nodes()}
+    for name, nid in ray_cluster.nodes.items():
+        assert nodes[nid].labels["wname"] == name
+        assert nodes[nid].cpus == 1.0
+    assert rsup.worker_pids() == []  # Ray's processes are not ours to signal
+
+
+@pytest.mark.parametrize("by", ["id", "label"])
+def test_node_places_every_item_there(
+    rsup: parstream.Supervisor, ray_cluster: RayCluster, by: str
+) -> None:
+    """node= (an id or a label value) runs the task and every stream item there."""
+    target = ray_cluster.nodes["w2"]
+    node = target if by == "id" else "w2"
+    assert rsup.async_(node_id, node=node).await_(timeout=60) == target
+    assert set(rsup.stream_map(node_id, range(20), node=node)) == {target}
+    child = rsup.start_child(node_id, node=node)
+    assert child.wait(60) == parstream.Ok(target)
+
+
+def test_an_unknown_node_is_an_error_at_call_time(rsup: parstream.Supervisor) -> None:
+    """A node that does not exist: ValueError naming it, before anything runs."""
+    with pytest.raises(ValueError, match="no-such-node"):
+        rsup.async_(node_id, node="no-such-node")
+    with pytest.raises(ValueError, match="no-such-node"):
+        rsup.async_stream(node_id, range(3), node="no-such-node")
+    with pytest.raises(ValueError, match="no-such-node"):
+        rsup.start_child(node_id, node="no-such-node")
+
+
+def test_node_is_refused_by_backends_without_nodes() -> None:
+    with parstream.Supervisor(max_workers=1) as sup, pytest.raises(ValueError, match="no nodes"):
+        sup.async_(node_id, node="w1")
+
+
+def test_a_hung_task_on_a_worker_node_is_force_killed(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """A per-item timeout force-cancels the task: its process dies, the rest go on."""
+    path = str(tmp_path / "pid")
+    fn = functools.partial(hang_or_square, path)
+    results = list(rsup.async_stream_nolink(fn, [3, -1, 4], timeout=2.0, on_timeout="kill_task"))
+    assert results[0] == parstream.Ok(9) and results[2] == parstream.Ok(16)
+    assert isinstance(results[1], parstream.Exit)
+    assert isinstance(results[1].reason, parstream.TaskTimeout)
+    assert gone(int(Path(path).read_text()), within=10)
+
+
+def hang_or_square(path: str, x: int) -> int:
+    if x < 0:
+        write_pid_then_hang(path)
+    return x * x
+
+
+def test_shutdown_brutal_kill_kills_the_remote_process(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    path = tmp_path / "pid"
+    task = rsup.async_(write_pid_then_hang, str(path))
+    wait_until(lambda: path.exists() and path.read_text(), what="the task to start")
+    assert task.shutdown(parstream.BRUTAL_KILL) is None
+    assert gone(int(path.read_text()), within=10)
+
+
+def test_exceptions_keep_type_and_remote_traceback(rsup: parstream.Supervisor) -> None:
+    task = rsup.async_(divide, 1, 0)
+    with pytest.raises(ZeroDivisionError) as info:
+        task.await_(timeout=60)
+    assert isinstance(info.value.__cause__, parstream.RemoteTraceback)
+    assert "divide" in str(info.value.__cause__)
+
+
+def divide(a: int, b: int) -> float:
+    return a / b
+
+
+def note_node_then_sleep(folder: str, i: int) -> tuple[int, str]:
+    (Path(folder) / str(i)).write_text(node_id())
+    time.sleep(2.0)
+    return os.getpid(), node_id()
+
+
+def test_a_node_dying_fails_only_its_items(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """A node removed mid-stream: NodeDied for the item on it; the rest run elsewhere."""
+    cluster = ray_cluster.cluster
+    doomed = cluster.add_node(num_cpus=1, labels={"role": "worker", "wname": "doomed"})
+    cluster.wait_for_nodes()
+    try:
+        with parstream.Supervisor(backend="ray") as sup:
+            assert sup.max_workers == 3
+            # The other two nodes busy for a while: the stream's first item
+            # can only start on the doomed node.
+            busy = tmp_path / "busy"
+            busy.mkdir()
+            for name in ("w1", "w2"):
+                sup.async_nolink(note_node_then_sleep, str(busy), name, node=name)
+            wait_until(lambda: len(list(busy.iterdir())) == 2, what="the other nodes busy")
+            fn = functools.partial(note_node_then_sleep, str(tmp_path))
+            stream = sup.async_stream_nolink(fn, range(4), max_concurrency=1, chunksize=1)
+            first = tmp_path / "0"
+            next_result = iter_in_thread(stream)
+            wait_until(lambda: first.exists() and first.read_text(), what="the first item")
+            assert first.read_text() == doomed.node_id
+            cluster.remove_node(doomed, allow_graceful=False)
+            results = next_result()
+    finally:
+        if doomed in cluster.worker_nodes:  # pragma: no cover - removal failed
+            cluster.remove_node(doomed)
+    assert len(results) == 4
+    assert isinstance(results[0], parstream.Exit)
+    assert isinstance(results[0].reason, parstream.NodeDied)
+    assert results[0].reason.node == doomed.node_id
+    rest = [r.value for r in results[1:] if isinstance(r, parstream.Ok)]
+    assert len(rest) == 3
+    assert {nid for _, nid in rest} <= set(ray_cluster.nodes.values())
+
+
+def note_node_then_sleep(folder: str, name: Any) -> tuple[int, str]:
+    (Path(folder) / str(name)).write_text(node_id())
+    time.sleep(2.0)
+    return os.getpid(), node_id()
+
+
+def iter_in_thread(stream: Iterator[Any]) -> Any:
+    """Consume ``stream`` on a thread; the returned call waits for the list."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.extend(stream), daemon=True)
+    thread.start()
+
+    def result() -> list[Any]:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        return out
+
+    return result
+
+
+def test_a_module_the_workers_lack_is_named_with_the_fix(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """A function whose module only the driver can import: the error says how to ship it."""
+    (tmp_path / "driver_only_mod.py").write_text("def f(x):\n    return x + 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import driver_only_mod  # type: ignore[import-not-found]
+
+        with pytest.raises(ModuleNotFoundError, match="runtime_env"):
+            rsup.async_(driver_only_mod.f, 1).await_(timeout=60)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("driver_only_mod", None)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import parstream
+
+    address, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    backend = parstream.RayBackend(address=address)
+    sup = parstream.Supervisor(backend=backend)
+    if mode == "main":
+        offset = 100
+        def add_offset(x):  # defined in __main__, reads a __main__ global
+            import ray
+            return x + offset, ray.get_runtime_context().get_node_id()
+        def closure(k):
+            return lambda x: x * k
+        got = list(sup.stream_map(add_offset, range(6), chunksize=1))
+        got2 = list(sup.stream_map(closure(3), range(4)))
+        print(json.dumps({"main": got, "closure": got2}), flush=True)
+    else:
+        def beat(path):
+            while True:
+                with open(path, "a") as f:
+                    f.write("x")
+                time.sleep(0.02)
+        sup.async_nolink(beat, out)
+        while not os.path.exists(out):
+            time.sleep(0.01)
+        print("ready", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def run_driver(ray_cluster: RayCluster, mode: str, out: str) -> subprocess.Popen[str]:
+    env = {**os.environ, **ray_cluster.env}
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, ray_cluster.address, mode, out],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_main_functions_and_closures_run_on_worker_nodes(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """A script's own functions (in __main__) and closures travel by value."""
+    proc = run_driver(ray_cluster, "main", str(tmp_path / "unused"))
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    data = json.loads(out.strip().splitlines()[-1])
+    assert [v for v, _ in data["main"]] == [100 + x for x in range(6)]
+    assert {nid for _, nid in data["main"]} <= set(ray_cluster.nodes.values())
+    assert data["closure"] == [0, 3, 6, 9]
+
+
+def test_the_drivers_death_stops_its_tasks(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """SIGKILL of the driver: its task on the cluster stops (Ray fate-sharing)."""
+    beat = tmp_path / "beat"
+    proc = run_driver(ray_cluster, "kill", str(beat))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        wait_until(lambda: beat.stat().st_size > 3, what="heartbeats")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(1.0)  # anything still running writes 50 beats a second
+        size = beat.stat().st_size
+        time.sleep(1.0)
+        assert beat.stat().st_size == size, "the task outlived its driver"
+    finally:
+        if proc.poll() is None:  # pragma: no cover
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_import_parstream_never_imports_ray() -> None:
+    code = (
+        "import sys, parstream; parstream.Supervisor; parstream.RayBackend; "
+        "parstream.map; assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_bad_ray_backend_arguments_fail_at_call_time(ray_cluster: RayCluster) -> None:
+    with pytest.raises(TypeError, match="num_cpus_per_task"):
+        parstream.RayBackend(num_cpus_per_task="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="runtime_env"):
+        parstream.RayBackend(runtime_env=["x"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_memory_per_worker"):
+        parstream.Supervisor(backend="ray", max_memory_per_worker=10**9)
