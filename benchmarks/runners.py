@@ -14,11 +14,13 @@ import importlib.util
 import itertools
 import multiprocessing
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import parstream
 from benchmarks import workloads as w
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 PEERS = ("pool", "ppe", "loky", "joblib", "pebble", "mpire")
 _MODULES = {"loky": "loky", "joblib": "joblib", "pebble": "pebble", "mpire": "mpire"}

@@ -14,12 +14,14 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import parstream
 from benchmarks import runners as r, workloads as w
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 EXECUTOR_MAP = "parstream Supervisor.map"  # the Executor's map, next to parstream.map
 WORKLOADS = ("cpu", "tiny", "roundtrip", "cold", "io", "faults", "infinite", "numpy")

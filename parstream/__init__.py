@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         restart_workers as restart_workers,
         start as start,
     )
-    from parstream._backend import Node as Node, Worker as Worker
+    from parstream._backend import Node as Node, Worker as Worker, cpu_count as cpu_count
     from parstream._backends.inline import InlineBackend as InlineBackend
     from parstream._backends.local import LocalBackend as LocalBackend
     from parstream._backends.ray import RayBackend as RayBackend
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     )
     from parstream._results import Exit as Exit, Ok as Ok, Stats as Stats
     from parstream._stream import Stream as Stream
-    from parstream._supervisor import Supervisor as Supervisor, cpu_count as cpu_count
+    from parstream._supervisor import Supervisor as Supervisor
     from parstream._task import (
         BRUTAL_KILL as BRUTAL_KILL,
         Task as Task,
@@ -105,6 +105,7 @@ __all__ = (
 _HOMES = {
     "Node": "_backend",
     "Worker": "_backend",
+    "cpu_count": "_backend",
     "InlineBackend": "_backends.inline",
     "LocalBackend": "_backends.local",
     "RayBackend": "_backends.ray",
@@ -133,7 +134,6 @@ _HOMES = {
     "Stats": "_results",
     "Stream": "_stream",
     "Supervisor": "_supervisor",
-    "cpu_count": "_supervisor",
     "BRUTAL_KILL": "_task",
     "Task": "_task",
     "await_": "_task",

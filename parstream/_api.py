@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from parstream._backend import resolve
 from parstream._supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
     from typing import Unpack
 
     from parstream._stream import Stream

@@ -311,6 +311,13 @@ class BackendConfig(Protocol):
     def open(self, settings: Settings) -> Backend: ...
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
+    from loky import cpu_count as loky_cpu_count
+
+    return int(loky_cpu_count())
+
+
 # Names ``backend=`` accepts, and where their config class lives (imported on
 # first use, so ``import parstream`` never imports Ray).
 _NAMES = {

@@ -14,8 +14,10 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("parstream")
 

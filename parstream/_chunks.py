@@ -20,11 +20,11 @@ None of this starts processes: ``tests/test_units.py`` drives it directly.
 from __future__ import annotations
 
 import collections
-import queue
 import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import queue
     from collections.abc import Mapping
 
     from parstream._backend import End, Job

@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from parstream._backend import cpu_count
 from parstream._progress import Progress
-from parstream._supervisor import Supervisor, cpu_count
+from parstream._supervisor import Supervisor
 from parstream._validate import check_callable, check_int, check_progress
 
 if TYPE_CHECKING:

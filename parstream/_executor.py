@@ -23,7 +23,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import Job
@@ -34,6 +33,7 @@ from parstream._stream import _State, values
 from parstream._validate import Options
 
 if TYPE_CHECKING:
+    import weakref
     from collections.abc import Iterable, Iterator, Mapping
 
     from parstream._backend import Backend, End, FnHandle

@@ -26,7 +26,6 @@ import contextlib
 import contextvars
 import itertools
 import operator
-import queue
 import threading
 import time
 import types
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from parstream._chunks import INPUT
 
 if TYPE_CHECKING:
+    import queue
     from collections.abc import Iterable, Iterator
 
     from parstream._chunks import Event

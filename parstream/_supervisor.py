@@ -61,13 +61,6 @@ _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 _MAP_OPTIONS = frozenset(MapOptions.__annotations__)
 
 
-def cpu_count() -> int:
-    """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
-    from parstream._backends.local import cpu_count as local_cpu_count
-
-    return local_cpu_count()
-
-
 class Supervisor(concurrent.futures.Executor):
     """Owns workers and supervises the tasks, children and streams run on them.
 

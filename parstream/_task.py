@@ -226,12 +226,14 @@ class Task(Generic[T]):
         return self._result
 
     def shutdown(self, timeout: ShutdownTimeout = 5.0) -> Ok[T] | Exit | None:
-        """Stop the task: SIGTERM its worker, SIGKILL after ``timeout`` s.
+        """Stop the task: ask its worker to stop, kill it after ``timeout`` s.
 
         Returns ``Ok``/``Exit`` if the task finished first (a reply that raced
-        in), else ``None``. ``BRUTAL_KILL`` kills at once. The signals reach
-        every process the task started too (the worker's process group), except
-        one the task moved to a session of its own (see the README).
+        in), else ``None``. ``BRUTAL_KILL`` kills at once. On the local
+        backend that is SIGTERM then SIGKILL, and both reach every process the
+        task started too (the worker's process group), except one the task
+        moved to a session of its own (see the README); on Ray, a force cancel
+        after the grace.
         """
         if not isinstance(timeout, _BrutalKill):
             timeout = check_timeout(timeout, "timeout", allow_none=False)

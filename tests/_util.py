@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import psutil
+
+import parstream
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
 
 
 def gone(pid: int, within: float = 5.0) -> bool:
@@ -27,3 +34,15 @@ def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str 
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
         time.sleep(0.01)
+
+
+def value(result: parstream.Ok[T] | parstream.Exit) -> T:
+    """The value of an ``Ok``; fails the test (showing it) for an ``Exit``."""
+    assert isinstance(result, parstream.Ok), result
+    return result.value
+
+
+def reason(result: parstream.Ok[object] | parstream.Exit) -> BaseException:
+    """The reason of an ``Exit``; fails the test (showing it) for an ``Ok``."""
+    assert isinstance(result, parstream.Exit), result
+    return result.reason

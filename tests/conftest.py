@@ -21,15 +21,17 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
 import parstream
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 TESTS = Path(__file__).parent
 RAY_MARKERS = (
@@ -177,7 +179,7 @@ def ray_cluster() -> Iterator[RayCluster]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        cluster.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
         shutil.rmtree(tmp, ignore_errors=True)
 
 

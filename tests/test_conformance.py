@@ -16,14 +16,16 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import parstream
 from parstream._backend import Backend, End, Gate, Job, Settings, resolve
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 WAIT_S = 60.0
 
@@ -311,7 +313,8 @@ def test_a_timeout_kills_only_the_late_item(backend: Backend) -> None:
     assert rec.wait() == ("finished", 0)
     assert list(rec.errors) == [1]
     assert isinstance(rec.errors[1], parstream.TaskTimeout)
-    assert rec.values[0] == 1 and rec.values[2] == 3
+    assert rec.values[0] == 1
+    assert rec.values[2] == 3
 
 
 def sleep_return(seconds: float, value: Any) -> Any:
@@ -333,7 +336,7 @@ def test_close_leaves_nothing_running(backend: Backend, tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     if not backend.capabilities.kills:
         pytest.skip(f"the {backend.name} backend runs jobs inside submit")
-    job, rec = run_job(backend, write_pid_and_sleep, [(str(pid_file), 60.0)], star=True)
+    _, rec = run_job(backend, write_pid_and_sleep, [(str(pid_file), 60.0)], star=True)
     deadline = time.monotonic() + WAIT_S
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline

@@ -13,13 +13,16 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _util import gone
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def wait_pid(task: parstream.Task[Any]) -> int:
@@ -259,7 +262,7 @@ async def _await(task: parstream.Task[Any]) -> Any:
 def test_start_logs_failures(sup: parstream.Supervisor, caplog: pytest.LogCaptureFixture) -> None:
     """start() never raises; a failure is logged on the parstream logger."""
     with caplog.at_level(logging.ERROR, logger="parstream"):
-        assert sup.start(boom, 3) is None
+        sup.start(boom, 3)
         deadline = time.monotonic() + 10
         while not any("boom 3" in r.getMessage() + str(r.exc_info) for r in caplog.records):
             assert time.monotonic() < deadline, caplog.records
@@ -337,7 +340,7 @@ FAULTS = ["raise", "exit", "segfault", "sigkill", "hang"]
 def test_fault_fails_only_its_task(fault: str, tmp_path: Path) -> None:
     """One faulty task fails alone; innocent tasks run exactly once; a new pid serves."""
     with parstream.Supervisor(max_workers=2) as sup:
-        fns = {
+        fns: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
             "raise": (boom, (1,)),
             "exit": (exit_hard, (3,)),
             "segfault": (segfault, ()),
@@ -345,7 +348,7 @@ def test_fault_fails_only_its_task(fault: str, tmp_path: Path) -> None:
             "hang": (time.sleep, (30,)),
         }
         fn, args = fns[fault]
-        faulty = sup.async_(fn, *args)
+        faulty: parstream.Task[Any] = sup.async_(fn, *args)
         innocents = [sup.async_(marked, str(tmp_path), f"i{k}", 0.3) for k in range(3)]
         faulty_pid = wait_pid(faulty)
         if fault == "sigkill":

@@ -19,9 +19,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _executor_funcs as f
 import psutil
@@ -29,6 +28,9 @@ import pytest
 from _util import gone
 
 import parstream
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 KINDS = ["stdlib", "parstream"]
 TESTS = Path(__file__).resolve().parent

@@ -9,14 +9,16 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _util import gone, wait_until
 
 import parstream
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # -- functions run as tasks --------------------------------------------------------
 

@@ -172,7 +172,11 @@ def test_a_blocking_done_callback_does_not_hold_back_timeouts(sup: parstream.Sup
     """The callback blocks until a timeout elsewhere has fired: on the hub it never would."""
     released = threading.Event()
     task = sup.async_nolink(identity, "x")
-    task.add_done_callback(lambda _: released.wait(60))
+
+    def block(_: parstream.Task[Any]) -> None:
+        released.wait(60)
+
+    task.add_done_callback(block)
     wait_until(task.done, what="the task")
     hung = functools.partial(sleep_then, 30)
     out = list(sup.async_stream_nolink(hung, [0], timeout=0.3, on_timeout="kill_task"))

@@ -16,9 +16,8 @@ import queue
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -29,6 +28,9 @@ jupyter_client = pytest.importorskip("jupyter_client")
 
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

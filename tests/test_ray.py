@@ -17,15 +17,18 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _util import gone, wait_until
-from conftest import RayCluster
 
 import parstream
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from conftest import RayCluster
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +102,8 @@ def test_a_hung_task_on_a_worker_node_is_force_killed(
     path = str(tmp_path / "pid")
     fn = functools.partial(hang_or_square, path)
     results = list(rsup.async_stream_nolink(fn, [3, -1, 4], timeout=2.0, on_timeout="kill_task"))
-    assert results[0] == parstream.Ok(9) and results[2] == parstream.Ok(16)
+    assert results[0] == parstream.Ok(9)
+    assert results[2] == parstream.Ok(16)
     assert isinstance(results[1], parstream.Exit)
     assert isinstance(results[1].reason, parstream.TaskTimeout)
     assert gone(int(Path(path).read_text()), within=10)
@@ -131,12 +135,6 @@ def test_exceptions_keep_type_and_remote_traceback(rsup: parstream.Supervisor) -
 
 def divide(a: int, b: int) -> float:
     return a / b
-
-
-def note_node_then_sleep(folder: str, i: int) -> tuple[int, str]:
-    (Path(folder) / str(i)).write_text(node_id())
-    time.sleep(2.0)
-    return os.getpid(), node_id()
 
 
 def test_a_node_dying_fails_only_its_items(ray_cluster: RayCluster, tmp_path: Path) -> None:

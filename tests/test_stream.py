@@ -13,17 +13,19 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
-from _util import gone
+from _util import gone, value
 from tqdm import tqdm
 
 import parstream
 from parstream import Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 def sleep_ret(x: float) -> float:
@@ -133,11 +135,11 @@ def test_unordered_is_completion_order() -> None:
     with parstream.Supervisor(max_workers=4) as sup:
         list(sup.stream_map(sleep_ret, [0.1] * 4, max_concurrency=4))  # four warm workers
         fast = [
-            r.value for r in sup.async_stream(sleep_ret, items, max_concurrency=4, ordered=False)
+            value(r) for r in sup.async_stream(sleep_ret, items, max_concurrency=4, ordered=False)
         ]
         assert fast == [0.2, 0.4, 0.6, 0.8]
         one = [
-            r.value for r in sup.async_stream(sleep_ret, items, max_concurrency=1, ordered=False)
+            value(r) for r in sup.async_stream(sleep_ret, items, max_concurrency=1, ordered=False)
         ]
         assert one == items
 
@@ -146,7 +148,7 @@ def test_slow_head_does_not_stop_the_others(sup: parstream.Supervisor, tmp_path:
     """Scenario 1: later items run while a slow head item runs."""
     items = [(str(tmp_path), s) for s in [0.05, 0.05, 1.5, 0.05, 0.05, 0.05]]
     t0 = time.monotonic_ns()
-    out = [r.value for r in sup.async_stream(start_mark, items, max_concurrency=2)]
+    out = [value(r) for r in sup.async_stream(start_mark, items, max_concurrency=2)]
     assert out == [s for _, s in items]
     starts = sorted(int(p.name.split("-")[2]) - t0 for p in tmp_path.iterdir())
     # Five of the six items started before the slow one could have finished.
@@ -315,10 +317,10 @@ def _busy_pids_gone(sup: parstream.Supervisor, pids: list[int]) -> None:
 
 def _running_pids(sup: parstream.Supervisor, n: int) -> list[int]:
     deadline = time.monotonic() + 10
-    while len([w.pid for w in sup.workers() if w.busy]) < n:
+    while len([w for w in sup.workers() if w.busy]) < n:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    return [w.pid for w in sup.workers() if w.busy]
+    return [w.pid for w in sup.workers() if w.busy and w.pid is not None]
 
 
 def test_break_kills_running_items() -> None:
@@ -365,7 +367,7 @@ def test_leaving_early_kills_running_items(how: str) -> None:
 
 
 def _consume_and_fail(
-    stream: parstream.Stream, sup: parstream.Supervisor, pids: list[int]
+    stream: parstream.Stream[Any], sup: parstream.Supervisor, pids: list[int]
 ) -> None:
     for _ in stream:
         pids.extend(_running_pids(sup, 2))

@@ -15,14 +15,17 @@ import textwrap
 import threading
 import time
 import traceback
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from _util import value
 
 import parstream
 from parstream import Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from pathlib import Path
 
 
 def square(x: int) -> int:
@@ -72,9 +75,9 @@ def test_each_result_comes_before_the_next_item_is_produced(
     if kind == "map":
         values = sup.stream_map(square, source())
     elif kind == "nolink":
-        values = (r.value for r in sup.async_stream_nolink(square, source()))
+        values = (value(r) for r in sup.async_stream_nolink(square, source()))
     else:
-        values = (r.value for r in sup.async_stream(square, source(), ordered=kind == "ordered"))
+        values = (value(r) for r in sup.async_stream(square, source(), ordered=kind == "ordered"))
     got = []
     for v in values:
         got.append(v)
@@ -108,8 +111,9 @@ def test_a_burst_then_a_slow_input(sup: parstream.Supervisor) -> None:
 def test_inline_inputs_use_no_feeder_thread(sup: parstream.Supervisor) -> None:
     """A list or range is pulled on the consumer's thread; a generator gets a
     feeder thread that ends with its input."""
-    for source in ([1, 2, 3], range(3), (1, 2, 3), {1: 0, 2: 0}.keys()):
-        for _ in sup.stream_map(square, source):
+    inline: list[Iterable[int]] = [[1, 2, 3], range(3), (1, 2, 3), {1: 0, 2: 0}.keys()]
+    for items in inline:
+        for _ in sup.stream_map(square, items):
             assert not _feeders()
     threads = []
 

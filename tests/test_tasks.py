@@ -15,9 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -25,6 +24,9 @@ from _util import gone, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 # -- functions run as tasks (module level: pickled by reference) -----------------
 

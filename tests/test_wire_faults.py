@@ -17,12 +17,15 @@ from __future__ import annotations
 import pickle
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from _util import reason as result_reason, value
 
 import parstream
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 IN_PARENT = [False]
 
@@ -234,11 +237,11 @@ def test_many_tiny_results_around_one_that_refuses_the_parent() -> None:
         out = list(sup.async_stream_nolink(fn, range(50_000)))
     bad = [i for i, r in enumerate(out) if isinstance(r, parstream.Exit)]
     assert bad == [CULPRIT]
-    reason = out[CULPRIT].reason
+    reason = result_reason(out[CULPRIT])
     assert isinstance(reason, pickle.UnpicklingError)
     assert "NoParent" in str(reason)
     assert "refuses" in str(reason)
-    assert all(r.value == i * i for i, r in enumerate(out) if i != CULPRIT)
+    assert all(value(r) == i * i for i, r in enumerate(out) if i != CULPRIT)
 
 
 def shapes(x: int) -> Any:
@@ -261,7 +264,7 @@ def test_results_of_every_shape_survive_the_per_item_path(sup: parstream.Supervi
     out = list(sup.async_stream_nolink(shapes, range(14), chunksize=14))
     assert isinstance(out[12], parstream.Exit)
     assert "NoParent" in str(out[12].reason)
-    values = [r.value for i, r in enumerate(out) if i != 12]
+    values = [value(r) for i, r in enumerate(out) if i != 12]
     for x, v in zip([x for x in range(14) if x != 12], values, strict=True):
         want = shapes(x)
         if isinstance(want, NoWorker):
@@ -298,7 +301,7 @@ def test_exception_rebuilt_in_the_parent_keeps_its_type(sup: parstream.Superviso
     assert type(out[2].reason) is KeyError
     assert out[2].reason.args == ("missing 2",)
     assert isinstance(out[2].reason.__cause__, parstream.RemoteTraceback)
-    assert [r.value for i, r in enumerate(out) if i != 2] == [0, 1, 3, 4]
+    assert [value(r) for i, r in enumerate(out) if i != 2] == [0, 1, 3, 4]
 
 
 def test_remote_error_pickles_and_names_itself() -> None:
@@ -466,7 +469,7 @@ def test_input_that_blocks_still_delivers(sup: parstream.Supervisor) -> None:
     """A slow input (a queue, a socket) still gets every result, in order."""
     assert list(sup.stream_map(square, slow_input(12, 0.05))) == [i * i for i in range(12)]
     out = list(sup.async_stream_nolink(square, slow_input(6, 0.05), ordered=False))
-    assert sorted(r.value for r in out) == [i * i for i in range(6)]
+    assert sorted(value(r) for r in out) == [i * i for i in range(6)]
 
 
 def test_input_that_blocks_does_not_hold_back_results(sup: parstream.Supervisor) -> None:

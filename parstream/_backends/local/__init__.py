@@ -20,13 +20,6 @@ if TYPE_CHECKING:
     from parstream._backend import Backend, Settings
 
 
-def cpu_count() -> int:
-    """CPUs this process may use (affinity and cgroup quotas honoured), from loky."""
-    from loky import cpu_count as loky_cpu_count
-
-    return int(loky_cpu_count())
-
-
 @dataclass(frozen=True)
 class LocalBackend:
     """Worker processes on this machine (the default backend).
@@ -44,6 +37,7 @@ class LocalBackend:
     name = "local"
 
     def open(self, settings: Settings) -> Backend:
+        from parstream._backend import cpu_count
         from parstream._backends.local._pool import LocalPool
 
         return LocalPool(settings, settings.max_workers or cpu_count())

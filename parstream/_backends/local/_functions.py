@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 import pickle
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parstream._backends._codec import PROTOCOL, dumps, pickling_error
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _BY_REFERENCE_LIMIT = 1024
 

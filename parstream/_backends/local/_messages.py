@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,8 @@ from parstream._backends._dispatch import run_of
 from parstream._backends.local import _wire
 
 if TYPE_CHECKING:
+    import threading
+
     from parstream._backend import Job
     from parstream._backends._dispatch import Dispatcher
     from parstream._backends.local._spawn import LocalWorker, Starter

@@ -30,10 +30,12 @@ import collections
 import os
 import pickle
 import time
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parstream._backends import _codec, _frames
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 FLUSH_INTERVAL_S = 0.02  # a flush per item costs a yield (~140 us); longer delays results
 # Items this slow are sent one by one, each send waiting for the driver to
