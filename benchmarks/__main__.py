@@ -5,13 +5,20 @@ the full table, writes ``<out>/<timestamp>.json`` and ``<out>/<timestamp>.png``
 (the same two views on top, then each workload's times) and says where they
 are. ``--quick`` first says what its small inputs do to the comparison.
 ``python -m benchmarks scaling`` sweeps the worker count instead.
+
+Where a physical floor exists each row also shows its time / the floor, and
+issue 12's goals are printed as met or MISSED. ``--backend NAME`` passes
+``backend=NAME`` to every parstream Supervisor the suite makes (a hook for
+backends to come; ray needs the ray extra); without it nothing is passed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
 import json
+import os
 import platform
 import sys
 import time
@@ -25,7 +32,7 @@ from benchmarks import runners, suite
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
-def machine() -> dict[str, Any]:
+def machine(load_at_start: tuple[float, float, float] | None = None) -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -43,6 +50,7 @@ def machine() -> dict[str, Any]:
         "joblib",
         "pebble",
         "mpire",
+        "billiard",
         "numpy",
     ):
         try:
@@ -55,8 +63,12 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "versions": versions,
+        # Other work on a shared machine skews every figure; this says how busy it was.
+        "load_average_at_start": list(load_at_start or os.getloadavg()),
+        "load_average_at_end": list(os.getloadavg()),
         "start_methods": (
-            "pool/ppe/pebble/mpire: fork (their default); loky, joblib, parstream: loky"
+            "pool/ppe/pebble/mpire/billiard: fork (their default); "
+            "loky, joblib, parstream: loky; pool-spawn: spawn"
         ),
     }
 
@@ -69,25 +81,46 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value * 1e3:.1f} ms"
 
 
+_SHOWN = ("ratio_to_best_peer", "best_peer", "floor_s", "floor_what", "goals")
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
     for name, res in results.items():
         unit = res["unit"]
+        extra = res["extra"]
+        floor = "floor_s" in extra
         lines.append(f"\n== {name}: {res['what']}")
-        lines.append(f"   {'runner':<28}{'median':>12}{'min-max':>24}{'vs sequential':>16}")
+        lines.append(
+            f"   {'runner':<28}{'median':>12}{'min-max':>24}{'vs sequential':>16}"
+            + (f"{'/ floor':>10}" if floor else "")
+        )
         for runner, row in res["rows"].items():
             spread = f"{_fmt(row['min'], unit)} - {_fmt(row['max'], unit)}"
             speed = f"x{row['speedup']:.2f}" if "speedup" in row else ""
-            lines.append(f"   {runner:<28}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}")
-        extra = res["extra"]
+            to_floor = f"{row['to_floor']:.2f}" if "to_floor" in row else ""
+            lines.append(
+                f"   {runner:<28}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}"
+                + (f"{to_floor:>10}" if floor else "")
+            )
         if "ratio_to_best_peer" in extra:
             verdict = "faster" if extra["ratio_to_best_peer"] <= 1 else "SLOWER"
             lines.append(
                 f"   parstream / best peer ({extra['best_peer']}): "
                 f"{extra['ratio_to_best_peer']:.2f} ({verdict})"
             )
+        if floor:
+            lines.append(
+                f"   floor: {_fmt(extra['floor_s'], 's')} = {extra['floor_what']}; "
+                f"parstream / floor: {extra.get('parstream_to_floor', float('nan')):.2f}"
+            )
+        for g in extra.get("goals", []):
+            lines.append(
+                f"   goal (issue 12): {g['goal']} = {g['value']:.3g}, want {g['op']} "
+                f"{g['limit']:.3g}: {'met' if g['met'] else 'MISSED'}"
+            )
         for key, value in extra.items():
-            if key in ("ratio_to_best_peer", "best_peer"):
+            if key in _SHOWN or key == "parstream_to_floor":
                 continue
             lines.append(f"   {key}: {json.dumps(value, default=str)[:200]}")
         lines.extend(f"   note: {n}" for n in res["notes"])
@@ -106,6 +139,8 @@ def glance(results: dict[str, Any]) -> list[dict[str, Any]]:
             "best_peer": best,
             "best_peer_speedup": rows.get(best, {}).get("speedup") if best else None,
             "ratio_to_best_peer": extra.get("ratio_to_best_peer"),
+            "parstream_to_floor": extra.get("parstream_to_floor"),
+            "goals_missed": [g["goal"] for g in extra.get("goals", []) if not g["met"]],
         }
         if entry["parstream_speedup"] is not None or entry["ratio_to_best_peer"] is not None:
             out.append(entry)
@@ -115,8 +150,9 @@ def glance(results: dict[str, Any]) -> list[dict[str, Any]]:
 def glance_table(results: dict[str, Any]) -> str:
     lines = [
         "== at a glance: speedup over sequential, and parstream / best peer "
-        "(time ratio; < 1 means parstream was faster)",
-        f"   {'workload':<12}{'parstream':>12}{'best peer':>24}{'ratio':>10}",
+        "(time ratio; < 1 means parstream was faster); parstream / floor; goals missed",
+        f"   {'workload':<16}{'parstream':>12}{'best peer':>26}{'ratio':>8}{'/ floor':>9}"
+        "   goals missed",
     ]
     for e in glance(results):
         ps = f"x{e['parstream_speedup']:.2f}" if e["parstream_speedup"] is not None else "-"
@@ -125,9 +161,12 @@ def glance_table(results: dict[str, Any]) -> str:
             speed = e["best_peer_speedup"]
             peer = e["best_peer"] + (f" x{speed:.2f}" if speed is not None else "")
         ratio = e["ratio_to_best_peer"]
+        fl = e["parstream_to_floor"]
         lines.append(
-            f"   {e['workload']:<12}{ps:>12}{peer:>24}"
-            f"{f'{ratio:.2f}' if ratio is not None else '-':>10}"
+            f"   {e['workload']:<16}{ps:>12}{peer:>26}"
+            f"{f'{ratio:.2f}' if ratio is not None else '-':>8}"
+            f"{f'{fl:.2f}' if fl is not None else '-':>9}"
+            f"   {'; '.join(e['goals_missed']) or '-'}"
         )
     return "\n".join(lines)
 
@@ -232,6 +271,9 @@ def chart(results: dict[str, Any], path: Path, *, quick: bool = False) -> None:
             "tab:blue" if k == "sequential" else c for k, c in zip(labels, colours, strict=True)
         ]
         ax.barh(labels, med, xerr=[low, high], color=colours)
+        if "floor_s" in res["extra"] and res["unit"] == "s":
+            ax.axvline(res["extra"]["floor_s"], color="black", ls="--", lw=0.8, label="floor")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_title(f"{name} ({res['unit']}, lower is better)", fontsize=9)
         ax.tick_params(labelsize=8)
         if name == "scaling" and "efficiency" in res["extra"]:
@@ -256,7 +298,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default=",".join(runners.PEERS), help="comma list of peers")
     p.add_argument("--workers", type=int, default=parstream.cpu_count())
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--backend",
+        default=None,
+        metavar="NAME",
+        help="passed as backend=NAME to every parstream Supervisor the suite makes "
+        "(default: none passed; ray needs the ray extra, pip install 'parstream[ray]')",
+    )
     args = p.parse_args(argv)
+    if (
+        args.backend is not None
+        and "backend" not in inspect.signature(parstream.Supervisor).parameters
+    ):
+        p.error(
+            f"--backend {args.backend}: this parstream's Supervisor takes no backend= yet "
+            "(ray needs the ray extra once it does)"
+        )
 
     only = [x for item in args.only for x in item.split(",") if x] or list(suite.WORKLOADS)
     unknown = [x for x in only if x not in suite.BENCHES]
@@ -267,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown peer(s) {bad}; choose from {list(runners.PEERS)}")
     peers = [x for x in wanted if runners.available(x)]
-    cfg = suite.Config(workers=args.workers, peers=peers, quick=args.quick)
+    cfg = suite.Config(workers=args.workers, peers=peers, quick=args.quick, backend=args.backend)
     for x in wanted:
         if x not in peers:
             cfg.skipped[x] = "not installed"
@@ -279,16 +336,21 @@ def main(argv: list[str] | None = None) -> int:
             "per-call costs dominate; the report says where",
             file=sys.stderr,
         )
+    load_at_start = os.getloadavg()
     started = time.perf_counter()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[str, Any] = {}
+    took: dict[str, float] = {}  # seconds per workload, to keep --quick quick
     if args.mode == "scaling":
         outcomes = [suite.scaling(cfg, args.workers)]
     else:
         outcomes = []
         for name in only:
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            outcomes.append(suite.BENCHES[name](cfg))
+            t0 = time.perf_counter()
+            got = suite.BENCHES[name](cfg)
+            took[name] = round(time.perf_counter() - t0, 1)
+            outcomes.extend(got if isinstance(got, list) else [got])
     for o in outcomes:
         results[o.name] = o.summary()
 
@@ -297,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "quick": args.quick,
         "workers": args.workers,
-        "machine": machine(),
+        "machine": machine(load_at_start),
         "peers": peers,
         "skipped_peers": cfg.skipped,
+        "backend": args.backend,
         "seconds": round(time.perf_counter() - started, 1),
+        "workload_seconds": took,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     print(glance_table(results))
     print(table(results))
     m = report["machine"]
-    print(f"\nmachine: {m['cores']} cores, {m['cpu']}, Python {m['python']}")
+    load = f"{m['load_average_at_start'][0]:.2f} -> {m['load_average_at_end'][0]:.2f}"
+    print(
+        f"\nmachine: {m['cores']} cores, {m['cpu']}, Python {m['python']}; "
+        f"1-min load average {load}"
+    )
     print(f"took {report['seconds']} s")
     print(f"results: {json_path}\nchart:   {png_path}")
     return 0

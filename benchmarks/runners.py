@@ -4,6 +4,11 @@ A runner is a callable that does the work and returns seconds (or a dict of
 measurements for latency workloads). Pools are created once per workload
 and closed after it, so warm workloads measure warm pools. Peers that are not
 installed are skipped with a note.
+
+``backend``: the hook for ``--backend NAME``; when given it is passed as
+``backend=`` to every ``parstream.Supervisor`` the suite makes (``None``, the
+default, passes nothing). No backend runner lives here: ``ray`` needs the ray
+extra and a parstream that takes ``backend=``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,14 @@ from benchmarks import workloads as w
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-PEERS = ("pool", "ppe", "loky", "joblib", "pebble", "mpire")
-_MODULES = {"loky": "loky", "joblib": "joblib", "pebble": "pebble", "mpire": "mpire"}
+PEERS = ("pool", "ppe", "loky", "joblib", "pebble", "mpire", "billiard")
+_MODULES = {
+    "loky": "loky",
+    "joblib": "joblib",
+    "pebble": "pebble",
+    "mpire": "mpire",
+    "billiard": "billiard",
+}
 
 
 def available(peer: str) -> bool:
@@ -31,11 +42,21 @@ def available(peer: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
+def backend_options(backend: str | None) -> dict[str, Any]:
+    """The keyword arguments that carry ``--backend`` into parstream, if it was given."""
+    return {} if backend is None else {"backend": backend}
+
+
+def supervisor(workers: int, backend: str | None = None) -> parstream.Supervisor:
+    """A new ``parstream.Supervisor``: every one the suite makes comes from here."""
+    return parstream.Supervisor(max_workers=workers, **backend_options(backend))
+
+
 @contextlib.contextmanager
-def open_pool(name: str, workers: int) -> Iterator[Any]:
+def open_pool(name: str, workers: int, backend: str | None = None) -> Iterator[Any]:
     """A warm pool of ``name`` with ``workers`` workers, closed on exit."""
     if name == "parstream":
-        with parstream.Supervisor(max_workers=workers) as sup:
+        with supervisor(workers, backend) as sup:
             sup.async_(w.noop).await_()
             yield sup
     elif name == "pool":
@@ -76,21 +97,32 @@ def open_pool(name: str, workers: int) -> Iterator[Any]:
 
         with mpire.WorkerPool(n_jobs=workers) as pool:
             yield pool
+    elif name == "billiard":
+        import billiard
+
+        with billiard.Pool(workers) as pool:
+            pool.apply(w.noop)
+            yield pool
     else:  # pragma: no cover
         raise ValueError(name)
 
 
 def pmap(
-    name: str, pool: Any, fn: Callable[[Any], Any], items: list[Any], chunksize: int
+    name: str, pool: Any, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None
 ) -> list[Any]:
     """An ordered parallel map on ``pool``; ``chunksize`` is the peers' hand-picked one.
 
+    ``chunksize=None``: ``Pool.map`` (pool, billiard) with its own chunking.
     parstream gets no tuning: ``chunksize=None`` (automatic).
     """
     if name == "parstream":
         return list(pool.stream_map(fn, items))
-    if name == "pool":
+    if name in ("pool", "billiard"):
+        if chunksize is None:
+            return list(pool.map(fn, items))
         return list(pool.imap(fn, items, chunksize=chunksize))
+    if chunksize is None:  # pragma: no cover - the suite never asks
+        raise ValueError(f"{name} has no chunking of its own worth measuring")
     if name in ("ppe", "loky"):
         return list(pool.map(fn, items, chunksize=chunksize))
     if name == "joblib":
@@ -121,17 +153,17 @@ def roundtrip(name: str, pool: Any) -> None:
         pool.submit(w.noop).result()
     elif name == "pebble":
         pool.schedule(w.noop).result()
-    elif name == "mpire":
+    elif name in ("mpire", "billiard"):
         pool.apply(w.noop)
     else:
         raise ValueError(name)  # pragma: no cover
 
 
-def cold_start(name: str, workers: int) -> float:
+def cold_start(name: str, workers: int, backend: str | None = None) -> float:
     """Seconds from a new pool to its first result, closing included."""
     t0 = time.perf_counter()
     if name == "parstream":
-        with parstream.Supervisor(max_workers=workers) as sup:
+        with supervisor(workers, backend) as sup:
             sup.async_(w.noop).await_()
     elif name == "pool":
         with multiprocessing.Pool(workers) as pool:
@@ -157,19 +189,27 @@ def cold_start(name: str, workers: int) -> float:
 
         with mpire.WorkerPool(n_jobs=workers) as mp_pool:
             mp_pool.apply(w.noop)
+    elif name == "billiard":
+        import billiard
+
+        with billiard.Pool(workers) as b_pool:
+            b_pool.apply(w.noop)
     else:
         raise ValueError(name)  # pragma: no cover
     return time.perf_counter() - t0
 
 
-def infinite_rss(name: str, n: int, workers: int, samples: int = 10) -> dict[str, Any]:
+def infinite_rss(
+    name: str, n: int, workers: int, samples: int = 10, backend: str | None = None
+) -> dict[str, Any]:
     """Consume ``n`` results of ``square`` over ``itertools.count()``; sample parent RSS."""
     import psutil
 
     proc = psutil.Process()
     rss: list[int] = []
     step = max(1, n // samples)
-    with open_pool("parstream" if name.startswith("parstream") else name, workers) as pool:
+    kind = "parstream" if name.startswith("parstream") else name
+    with open_pool(kind, workers, backend if kind == "parstream" else None) as pool:
         t0 = time.perf_counter()
         if name == "parstream":
             it: Iterator[Any] = pool.stream_map(w.square, itertools.count())

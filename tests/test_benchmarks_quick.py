@@ -35,18 +35,44 @@ def test_quick_benchmark_writes_json_and_png(tmp_path: Path) -> None:
     assert set(report["results"]) == {
         "cpu",
         "tiny",
+        "fine",
+        "skew",
         "roundtrip",
         "cold",
+        "startup_bare",
+        "startup_heavy",
+        "startup_second",
         "io",
         "faults",
+        "recovery_small",
+        "recovery_heavy",
+        "recovery_suite",
         "infinite",
         "numpy",
+        "numpy_out",
     }
-    for name in ("cpu", "tiny", "io", "numpy"):
-        rows = report["results"][name]["rows"]
+    results = report["results"]
+    for name in ("cpu", "tiny", "fine", "skew", "io", "numpy", "numpy_out"):
+        rows = results[name]["rows"]
         assert rows["sequential"]["median"] > 0, name
         assert rows["parstream"]["median"] > 0, name
-    assert "parstream" in report["results"]["roundtrip"]["rows"]
+        # Issue 12: each figure also as a ratio to the physical floor.
+        assert results[name]["extra"]["floor_s"] > 0, name
+        assert rows["parstream"]["to_floor"] > 0, name
+    assert "parstream async_stream" in results["tiny"]["rows"]
+    assert results["tiny"]["extra"]["async_stream_over_map"] > 0
+    for name in (
+        "roundtrip",
+        "startup_bare",
+        "startup_heavy",
+        "startup_second",
+        "recovery_small",
+        "recovery_heavy",
+        "recovery_suite",
+    ):
+        assert "parstream" in results[name]["rows"], name
+    for name in ("fine", "skew", "startup_bare", "recovery_small"):
+        assert results[name]["extra"]["goals"], name
     png = pngs[0].read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     import matplotlib
@@ -58,6 +84,26 @@ def test_quick_benchmark_writes_json_and_png(tmp_path: Path) -> None:
     assert image.shape[0] > 100
     assert image.shape[1] > 100
     assert str(tmp_path) in proc.stdout
+
+
+def test_backend_option_is_passed_through_or_refused() -> None:
+    """--backend is parsed; a parstream without backend= refuses it with a usage error."""
+    import inspect
+
+    import parstream
+
+    if "backend" in inspect.signature(parstream.Supervisor).parameters:
+        pytest.skip("this parstream takes backend=; the option is live")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--backend", "ray", "--only", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "backend" in proc.stderr
 
 
 def test_unknown_workload_is_a_usage_error() -> None:
