@@ -10,11 +10,43 @@ T = TypeVar("T")
 _NO_INPUT: Any = type("_NoInput", (), {"__repr__": lambda self: "<no input>"})()
 
 
-@dataclass(frozen=True, slots=True)
 class Ok(Generic[T]):
-    """A task that returned ``value``."""
+    """A task that returned ``value``.
 
+    Immutable and hashable (if the value is), compared by value, and matched
+    with ``case Ok(value):``. A plain slotted class rather than a dataclass:
+    a stream makes one per item, so its constructor is kept to one C call.
+    """
+
+    __slots__ = ("value",)
+    __match_args__ = ("value",)
     value: T
+
+    def __init__(self, value: T) -> None:
+        _set_value(self, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Ok is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Ok is immutable: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Ok:
+            return NotImplemented
+        return bool(self.value == other.value)
+
+    def __hash__(self) -> int:
+        return hash((Ok, self.value))
+
+    def __repr__(self) -> str:
+        return f"Ok(value={self.value!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Ok, (self.value,))
+
+
+_set_value = Ok.value.__set__  # type: ignore[misc]  # the slot's own setter, in C
 
 
 @dataclass(frozen=True, slots=True)

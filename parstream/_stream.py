@@ -412,8 +412,11 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         self._owner = owner  # keeps the Supervisor (and its workers) alive
         self._gen: Generator[Ok[T] | Exit, None, None] = run_stream(state, True)
 
-    def __iter__(self) -> Stream[T]:
-        return self
+    def __iter__(self) -> Iterator[Ok[T] | Exit]:
+        # Straight from the generator: a ``for`` loop then runs at C speed,
+        # with no Python-level ``__next__`` per item. The wrapper holds the
+        # Stream while the loop runs (dropping it would close the stream).
+        return _iterate(self)
 
     def __next__(self) -> Ok[T] | Exit:
         return next(self._gen)
@@ -446,6 +449,10 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
     def __repr__(self) -> str:
         s = self._state
         return f"<Stream pulled={s.pulled} delivered={s.delivered} closed={s.closed}>"
+
+
+def _iterate(stream: Stream[T]) -> Generator[Ok[T] | Exit, None, None]:
+    yield from stream._gen
 
 
 def values(state: _State, owner: object) -> Iterator[Any]:
