@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _util import gone
+from _util import gone, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
@@ -42,8 +42,9 @@ def sleep_return(seconds: float, value: Any) -> Any:
     return value
 
 
-def ignore_sigterm_then_sleep(seconds: float) -> str:
+def ignore_sigterm_then_sleep(seconds: float, ready: str) -> str:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready).touch()
     time.sleep(seconds)
     return "finished"
 
@@ -192,11 +193,12 @@ def test_shutdown_brutal_kill(sup: parstream.Supervisor) -> None:
 
 
 @pytest.mark.slow
-def test_shutdown_escalates_to_sigkill(sup: parstream.Supervisor) -> None:
+def test_shutdown_escalates_to_sigkill(sup: parstream.Supervisor, tmp_path: Path) -> None:
     """Scenario 13: a task ignoring SIGTERM is SIGKILLed after the grace period."""
-    task = sup.async_(ignore_sigterm_then_sleep, 30)
+    ready = tmp_path / "ready"
+    task = sup.async_(ignore_sigterm_then_sleep, 30, str(ready))
     pid = wait_pid(task)
-    time.sleep(0.2)  # let it install its SIGTERM handler
+    wait_until(ready.exists, what="the task to ignore SIGTERM")
     t0 = time.monotonic()
     assert task.shutdown(1.0) is None
     assert 0.8 <= time.monotonic() - t0 < 5

@@ -99,7 +99,9 @@ class InlinePool:
 
     def __init__(self) -> None:
         self._counts = Counts()
-        self._lock = threading.Lock()  # one job at a time
+        # One job at a time; reentrant, so a task may itself use parstream
+        # inline (a nested map runs inside the outer item, as in a loop).
+        self._lock = threading.RLock()
         self._running: Job | None = None
         self._closed = False
         self._pid = os.getpid()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import selectors
 import threading
@@ -94,7 +95,7 @@ class LocalPool(MessageHandler):
         self._starter = _spawn.Starter(
             settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
         )
-        self._wake_r, self._wake_w = self._starter.ctx.Pipe(duplex=False)
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._wake_pending = False
         self._selector: selectors.BaseSelector | None = None
         if os.name == "posix":
@@ -239,6 +240,8 @@ class LocalPool(MessageHandler):
         self._wake()
         if threading.current_thread() is not self._hub:
             self._hub.join(timeout=5.0)
+            if not self._hub.is_alive():
+                self._outbox.flush()  # anything the hub could not deliver (none if it ended well)
         for w in workers:
             w.process.join(timeout=1.0)
         _reaper.release(self)

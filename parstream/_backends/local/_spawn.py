@@ -1,8 +1,13 @@
 """Local worker processes: starting them, failed starts, and killing a tree.
 
-``Starter.start(n)`` starts worker processes through loky's context (on the
-hub thread only: ``PR_SET_PDEATHSIG`` is tied to the starting thread), each
-with a duplex pipe and a progress slot, registered with the reaper. A start
+``Starter.start(n)`` starts worker processes on the hub thread only
+(``PR_SET_PDEATHSIG`` is tied to the starting thread), each with a duplex
+pipe and a progress slot, registered with the reaper. On POSIX a worker is a
+fresh interpreter exec'd straight into ``BOOT``, which takes this process's
+``sys.path`` and working directory and imports only the worker's own
+modules: about half the start-up of loky's bootstrap, which imports much of
+multiprocessing and concurrent.futures (issue 12). Elsewhere loky's process
+context starts it. Nothing is forked from this process. A start
 that fails (an exception in the parent, or a process that dies before it is
 ready) is retried with back-off; more than ``max_start_failures`` failures
 within ``start_failure_window`` seconds fail the queued jobs with
@@ -22,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loky.backend.context import get_context
-
 from parstream._backends._codec import rebuild
 from parstream._backends.local import _reaper
 from parstream._backends.local._slot import Slot, new_slot
@@ -39,6 +42,66 @@ if TYPE_CHECKING:
 log = logging.getLogger("parstream")
 
 START_BACKOFF_S = (0.05, 2.0)  # first and longest wait between failed worker starts
+
+# What a new worker interpreter runs: read the parent's preparation (a pickled
+# dict on an inherited fd), take its sys.path and working directory, start.
+BOOT = (
+    "import os,sys,pickle\n"
+    "with os.fdopen(int(sys.argv[1]),'rb') as f: d=pickle.load(f)\n"
+    "sys.path[:]=d['path']\n"
+    "os.chdir(d['cwd'])\n"
+    "from parstream._backends.local._worker import boot\n"
+    "boot(d)\n"
+)
+LIGHT_START = os.name == "posix"
+
+
+def _pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        return False
+    return True
+
+
+PIDFDS = _pidfds_work()
+
+
+class _Process:
+    """A worker started from ``BOOT``: its pid, an exit sentinel (a pidfd,
+    readable once it has exited whatever its children hold open; else a pipe
+    only it holds), and its exit code once reaped."""
+
+    def __init__(self, pid: int, sentinel: int) -> None:
+        self.pid = pid
+        self.sentinel = sentinel
+        self.exitcode: int | None = None
+        self.reaped = False
+
+    def _reap(self, flags: int) -> None:
+        if self.reaped:
+            return
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:  # reaped by someone else: the code is unknown
+            self.reaped = True
+            return
+        if pid == self.pid:
+            self.reaped = True
+            self.exitcode = os.waitstatus_to_exitcode(status)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait (up to ``timeout``) for it to exit, and reap it."""
+        import select
+
+        if not self.reaped:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self.sentinel], [], [], timeout)
+            self._reap(os.WNOHANG)
+        if self.reaped and self.sentinel >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.sentinel)
+            self.sentinel = -1
 
 
 @dataclass(eq=False)
@@ -80,7 +143,6 @@ class Starter:
         *,
         initializer: bytes | None,
     ) -> None:
-        self.ctx = get_context("loky")
         self.initializer = initializer  # pickled (fn, args), run by each worker before READY
         self.counts = counts
         self.dispatch = dispatch
@@ -115,10 +177,15 @@ class Starter:
             yield worker
 
     def _start_one(self) -> LocalWorker:
-        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        if LIGHT_START:
+            return self._start_light()
+        from loky.backend.context import get_context
+
+        ctx = get_context("loky")
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
         slot = new_slot()
         try:
-            process = self.ctx.Process(
+            process = ctx.Process(
                 target=worker_main,
                 args=(child_conn, os.getpid(), slot, self.initializer),
                 name="parstream-worker",
@@ -136,6 +203,68 @@ class Starter:
         child_conn.close()
         self.counts.workers_started += 1
         return LocalWorker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
+
+    def _start_light(self) -> LocalWorker:
+        import pickle
+        import socket
+        import sys
+        from multiprocessing import process as mp_process
+        from multiprocessing.connection import Connection
+
+        from loky.backend.fork_exec import fork_exec
+
+        parent_sock, child_sock = socket.socketpair()
+        slot = new_slot()
+        prep_r, prep_w = os.pipe()
+        sentinel_r = sentinel_w = -1
+        child_fd = child_sock.fileno()
+        try:
+            keep = [child_fd, prep_r] + ([slot.fd] if slot is not None else [])
+            if not PIDFDS:  # pragma: no cover - not Linux, or an old kernel
+                sentinel_r, sentinel_w = os.pipe()
+                keep.append(sentinel_w)
+            # fork_exec (loky's) does not wait for the exec to be confirmed:
+            # a process another thread forks meanwhile (a fork-started Pool)
+            # would hold that confirmation pipe open, and the hub with it.
+            pid = fork_exec(
+                [sys.executable, "-c", BOOT, str(prep_r)], keep, env={"PYTHONUNBUFFERED": "1"}
+            )
+            sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
+            origin = getattr(mp_process, "ORIGINAL_DIR", None) or os.getcwd()
+            prep = {
+                "path": [p or origin for p in sys.path],
+                "cwd": os.getcwd(),
+                "conn": child_fd,
+                "slot": None if slot is None else slot.fd,
+                "parent": os.getpid(),
+                "init": self.initializer,
+            }
+            data = pickle.dumps(prep, protocol=5)
+            # A pipe holds 64 KiB: a larger initializer is written from a thread,
+            # so the hub never waits for a worker to start.
+            if len(data) < 60_000:
+                _write_all(prep_w, data, close=False)
+            else:
+                args = (prep_w, data, True)
+                threading.Thread(target=_write_all, args=args, daemon=True).start()
+                prep_w = -1  # the thread closes it
+        except BaseException:
+            parent_sock.close()
+            if slot is not None:
+                slot.close()
+            if sentinel_r >= 0:
+                os.close(sentinel_r)
+            raise
+        finally:
+            child_sock.close()
+            os.close(prep_r)
+            for fd in (prep_w, sentinel_w):
+                if fd >= 0:
+                    os.close(fd)
+        _reaper.watch(pid)
+        self.counts.workers_started += 1
+        conn = Connection(parent_sock.detach())
+        return LocalWorker(process=_Process(pid, sentinel), conn=conn, pid=pid, slot=slot)
 
     def ready(self) -> None:
         """A worker said READY: starts work again."""
@@ -186,6 +315,19 @@ class Starter:
         err = WorkerStartFailed(message, exitcode=getattr(cause, "exitcode", None))
         err.__cause__ = cause
         return err
+
+
+def _write_all(fd: int, data: bytes, close: bool) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:  # the worker died first: its death is reported as a failed start
+        pass
+    finally:
+        if close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def kill_tree(pid: int) -> None:

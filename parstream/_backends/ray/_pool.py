@@ -304,10 +304,27 @@ class RayPool:
                         # under this lock, so no wake-up is lost.
                         self._lock.wait(self._next_wait(None))
                     continue
-            self._ray.wait(gens, num_returns=1, timeout=self._next_wait(POLL_S))
+            try:
+                self._ray.wait(gens, num_returns=1, timeout=self._next_wait(POLL_S))
+            except Exception:
+                if self._ray.is_initialized():
+                    raise
+                self._lost_ray()  # Ray was shut down under us (at exit, say)
+                continue
             for slot in list(self._slots):
                 self._read(slot)
         self._outbox.flush()
+
+    def _lost_ray(self) -> None:
+        """Ray is gone: every job ends 'closed'; nothing can be asked of it."""
+        with self._lock:
+            self._closed = True
+            for slot in self._slots:
+                run_of(slot.job).killed = True
+                self._dispatch.unassign(slot.job)
+                self._dispatch.finish_killed(slot.job, "closed")
+            self._slots.clear()
+            self._dispatch.close_queue()
 
     def _next_wait(self, poll: float | None) -> float | None:
         now = time.monotonic()
