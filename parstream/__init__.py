@@ -8,6 +8,8 @@ workers, restarts children and is a ``concurrent.futures.Executor``.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -144,6 +146,26 @@ _HOMES = {
     "yield_many": "_task",
     "Options": "_validate",
 }
+
+
+# Ray's connection does not survive os.fork(): a child of a process that had
+# Ray initialised must not use it (it would hang), and the Ray backend refuses
+# with a clear error. Noted here, where it costs nothing and runs first.
+_forked_with_ray = False
+
+
+def _note_fork() -> None:
+    global _forked_with_ray
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        try:
+            _forked_with_ray = _forked_with_ray or bool(ray.is_initialized())
+        except Exception:  # pragma: no cover - a broken Ray
+            _forked_with_ray = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_fork)
 
 
 def __getattr__(name: str) -> Any:

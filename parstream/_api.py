@@ -57,9 +57,7 @@ def default_supervisor(backend: Any = None, *, start: bool = True) -> Supervisor
     Raises:
         TypeError/ValueError: ``backend`` is not a backend name or object.
     """
-    key = "local" if backend is None else backend
-    if not isinstance(key, str):
-        key = resolve(key)  # checks it; a config object is its own key
+    key = resolve(backend)  # "local", None and LocalBackend() are one key; equal configs too
     with _lock:
         sup = _defaults.get(key)
         if sup is None or sup.closed:

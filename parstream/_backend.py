@@ -268,9 +268,10 @@ class Backend(Protocol):
     def submit(self, job: Job) -> None: ...
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
-        """Stop ``job`` (see the contract). With ``grace``, the worker is asked
-        to stop first and forced after ``grace`` seconds; results it sends
-        meanwhile still count."""
+        """Stop ``job`` (see the contract). With ``grace``, the job gets
+        ``grace`` seconds to end by itself before it is forced (the local
+        backend also SIGTERMs its worker's group at once; Ray has no safe way
+        to ask, so it waits); results sent meanwhile still count."""
 
     def cancel(self, job: Job) -> bool:
         """Withdraw ``job`` if no worker has taken it; True if withdrawn (its
@@ -282,8 +283,11 @@ class Backend(Protocol):
     def release(self, n: int) -> None: ...
 
     def check_node(self, node: str) -> str:
-        """The id of the alive node ``node`` names (an id or a label value);
-        ``ValueError`` naming it if there is none."""
+        """The id of the alive node ``node`` names (an id or a label value)
+        that can run a task; ``ValueError`` naming it if there is none."""
+
+    def capacity_on(self, node: str) -> int:
+        """Jobs it runs at once on ``node`` by default (its CPUs)."""
 
     def worker_of(self, job: Job) -> Worker | None:
         """The worker that has begun ``job``'s current items, if any."""
@@ -350,6 +354,11 @@ def resolve(backend: Any) -> BackendConfig:
         module = importlib.import_module(where[0])
         config: BackendConfig = getattr(module, where[1])()
         return config
+    if isinstance(backend, type):
+        raise TypeError(
+            f"backend must be a backend object, got the class {backend.__name__}: "
+            f"pass an instance, e.g. backend=parstream.{backend.__name__}()"
+        )
     if isinstance(backend, BackendConfig):
         return backend
     raise TypeError(

@@ -46,6 +46,11 @@ def on_hub_thread() -> bool:
     return getattr(threading.current_thread(), "_parstream_hub", False) is True
 
 
+def on_callback_thread() -> bool:
+    """Whether this is the thread that runs completion callbacks."""
+    return _thread is not None and threading.current_thread() is _thread
+
+
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn(*args)`` on the callback thread, after those queued before it."""
     global _thread, _queue, _pid

@@ -438,6 +438,12 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
             self._state.close()
 
     @property
+    def max_concurrency(self) -> int:
+        """Items (or chunks) running at once at most: the ``max_concurrency``
+        given, else the supervisor's size (a node's CPUs with ``node=``)."""
+        return self._state.max_concurrency
+
+    @property
     def chunksize(self) -> int:
         """Items per message to a worker now: the fixed ``chunksize``, or the
         automatic size learnt so far from the measured cost per item."""

@@ -322,7 +322,8 @@ class Supervisor(concurrent.futures.Executor):
             iterable,
             options,
             linked=linked,
-            max_concurrency=options.max_concurrency or self.max_workers,
+            max_concurrency=options.max_concurrency
+            or (self._backend.capacity_on(node) if node is not None else self.max_workers),
         )
 
     def async_stream(

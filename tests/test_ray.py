@@ -301,3 +301,86 @@ def test_bad_ray_backend_arguments_fail_at_call_time(ray_cluster: RayCluster) ->
         parstream.RayBackend(runtime_env=["x"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_memory_per_worker"):
         parstream.Supervisor(backend="ray", max_memory_per_worker=10**9)
+
+
+# -- regressions from the hostile review ----------------------------------------------
+
+
+def read_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_a_runtime_env_is_honoured_on_an_existing_connection(ray_cluster: RayCluster) -> None:
+    """A RayBackend's runtime_env applies to its tasks even though Ray was
+    already initialised (by the tests here, as by any earlier backend)."""
+    backend = parstream.RayBackend(runtime_env={"env_vars": {"PARSTREAM_T": "yes"}})
+    with parstream.Supervisor(backend=backend) as sup:
+        assert sup.async_(read_env, "PARSTREAM_T").await_(timeout=120) == "yes"
+
+
+def test_tasks_too_big_for_every_node_are_refused_at_once(ray_cluster: RayCluster) -> None:
+    with pytest.raises(ValueError, match="num_cpus_per_task"):
+        parstream.Supervisor(backend=parstream.RayBackend(num_cpus_per_task=2))
+
+
+def test_a_node_without_cpus_is_refused_at_call_time(
+    rsup: parstream.Supervisor, ray_cluster: RayCluster
+) -> None:
+    """The head has no CPUs: node= naming it is a ValueError, not a task that fails later."""
+    with pytest.raises(ValueError, match="CPUs"):
+        rsup.async_(node_id, node="head")
+
+
+def test_a_stream_on_a_node_is_sized_to_that_node(rsup: parstream.Supervisor) -> None:
+    """max_concurrency defaults to the node's CPUs with node=, not the cluster's."""
+    stream = rsup.async_stream(node_id, range(2), node="w1")
+    assert stream.max_concurrency == 1
+    assert rsup.async_stream(node_id, range(2)).max_concurrency == 2
+    list(stream)
+
+
+def raise_in_initializer() -> None:
+    raise RuntimeError("no database")
+
+
+def test_an_initializer_that_raises_gives_worker_start_failed(ray_cluster: RayCluster) -> None:
+    with parstream.Supervisor(backend="ray", initializer=raise_in_initializer) as sup:
+        task = sup.async_(node_id)
+        with pytest.raises(parstream.WorkerStartFailed, match="no database") as info:
+            task.await_(timeout=120)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+FORKED = textwrap.dedent(
+    """
+    import os, sys
+    import parstream
+    address = sys.argv[1]
+    backend = parstream.RayBackend(address=address)
+    assert parstream.map(abs, [-1], backend=backend) is not None
+    assert list(parstream.map(abs, [-1, -2], backend=backend)) == [1, 2]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            list(parstream.map(abs, [-3], backend=backend))
+        except RuntimeError as exc:
+            os._exit(0 if "os.fork()" in str(exc) else 2)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status), flush=True)
+    """
+)
+
+
+def test_a_forked_child_of_a_ray_driver_gets_a_clear_error(ray_cluster: RayCluster) -> None:
+    """Ray's connection does not survive fork: the child is told so, it does not hang."""
+    env = {**os.environ, **ray_cluster.env}
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED, ray_cluster.address],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "child 0"

@@ -435,6 +435,7 @@ class Dispatcher:
             pid=getattr(death.crash, "pid", None),
         )
         position = run.cursor
+        raised = 0  # items whose own exception the journal kept
         while position < until or base <= position < base + len(entries):
             if base <= position < base + len(entries):
                 ok, outcome = entries[position - base]
@@ -443,15 +444,16 @@ class Dispatcher:
                 else:
                     errors[len(values)] = outcome
                     values.append(None)
+                    raised += 1
             else:
                 errors[len(values)] = lost
                 values.append(None)
             position += 1
         if values:
-            failed = len(errors)
             run.cursor += len(values)
-            self.counts.crashed += failed
-            self.counts.ok += len(values) - failed
+            self.counts.failed += raised
+            self.counts.crashed += len(errors) - raised
+            self.counts.ok += len(values) - len(errors)
             if not run.killed:
                 self._post_results(job, values, errors)
 

@@ -17,7 +17,11 @@ What cannot hold in-process, and what happens instead:
   the stream raises it). Refusing ``timeout=`` instead would make the same
   code fail only when debugged.
 * ``kill`` cannot stop a running item: the job stops after it. Tasks are
-  done when ``async_`` returns, so there is rarely anything to kill.
+  done when ``async_`` returns (``submit`` returns once the sinks have heard
+  the outcomes), so there is rarely anything to kill.
+* A child's restart is decided on parstream's callback thread; there it does
+  not run inline (it would stall every other callback) but on a runner
+  thread of this backend, still one job at a time.
 * A crash (``os._exit``, a segfault) takes the caller down with it; nothing
   is isolated. ``KeyboardInterrupt`` inside a task stops the caller, as in a
   plain loop.
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Node, Worker
+from parstream._callbacks import on_callback_thread
 from parstream._errors import TaskTimeout
 
 if TYPE_CHECKING:
@@ -82,10 +87,11 @@ class InlineBackend:
 
 
 class _Run:
-    __slots__ = ("killed", "running")
+    __slots__ = ("kill_reason", "killed", "running")
 
     def __init__(self) -> None:
         self.killed = False
+        self.kill_reason: BaseException | None = None
         self.running = True
 
 
@@ -102,7 +108,10 @@ class InlinePool:
         # One job at a time; reentrant, so a task may itself use parstream
         # inline (a nested map runs inside the outer item, as in a loop).
         self._lock = threading.RLock()
-        self._running: Job | None = None
+        self._running: list[Job] = []  # the job running now, and any it nested
+        self._state = threading.Lock()  # guards _closed and _active
+        self._active = 0  # submits in progress; the event thread outlives them
+        self._runner: queue.SimpleQueue[Job] | None = None  # restarts (callback thread)
         self._closed = False
         self._pid = os.getpid()
         self._notes: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
@@ -144,13 +153,25 @@ class InlinePool:
         return FnHandle(fn)
 
     def submit(self, job: Job) -> None:
-        why = self.usable()
-        if why is not None:
-            raise BackendClosed(why)
+        with self._state:
+            why = self.usable()
+            if why is not None:
+                raise BackendClosed(why)
+            self._active += 1
+            job.state = _Run()
+        if on_callback_thread():
+            self._run_later(job)  # a restart: never stall the callback thread
+            return
+        try:
+            self._run_job(job)
+        finally:
+            self._leave(wait=True)
+
+    def _run_job(self, job: Job) -> None:
         n = len(job.items)
+        run: _Run = job.state
         with self._lock:
-            run = job.state = _Run()
-            self._running = job
+            self._running.append(job)
             self._counts.submitted += n
             self._counts.started += n
             self._post(job.sink.on_started, time.monotonic())
@@ -162,8 +183,44 @@ class InlinePool:
                 self._end(job, run, [], {}, n)
                 raise
             finally:
-                self._running = None
+                self._running.remove(job)
             self._end(job, run, values, errors, n - len(values))
+
+    def _leave(self, *, wait: bool) -> None:
+        """A submit is over: once its outcomes are delivered, return (so a task
+        is done when ``async_`` returns); the last one after ``close()``
+        stops the event thread."""
+        with self._state:
+            self._active -= 1
+            last = self._closed and self._active == 0
+        if last:
+            self._notes.put(None)
+        elif wait and not self._closed:
+            delivered = threading.Event()
+            self._post(delivered.set)
+            delivered.wait()
+
+    def _run_later(self, job: Job) -> None:
+        with self._state:
+            if self._runner is None:
+                self._runner = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._run_queued,
+                    args=(self._runner,),
+                    daemon=True,
+                    name="parstream-inline-runner",
+                ).start()
+            self._runner.put(job)
+
+    def _run_queued(self, jobs: queue.SimpleQueue[Job]) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                self._run_job(job)
+            except BaseException:  # pragma: no cover - logged by the task's sink
+                pass
+            finally:
+                self._leave(wait=False)
 
     def _run_items(self, job: Job, run: _Run) -> tuple[list[Any], dict[int, BaseException]]:
         fn = job.fn.fn
@@ -203,13 +260,21 @@ class InlinePool:
         counts.killed += rest
         if values:
             self._post(job.sink.on_results, values, errors, None)
+        reason = run.kill_reason
+        if reason is not None and rest:  # killed with a reason: each unrun item gets it
+            self._post(
+                job.sink.on_results, [None] * rest, dict.fromkeys(range(rest), reason), None
+            )
+            self._post(job.sink.on_done, "killed", 0)
+            return
         end = "closed" if self._closed and rest else ("killed" if rest else "finished")
         self._post(job.sink.on_done, end, rest)
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
         run = job.state
-        if isinstance(run, _Run) and run.running:
+        if isinstance(run, _Run) and run.running and not run.killed:
             run.killed = True  # it stops after the running item
+            run.kill_reason = reason
 
     def cancel(self, job: Job) -> bool:
         return False  # a job runs inside submit: there is never one to withdraw
@@ -223,15 +288,18 @@ class InlinePool:
     def check_node(self, node: str) -> str:
         raise ValueError(f"node={node!r}: the inline backend has no nodes")
 
+    def capacity_on(self, node: str) -> int:
+        return self.capacity
+
     def worker_of(self, job: Job) -> Worker | None:
-        if self._running is job:
+        if job in self._running:
             return Worker(id="inline", pid=os.getpid(), busy=True)
         return None
 
     def workers(self) -> list[Worker]:
         if self._closed:
             return []
-        return [Worker(id="inline", pid=os.getpid(), busy=self._running is not None)]
+        return [Worker(id="inline", pid=os.getpid(), busy=bool(self._running))]
 
     def nodes(self) -> list[Node]:
         return []
@@ -243,10 +311,16 @@ class InlinePool:
         pass
 
     def close(self) -> None:
-        if self._closed:
+        """Refuse new work; a job running now stops after its item and still
+        reports (its sink hears ``closed``) before the event thread ends."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            idle = self._active == 0
+        if self.forked:
             return
-        self._closed = True
-        if not self.forked:
+        if idle:
             self._notes.put(None)
             if threading.current_thread() is not self._events:
                 self._events.join(timeout=5.0)

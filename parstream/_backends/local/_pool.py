@@ -192,6 +192,9 @@ class LocalPool(MessageHandler):
     def check_node(self, node: str) -> str:
         raise ValueError(f"node={node!r}: the local backend has no nodes")
 
+    def capacity_on(self, node: str) -> int:
+        return self.capacity
+
     def worker_of(self, job: Job) -> Worker | None:
         run = run_of(job)
         worker: LocalWorker | None = None if run is None else run.holder

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 _lock = threading.Lock()
 _users = 0  # open pools on a Ray instance that parstream started itself
+_init_env: dict[str, Any] | None = None  # the runtime_env parstream gave ray.init
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class RayBackend:
     """Run tasks on a Ray cluster, with the promises of the local backend.
 
@@ -63,6 +64,13 @@ class RayBackend:
 
     name = "ray"
 
+    def __hash__(self) -> int:
+        # By value, so that default supervisors are shared by equal configs
+        # (runtime_env is a dict: its repr stands in for it).
+        return hash(
+            (self.address, repr(self.runtime_env), self.num_cpus_per_task, repr(self.init_kwargs))
+        )
+
     def __post_init__(self) -> None:
         if self.address is not None and not isinstance(self.address, str):
             raise TypeError(f"address must be a str or None, got {self.address!r}")
@@ -82,8 +90,16 @@ class RayBackend:
             import ray
         except ImportError as exc:  # pragma: no cover - the extra is missing
             raise ImportError("the ray backend needs Ray: pip install 'parstream[ray]'") from exc
+        import parstream
         from parstream._backends.ray._pool import RayPool
 
+        if parstream._forked_with_ray:
+            raise RuntimeError(
+                "this process was forked from one that had Ray initialised, and Ray's "
+                "connection does not survive os.fork(): use the ray backend from the "
+                "parent, or start this process with spawn (multiprocessing's 'spawn' "
+                "or 'forkserver' start method)"
+            )
         started = _connect(ray, self)
         try:
             return RayPool(settings, self, started_ray=started)
@@ -115,18 +131,30 @@ def _connect(ray: Any, config: RayBackend) -> bool:
         if config.runtime_env is not None:
             kwargs["runtime_env"] = dict(config.runtime_env)
         ray.init(**kwargs)
+        global _init_env
+        _init_env = kwargs.get("runtime_env")
         _users = 1
         return True
 
 
+def task_runtime_env(config: RayBackend) -> dict[str, Any] | None:
+    """The runtime_env a pool must give each task: ``config``'s, unless Ray
+    was started with that very one (then it is the job's already)."""
+    env = None if config.runtime_env is None else dict(config.runtime_env)
+    if env is None or env == _init_env:
+        return None
+    return env
+
+
 def release_ray() -> None:
     """An open pool on a Ray instance parstream started has closed."""
-    global _users
+    global _users, _init_env
     with _lock:
         _users -= 1
         if _users > 0:
             return
         _users = 0
+        _init_env = None
     import ray
 
     ray.shutdown()

@@ -43,7 +43,7 @@ from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Jo
 from parstream._backends import _codec, _frames
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
 from parstream._backends.ray._runner import run_slice
-from parstream._errors import NodeDied, WorkerCrashed
+from parstream._errors import NodeDied, WorkerCrashed, WorkerStartFailed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -107,8 +107,11 @@ class RayPool:
             # item has arrived, so the culprit is known exactly.
             "_generator_backpressure_num_objects": 1,
         }
-        if config.runtime_env is not None and not started_ray:
-            self._options["runtime_env"] = config.runtime_env  # not given at ray.init
+        from parstream._backends.ray import task_runtime_env
+
+        env = task_runtime_env(config)
+        if env is not None:  # Ray runs under another runtime_env: this one per task
+            self._options["runtime_env"] = env
         self._remote = ray.remote(run_slice)
         self._counts = Counts()
         self._outbox = Outbox()
@@ -122,6 +125,12 @@ class RayPool:
         if settings.initializer is not None:
             data = _prepare_bytes((settings.initializer, settings.initargs), "initializer")
             self._init = (os.urandom(16), [ray.put(data)])
+        largest = max((n.cpus for n in self.nodes()), default=0.0)
+        if self._cpus > largest:
+            raise ValueError(
+                f"num_cpus_per_task={config.num_cpus_per_task}: no node of the Ray cluster "
+                f"has that many CPUs (the largest has {largest:g})"
+            )
         self.base = settings.max_workers or self._cluster_capacity(None)
         self._thread = threading.Thread(target=self._run, name="parstream-ray", daemon=True)
         self._thread.start()
@@ -204,6 +213,11 @@ class RayPool:
         if len(matches) > 1:
             ids = ", ".join(n.id for n in matches)
             raise ValueError(f"node={node!r} names several alive nodes ({ids}); give a node id")
+        if matches[0].cpus < self._cpus or matches[0].cpus == 0:
+            raise ValueError(
+                f"node={node!r} has {matches[0].cpus:g} CPUs: it cannot run a task of "
+                f"num_cpus_per_task={self._cpus:g}"
+            )
         return matches[0].id
 
     def capacity_on(self, node: str) -> int:
@@ -267,9 +281,12 @@ class RayPool:
     # -- capacity ---------------------------------------------------------------
 
     def _cluster_capacity(self, node: str | None) -> int:
-        nodes = self.nodes()
-        cpus = sum(n.cpus for n in nodes if node is None or n.id == node)
-        return max(1, int(cpus // self._cpus)) if self._cpus > 0 else max(1, len(nodes))
+        """Tasks the cluster (or ``node``) runs at once: per node, its CPUs
+        over ``num_cpus_per_task``."""
+        nodes = [n for n in self.nodes() if node is None or n.id == node]
+        if self._cpus <= 0:
+            return max(1, len(nodes))
+        return max(1, sum(int(n.cpus // self._cpus) for n in nodes))
 
     # -- the event thread ---------------------------------------------------------
 
@@ -455,11 +472,12 @@ class RayPool:
                 run.isolate = True  # find the item that cannot be read, one at a time
                 self._free(slot)
                 self._dispatch.enqueue(job, front=True)
-            elif kind in ("bad", "fn_failed"):
-                # The function (or the only item) cannot be loaded there: every
-                # item of the slice fails with that cause.
+            elif kind in ("bad", "fn_failed", "init_failed"):
+                # The function (or the only item) cannot be loaded there, or the
+                # initializer raised: every item of the slice fails with that.
                 n = run.sent_end - run.cursor
-                self._dispatch.deliver(job, [None] * n, dict.fromkeys(range(n), message[1]))
+                error = message[1] if kind != "init_failed" else _init_error(message[1])
+                self._dispatch.deliver(job, [None] * n, dict.fromkeys(range(n), error))
                 self._slice_done(slot)
             elif kind == "returned":
                 self._slice_done(slot)
@@ -523,6 +541,18 @@ def _prepare_bytes(obj: Any, what: str) -> bytes:
         raise pickle.PicklingError(
             f"initializer ({name}) or its initargs could not be pickled: {cause}"
         ) from cause
+
+
+def _init_error(payload: Any) -> WorkerStartFailed:
+    """The initializer raised on a Ray worker: as on the local backend, the
+    waiting items get ``WorkerStartFailed`` with its exception as the cause."""
+    exc, tb = payload
+    cause = _codec.rebuild((exc, tb))
+    err = WorkerStartFailed(
+        f"the initializer raised on a Ray worker: {exc!r}\n\nWorker traceback:\n{tb.rstrip()}"
+    )
+    err.__cause__ = cause
+    return err
 
 
 def _unrunnable(error: BaseException) -> bool:

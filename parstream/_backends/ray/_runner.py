@@ -9,7 +9,8 @@ process (``_functions``). It yields, in order::
     ("loaded",)                       the function was loaded (timed slices only)
     ("results", frame, window, secs)  the next items' outcomes (``_frames``) and
                                       how long they ran
-    ("fn_failed", packed_error)       the function (or initializer) cannot run here
+    ("init_failed", packed_error)     the Supervisor's initializer raised here
+    ("fn_failed", packed_error)       the function cannot be loaded here
     ("bad", packed_error)             the items could not be unpickled here
     ("returned",)                     it stopped at its time budget; the rest is unrun
 
@@ -93,11 +94,15 @@ def run_slice(
     import ray
 
     yield ("start", os.getpid(), ray.get_runtime_context().get_node_id())
-    try:
-        if init is not None and init[0] not in _initialized:
+    if init is not None and init[0] not in _initialized:
+        try:
             init_fn, init_args = _load(init[0], init[1])
             init_fn(*init_args)
-            _initialized.add(init[0])
+        except BaseException as exc:
+            yield ("init_failed", _codec.pack_error(_codec.failure(_with_hint(exc))))
+            return
+        _initialized.add(init[0])
+    try:
         cached = key in _functions
         fn = _load(key, box)
     except BaseException as exc:
