@@ -1,0 +1,537 @@
+"""``python -m benchmarks --backend ray``: parstream's Ray backend against plain Ray.
+
+Issue 10. In this process it starts a real multi-node Ray cluster on this
+machine (a head with no CPUs and two worker nodes of one CPU each, bound to
+127.0.0.1, token authentication, under a short temporary directory: the
+settings of the tests' ``ray_cluster`` fixture), runs the workloads below
+and tears the cluster down, also on Ctrl-C, SIGTERM or an error. Ray reads
+its settings when first imported, so nothing here imports Ray before
+``local_cluster`` has set them.
+
+Every runner works on the same items in the same run, interleaved over a few
+rounds after a warm-up (``suite._interleave``); figures are medians with the
+min-max spread.
+
+- ``coarse``: 16 pure-Python prime counts of ~60 ms: parstream's
+  ``stream_map`` on ``Supervisor(backend=RayBackend(address=...))`` (untuned:
+  ``max_concurrency`` is the cluster's CPUs) against plain Ray (the function
+  made remote once with ``max_retries=0``, at most N refs in flight, one
+  ``ray.wait(num_returns=1)`` per result) with N = the cluster's CPUs and
+  N = 4, and ``ray.util.multiprocessing.Pool(processes=2).map``. Goal:
+  parstream <= 1.05 x plain Ray with N = CPUs.
+- ``tiny``: 200,000 x ``square``: parstream's items/s against plain Ray's
+  tasks/s (one task per item, measured on 2,000 items) and ``Pool.imap`` with
+  a chunk size. Goal: parstream items/s >= 10 x plain Ray's best tasks/s.
+- ``hang``: ``async_stream_nolink`` over 5 ms items of which the first hangs
+  for ever, ``timeout=0.5, on_timeout="kill_task"``. Goal: the first result
+  after the hung item's ``Exit`` arrives <= 100 ms after its timeout deadline
+  (the moment the item started on its worker, as the worker noted it, plus
+  the timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import parstream
+from benchmarks import suite, workloads as w
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ("coarse", "tiny", "hang")
+NODE_CPUS = 1
+WORKER_NODES = 2
+CLUSTER_WHAT = (
+    f"a local Ray cluster on this machine: a head node with 0 CPUs and {WORKER_NODES} "
+    f"worker nodes of {NODE_CPUS} CPU each (ray.cluster_utils.Cluster, in the benchmark "
+    "process; 127.0.0.1 only, token auth)"
+)
+
+
+@dataclass
+class Cluster:
+    """The running cluster: Ray's ``Cluster``, its address, and the node names by id."""
+
+    cluster: Any
+    address: str
+    names: dict[str, str]  # node id -> "head", "w1", "w2"
+    cpus: int
+
+
+def _ray_env(tmp: str) -> dict[str, str]:
+    """Loopback only, token auth, files under ``tmp``, no usage reporting; the
+    benchmarks importable on the workers (their functions travel by reference)."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_TMPDIR": tmp,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the cluster is torn down
+
+
+@contextlib.contextmanager
+def local_cluster() -> Iterator[Cluster]:
+    """Start the two-node cluster and connect this process; tear both down after."""
+    if "ray" in sys.modules:
+        raise RuntimeError("ray was imported before its settings were set; they must come first")
+    tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # AF_UNIX paths: 107 bytes at most
+    saved = dict(os.environ)
+    os.environ.update(_ray_env(tmp))
+    old_term = signal.signal(signal.SIGTERM, _terminate)
+    cluster: Any = None
+    try:
+        import ray
+        from ray.cluster_utils import Cluster as RayCluster
+
+        # Made empty, then the head added: a failed start still leaves an
+        # object whose shutdown() ends what did start.
+        cluster = RayCluster(initialize_head=False)
+        head = cluster.add_node(
+            num_cpus=0,
+            no_monitor=True,
+            include_dashboard=False,
+            temp_dir=os.path.join(tmp, "ray"),
+            _system_config={
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 3,
+                "health_check_timeout_ms": 500,
+            },
+        )
+        names = {head.node_id: "head"}
+        for i in range(WORKER_NODES):
+            node = cluster.add_node(num_cpus=NODE_CPUS)
+            names[node.node_id] = f"w{i + 1}"
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        yield Cluster(cluster, cluster.address, names, cpus)
+    finally:
+        try:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        finally:
+            if cluster is not None:
+                cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+            signal.signal(signal.SIGTERM, old_term)
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+# -- runners ------------------------------------------------------------------
+
+
+def plain_ray(remote: Any, items: list[Any], in_flight: int) -> list[Any]:
+    """Plain Ray: one task per item, at most ``in_flight`` refs out, results in order."""
+    import ray
+
+    results: list[Any] = [None] * len(items)
+    pending: dict[Any, int] = {}
+
+    def take_one() -> None:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            results[pending.pop(ref)] = ray.get(ref)
+
+    for i, x in enumerate(items):
+        if len(pending) >= in_flight:
+            take_one()
+        pending[remote.remote(x)] = i
+    while pending:
+        take_one()
+    return results
+
+
+def node_id(_: Any = None) -> str:
+    """Where this runs (for where the Pool's actors landed)."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _checked(name: str, got: list[Any], expected: list[Any]) -> None:
+    assert got == expected, (name, len(got), got[:3], expected[:3])
+
+
+def _supervisor(rc: Cluster) -> parstream.Supervisor:
+    sup = parstream.Supervisor(backend=parstream.RayBackend(address=rc.address))
+    sup.async_(w.noop).await_()
+    return sup
+
+
+def _descendants_cpu() -> float:
+    """CPU seconds of this process's live descendants: the cluster's processes."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _cpu_profile(run: Callable[[], Any], reps: int) -> dict[str, float]:
+    """Per run, medians: wall, this process's CPU (the driver), and the cluster's CPU."""
+    walls, driver, cluster = [], [], []
+    for _ in range(reps):
+        c0, d0, t0 = _descendants_cpu(), time.process_time(), time.perf_counter()
+        run()
+        t1, d1, c1 = time.perf_counter(), time.process_time(), _descendants_cpu()
+        walls.append(t1 - t0)
+        driver.append(d1 - d0)
+        cluster.append(c1 - c0)
+    return {
+        "wall_s": round(statistics.median(walls), 4),
+        "driver_cpu_s": round(statistics.median(driver), 4),
+        "cluster_cpu_s": round(statistics.median(cluster), 4),
+    }
+
+
+def _timeline(run: Callable[[], list[tuple[float, float, int]]]) -> dict[str, Any]:
+    """Where a coarse run's time goes, from each item's own start and end on its worker."""
+    t0 = time.time()
+    spans = run()
+    t1 = time.time()
+    starts = sorted(s for s, _, _ in spans)
+    busy = math.fsum(e - s for s, e, _ in spans)
+    gaps: list[float] = []
+    by_pid: dict[int, list[tuple[float, float]]] = {}
+    for s, e, pid in spans:
+        by_pid.setdefault(pid, []).append((s, e))
+    for runs in by_pid.values():
+        runs.sort()
+        gaps += [b[0] - a[1] for a, b in itertools.pairwise(runs)]
+    return {
+        "wall_ms": round((t1 - t0) * 1e3, 1),
+        "first_item_start_ms": round((starts[0] - t0) * 1e3, 1),
+        "last_item_end_to_result_ms": round((t1 - max(e for _, e, _ in spans)) * 1e3, 1),
+        "item_ms_median": round(statistics.median(e - s for s, e, _ in spans) * 1e3, 1),
+        "gap_between_items_on_a_process_ms_median": (
+            round(statistics.median(gaps) * 1e3, 1) if gaps else None
+        ),
+        "gap_ms_max": round(max(gaps) * 1e3, 1) if gaps else None,
+        "worker_processes": len(by_pid),
+        "busy_fraction_of_2_cpus": round(busy / (2 * (t1 - t0)), 3),
+    }
+
+
+# -- workloads ----------------------------------------------------------------
+
+
+def bench_coarse(rc: Cluster, quick: bool) -> suite.Outcome:
+    import ray
+    from ray.util.multiprocessing import Pool
+
+    target = 0.06
+    limit = w.calibrate_primes(target)
+    n = 8 if quick else 16
+    items = [limit] * n
+    expected = [w.count_primes(limit)] * n
+    plain = f"plain Ray, {rc.cpus} in flight"
+    plain4 = "plain Ray, 4 in flight"
+    out = suite.Outcome("coarse", f"{n} pure-Python prime counts of ~{target * 1e3:.0f} ms")
+    remote = ray.remote(w.count_primes).options(max_retries=0)
+    pool = Pool(processes=rc.cpus)
+    try:
+        actor_nodes = sorted(rc.names.get(x, x) for x in pool.map(node_id, range(8), 1))
+        with _supervisor(rc) as sup:
+            runners: dict[str, Callable[[], float]] = {
+                "sequential": suite._timed(lambda: [w.count_primes(x) for x in items]),
+                "parstream": suite._timed(
+                    lambda: _checked(
+                        "parstream", list(sup.stream_map(w.count_primes, items)), expected
+                    )
+                ),
+                plain: suite._timed(
+                    lambda: _checked(plain, plain_ray(remote, items, rc.cpus), expected)
+                ),
+                plain4: suite._timed(
+                    lambda: _checked(plain4, plain_ray(remote, items, 4), expected)
+                ),
+                "ray Pool.map": suite._timed(
+                    lambda: _checked("ray Pool.map", pool.map(w.count_primes, items), expected)
+                ),
+            }
+            suite._interleave(out, runners, 3 if quick else 7)
+            # Where the time goes, outside the timed rounds.
+            timed_remote = ray.remote(w.timed_primes).options(max_retries=0)
+            out.extra["timeline"] = {
+                "parstream": _timeline(lambda: list(sup.stream_map(w.timed_primes, items))),
+                plain: _timeline(lambda: plain_ray(timed_remote, items, rc.cpus)),
+            }
+            out.extra["cpu_per_run"] = {
+                "parstream": _cpu_profile(lambda: list(sup.stream_map(w.count_primes, items)), 3),
+                plain: _cpu_profile(lambda: plain_ray(remote, items, rc.cpus), 3),
+            }
+    finally:
+        pool.terminate()
+    item_ms = out.median("sequential") / n * 1e3
+    out.what = f"{n} pure-Python prime counts of ~{item_ms:.0f} ms each (measured)"
+    out.floor = out.median("sequential") / rc.cpus
+    out.floor_what = f"sequential / the cluster's {rc.cpus} CPUs"
+    out.extra["ray_pool_actor_nodes"] = sorted(set(actor_nodes))
+    out.notes.append(
+        f"'{plain}': ray.remote(fn).options(max_retries=0), made once; a new task whenever "
+        f"fewer than {rc.cpus} are out, one ray.wait(num_returns=1) per result; "
+        f"'{plain4}' the same with 4 out; 'ray Pool.map': "
+        f"ray.util.multiprocessing.Pool(processes={rc.cpus}).map, its own chunking"
+    )
+    out.notes.append(
+        "timeline: item start/end as time.time() on the worker; cpu_per_run: CPU s of this "
+        "process (the driver) and of the cluster's processes (raylets, GCS, workers)"
+    )
+    out.goal(f"parstream / {plain}", out.median("parstream") / out.median(plain), "<=", 1.05)
+    return out
+
+
+def bench_tiny(rc: Cluster, quick: bool) -> suite.Outcome:
+    import ray
+    from ray.util.multiprocessing import Pool
+
+    n = 50_000 if quick else 200_000
+    n_tasks = 500 if quick else 2_000
+    chunk = max(1, n // (4 * rc.cpus))
+    items = list(range(n))
+    expected = [w.square(x) for x in items]
+    out = suite.Outcome(
+        "tiny",
+        f"{n:,} x square(x): items/s; plain Ray one task per item on the first {n_tasks:,}",
+        unit="items/s",
+        higher_is_better=True,
+    )
+    remote = ray.remote(w.square).options(max_retries=0)
+    plain = {k: f"plain Ray per task, {k} in flight" for k in sorted({rc.cpus, 8})}
+    imap = f"ray Pool.imap chunksize={chunk:,}"
+
+    def rate(count: int, fn: Callable[[], Any]) -> Callable[[], float]:
+        timed = suite._timed(fn)
+        return lambda: count / timed()
+
+    pool = Pool(processes=rc.cpus)
+    try:
+        with _supervisor(rc) as sup:
+            runners: dict[str, Callable[[], float]] = {
+                "sequential": rate(n, lambda: [w.square(x) for x in items]),
+                "parstream": rate(
+                    n,
+                    lambda: _checked("parstream", list(sup.stream_map(w.square, items)), expected),
+                ),
+            }
+            for k, label in plain.items():
+                runners[label] = rate(
+                    n_tasks,
+                    lambda k=k, label=label: _checked(
+                        label, plain_ray(remote, items[:n_tasks], k), expected[:n_tasks]
+                    ),
+                )
+            runners[imap] = rate(
+                n, lambda: _checked(imap, list(pool.imap(w.square, items, chunk)), expected)
+            )
+            suite._interleave(out, runners, 3 if quick else 5)
+    finally:
+        pool.terminate()
+    best = max(plain.values(), key=out.median)
+    ratio = out.median("parstream") / out.median(best)
+    out.extra["items"] = n
+    out.extra["plain_ray_tasks"] = n_tasks
+    out.extra["parstream_over_plain_ray_per_task"] = ratio
+    out.notes.append(
+        "parstream untuned (automatic batching); plain Ray: one task per item, the same "
+        "bounded ray.wait loop as 'coarse', timed on the first "
+        f"{n_tasks:,} items and given as tasks/s"
+    )
+    out.goal(f"parstream items/s / {best} tasks/s", ratio, ">=", 10.0)
+    return out
+
+
+def _hang_round(
+    sup: parstream.Supervisor, tmp: str, timeout: float, n: int, concurrency: int | None
+) -> dict[str, Any]:
+    """One stream where item 0 hangs: deadline -> Exit, Exit -> next result, and more."""
+    import functools
+
+    directory = tempfile.mkdtemp(dir=tmp)
+    fn = functools.partial(w.hang_marked, directory)
+    options: dict[str, Any] = {} if concurrency is None else {"max_concurrency": concurrency}
+    stream = sup.async_stream_nolink(
+        fn, range(n), timeout=timeout, on_timeout="kill_task", ordered=False, **options
+    )
+    t0 = time.time()
+    exit_at = next_at = None
+    reason: BaseException | None = None
+    oks = 0
+    for res in stream:
+        now = time.time()
+        if isinstance(res, parstream.Exit):
+            exit_at, reason = now, res.reason
+        else:
+            oks += 1
+            if exit_at is not None and next_at is None:
+                next_at = now
+    assert exit_at is not None, "no Exit"
+    assert next_at is not None, "no result after the Exit"
+    started = float(Path(directory, "hang-start").read_text())
+    deadline = started + timeout
+    return {
+        "deadline_to_exit": exit_at - deadline,
+        "exit_to_next": next_at - exit_at,
+        "deadline_to_next": next_at - deadline,
+        "start_lag": started - t0,
+        "is_timeout": isinstance(reason, parstream.TaskTimeout),
+        "reason": type(reason).__name__,
+        "oks": oks,
+    }
+
+
+def bench_hang(rc: Cluster, quick: bool) -> suite.Outcome:
+    timeout = 0.5
+    n = 301  # item 0 hangs; 300 x 5 ms keep the other CPU busy well past the timeout
+    rounds = 3 if quick else 7
+    out = suite.Outcome(
+        "hang",
+        f"async_stream_nolink over {n} items of 5 ms, item 0 hangs; timeout={timeout} s, "
+        "on_timeout='kill_task', ordered=False",
+    )
+    variants = {"": None, " (max_concurrency=1)": 1}
+    reasons: dict[str, list[str]] = {}
+    oks: dict[str, list[int]] = {}
+    tmp = tempfile.mkdtemp(prefix="rbh")
+    try:
+        with _supervisor(rc) as sup:
+            list(sup.stream_map(w.square, range(8)))
+            for _ in range(rounds):
+                for suffix, concurrency in variants.items():
+                    got = _hang_round(sup, tmp, timeout, n, concurrency)
+                    for key, label in (
+                        ("deadline_to_next", "deadline -> next result"),
+                        ("deadline_to_exit", "deadline -> Exit"),
+                        ("exit_to_next", "Exit -> next result"),
+                    ):
+                        out.samples.setdefault(label + suffix, []).append(got[key])
+                    reasons.setdefault(suffix or "default", []).append(got["reason"])
+                    oks.setdefault(suffix or "default", []).append(got["oks"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out.extra["exit_reasons"] = {k: sorted(set(v)) for k, v in reasons.items()}
+    out.extra["ok_results_per_stream"] = {k: sorted(set(v)) for k, v in oks.items()}
+    all_timeouts = all(r == "TaskTimeout" for v in reasons.values() for r in v)
+    out.extra["every_exit_is_TaskTimeout"] = all_timeouts
+    out.notes.append(
+        "deadline = when item 0 began on its Ray worker (time.time() there, same machine) + "
+        "the timeout; 'Exit': when the stream yielded item 0's Exit; 'next result': the "
+        "first Ok the stream yielded after that Exit. 'max_concurrency=1': the stream's only "
+        "slot holds the hung item, so the next result needs a new task after the kill"
+    )
+    out.goal(
+        "deadline -> next result (default concurrency), s",
+        out.median("deadline -> next result"),
+        "<=",
+        0.100,
+    )
+    out.goal(
+        "deadline -> next result (max_concurrency=1), s",
+        out.median("deadline -> next result (max_concurrency=1)"),
+        "<=",
+        0.100,
+    )
+    out.goal("every Exit is a TaskTimeout (1 = yes)", float(all_timeouts), ">=", 1.0)
+    return out
+
+
+BENCHES: dict[str, Callable[[Cluster, bool], suite.Outcome]] = {
+    "coarse": bench_coarse,
+    "tiny": bench_tiny,
+    "hang": bench_hang,
+}
+
+
+def main(args: argparse.Namespace, only: list[str]) -> int:
+    """Run ``only`` (Ray workloads) on a fresh local cluster; print and save the figures."""
+    from benchmarks import __main__ as cli
+
+    load_at_start = os.getloadavg()
+    started = time.perf_counter()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results: dict[str, Any] = {}
+    took: dict[str, float] = {}
+    print("starting the local Ray cluster ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with local_cluster() as rc:
+        cluster_start = time.perf_counter() - t0
+        for name in only:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            results[name] = BENCHES[name](rc, args.quick).summary()
+            took[name] = round(time.perf_counter() - t0, 1)
+        cpus = rc.cpus
+        t0 = time.perf_counter()
+    teardown = time.perf_counter() - t0
+    machine = cli.machine(load_at_start)
+    report = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "mode": "ray",
+        "quick": args.quick,
+        "backend": "ray",
+        "machine": machine,
+        "cluster": {
+            "what": CLUSTER_WHAT,
+            "head_cpus": 0,
+            "worker_nodes": WORKER_NODES,
+            "cpus_per_worker_node": NODE_CPUS,
+            "cluster_cpus": cpus,
+            "machine_cores": machine["cores"],
+            "ray": metadata.version("ray"),
+            "python": machine["python"],
+            "start_s": round(cluster_start, 1),
+            "teardown_s": round(teardown, 1),
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+        "workload_seconds": took,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"ray-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    print(cli.table(results, issue="10"))
+    c = report["cluster"]
+    print(
+        f"\ncluster: {CLUSTER_WHAT}; {c['cluster_cpus']} CPUs on a {c['machine_cores']}-core "
+        f"machine ({machine['cpu']}); ray {c['ray']}, Python {c['python']}; "
+        f"start {c['start_s']} s, teardown {c['teardown_s']} s"
+    )
+    load = f"{machine['load_average_at_start'][0]:.2f} -> {machine['load_average_at_end'][0]:.2f}"
+    print(f"1-min load average {load}; took {report['seconds']} s")
+    print(f"results: {json_path}")
+    return 0
+
+
+__all__ = ["BENCHES", "WORKLOADS", "local_cluster", "main", "plain_ray"]
