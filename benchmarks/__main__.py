@@ -89,7 +89,8 @@ def _fmt(value: float, unit: str) -> str:
 _SHOWN = ("ratio_to_best_peer", "best_peer", "floor_s", "floor_what", "goals")
 
 
-def table(results: dict[str, Any], issue: str = "12") -> str:
+def table(results: dict[str, Any], issue: str = "12", skip: tuple[str, ...] = ()) -> str:
+    """The full table; extras named in ``skip`` are left to the caller to print."""
     lines = []
     for name, res in results.items():
         unit = res["unit"]
@@ -125,7 +126,7 @@ def table(results: dict[str, Any], issue: str = "12") -> str:
                 f"{g['limit']:.3g}: {'met' if g['met'] else 'MISSED'}"
             )
         for key, value in extra.items():
-            if key in _SHOWN or key == "parstream_to_floor":
+            if key in _SHOWN or key == "parstream_to_floor" or key in skip:
                 continue
             lines.append(f"   {key}: {json.dumps(value, default=str)[:200]}")
         lines.extend(f"   note: {n}" for n in res["notes"])

@@ -149,8 +149,12 @@ def local_cluster() -> Iterator[Cluster]:
 # -- runners ------------------------------------------------------------------
 
 
-def plain_ray(remote: Any, items: list[Any], in_flight: int) -> list[Any]:
-    """Plain Ray: one task per item, at most ``in_flight`` refs out, results in order."""
+def plain_ray(
+    remote: Any, items: list[Any], in_flight: int, arrived: list[Any] | None = None
+) -> list[Any]:
+    """Plain Ray: one task per item, at most ``in_flight`` refs out, results in order.
+
+    ``arrived``: where to append ``(*result, time.time())`` as each result comes."""
     import ray
 
     results: list[Any] = [None] * len(items)
@@ -159,7 +163,9 @@ def plain_ray(remote: Any, items: list[Any], in_flight: int) -> list[Any]:
     def take_one() -> None:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
-            results[pending.pop(ref)] = ray.get(ref)
+            results[pending.pop(ref)] = value = ray.get(ref)
+            if arrived is not None:
+                arrived.append((*value, time.time()))
 
     for i, x in enumerate(items):
         if len(pending) >= in_flight:
@@ -254,32 +260,39 @@ def _cpu_profile(run: Callable[[], Any], reps: int) -> dict[str, float]:
     }
 
 
-def _timeline(run: Callable[[], list[tuple[float, float, int]]]) -> dict[str, Any]:
-    """Where a coarse run's time goes, from each item's own start and end on its worker."""
-    t0 = time.time()
-    spans = run()
-    t1 = time.time()
-    starts = sorted(s for s, _, _ in spans)
-    busy = math.fsum(e - s for s, e, _ in spans)
-    gaps: list[float] = []
-    by_pid: dict[int, list[tuple[float, float]]] = {}
-    for s, e, pid in spans:
-        by_pid.setdefault(pid, []).append((s, e))
-    for runs in by_pid.values():
-        runs.sort()
-        gaps += [b[0] - a[1] for a, b in itertools.pairwise(runs)]
-    return {
-        "wall_ms": round((t1 - t0) * 1e3, 1),
-        "first_item_start_ms": round((starts[0] - t0) * 1e3, 1),
-        "last_item_end_to_result_ms": round((t1 - max(e for _, e, _ in spans)) * 1e3, 1),
-        "item_ms_median": round(statistics.median(e - s for s, e, _ in spans) * 1e3, 1),
-        "gap_between_items_on_a_process_ms_median": (
-            round(statistics.median(gaps) * 1e3, 1) if gaps else None
-        ),
-        "gap_ms_max": round(max(gaps) * 1e3, 1) if gaps else None,
-        "worker_processes": len(by_pid),
-        "busy_fraction_of_2_cpus": round(busy / (2 * (t1 - t0)), 3),
-    }
+def _timeline(
+    run: Callable[[], list[tuple[float, float, int, float]]], reps: int
+) -> dict[str, Any]:
+    """Where a coarse run's time goes, from each item's own start and end on its
+    worker and the moment its result reached this process; medians over ``reps``."""
+    rows: list[dict[str, float]] = []
+    for _ in range(reps):
+        t0 = time.time()
+        spans = run()  # (start, end, pid, arrived)
+        t1 = time.time()
+        by_pid: dict[int, list[tuple[float, float, float]]] = {}
+        for s, e, pid, a in spans:
+            by_pid.setdefault(pid, []).append((s, e, a))
+        gaps, relaunch = [], []
+        for runs in by_pid.values():
+            runs.sort()
+            for a, b in itertools.pairwise(runs):
+                gaps.append(b[0] - a[1])
+                relaunch.append(b[0] - a[2])
+        rows.append(
+            {
+                "wall_ms": (t1 - t0) * 1e3,
+                "first_item_start_ms": (min(s for s, _, _, _ in spans) - t0) * 1e3,
+                "item_ms": statistics.median(e - s for s, e, _, _ in spans) * 1e3,
+                "item_end_to_driver_ms": statistics.median(a - e for _, e, _, a in spans) * 1e3,
+                "gap_between_items_on_a_process_ms": statistics.median(gaps) * 1e3,
+                "driver_has_result_to_next_start_ms": statistics.median(relaunch) * 1e3,
+                "processes": len(by_pid),
+                "busy_fraction_of_cpus": math.fsum(e - s for s, e, _, _ in spans)
+                / (2 * (t1 - t0)),
+            }
+        )
+    return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
 # -- workloads ----------------------------------------------------------------
@@ -320,11 +333,26 @@ def bench_coarse(rc: Cluster, quick: bool) -> suite.Outcome:
                 ),
             }
             suite._interleave(out, runners, 3 if quick else 7)
-            # Where the time goes, outside the timed rounds.
+            # Where the time goes, outside the timed rounds: each item's span on
+            # its worker and its result's arrival here (unordered, so arrival is
+            # not held back by order); chunksize=n/CPUs shows the cost of a task per item.
             timed_remote = ray.remote(w.timed_primes).options(max_retries=0)
+
+            def ps(**options: Any) -> list[tuple[float, float, int, float]]:
+                stream = sup.async_stream(w.timed_primes, items, ordered=False, **options)
+                return [(*res.value, time.time()) for res in stream]
+
+            def plain_spans() -> list[tuple[float, float, int, float]]:
+                spans: list[tuple[float, float, int, float]] = []
+                plain_ray(timed_remote, items, rc.cpus, arrived=spans)
+                return spans
+
             out.extra["timeline"] = {
-                "parstream": _timeline(lambda: list(sup.stream_map(w.timed_primes, items))),
-                plain: _timeline(lambda: plain_ray(timed_remote, items, rc.cpus)),
+                "parstream (async_stream, unordered)": _timeline(ps, 5),
+                f"parstream chunksize={n // rc.cpus}": _timeline(
+                    lambda: ps(chunksize=n // rc.cpus), 5
+                ),
+                plain: _timeline(plain_spans, 5),
             }
             out.extra["cpu_per_run"] = {
                 "parstream": _cpu_profile(lambda: list(sup.stream_map(w.count_primes, items)), 3),
@@ -344,8 +372,9 @@ def bench_coarse(rc: Cluster, quick: bool) -> suite.Outcome:
         f"ray.util.multiprocessing.Pool(processes={rc.cpus}).map, its own chunking"
     )
     out.notes.append(
-        "timeline: item start/end as time.time() on the worker; cpu_per_run: CPU s of this "
-        "process (the driver) and of the cluster's processes (raylets, GCS, workers)"
+        "timeline (medians of 5 runs): item start/end as time.time() on the worker, arrival "
+        "as time.time() here; cpu_per_run: CPU s of this process (the driver) and of the "
+        "cluster's processes (raylets, GCS, workers)"
     )
     out.goal(f"parstream / {plain}", out.median("parstream") / out.median(plain), "<=", 1.05)
     return out
@@ -548,6 +577,39 @@ def bench_hang(rc: Cluster, quick: bool) -> suite.Outcome:
     return out
 
 
+_TIMELINE_COLUMNS = {
+    "wall_ms": "wall",
+    "first_item_start_ms": "1st start",
+    "item_ms": "item",
+    "item_end_to_driver_ms": "end->here",
+    "gap_between_items_on_a_process_ms": "gap",
+    "driver_has_result_to_next_start_ms": "here->next",
+    "busy_fraction_of_cpus": "CPUs busy",
+}
+
+
+def where_time_goes(extra: dict[str, Any]) -> str:
+    """coarse's timeline and CPU figures as a small table (ms unless said)."""
+    lines = [
+        "\n== coarse, where the time goes (medians of 5 runs; ms): 'gap': one item's end to "
+        "the next item's start on the same worker process; 'here->next': its result reached "
+        "this process -> the next item started there"
+    ]
+    lines.append(f"   {'runner':<38}" + "".join(f"{c:>11}" for c in _TIMELINE_COLUMNS.values()))
+    for runner, row in extra.get("timeline", {}).items():
+        cells = "".join(
+            f"{row[k]:>11.2f}" if k == "busy_fraction_of_cpus" else f"{row[k]:>11.1f}"
+            for k in _TIMELINE_COLUMNS
+        )
+        lines.append(f"   {runner:<38}{cells}")
+    for runner, row in extra.get("cpu_per_run", {}).items():
+        lines.append(
+            f"   CPU per run, {runner}: driver {row['driver_cpu_s'] * 1e3:.0f} ms, cluster "
+            f"processes {row['cluster_cpu_s'] * 1e3:.0f} ms, wall {row['wall_s'] * 1e3:.0f} ms"
+        )
+    return "\n".join(lines)
+
+
 BENCHES: dict[str, Callable[[Cluster, bool], suite.Outcome]] = {
     "coarse": bench_coarse,
     "tiny": bench_tiny,
@@ -602,7 +664,9 @@ def main(args: argparse.Namespace, only: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"ray-{stamp}.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))
-    print(cli.table(results, issue="10"))
+    print(cli.table(results, issue="10", skip=("timeline", "cpu_per_run")))
+    if "coarse" in results:
+        print(where_time_goes(results["coarse"]["extra"]))
     c = report["cluster"]
     print(
         f"\ncluster: {CLUSTER_WHAT}; {c['cluster_cpus']} CPUs on a {c['machine_cores']}-core "
