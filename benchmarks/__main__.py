@@ -80,6 +80,10 @@ def _fmt(value: float, unit: str) -> str:
     if unit == "us":
         return f"{value:,.0f} us"
     if unit == "items/s":
+        if value >= 1e6:
+            return f"{value / 1e6:.1f}M/s"
+        if value >= 1e4:
+            return f"{value / 1e3:.0f}k/s"
         return f"{value:,.0f}/s"
     if value >= 1:
         return f"{value:.2f} s"
@@ -96,9 +100,10 @@ def table(results: dict[str, Any], issue: str = "12", skip: tuple[str, ...] = ()
         unit = res["unit"]
         extra = res["extra"]
         floor = "floor_s" in extra
+        width = max([28, *(len(runner) + 2 for runner in res["rows"])])
         lines.append(f"\n== {name}: {res['what']}")
         lines.append(
-            f"   {'runner':<28}{'median':>12}{'min-max':>24}{'vs sequential':>16}"
+            f"   {'runner':<{width}}{'median':>12}{'min-max':>24}{'vs sequential':>16}"
             + (f"{'/ floor':>10}" if floor else "")
         )
         for runner, row in res["rows"].items():
@@ -106,7 +111,7 @@ def table(results: dict[str, Any], issue: str = "12", skip: tuple[str, ...] = ()
             speed = f"x{row['speedup']:.2f}" if "speedup" in row else ""
             to_floor = f"{row['to_floor']:.2f}" if "to_floor" in row else ""
             lines.append(
-                f"   {runner:<28}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}"
+                f"   {runner:<{width}}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}"
                 + (f"{to_floor:>10}" if floor else "")
             )
         if "ratio_to_best_peer" in extra:
