@@ -288,6 +288,7 @@ def _timeline(
                 "gap_between_items_on_a_process_ms": statistics.median(gaps) * 1e3,
                 "driver_has_result_to_next_start_ms": statistics.median(relaunch) * 1e3,
                 "processes": len(by_pid),
+                "busiest_process_share": max(len(v) for v in by_pid.values()) / len(spans),
                 "busy_fraction_of_cpus": math.fsum(e - s for s, e, _, _ in spans)
                 / (2 * (t1 - t0)),
             }
@@ -332,7 +333,7 @@ def bench_coarse(rc: Cluster, quick: bool) -> suite.Outcome:
                     lambda: _checked("ray Pool.map", pool.map(w.count_primes, items), expected)
                 ),
             }
-            suite._interleave(out, runners, 3 if quick else 7)
+            suite._interleave(out, runners, 3 if quick else 11)
             # Where the time goes, outside the timed rounds: each item's span on
             # its worker and its result's arrival here (unordered, so arrival is
             # not held back by order); chunksize=n/CPUs shows the cost of a task per item.
@@ -585,6 +586,7 @@ _TIMELINE_COLUMNS = {
     "gap_between_items_on_a_process_ms": "gap",
     "driver_has_result_to_next_start_ms": "here->next",
     "busy_fraction_of_cpus": "CPUs busy",
+    "busiest_process_share": "on busiest",
 }
 
 
@@ -593,12 +595,13 @@ def where_time_goes(extra: dict[str, Any]) -> str:
     lines = [
         "\n== coarse, where the time goes (medians of 5 runs; ms): 'gap': one item's end to "
         "the next item's start on the same worker process; 'here->next': its result reached "
-        "this process -> the next item started there"
+        "this process -> the next item started there; 'on busiest': the share of the items "
+        "run by the busiest worker process (0.5: spread evenly; 1: all on one)"
     ]
     lines.append(f"   {'runner':<38}" + "".join(f"{c:>11}" for c in _TIMELINE_COLUMNS.values()))
     for runner, row in extra.get("timeline", {}).items():
         cells = "".join(
-            f"{row[k]:>11.2f}" if k == "busy_fraction_of_cpus" else f"{row[k]:>11.1f}"
+            f"{row[k]:>11.2f}" if k.startswith("bus") else f"{row[k]:>11.1f}"
             for k in _TIMELINE_COLUMNS
         )
         lines.append(f"   {runner:<38}{cells}")
