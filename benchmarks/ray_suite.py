@@ -631,15 +631,19 @@ def main(args: argparse.Namespace, only: list[str]) -> int:
     took: dict[str, float] = {}
     print("starting the local Ray cluster ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with local_cluster() as rc:
-        cluster_start = time.perf_counter() - t0
-        for name in only:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
+    try:
+        with local_cluster() as rc:
+            cluster_start = time.perf_counter() - t0
+            for name in only:
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                results[name] = BENCHES[name](rc, args.quick).summary()
+                took[name] = round(time.perf_counter() - t0, 1)
+            cpus = rc.cpus
             t0 = time.perf_counter()
-            results[name] = BENCHES[name](rc, args.quick).summary()
-            took[name] = round(time.perf_counter() - t0, 1)
-        cpus = rc.cpus
-        t0 = time.perf_counter()
+    except KeyboardInterrupt:
+        print("interrupted; the Ray cluster was torn down", file=sys.stderr)
+        return 130
     teardown = time.perf_counter() - t0
     machine = cli.machine(load_at_start)
     report = {
