@@ -8,15 +8,17 @@ are. ``--quick`` first says what its small inputs do to the comparison.
 
 Where a physical floor exists each row also shows its time / the floor, and
 issue 12's goals are printed as met or MISSED. ``--backend NAME`` passes
-``backend=NAME`` to every parstream Supervisor the suite makes (a hook for
-backends to come; ray needs the ray extra); without it nothing is passed.
+``backend=NAME`` to every parstream Supervisor the suite makes (``local``,
+``inline``); without it nothing is passed. ``--backend ray`` runs the Ray
+suite instead (``ray_suite``: a local two-node cluster, parstream against
+plain Ray and Ray's Pool, issue 10's goals; needs the ray extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import inspect
+import importlib.util
 import json
 import os
 import platform
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import parstream
-from benchmarks import runners, suite
+from benchmarks import ray_suite, runners, suite
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 
@@ -52,6 +54,7 @@ def machine(load_at_start: tuple[float, float, float] | None = None) -> dict[str
         "mpire",
         "billiard",
         "numpy",
+        "ray",
     ):
         try:
             versions[pkg] = metadata.version(pkg)
@@ -76,6 +79,12 @@ def machine(load_at_start: tuple[float, float, float] | None = None) -> dict[str
 def _fmt(value: float, unit: str) -> str:
     if unit == "us":
         return f"{value:,.0f} us"
+    if unit == "items/s":
+        if value >= 1e6:
+            return f"{value / 1e6:.1f}M/s"
+        if value >= 1e4:
+            return f"{value / 1e3:.0f}k/s"
+        return f"{value:,.0f}/s"
     if value >= 1:
         return f"{value:.2f} s"
     return f"{value * 1e3:.1f} ms"
@@ -84,15 +93,17 @@ def _fmt(value: float, unit: str) -> str:
 _SHOWN = ("ratio_to_best_peer", "best_peer", "floor_s", "floor_what", "goals")
 
 
-def table(results: dict[str, Any]) -> str:
+def table(results: dict[str, Any], issue: str = "12", skip: tuple[str, ...] = ()) -> str:
+    """The full table; extras named in ``skip`` are left to the caller to print."""
     lines = []
     for name, res in results.items():
         unit = res["unit"]
         extra = res["extra"]
         floor = "floor_s" in extra
+        width = max([28, *(len(runner) + 2 for runner in res["rows"])])
         lines.append(f"\n== {name}: {res['what']}")
         lines.append(
-            f"   {'runner':<28}{'median':>12}{'min-max':>24}{'vs sequential':>16}"
+            f"   {'runner':<{width}}{'median':>12}{'min-max':>24}{'vs sequential':>16}"
             + (f"{'/ floor':>10}" if floor else "")
         )
         for runner, row in res["rows"].items():
@@ -100,7 +111,7 @@ def table(results: dict[str, Any]) -> str:
             speed = f"x{row['speedup']:.2f}" if "speedup" in row else ""
             to_floor = f"{row['to_floor']:.2f}" if "to_floor" in row else ""
             lines.append(
-                f"   {runner:<28}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}"
+                f"   {runner:<{width}}{_fmt(row['median'], unit):>12}{spread:>24}{speed:>16}"
                 + (f"{to_floor:>10}" if floor else "")
             )
         if "ratio_to_best_peer" in extra:
@@ -116,11 +127,11 @@ def table(results: dict[str, Any]) -> str:
             )
         for g in extra.get("goals", []):
             lines.append(
-                f"   goal (issue 12): {g['goal']} = {g['value']:.3g}, want {g['op']} "
+                f"   goal (issue {issue}): {g['goal']} = {g['value']:.3g}, want {g['op']} "
                 f"{g['limit']:.3g}: {'met' if g['met'] else 'MISSED'}"
             )
         for key, value in extra.items():
-            if key in _SHOWN or key == "parstream_to_floor":
+            if key in _SHOWN or key == "parstream_to_floor" or key in skip:
                 continue
             lines.append(f"   {key}: {json.dumps(value, default=str)[:200]}")
         lines.extend(f"   note: {n}" for n in res["notes"])
@@ -303,17 +314,25 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="NAME",
         help="passed as backend=NAME to every parstream Supervisor the suite makes "
-        "(default: none passed; ray needs the ray extra, pip install 'parstream[ray]')",
+        "(default: none passed); 'ray' runs the Ray suite instead, on a local two-node "
+        f"cluster (workloads {', '.join(ray_suite.WORKLOADS)}; needs pip install "
+        "'parstream[ray]')",
     )
     args = p.parse_args(argv)
-    if (
-        args.backend is not None
-        and "backend" not in inspect.signature(parstream.Supervisor).parameters
-    ):
-        p.error(
-            f"--backend {args.backend}: this parstream's Supervisor takes no backend= yet "
-            "(ray needs the ray extra once it does)"
-        )
+
+    if args.backend == "ray":
+        only = [x for item in args.only for x in item.split(",") if x] or list(ray_suite.WORKLOADS)
+        unknown = [x for x in only if x not in ray_suite.WORKLOADS]
+        if unknown:
+            p.error(
+                f"unknown workload(s) {unknown}; with --backend ray choose from "
+                f"{list(ray_suite.WORKLOADS)}"
+            )
+        if args.mode != "suite":
+            p.error(f"--backend ray runs its own suite; {args.mode!r} is for the local ones")
+        if importlib.util.find_spec("ray") is None:
+            p.error("--backend ray needs Ray: pip install 'parstream[ray]'")
+        return ray_suite.main(args, only)
 
     only = [x for item in args.only for x in item.split(",") if x] or list(suite.WORKLOADS)
     unknown = [x for x in only if x not in suite.BENCHES]

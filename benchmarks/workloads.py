@@ -147,3 +147,26 @@ def calibrate_fine(target_s: float) -> int:
         if per_item * reps >= 0.02:
             return max(1, round(k * target_s / per_item))
         reps *= 2
+
+
+def hang_marked(directory: str, x: int) -> int:
+    """``hang_or_square``, but the hanging item first notes when it started.
+
+    It writes ``time.time()`` to ``<directory>/hang-start`` (atomically), so a
+    benchmark on the same machine knows the hung item's timeout deadline.
+    """
+    if x == 0:
+        tmp = os.path.join(directory, f"hang-start.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(repr(time.time()))
+        os.replace(tmp, os.path.join(directory, "hang-start"))
+        time.sleep(3600)
+    time.sleep(0.005)
+    return x * x
+
+
+def timed_primes(limit: int) -> tuple[float, float, int]:
+    """``count_primes`` that says when it ran (``time.time()``) and in which process."""
+    t0 = time.time()
+    count_primes(limit)
+    return t0, time.time(), os.getpid()

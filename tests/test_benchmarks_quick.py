@@ -86,16 +86,11 @@ def test_quick_benchmark_writes_json_and_png(tmp_path: Path) -> None:
     assert str(tmp_path) in proc.stdout
 
 
-def test_backend_option_is_passed_through_or_refused() -> None:
-    """--backend is parsed; a parstream without backend= refuses it with a usage error."""
-    import inspect
-
-    import parstream
-
-    if "backend" in inspect.signature(parstream.Supervisor).parameters:
-        pytest.skip("this parstream takes backend=; the option is live")
+def test_ray_backend_checks_its_workloads_before_starting_a_cluster() -> None:
+    """--backend ray runs the Ray suite: a misspelt --only name is a usage error
+    naming the Ray workloads, before any cluster starts (or Ray is needed)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--backend", "ray", "--only", "cpu"],
+        [sys.executable, "-m", "benchmarks", "--backend", "ray", "--only", "nope"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -103,7 +98,8 @@ def test_backend_option_is_passed_through_or_refused() -> None:
         check=False,
     )
     assert proc.returncode == 2
-    assert "backend" in proc.stderr
+    assert "unknown workload" in proc.stderr
+    assert "coarse" in proc.stderr
 
 
 def test_unknown_workload_is_a_usage_error() -> None:
