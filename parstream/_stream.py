@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import operator
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from parstream._validate import Options
 
 T = TypeVar("T")
+_FIRST = operator.itemgetter(0)
 
 BUFFER_CHUNKS = 4  # default buffer_size, in chunks per unit of max_concurrency
 WAIT_POLL_S = 0.1  # the consumer's longest sleep: keeps Ctrl-C and close() prompt
@@ -413,10 +415,11 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         self._gen: Generator[Ok[T] | Exit, None, None] = run_stream(state, True)
 
     def __iter__(self) -> Iterator[Ok[T] | Exit]:
-        # Straight from the generator: a ``for`` loop then runs at C speed,
-        # with no Python-level ``__next__`` per item. The wrapper holds the
-        # Stream while the loop runs (dropping it would close the stream).
-        return _iterate(self)
+        # Straight from the generator, at C speed: no Python-level __next__
+        # per item. The zip holds the Stream while the loop runs (dropping it
+        # would close the stream), and leaving the loop early closes nothing:
+        # the stream can be iterated on later, and closes when dropped.
+        return map(_FIRST, zip(self._gen, itertools.repeat(self)))
 
     def __next__(self) -> Ok[T] | Exit:
         return next(self._gen)
@@ -455,10 +458,6 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
     def __repr__(self) -> str:
         s = self._state
         return f"<Stream pulled={s.pulled} delivered={s.delivered} closed={s.closed}>"
-
-
-def _iterate(stream: Stream[T]) -> Generator[Ok[T] | Exit, None, None]:
-    yield from stream._gen
 
 
 def values(state: _State, owner: object) -> Iterator[Any]:

@@ -578,3 +578,15 @@ def test_ctrl_c_in_a_script(tmp_path: Path) -> None:
     assert started == 2
     for pid in workers:
         assert gone(pid)
+
+
+def test_a_loop_left_early_can_be_resumed(sup: parstream.Supervisor) -> None:
+    """Breaking out of a for loop does not close the stream: a later loop goes
+    on where it stopped, and nothing is lost or repeated."""
+    stream = sup.async_stream(square, range(10))
+    first = []
+    for r in stream:
+        first.append(r)
+        if len(first) == 3:
+            break
+    assert first + list(stream) == [Ok(x * x) for x in range(10)]

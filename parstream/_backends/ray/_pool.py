@@ -3,7 +3,8 @@
 ``RayPool`` implements ``parstream._backend.Backend``. The queue, gates,
 slices and crash attribution are the shared ``Dispatcher``'s, exactly as on
 the local backend; this module turns a slice into one Ray task and watches
-it. Every Ray call is made on one thread, the pool's event thread::
+it, on the pool's event thread (a task is also launched straight from
+``submit`` when a slot is free)::
 
     caller threads                      event thread
     --------------                      ------------
@@ -52,7 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parstream")
 
-POLL_S = 0.005  # the event thread's longest wait while tasks run: new work waits this long
+# The event thread's longest wait while tasks run: a task launched meanwhile
+# (from submit) has its messages read this much later at worst.
+POLL_S = 0.005
 FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
 
 CAPABILITIES = Capabilities(
@@ -106,6 +109,9 @@ class RayPool:
             # message: when it dies, everything it sent before the running
             # item has arrived, so the culprit is known exactly.
             "_generator_backpressure_num_objects": 1,
+            # Spread, not packed: a task queued behind a busy (or hung) task
+            # on one node would wait while another node is free.
+            "scheduling_strategy": "SPREAD",
         }
         from parstream._backends.ray import task_runtime_env
 
@@ -169,6 +175,9 @@ class RayPool:
                 raise BackendClosed(why)
             self._dispatch.add(job)
             self._dispatch.enqueue(job)
+            # Launched from here if a slot is free: the event thread may be
+            # inside ray.wait for a few ms, and the job need not wait for it.
+            self._dispatch_queued()
             self._lock.notify()
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
