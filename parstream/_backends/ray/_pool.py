@@ -337,7 +337,9 @@ class RayPool:
                     raise
                 self._lost_ray()  # Ray was shut down under us (at exit, say)
                 continue
-            for slot in list(self._slots):
+            with self._lock:
+                slots = [s for s in self._slots if s.gen is not None]
+            for slot in slots:
                 self._read(slot)
         self._outbox.flush()
 
@@ -441,6 +443,8 @@ class RayPool:
     def _read(self, slot: _Slot) -> None:
         """Handle every message the slot's task has ready."""
         gen = slot.gen
+        if gen is None:  # freed meanwhile
+            return
         while gen.next_ready() or gen.is_finished():
             try:
                 ref = next(gen)
