@@ -41,15 +41,14 @@ class Recorder:
         self.ended = threading.Event()
         self.end: tuple[End, int] | None = None
         self.after_end = 0  # calls after on_done: must stay 0
-        self.in_submit: list[threading.Event] = []
+        self.in_submit: set[int] = set()  # threads inside submit() now
 
     def _note(self, what: str, payload: Any) -> None:
         self.threads.add(threading.get_ident())
         if self.ended.is_set():
             self.after_end += 1
-        for flag in self.in_submit:
-            if flag.is_set():
-                self.calls.append(("INLINE", what))
+        if threading.get_ident() in self.in_submit:  # called by submit itself
+            self.calls.append(("INLINE", what))
         self.calls.append((what, payload))
 
     def on_started(self, at: float) -> None:
@@ -84,14 +83,12 @@ def backend(backend_name: str) -> Iterator[Backend]:
 
 def run_job(backend: Backend, fn: Any, items: list[Any], **kw: Any) -> tuple[Job, Recorder]:
     rec = Recorder()
-    flag = threading.Event()
-    rec.in_submit.append(flag)
     job = Job(backend.prepare(fn), items, rec, **kw)
-    flag.set()
+    rec.in_submit.add(threading.get_ident())
     try:
         backend.submit(job)
     finally:
-        flag.clear()
+        rec.in_submit.discard(threading.get_ident())
     return job, rec
 
 
