@@ -384,3 +384,19 @@ def test_a_forked_child_of_a_ray_driver_gets_a_clear_error(ray_cluster: RayClust
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "child 0"
+
+
+def test_a_brutal_kill_overrides_a_graceful_one_waiting(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """shutdown(BRUTAL_KILL) while a shutdown(30) waits: the task dies now."""
+    path = tmp_path / "pid"
+    task = rsup.async_(write_pid_then_hang, str(path))
+    wait_until(lambda: path.exists() and path.read_text(), what="the task to start")
+    waiting = threading.Thread(target=task.shutdown, args=(30.0,), daemon=True)
+    waiting.start()
+    time.sleep(0.2)
+    task.shutdown(parstream.BRUTAL_KILL)
+    waiting.join(20)
+    assert not waiting.is_alive()  # it did not wait out its 30 s grace
+    assert gone(int(path.read_text()), within=10)

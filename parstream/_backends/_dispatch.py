@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 import types
@@ -114,6 +115,20 @@ class Run:
 
     def alone(self) -> bool:
         return self.isolate or self.isolate_from <= self.cursor < self.isolate_until
+
+
+def unusable(origin_pid: int, closed: bool, owns: str) -> str | None:
+    """``Backend.usable()`` for a backend made in process ``origin_pid`` whose
+    ``owns`` (its workers, a Ray connection) belong to that process."""
+    if origin_pid != os.getpid():
+        return (
+            f"this Supervisor was created in process {origin_pid} and reached process "
+            f"{os.getpid()} through os.fork(); {owns} belong to the parent. Create a new "
+            "Supervisor in the child (parstream's module-level functions do so)"
+        )
+    if closed:
+        return "the supervisor is closed"
+    return None
 
 
 def run_of(job: Job) -> Run:
@@ -289,6 +304,18 @@ class Dispatcher:
             self._end(job, "returned", unrun)
         else:
             self.queue.appendleft(job)
+
+    def kill_target(self, job: Job, reason: BaseException | None) -> Any:
+        """``kill``'s policy: None if there is nothing (more) to do, a job no
+        worker held being ended here; else the holder whose worker the
+        backend must stop (``reason`` is kept for the unreported items)."""
+        run: Run | None = job.state
+        if run is None or run.finished or run.killed:
+            return None
+        run.kill_reason = reason
+        if run.holder is None:
+            self.kill_queued(job, reason)
+        return run.holder
 
     def kill_queued(self, job: Job, reason: BaseException | None) -> None:
         """``kill`` of a job no worker holds."""

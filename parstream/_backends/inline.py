@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Node, Worker
+from parstream._backends._dispatch import unusable
 from parstream._callbacks import on_callback_thread
 from parstream._errors import TaskTimeout
 
@@ -127,11 +128,7 @@ class InlinePool:
         return self._pid != os.getpid()
 
     def usable(self) -> str | None:
-        if self.forked:
-            return "this Supervisor reached this process through os.fork(); create a new one"
-        if self._closed:
-            return "the supervisor is closed"
-        return None
+        return unusable(self._pid, self._closed, "its tasks")
 
     def _run_events(self) -> None:
         while True:

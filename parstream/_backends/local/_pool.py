@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
 from parstream._backends._codec import BadArgs, culprit_error, dumps
-from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
+from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
 from parstream._backends.local import _reaper, _spawn, _wire
 from parstream._backends.local._functions import ship
 from parstream._backends.local._messages import MessageHandler
@@ -122,15 +122,7 @@ class LocalPool(MessageHandler):
         return self._starter.error
 
     def usable(self) -> str | None:
-        if self.forked:
-            return (
-                f"this Supervisor was created in process {self._pid} and reached process "
-                f"{os.getpid()} through os.fork(); its workers belong to the parent. Create "
-                "a new Supervisor in the child (parstream's module-level functions do so)"
-            )
-        if self._closed:
-            return "the supervisor is closed"
-        return None
+        return unusable(self._pid, self._closed, "its workers")
 
     def prepare(self, fn: Callable[..., Any]) -> FnHandle:
         return FnHandle(fn, ship(fn))
@@ -154,20 +146,14 @@ class LocalPool(MessageHandler):
         if self.forked:
             return  # never signal the parent's workers from a forked child
         with self._lock:
-            run = run_of(job)
-            if run is None or run.finished or run.killed:
-                return
-            run.kill_reason = reason
-            worker: LocalWorker | None = run.holder
-            if worker is None:
-                self._dispatch.kill_queued(job, reason)
-            else:
+            worker: LocalWorker | None = self._dispatch.kill_target(job, reason)
+            if worker is not None:
                 worker.kill_cause = "kill"
                 if grace > 0:
                     worker.kill_deadline = time.monotonic() + grace
                     _reaper.term_group(worker.pid)  # the task's subprocesses too
                 else:
-                    run.killed = True
+                    run_of(job).killed = True
                     _spawn.kill_tree(worker.pid)
             self._wake()
 

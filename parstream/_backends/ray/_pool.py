@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
 from parstream._backends import _codec, _frames
-from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
+from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
 from parstream._backends.ray._runner import run_slice
 from parstream._errors import NodeDied, WorkerCrashed, WorkerStartFailed
 
@@ -152,15 +152,7 @@ class RayPool:
         return self._pid != os.getpid()
 
     def usable(self) -> str | None:
-        if self.forked:
-            return (
-                f"this Supervisor was created in process {self._pid} and reached process "
-                f"{os.getpid()} through os.fork(); its Ray connection belongs to the parent. "
-                "Create a new Supervisor in the child"
-            )
-        if self._closed:
-            return "the supervisor is closed"
-        return None
+        return unusable(self._pid, self._closed, "its Ray connection and tasks")
 
     def prepare(self, fn: Callable[..., Any]) -> FnHandle:
         data = _prepare_bytes(fn, "fn")
@@ -184,20 +176,15 @@ class RayPool:
         if self.forked:
             return
         with self._lock:
-            run = run_of(job)
-            if run is None or run.finished or run.killed:
-                return
-            run.kill_reason = reason
-            slot: _Slot | None = run.holder
-            if slot is None:
-                self._dispatch.kill_queued(job, reason)
-            elif slot.kill_cause is None:
+            slot: _Slot | None = self._dispatch.kill_target(job, reason)
+            if slot is not None and slot.kill_cause in (None, "kill"):
                 slot.kill_cause = "kill"
                 if grace > 0:
-                    slot.kill_deadline = time.monotonic() + grace
-                else:
-                    run.killed = True
-                    slot.kill_deadline = 0.0  # the event thread cancels it at once
+                    due = time.monotonic() + grace
+                    slot.kill_deadline = min(slot.kill_deadline or due, due)
+                else:  # at once, also when a graceful kill is already waiting
+                    run_of(job).killed = True
+                    slot.kill_deadline = 0.0  # the event thread cancels it now
             self._lock.notify()
 
     def cancel(self, job: Job) -> bool:
