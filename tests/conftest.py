@@ -152,23 +152,24 @@ def ray_cluster() -> Iterator[RayCluster]:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "no_monitor": True,
-            "include_dashboard": False,
-            "temp_dir": os.path.join(tmp, "ray"),
-            "labels": {"role": "head"},
-            # Node deaths are seen in about a second rather than 15 s.
-            "_system_config": {
-                "health_check_period_ms": 500,
-                "health_check_failure_threshold": 3,
-                "health_check_timeout_ms": 500,
-            },
-        },
-    )
+    cluster = None
     try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "no_monitor": True,
+                "include_dashboard": False,
+                "temp_dir": os.path.join(tmp, "ray"),
+                "labels": {"role": "head"},
+                # Node deaths are seen in about a second rather than 15 s.
+                "_system_config": {
+                    "health_check_period_ms": 500,
+                    "health_check_failure_threshold": 3,
+                    "health_check_timeout_ms": 500,
+                },
+            },
+        )
         nodes = {}
         for name in ("w1", "w2"):
             node = cluster.add_node(num_cpus=1, labels={"role": "worker", "wname": name})
@@ -179,8 +180,9 @@ def ray_cluster() -> Iterator[RayCluster]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        cluster.shutdown()  # type: ignore[no-untyped-call]
-        shutil.rmtree(tmp, ignore_errors=True)
+        if cluster is not None:
+            cluster.shutdown()  # type: ignore[no-untyped-call]
+        shutil.rmtree(tmp, ignore_errors=True)  # also when the head failed to start
 
 
 BACKENDS = ("local", "inline", "ray")
