@@ -56,7 +56,6 @@ log = logging.getLogger("parstream")
 # The event thread's longest wait while tasks run: a task launched meanwhile
 # (from submit) has its messages read this much later at worst.
 POLL_S = 0.005
-FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
 
 CAPABILITIES = Capabilities(
     partial_results=True,
@@ -452,8 +451,9 @@ class RayPool:
         if kind == "start":
             slot.started = True
             slot.node = message[2]
-            # The first item's clock: loading the function (an import) is
-            # bounded apart, and restarted by "loaded" (timed slices only).
+            # The first item's clock starts with the task (waiting for a Ray
+            # worker process does not count); a timed slice restarts it at
+            # "loaded", so loading the function counts only until then.
             slot.item_started = now
             return
         if kind == "loaded":
