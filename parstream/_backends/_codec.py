@@ -24,9 +24,12 @@ PROTOCOL = 5
 Failure = tuple[BaseException, str]
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle with cloudpickle, so lambdas, closures and ``__main__`` code travel."""
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
+def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    """Pickle with cloudpickle, so lambdas, closures and ``__main__`` code
+    travel; ``buffer_callback`` as ``pickle.dumps``'s (out-of-band buffers)."""
+    return cloudpickle.dumps(  # type: ignore[no-any-return]
+        obj, protocol=PROTOCOL, buffer_callback=buffer_callback
+    )
 
 
 def failure(exc: BaseException) -> Failure:

@@ -8,6 +8,12 @@ or not be unpickled here, fails its own item only, naming its type.
 ``loads_results`` is the inverse. The header carries the item count, whether
 the batch is done, and the runner's clock at the flush (``t_next``, the next
 item's start; meaningful on one host only).
+
+A backend that can move memory beside the frame passes a ``buffer_callback``
+(pickle protocol 5): the buffers it keeps out of band are listed in the frame
+(their sizes, and which value uses which), the header's flag
+``HAS_BUFFERS`` says so, and the receiver hands ``loads_results`` one
+memoryview holding them all, laid out by ``buffer_layout``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ import cloudpickle
 from parstream._backends._codec import PROTOCOL, PackedError, dumps, type_name
 
 RESULTS = 2  # the kind byte a frame starts with (the local wire's RESULTS)
-_HEADER = struct.Struct("<BIBd")
+_HEADER = struct.Struct("<BIBd")  # kind, count, flags, t_next
+_DONE = 1  # flags: the batch is done
+HAS_BUFFERS = 2  # flags: out-of-band buffers travel beside this frame
+_FLAGS_AT = 5
+BUFFER_ALIGN = 64
+OOB_MIN_BYTES = 128 * 1024  # smaller buffers cost less in the pickle than beside it
+
+Layout = list[tuple[int, int]]
 
 Errors = dict[int, tuple[BaseException, str]]
 
@@ -95,15 +108,54 @@ class _Sharing:
 # Subclasses, not an assigned attribute: Python 3.13 made ``persistent_id``
 # read-only on pickler instances.
 class _FastPickler(_Sharing, pickle.Pickler):
-    def __init__(self, file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> None:
-        super().__init__(file, PROTOCOL)
+    def __init__(
+        self, file: io.BytesIO, shared: dict[int, tuple[int, Any]], buffer_callback: Any
+    ) -> None:
+        super().__init__(file, PROTOCOL, buffer_callback=buffer_callback)
         self.shared = shared
 
 
 class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
-    def __init__(self, file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> None:
-        super().__init__(file, protocol=PROTOCOL)
+    def __init__(
+        self, file: io.BytesIO, shared: dict[int, tuple[int, Any]], buffer_callback: Any
+    ) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
         self.shared = shared
+
+
+class Collector:
+    """A pickler's ``buffer_callback``: big contiguous buffers out of band."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: the pickle keeps a copy
+            return True
+        if raw.nbytes < OOB_MIN_BYTES:
+            return True
+        self.buffers.append(raw)
+        return False
+
+
+def buffer_layout(sizes: list[int]) -> Layout:
+    """``(offset, length)`` of each buffer when laid out one after another,
+    each at a ``BUFFER_ALIGN``-byte boundary (numpy's alignment and more)."""
+    layout: Layout = []
+    offset = 0
+    for n in sizes:
+        layout.append((offset, n))
+        offset = (offset + n + BUFFER_ALIGN - 1) // BUFFER_ALIGN * BUFFER_ALIGN
+    return layout
+
+
+def has_buffers(data: bytes) -> bool:
+    """Whether the frame ``data`` announces out-of-band buffers beside it."""
+    return bool(data[_FLAGS_AT] & HAS_BUFFERS)
 
 
 class _ValuePacker:
@@ -118,33 +170,42 @@ class _ValuePacker:
     (a lambda inside a ``functools.partial``, a ``property``...).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, collect: Any = None) -> None:
         self.buf = io.BytesIO()
         self.shared: dict[int, tuple[int, Any]] = {}
-        self.fast = _FastPickler(self.buf, self.shared)
+        # ``collect``: a buffer_callback with a ``buffers`` list (see the
+        # module docstring); ``None`` keeps every buffer in the pickle.
+        self.collect = collect
+        self.fast = _FastPickler(self.buf, self.shared, collect)
         self.slow: _CloudPickler | None = None
 
     def add(self, value: Any) -> int:
         """Append one value's pickle; its end offset. Raises if it cannot be pickled."""
         buf = self.buf
         start = buf.tell()
+        kept = len(self.collect.buffers) if self.collect is not None else 0
         try:
             self.fast.clear_memo()
             self.fast.dump(value)
             return buf.tell()
         except BaseException:
-            buf.seek(start)
-            buf.truncate()
+            self._undo(start, kept)
         if self.slow is None:
-            self.slow = _CloudPickler(buf, self.shared)
+            self.slow = _CloudPickler(buf, self.shared, self.collect)
         try:
             self.slow.clear_memo()
             self.slow.dump(value)
         except BaseException:
-            buf.seek(start)
-            buf.truncate()
+            self._undo(start, kept)
             raise
         return buf.tell()
+
+    def _undo(self, start: int, kept: int) -> None:
+        """Forget a value that failed half-way: its bytes and its buffers."""
+        self.buf.seek(start)
+        self.buf.truncate()
+        if self.collect is not None:
+            del self.collect.buffers[kept:]
 
     def table(self) -> list[tuple[str, bytes | None, str]]:
         out: list[tuple[str, bytes | None, str]] = []
@@ -193,8 +254,10 @@ class _SharedTable:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, shared: _SharedTable) -> None:
-        super().__init__(file)
+    def __init__(
+        self, file: io.BytesIO, shared: _SharedTable, buffers: list[memoryview] | None = None
+    ) -> None:
+        super().__init__(file, buffers=buffers)
         self.shared = shared
         self.loaded = shared.loaded
 
@@ -205,7 +268,9 @@ class _Unpickler(pickle.Unpickler):
             return self.shared.persistent_load(pid)
 
 
-def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) -> bytes:
+def dumps_results(
+    done: bool, t_next: float, values: list[Any], errors: Errors, collect: Any = None
+) -> bytes:
     """Frame a flush of results, so that each item fails alone, in place.
 
     ``values`` has one entry per item (``None`` where the item failed);
@@ -216,17 +281,23 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
     offset, type name)``) by a ``_ValuePacker``, whose shared ``table`` it
     refers to; errors are ``PackedError``. A value that cannot be pickled
     fails alone.
+
+    With ``collect`` (a ``buffer_callback`` keeping the buffers it takes out
+    of band in its ``buffers`` list), a sixth field ``(sizes, spans)`` lists
+    those buffers' sizes and, per value, the range of them it uses; the
+    caller sends ``collect.buffers`` beside the frame.
     """
-    header = _HEADER.pack(RESULTS, len(values), 1 if done else 0, t_next)
+    flags = _DONE if done else 0
     if not errors:
-        data = _dumps_plain((values, None, b"", None, None))
+        data = _dumps_plain((values, None, b"", None, None, None))
         if data is not None:
-            return header + data
+            return _HEADER.pack(RESULTS, len(values), flags, t_next) + data
     plain = list(values)
     packed: list[tuple[int, int, str]] = []
     failed: dict[int, PackedError] = {}
     same: dict[int, PackedError] = {}  # one payload shared by many items packs once
-    packer = _ValuePacker()
+    packer = _ValuePacker(collect)
+    spans: dict[int, tuple[int, int]] = {}
     names: dict[type, str] = {}
     for i, value in enumerate(values):
         if i in errors:
@@ -243,6 +314,7 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
         name = names.get(cls)
         if name is None:
             name = names[cls] = type_name(cls)
+        first = len(collect.buffers) if collect is not None else 0
         try:
             end = packer.add(value)
         except BaseException as cause:
@@ -253,32 +325,58 @@ def dumps_results(done: bool, t_next: float, values: list[Any], errors: Errors) 
             failed[i] = PackedError(err, "")
             continue
         packed.append((i, end, name))
-    frame = (plain, packed, packer.buf.getvalue(), packer.table(), failed)
-    return header + pickle.dumps(frame, PROTOCOL)
+        if collect is not None and len(collect.buffers) > first:
+            spans[i] = (first, len(collect.buffers))
+    oob = None
+    if spans:
+        flags |= HAS_BUFFERS
+        oob = ([b.nbytes for b in collect.buffers], spans)
+    frame = (plain, packed, packer.buf.getvalue(), packer.table(), failed, oob)
+    return _HEADER.pack(RESULTS, len(values), flags, t_next) + pickle.dumps(frame, PROTOCOL)
 
 
-def loads_results(data: bytes) -> tuple[bool, float, list[Any], Errors]:
+def loads_results(
+    data: bytes, buffers: memoryview | None = None
+) -> tuple[bool, float, list[Any], Errors]:
     """Inverse of ``dumps_results``: each value or error that cannot be
-    rebuilt fails its own item, with its type's name in the message."""
-    _, count, done, t_next = _HEADER.unpack_from(data)
+    rebuilt fails its own item, with its type's name in the message.
+    ``buffers`` holds the frame's out-of-band buffers (``HAS_BUFFERS``), laid
+    out by ``buffer_layout``; ``None`` if they could not be received."""
+    _, count, flags, t_next = _HEADER.unpack_from(data)
+    done = flags & _DONE
     try:
-        values, packed, blob, table, errors = pickle.loads(memoryview(data)[_HEADER.size :])
+        values, packed, blob, table, errors, oob = pickle.loads(memoryview(data)[_HEADER.size :])
     except BaseException as cause:  # pragma: no cover - only built-in types and our own
         err = pickle.UnpicklingError(f"a flush of results could not be unpickled: {cause!r}")
         return bool(done), t_next, [None] * count, dict.fromkeys(range(count), (err, ""))
     if not packed:
         return bool(done), t_next, values, errors or {}
+    spans: dict[int, tuple[int, int]] = {}
+    views: list[memoryview] = []
+    if oob is not None:
+        sizes, spans = oob
+        if buffers is not None:
+            views = [buffers[at : at + n] for at, n in buffer_layout(sizes)]
     shared = _SharedTable(table)
     file = io.BytesIO(blob)
     unpickler: Any = None
     start = 0
     for i, end, name in packed:
-        # One unpickler reads the values one after another, each a complete
-        # pickle; after a failure its state is suspect, so a new one goes on.
-        if unpickler is None:
-            unpickler = _Unpickler(file, shared)
         file.seek(start)
+        span = spans.get(i)
         try:
+            if span is not None:
+                # A value with buffers beside the frame: its own unpickler.
+                if not views:
+                    raise EOFError("its large buffers did not arrive from the worker")
+                own = _Unpickler(file, shared, views[span[0] : span[1]])
+                values[i] = own.load()
+                start = end
+                continue
+            # One unpickler reads the values one after another, each a complete
+            # pickle; after a failure its state is suspect, so a new one goes on.
+            if unpickler is None:
+                unpickler = _Unpickler(file, shared)
             values[i] = unpickler.load()
         except BaseException as cause:
             unpickler = None

@@ -5,7 +5,9 @@ move the job on (``Dispatcher.deliver``) and, when the slice is done, free
 the worker; ``READY`` makes a starting worker idle; ``LOADED`` restarts a
 timed item's clock once its function is loaded; ``FORGET`` and
 ``BAD_BATCH`` undo what the parent assumed the worker had; ``LOG`` goes to
-the parent's ``parstream`` logger with the item's index.
+the parent's ``parstream`` logger with the item's index. A ``RESULTS`` frame
+that announces large buffers has them taken from the descriptor channel
+first (``_shm``), whatever becomes of the frame.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
     from parstream._backend import Job
     from parstream._backends._dispatch import Dispatcher
+    from parstream._backends.local._shm import Arena
     from parstream._backends.local._spawn import LocalWorker, Starter
 
 log = logging.getLogger("parstream")
@@ -35,6 +38,7 @@ class MessageHandler:
     _lock: threading.RLock
     _dispatch: Dispatcher
     _starter: Starter
+    _arena: Arena
 
     def _after_idle(self, worker: LocalWorker) -> None:
         raise NotImplementedError
@@ -76,6 +80,8 @@ class MessageHandler:
         elif kind == _wire.FORGET:
             with self._lock:
                 worker.fns.pop(_wire.decode(data), None)
+        elif kind == _wire.RELEASED:
+            self._arena.released(worker, _wire.decode(data))
         elif kind == _wire.START_FAILED:
             worker.init_error = _wire.decode(data)
         elif kind == _wire.LOG:
@@ -106,7 +112,9 @@ class MessageHandler:
         self._after_idle(worker)
 
     def _on_results(self, worker: LocalWorker, data: bytes) -> None:
-        done, t_next, values, errors = _wire.loads_results(data)
+        buffers = _receive_buffers(worker) if _wire.has_buffers(data) else None
+        done, t_next, values, errors = _wire.loads_results(data, buffers)
+        del buffers  # the mapping now lives as long as the values viewing it
         job = worker.job
         if job is None:
             return
@@ -120,6 +128,19 @@ class MessageHandler:
             with self._lock:
                 self._slice_done(worker, job)
             self._after_idle(worker)
+
+
+def _receive_buffers(worker: LocalWorker) -> memoryview | None:
+    """The mapped buffers the worker sent just before a results frame
+    (``_shm``); ``None`` if they cannot be had (the values using them fail)."""
+    from parstream._backends.local import _shm
+
+    if worker.fdchan is None:
+        return None
+    try:
+        return memoryview(_shm.mapped(_shm.receive(worker.fdchan)))
+    except (OSError, EOFError, ValueError):
+        return None
 
 
 def _readable(conn: Any) -> bool:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
 from parstream._backends._codec import BadArgs, culprit_error, dumps
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
-from parstream._backends.local import _reaper, _spawn, _wire
+from parstream._backends.local import _reaper, _shm, _spawn, _wire
 from parstream._backends.local._functions import ship
 from parstream._backends.local._messages import MessageHandler
 from parstream._callbacks import mark_hub_thread
@@ -92,6 +92,7 @@ class LocalPool(MessageHandler):
         self._closed = False
         self._pid = os.getpid()
         self._forked = False
+        self._arena = _shm.Arena()  # blocks for large arguments (``_shm``)
         self._starter = _spawn.Starter(
             settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
         )
@@ -233,6 +234,7 @@ class LocalPool(MessageHandler):
                 self._outbox.flush()  # anything the hub could not deliver (none if it ended well)
         for w in workers:
             w.process.join(timeout=1.0)
+        self._arena.close()
         _reaper.release(self)
 
     def _forget_after_fork(self) -> None:
@@ -246,9 +248,12 @@ class LocalPool(MessageHandler):
         for w in self._workers:
             with contextlib.suppress(OSError):
                 w.conn.close()
+            if w.fdchan is not None:
+                w.fdchan.close()
             if w.slot is not None:
                 w.slot.close()
         self._workers = []
+        self._arena.close()  # this process's mappings; the parent's stay
         self._dispatch.queue.clear()
         for end in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -284,16 +289,22 @@ class LocalPool(MessageHandler):
 
     def _send(self, worker: LocalWorker, job: Job) -> None:
         with worker.send_lock:
-            payload = self._encode(worker, job)
+            payload, block = self._encode(worker, job)
             try:
+                if block is not None:
+                    # The items' large buffers: their descriptor goes first.
+                    assert worker.fdchan is not None
+                    _shm.send(worker.fdchan, block.fd)
                 worker.conn.send_bytes(payload)
                 worker.delivered = True
             except OSError:
                 # The worker died under us; its sentinel tells the hub, which
-                # sees ``delivered`` is False and queues the whole slice again.
+                # sees ``delivered`` is False and queues the whole slice again
+                # (and the arena takes back the block lent to it).
                 pass
 
-    def _encode(self, worker: LocalWorker, job: Job) -> bytes:
+    def _encode(self, worker: LocalWorker, job: Job) -> tuple[bytes, _shm.Block | None]:
+        """The ``RUN`` frame, and the arena block lent for its large buffers."""
         run = run_of(job)
         shipped = job.fn.token
         fn_bytes: bytes | None = None
@@ -313,8 +324,9 @@ class LocalPool(MessageHandler):
             # when the worker says LOADED, with this bound on the loading.
             worker.item_started = run.started_at + FUNCTION_LOAD_S
         items = run.items[run.cursor : run.sent_end]
+        collect = _wire.Collector() if worker.fdchan is not None else None
         try:
-            items_bytes = dumps(items)
+            items_bytes = dumps(items, collect)
         except BaseException:
             # Some arguments cannot be pickled: each such item fails alone (the
             # worker reports the stand-in's error in its place, keeping order).
@@ -326,7 +338,16 @@ class LocalPool(MessageHandler):
                     bad[i] = BadArgs(culprit_error(args if job.star else (args,), cause))
             with self._lock:
                 items = self._dispatch.replace_bad(job, bad)
-            items_bytes = dumps(items)
+            collect = _wire.Collector() if worker.fdchan is not None else None
+            items_bytes = dumps(items, collect)
+        block: _shm.Block | None = None
+        buffers: tuple[int, list[int]] | None = None
+        if collect is not None and collect.buffers:
+            try:
+                block = self._arena.lend(collect.buffers, worker)
+                buffers = (block.id, [b.nbytes for b in collect.buffers])
+            except OSError:  # out of memory or descriptors: through the pipe
+                items_bytes = dumps(items)
         message = _wire.RunMessage(
             key=key,
             fn_bytes=fn_bytes,
@@ -337,8 +358,9 @@ class LocalPool(MessageHandler):
             evict=evict,
             has_bad=run.has_bad,
             log_level=logging.getLogger().getEffectiveLevel(),
+            buffers=buffers,
         )
-        return _wire.encode_run(worker.seq, message)
+        return _wire.encode_run(worker.seq, message), block
 
     def _dispatch_queued(self) -> None:
         while True:
@@ -556,8 +578,11 @@ class LocalPool(MessageHandler):
         with worker.send_lock:
             delivered = worker.delivered
             worker.conn.close()
+            if worker.fdchan is not None:
+                worker.fdchan.close()  # frees any descriptor still in flight
         _reaper.worker_gone(worker.pid)  # before the join: the group id is still ours
         worker.process.join(timeout=1.0)
+        self._arena.worker_gone(worker)  # its mappings died with it
         exitcode = worker.process.exitcode
         slot = worker.slot
         begun_seq, begun, window = slot.read() if slot is not None else (-1, -1, None)

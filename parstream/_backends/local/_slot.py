@@ -34,6 +34,8 @@ import pickle
 import struct
 from typing import Any
 
+from parstream._backends._frames import OOB_MIN_BYTES
+
 SEQ = 0  # the sequence number of the batch the worker has begun
 BEGUN = 1  # items of that batch the worker has begun
 J_BASE = 2  # the batch position of the journal's first entry
@@ -46,7 +48,10 @@ _DATA = 8 * _WORDS  # where the journal's entries start
 JOURNAL_BYTES = 4 << 20  # pages are only allocated as they are written
 _SIZE = _DATA + JOURNAL_BYTES
 JOURNAL_MIN_ITEM_S = 1e-6
-_BIG = 1 << 20  # results this large are flushed at once instead of journaled
+# Results this large are flushed at once instead of journaled: copying them
+# into the journal would cost more than the flush, which moves them beside
+# the pipe (``_shm``) from this size on.
+_BIG = OOB_MIN_BYTES
 
 _VALUE, _ERROR, _INT = 0, 1, 2
 _ENTRY = struct.Struct("<BI")  # kind, payload length
@@ -91,7 +96,7 @@ class Slot:
             self.words[J_COUNT] += 1
             return True
         nbytes = getattr(value, "nbytes", 0)
-        if isinstance(nbytes, int) and nbytes > _BIG:
+        if isinstance(nbytes, int) and nbytes >= _BIG:
             return False  # a big array: flushing it now is cheaper than copying it twice
         try:
             data = pickle.dumps(value, protocol=5)

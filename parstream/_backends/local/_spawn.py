@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from parstream._backends._codec import rebuild
-from parstream._backends.local import _reaper
+from parstream._backends.local import _reaper, _shm
 from parstream._backends.local._slot import Slot, new_slot
 from parstream._backends.local._worker import worker_main
 from parstream._errors import WorkerCrashed, WorkerStartFailed
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Iterator
 
     from parstream._backend import Counts, Job, Settings
@@ -126,6 +127,7 @@ class LocalWorker:
     slot: Slot | None = None
     seq: int = 0  # sequence number of the last batch sent
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
+    fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
 
     def begun(self) -> bool:
         """Whether the worker has begun its current slice (read its header)."""
@@ -214,12 +216,15 @@ class Starter:
         from loky.backend.fork_exec import fork_exec
 
         parent_sock, child_sock = socket.socketpair()
+        fdchan, fdchan_child = _shm.channel_pair()
         slot = new_slot()
         prep_r, prep_w = os.pipe()
         sentinel_r = sentinel_w = -1
         child_fd = child_sock.fileno()
         try:
             keep = [child_fd, prep_r] + ([slot.fd] if slot is not None else [])
+            if fdchan_child is not None:
+                keep.append(fdchan_child.fileno())
             if not PIDFDS:  # pragma: no cover - not Linux, or an old kernel
                 sentinel_r, sentinel_w = os.pipe()
                 keep.append(sentinel_w)
@@ -236,6 +241,7 @@ class Starter:
                 "cwd": os.getcwd(),
                 "conn": child_fd,
                 "slot": None if slot is None else slot.fd,
+                "fdchan": None if fdchan_child is None else fdchan_child.fileno(),
                 "parent": os.getpid(),
                 "init": self.initializer,
             }
@@ -250,6 +256,8 @@ class Starter:
                 prep_w = -1  # the thread closes it
         except BaseException:
             parent_sock.close()
+            if fdchan is not None:
+                fdchan.close()
             if slot is not None:
                 slot.close()
             if sentinel_r >= 0:
@@ -257,6 +265,8 @@ class Starter:
             raise
         finally:
             child_sock.close()
+            if fdchan_child is not None:
+                fdchan_child.close()
             os.close(prep_r)
             for fd in (prep_w, sentinel_w):
                 if fd >= 0:
@@ -264,7 +274,9 @@ class Starter:
         _reaper.watch(pid)
         self.counts.workers_started += 1
         conn = Connection(parent_sock.detach())
-        return LocalWorker(process=_Process(pid, sentinel), conn=conn, pid=pid, slot=slot)
+        return LocalWorker(
+            process=_Process(pid, sentinel), conn=conn, pid=pid, slot=slot, fdchan=fdchan
+        )
 
     def ready(self) -> None:
         """A worker said READY: starts work again."""

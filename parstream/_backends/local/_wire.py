@@ -2,24 +2,30 @@
 
 Every message is one ``send_bytes`` frame that starts with a kind byte.
 
-* ``RUN`` (parent to worker): a fixed header ``(kind, seq)``, ``seq`` the
-  batch's sequence number on that worker (readable before the rest is
-  unpickled), then a cloudpickled tuple
+* ``RUN`` (parent to worker): a fixed header ``(kind, seq, has_buffers)``,
+  ``seq`` the batch's sequence number on that worker (readable before the
+  rest is unpickled), then a cloudpickled tuple
   ``(key, fn_bytes | None, count, items_bytes, star, report_each, evict,
-  has_bad, log_level)``, ``items_bytes`` the pickled ``[args, ...]``, so the
+  has_bad, log_level, buffers)``, ``items_bytes`` the pickled ``[args, ...]``, so the
   worker loads the function before it unpickles the arguments;
   with ``star`` each entry is an argument tuple, else the single argument;
-  ``has_bad`` says some entries are ``BadArgs`` stand-ins.
+  ``has_bad`` says some entries are ``BadArgs`` stand-ins; ``buffers`` is
+  ``(block_id, sizes)`` for the items' large out-of-band buffers, held (in
+  ``buffer_layout``) by the arena block whose descriptor was sent on the
+  descriptor channel just before (``_shm``).
   The function is pickled once per stream or task (``fn_bytes``) and cached in
   the worker under ``key`` (16 random bytes, see ``_functions``); ``evict``
   lists keys the worker may forget.
 * ``RESULTS`` (worker to parent): the next items of the batch in order, each
-  failing alone, framed by ``_frames.dumps_results`` (shared with Ray).
+  failing alone, framed by ``_frames.dumps_results`` (shared with Ray); a
+  frame whose header says so has its large buffers in a ``memfd`` sent just
+  before it, as ``RUN`` does.
 * ``LOADED`` (worker to parent, a bare kind byte): the function of a batch
   with a per-item timeout was loaded; the first item's clock restarts.
 * ``READY``, ``BAD_BATCH``, ``LOG`` ``(logger, level, text, position)``,
   ``FORGET`` ``key`` (a function the worker failed to load: send it again
-  next time), ``START_FAILED`` ``(exception, traceback_text)`` (the
+  next time), ``RELEASED`` ``[block_id, ...]`` (arena blocks the worker
+  has unmapped, see ``_shm``), ``START_FAILED`` ``(exception, traceback_text)`` (the
   initializer raised; the worker then exits): small pickles.
 
 Errors travel as ``_codec.PackedError``, so one that cannot be pickled in the
@@ -35,8 +41,12 @@ from typing import Any, NamedTuple
 from parstream._backends._codec import PROTOCOL, dumps
 from parstream._backends._frames import (
     RESULTS as RESULTS,
+    Collector as Collector,
     Errors as Errors,
+    Layout as Layout,
+    buffer_layout as buffer_layout,
     dumps_results as dumps_results,
+    has_buffers as has_buffers,
     loads_results as loads_results,
 )
 
@@ -49,12 +59,13 @@ LOG = 6
 FORGET = 7
 LOADED = 8
 START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceback_text)
+RELEASED = 10  # worker to parent: arena blocks it no longer maps; [block_id, ...]
 
-_RUN_HEADER = struct.Struct("<BQ")
+_RUN_HEADER = struct.Struct("<BQB")  # kind, seq, a descriptor was sent just before
 
 
 class RunMessage(NamedTuple):
-    """The body of a ``RUN`` frame (after its ``(kind, seq)`` header)."""
+    """The body of a ``RUN`` frame (after its header)."""
 
     key: bytes  # the function's key (see ``_functions``)
     fn_bytes: bytes | None  # the pickled function, if the worker lacks ``key``
@@ -65,6 +76,9 @@ class RunMessage(NamedTuple):
     evict: list[bytes]  # keys the worker may forget
     has_bad: bool  # some items are ``BadArgs`` stand-ins
     log_level: int  # the parent's root logging level
+    # Where the items' out-of-band buffers lie in the descriptor sent just
+    # before this message (``_shm``); empty when none was sent.
+    buffers: tuple[int, list[int]] | None  # (arena block id, sizes in ``buffer_layout``)
 
 
 def encode(kind: int, obj: Any) -> bytes:
@@ -81,11 +95,17 @@ def kind_of(data: bytes) -> int:
 
 def encode_run(seq: int, message: RunMessage) -> bytes:
     # The message holds only bytes, ints, flags and keys: the C pickler does.
-    return _RUN_HEADER.pack(RUN, seq) + pickle.dumps(tuple(message), PROTOCOL)
+    header = _RUN_HEADER.pack(RUN, seq, 1 if message.buffers else 0)
+    return header + pickle.dumps(tuple(message), PROTOCOL)
 
 
 def run_seq(data: bytes) -> int:
     return int(_RUN_HEADER.unpack_from(data)[1])
+
+
+def run_has_buffers(data: bytes) -> bool:
+    """Whether a descriptor of the batch's buffers was sent just before it."""
+    return bool(_RUN_HEADER.unpack_from(data)[2])
 
 
 def decode_run(data: bytes) -> RunMessage:

@@ -116,9 +116,16 @@ class ParstreamProtocolError(RuntimeError):
 
 
 class _Runner:
-    def __init__(self, conn: Any, slot: Slot | None) -> None:
+    def __init__(self, conn: Any, slot: Slot | None, fdchan: int | None = None) -> None:
         self.conn = conn
         self.slot = slot
+        # The descriptor channel's fd (large buffers beside the pipe, see
+        # ``_shm``), and its socket once first used.
+        self.fdchan = fdchan
+        self.channel: Any = None
+        # Arena blocks mapped here: (block id, mapping), unmapped and
+        # RELEASED once nothing views them (``release_blocks``).
+        self.blocks: list[tuple[int, Any]] = []
         self.words: Any = slot.words if slot is not None else [0] * 8
         self.functions: dict[bytes, Any] = {}
         # Per function: whether its last batch ended journaling (items slow
@@ -143,7 +150,61 @@ class _Runner:
         # Output first: what an item printed is out before its result is, so it
         # lands in the right notebook cell and survives a kill right after.
         _flush_std()
-        self.send(_wire.dumps_results(done, time.monotonic(), values, errors))
+        now = time.monotonic()
+        if self.fdchan is None:
+            self.send(_wire.dumps_results(done, now, values, errors))
+            return
+        collect = _wire.Collector()
+        frame = _wire.dumps_results(done, now, values, errors, collect)
+        if not collect.buffers:
+            self.send(frame)
+            return
+        from parstream._backends.local import _shm
+
+        try:
+            fd = _shm.pack(collect.buffers)
+        except OSError:  # out of memory or descriptors: all through the pipe
+            self.send(_wire.dumps_results(done, now, values, errors))
+            return
+        del collect
+        try:
+            with self.lock:  # the descriptor, then the frame that announces it
+                _shm.send(self.open_channel(), fd)
+                self.conn.send_bytes(frame)
+        finally:
+            os.close(fd)  # the parent's mapping keeps the pages
+
+    def open_channel(self) -> Any:
+        if self.channel is None:
+            from parstream._backends.local import _shm
+
+            assert self.fdchan is not None
+            self.channel = _shm.open_channel(self.fdchan)
+        return self.channel
+
+    def receive_buffers(self) -> Any:
+        """The mapping of the arena block sent just before the batch read,
+        or ``None`` if it could not be received."""
+        from parstream._backends.local import _shm
+
+        try:
+            return _shm.mapped(_shm.receive(self.open_channel()))
+        except (OSError, EOFError, ValueError):
+            return None
+
+    def release_blocks(self) -> None:
+        """Unmap the arena blocks nothing views any more; tell the parent."""
+        released, kept = [], []
+        for block_id, mapping in self.blocks:
+            try:
+                mapping.close()  # refused while an array still views it
+            except BufferError:
+                kept.append((block_id, mapping))
+            else:
+                released.append(block_id)
+        self.blocks = kept
+        if released:
+            self.send(_wire.encode(_wire.RELEASED, released))
 
     def load_function(self, key: bytes, data: bytes | None, evict: list[bytes]) -> Any:
         for old in evict:
@@ -163,8 +224,10 @@ class _Runner:
             self.functions[key] = fn
         return fn
 
-    def run_batch(self, message: _wire.RunMessage) -> None:
-        key, data, count, items_bytes, star, report_each, evict, has_bad, log_level = message
+    def run_batch(self, message: _wire.RunMessage, mapping: Any = None) -> None:
+        key, data, count, items_bytes, star, report_each, evict, has_bad, log_level, buffers = (
+            message
+        )
         logging.getLogger().setLevel(log_level)
         self.position = 0
         try:
@@ -180,7 +243,12 @@ class _Runner:
             # time: the parent restarts the item's clock now.
             self.send(bytes((_wire.LOADED,)))
         try:
-            items = pickle.loads(items_bytes)
+            if buffers is not None:
+                if mapping is None:
+                    raise EOFError("the batch's large buffers did not arrive from the parent")
+                items = pickle.loads(items_bytes, buffers=_split(memoryview(mapping), buffers[1]))
+            else:
+                items = pickle.loads(items_bytes)
         except BaseException as exc:
             # Arguments that cannot be rebuilt in the worker: tell the
             # parent, which isolates the culprit item by item.
@@ -375,6 +443,11 @@ class _Runner:
             kind = _wire.kind_of(raw)
             if kind == _wire.STOP:
                 return
+            # The batch's large buffers were sent just before it: take them
+            # first, whatever happens to the batch.
+            mapping = None
+            if _wire.run_has_buffers(raw):
+                mapping = self.receive_buffers()
             # Mark the batch begun before unpickling it: from here on, a death
             # is this batch's doing, not an idle worker's.
             self.words[BEGUN] = 0
@@ -389,7 +462,16 @@ class _Runner:
                 # parent, which isolates the culprit item by item.
                 self.send(_wire.encode(_wire.BAD_BATCH, _codec.pack_error(_failure(exc))))
                 continue
-            self.run_batch(message)
+            if mapping is not None and message.buffers is not None:
+                self.blocks.append((message.buffers[0], mapping))
+            self.run_batch(message, mapping)
+            if self.blocks:
+                del mapping  # the batch's arrays are gone, unless a task kept one
+                self.release_blocks()
+
+
+def _split(whole: memoryview, sizes: list[int]) -> list[memoryview]:
+    return [whole[at : at + n] for at, n in _wire.buffer_layout(sizes)]
 
 
 def _run_initializer(conn: Any, initializer: bytes) -> None:
@@ -408,7 +490,11 @@ def _run_initializer(conn: Any, initializer: bytes) -> None:
 
 
 def worker_main(
-    conn: Any, parent_pid: int, slot: Slot | None = None, initializer: bytes | None = None
+    conn: Any,
+    parent_pid: int,
+    slot: Slot | None = None,
+    initializer: bytes | None = None,
+    fdchan: int | None = None,
 ) -> None:
     """Entry point of a worker process (the target given to loky's Process)."""
     # A process group of its own, before any task runs: everything a task
@@ -420,7 +506,7 @@ def worker_main(
             pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
-    runner = _Runner(conn, slot)
+    runner = _Runner(conn, slot, fdchan)
     if initializer is not None:
         _run_initializer(conn, initializer)
     conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
@@ -479,4 +565,5 @@ def boot(prep: dict[str, Any]) -> None:
     parent's ``sys.path`` and working directory are already in place."""
     slot_fd = prep["slot"]
     slot = Slot(slot_fd) if slot_fd is not None else None
-    worker_main(FdConnection(prep["conn"]), prep["parent"], slot, prep["init"])
+    conn = FdConnection(prep["conn"])
+    worker_main(conn, prep["parent"], slot, prep["init"], prep.get("fdchan"))

@@ -1,0 +1,214 @@
+"""Large arrays beside the pipe (issue 12): arguments and results above the
+out-of-band threshold travel in anonymous shared memory (``_shm``).
+
+Each test checks the values, and that the memory is really shared (the
+mappings are visible in ``/proc``), used exactly as long as something views
+it, never overwritten while a task still holds it, and gone afterwards:
+no descriptor, no mapping, nothing in ``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+from typing import Any
+
+import pytest
+
+import parstream
+
+np = pytest.importorskip("numpy")
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="memfd and /proc are Linux's"
+)
+
+N = 40_000  # float64 elements: 320 KB, above the out-of-band threshold
+
+
+def _maps(tag: str, pid: int | str = "self") -> int:
+    """Mappings of a parstream memfd named ``tag`` in process ``pid``."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(f"memfd:{tag}" in line for line in f)
+
+
+def _memfds() -> int:
+    """Descriptors of parstream memfds open in this process."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:parstream-"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def _dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+# -- tasks ------------------------------------------------------------------
+
+
+def bump_and_sum(a: Any) -> tuple[Any, float, bool]:
+    shared = _maps("parstream-args") > 0  # the argument is a view of the block
+    a += 1  # arguments are writable, as copies are
+    return a, float(a.sum()), shared
+
+
+def make(n: int) -> Any:
+    return np.arange(n, dtype=np.float64)
+
+
+def worker_state(_: Any) -> tuple[int, int]:
+    """(argument blocks, result memfds) still mapped or open in this worker."""
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:parstream-data")
+        except OSError:
+            pass
+    return _maps("parstream-args"), fds
+
+
+_kept: list[tuple[Any, float]] = []
+
+
+def keep_and_check(a: Any) -> bool:
+    """Keeps its argument alive, and checks every argument kept so far."""
+    _kept.append((a, float(a.sum())))
+    return all(float(x.sum()) == s for x, s in _kept)
+
+
+def die_on_negative(a: Any) -> float:
+    if a[0] < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(a.sum())
+
+
+def describe(a: Any) -> tuple[float, tuple[int, ...], bool, bool]:
+    return float(a.sum()), a.shape, a.flags.c_contiguous, a.flags.f_contiguous
+
+
+# -- tests ------------------------------------------------------------------
+
+
+def test_arrays_travel_shared_both_ways(sup: parstream.Supervisor) -> None:
+    shm_before = _dev_shm()
+    arrays = [np.arange(N, dtype=np.float64) * i for i in range(6)]
+    before = [a.copy() for a in arrays]
+    out = list(sup.map(bump_and_sum, arrays))
+    for a, b, (r, total, shared) in zip(arrays, before, out, strict=True):
+        assert shared, "the argument did not come through shared memory"
+        np.testing.assert_array_equal(a, b)  # the task's writes stayed its own
+        np.testing.assert_array_equal(r, b + 1)
+        assert total == float((b + 1).sum())
+        assert r.flags.writeable
+    assert _maps("parstream-data") >= 1, "the results did not come through shared memory"
+    out[0][0][:] = -1  # the parent's results are its own too
+    np.testing.assert_array_equal(out[1][0], before[1] + 1)
+    assert _dev_shm() == shm_before
+
+
+def test_a_result_maps_exactly_as_long_as_it_is_viewed(sup: parstream.Supervisor) -> None:
+    out = list(sup.map(make, [N] * 5))
+    assert _maps("parstream-data") >= 1
+    view = out[3][10:20]  # a view of one result keeps its pages
+    del out
+    gc.collect()
+    np.testing.assert_array_equal(view, np.arange(10, 20, dtype=np.float64))
+    del view
+    gc.collect()
+    assert _maps("parstream-data") == 0
+    assert _memfds() == 0 or all(
+        "parstream-data" not in os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+def test_results_outlive_their_supervisor() -> None:
+    with parstream.Supervisor(max_workers=2) as s:
+        out = list(s.map(make, [N] * 3))
+    gc.collect()
+    for r in out:
+        np.testing.assert_array_equal(r, np.arange(N, dtype=np.float64))
+    del out, r
+    gc.collect()
+    assert _maps("parstream-data") == 0
+    assert _maps("parstream-args") == 0
+    assert _memfds() == 0
+
+
+def test_an_argument_a_task_keeps_is_never_overwritten() -> None:
+    # One worker, one item a batch: every later batch would reuse the first
+    # block if it were given back while the task still holds a view of it.
+    with parstream.Supervisor(max_workers=1) as s:
+        arrays = [np.full(N, float(i)) for i in range(12)]
+        assert all(s.map(keep_and_check, arrays, chunksize=1))
+        assert all(s.map(keep_and_check, [np.full(N, -1.0)] * 3, chunksize=1))
+    assert _memfds() == 0
+
+
+def test_workers_unmap_arguments_and_close_results(sup: parstream.Supervisor) -> None:
+    arrays = [np.full(N, float(i)) for i in range(20)]
+    for _ in range(3):
+        assert list(sup.map(np.sum, arrays)) == [float(i) * N for i in range(20)]
+    # Small items: no block of their own; every earlier block was released.
+    for args_mapped, result_fds in sup.map(worker_state, range(8), chunksize=1):
+        assert args_mapped == 0
+        assert result_fds == 0
+
+
+def test_a_worker_killed_with_a_block_loses_only_its_item() -> None:
+    arrays = [np.full(N, float(i)) for i in range(10)]
+    arrays[4] = np.full(N, -1.0)
+    with parstream.Supervisor(max_workers=2) as s:
+        results = list(s.async_stream_nolink(die_on_negative, arrays, max_concurrency=2))
+        # The pool goes on, reusing what the dead worker was lent.
+        assert list(s.map(np.sum, arrays[:4])) == [float(i) * N for i in range(4)]
+    for i, r in enumerate(results):
+        if i == 4:
+            assert isinstance(r, parstream.Exit)
+            assert isinstance(r.reason, parstream.WorkerCrashed)
+        else:
+            assert r == parstream.Ok(float(i) * N)
+    gc.collect()
+    assert _memfds() == 0
+    assert _maps("parstream-args") == 0
+
+
+def test_a_stream_left_early_leaves_nothing() -> None:
+    with parstream.Supervisor(max_workers=2) as s:
+        stream = s.stream_map(make, [N] * 200)
+        for i, _r in enumerate(stream):
+            if i == 3:
+                break
+        del stream, _r
+    gc.collect()
+    assert _maps("parstream-data") == 0
+    assert _memfds() == 0
+
+
+def test_uncommon_layouts_arrive_intact(sup: parstream.Supervisor) -> None:
+    strided = np.arange(2 * N, dtype=np.float64)[::2]  # not contiguous: pickled in band
+    fortran = np.asfortranarray(np.arange(N, dtype=np.float64).reshape(200, -1))
+    frozen = np.arange(N, dtype=np.float64)
+    frozen.flags.writeable = False
+    ints = np.arange(N, dtype=np.int32)
+    items = [strided, fortran, frozen, ints]
+    out = list(sup.map(describe, items))
+    assert out[0] == (float(strided.sum()), (N,), True, True)
+    assert out[1] == (float(fortran.sum()), (200, N // 200), False, True)
+    assert out[2][0] == float(frozen.sum())
+    assert out[3][0] == float(ints.sum())
+    # And back, with a structured dtype and a mix of small and large.
+    rec = np.zeros(N, dtype=[("a", "i4"), ("b", "f8")])
+    rec["a"] = 7
+    back = list(sup.map(lambda x: x, [rec, 3, np.ones(5)]))
+    np.testing.assert_array_equal(back[0], rec)
+    assert back[1] == 3
+    np.testing.assert_array_equal(back[2], np.ones(5))
