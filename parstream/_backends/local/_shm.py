@@ -49,7 +49,7 @@ from typing import Any
 from parstream._backends._frames import buffer_layout
 
 RECV_TIMEOUT_S = 30.0  # the descriptor is sent before its message: this is a bug's bound
-ARENA_IDLE_BYTES = 256 << 20  # idle blocks kept for reuse beyond this are closed
+ARENA_IDLE_BYTES = 64 << 20  # idle blocks kept for reuse beyond this are closed
 _BLOCK_GRAIN = 1 << 20
 
 AVAILABLE = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")

@@ -34,7 +34,7 @@ import pickle
 import struct
 from typing import Any
 
-from parstream._backends._frames import OOB_MIN_BYTES
+from parstream._backends._frames import OOB_MIN_BYTES, Collector
 
 SEQ = 0  # the sequence number of the batch the worker has begun
 BEGUN = 1  # items of that batch the worker has begun
@@ -98,15 +98,18 @@ class Slot:
         nbytes = getattr(value, "nbytes", 0)
         if isinstance(nbytes, int) and nbytes >= _BIG:
             return False  # a big array: flushing it now is cheaper than copying it twice
+        big = Collector()  # big buffers inside the value (a tuple of arrays...)
         try:
-            data = pickle.dumps(value, protocol=5)
+            data = pickle.dumps(value, protocol=5, buffer_callback=big)
         except Exception:
             from parstream._backends._codec import dumps
 
             try:
-                data = dumps(value)
+                data = dumps(value, big)
             except Exception:
                 return False  # the flush will report why it cannot be sent
+        if big.buffers:
+            return False  # flushed at once, as a big array is
         return self._append(_VALUE, data)
 
     def journal_error(self, failure: tuple[BaseException, str]) -> bool:
