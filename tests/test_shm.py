@@ -212,3 +212,71 @@ def test_uncommon_layouts_arrive_intact(sup: parstream.Supervisor) -> None:
     np.testing.assert_array_equal(back[0], rec)
     assert back[1] == 3
     np.testing.assert_array_equal(back[2], np.ones(5))
+
+
+# -- hostile values and processes --------------------------------------------
+
+_PARENT = os.getpid()
+
+
+def _refuse_here() -> Any:
+    if os.getpid() == _PARENT:
+        raise RuntimeError("refuses to unpickle in the parent")
+    return "fine"
+
+
+class RefusesInParent:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_here, ())
+
+
+def array_or_bad(i: int) -> Any:
+    """Every third result cannot travel: it cannot be pickled in the worker
+    (a lock) or cannot be rebuilt in the parent; each holds a big array."""
+    import threading
+
+    a = np.full(N, float(i))
+    if i % 3 == 1:
+        return (a, threading.Lock())
+    if i % 3 == 2:
+        return (a, RefusesInParent())
+    return (a, i)
+
+
+def test_a_bad_value_beside_big_buffers_fails_alone(sup: parstream.Supervisor) -> None:
+    results = list(sup.async_stream_nolink(array_or_bad, range(30)))
+    for i, r in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(r, parstream.Ok), r
+            a, j = r.value
+            assert j == i
+            np.testing.assert_array_equal(a, np.full(N, float(i)))
+        else:
+            assert isinstance(r, parstream.Exit), r
+            text = str(r.reason)
+            assert ("could not be pickled" in text) or ("could not be unpickled" in text), text
+
+
+def test_a_forked_child_sends_arrays_through_its_own_pool() -> None:
+    import warnings
+
+    arrays = [np.full(N, float(i)) for i in range(8)]
+    assert list(parstream.map(np.sum, arrays)) == [float(i) * N for i in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            out = list(parstream.map(np.sum, arrays))
+            back = list(parstream.map(make, [N] * 3))
+            ok = out == [float(i) * N for i in range(8)]
+            ok = ok and all(np.array_equal(b, np.arange(N, dtype=np.float64)) for b in back)
+            parstream.default_supervisor().close()
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's pool and arena are untouched by the child's.
+    assert list(parstream.map(np.sum, arrays)) == [float(i) * N for i in range(8)]
