@@ -22,6 +22,10 @@ Data flow::
                                          then, outside the lock: Outbox.flush
                                          (the sinks), and sleep again
 
+Large arguments do not go through the pipe: ``_encode`` writes them into a
+block of the pool's ``_shm.Arena``, lent to the worker until it says
+``RELEASED`` or dies (results come back the same way, see ``_shm``).
+
 Each worker has a progress slot (``_slot``) it writes before each batch and
 each item, so at a death the pool knows exactly whether the batch was begun
 and which item was running, without asking the dead. Workers are started only

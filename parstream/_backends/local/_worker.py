@@ -11,6 +11,13 @@ Data flow, one duplex pipe per worker, one batch in flight at a time::
     worker --RESULTS(count, done, t_next, values, errors)---------> parent
               per item: slot.BEGUN += 1 before it; its result journaled
               in the slot after it, between flushes (see ``_slot``)
+    worker --RELEASED([block_id, ...])-----------------------------> parent
+              after a batch: the arena blocks nothing here views any more
+
+Large buffers (numpy arrays) travel beside the pipe, in shared memory whose
+descriptor comes over the descriptor channel just before the message that
+announces it (``_shm``): a batch's arguments in a block of the parent's
+arena, mapped here copy-on-write; a flush's results in a fresh memfd.
 
 The worker runs a batch's items in order. Results go back in flushes: after
 every item when ``report_each`` is set (streams with a per-item timeout, so the
