@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from typing import TYPE_CHECKING, TypeVar
 
 import psutil
@@ -46,3 +48,18 @@ def reason(result: parstream.Ok[object] | parstream.Exit) -> BaseException:
     """The reason of an ``Exit``; fails the test (showing it) for an ``Ok``."""
     assert isinstance(result, parstream.Exit), result
     return result.reason
+
+
+def fork_and_wait(child: Callable[[], int]) -> int:
+    """Run ``child()`` in a forked child; its return value is the exit code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -22,7 +22,7 @@ import _hostile
 import psutil
 import pytest
 from _hostile import Holder, SlowToUnpickle, append_index, identity, pid_of, sleep_then
-from _util import wait_until
+from _util import fork_and_wait, wait_until
 
 import parstream
 from parstream import Exit, Ok
@@ -47,20 +47,6 @@ def run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 # -- 1. fork ----------------------------------------------------------------------
 
 
-def _fork_and_wait(child: Any) -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            code = child()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def test_a_forked_child_gets_its_own_default_supervisor() -> None:
     """The child's calls run on workers of its own; the parent's results stay right."""
     assert list(parstream.map(identity, range(20))) == list(range(20))
@@ -74,7 +60,7 @@ def test_a_forked_child_gets_its_own_default_supervisor() -> None:
         sup.close()
         return 0 if ok else 1
 
-    assert _fork_and_wait(child) == 0
+    assert fork_and_wait(child) == 0
     assert list(parstream.map(identity, range(200))) == list(range(200))
     assert parstream.async_(identity, "parent").await_(30) == "parent"
     assert set(parstream.default_supervisor().worker_pids()) == parent_workers
@@ -101,7 +87,7 @@ def test_an_inherited_supervisor_refuses_use_in_the_child(sup: parstream.Supervi
         sup.close()  # harmless: the parent's workers are not touched
         return 0
 
-    assert _fork_and_wait(child) == 0
+    assert fork_and_wait(child) == 0
     assert running.await_(30) == "done"
     assert list(sup.stream_map(identity, range(100))) == list(range(100))
 

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import pytest
+from _util import fork_and_wait
 
 import parstream
 
@@ -258,25 +259,17 @@ def test_a_bad_value_beside_big_buffers_fails_alone(sup: parstream.Supervisor) -
 
 
 def test_a_forked_child_sends_arrays_through_its_own_pool() -> None:
-    import warnings
-
     arrays = [np.full(N, float(i)) for i in range(8)]
     assert list(parstream.map(np.sum, arrays)) == [float(i) * N for i in range(8)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            out = list(parstream.map(np.sum, arrays))
-            back = list(parstream.map(make, [N] * 3))
-            ok = out == [float(i) * N for i in range(8)]
-            ok = ok and all(np.array_equal(b, np.arange(N, dtype=np.float64)) for b in back)
-            parstream.default_supervisor().close()
-            code = 0 if ok else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> int:
+        out = list(parstream.map(np.sum, arrays))
+        back = list(parstream.map(make, [N] * 3))
+        ok = out == [float(i) * N for i in range(8)]
+        ok = ok and all(np.array_equal(b, np.arange(N, dtype=np.float64)) for b in back)
+        parstream.default_supervisor().close()
+        return 0 if ok else 1
+
+    assert fork_and_wait(child) == 0
     # The parent's pool and arena are untouched by the child's.
     assert list(parstream.map(np.sum, arrays)) == [float(i) * N for i in range(8)]
