@@ -100,8 +100,11 @@ class Block:
             view[offset : offset + n] = raw
 
     def close(self) -> None:
-        self.view.release()
-        self.mapping.close()
+        try:
+            self.view.release()
+            self.mapping.close()
+        except BufferError:  # pragma: no cover - a writer still copying: freed with it
+            pass
         os.close(self.fd)
 
 
@@ -136,9 +139,12 @@ class Arena:
             self._give_back(block)
             raise
         with self._lock:
-            block.lent_to = worker
-            self._lent[block.id] = block
-        return block
+            if not self._closed:
+                block.lent_to = worker
+                self._lent[block.id] = block
+                return block
+        block.close()  # the pool closed meanwhile
+        raise OSError("the pool's arena is closed")
 
     def unlend(self, block: Block) -> None:
         """``block`` never reached its worker: free again."""
