@@ -51,7 +51,7 @@ from parstream._errors import SupervisorClosed, TaskTimeout
 from parstream._feeder import FEED_POLL_S, NEVER, Feeder, pulls_inline
 from parstream._output import settle as settle_output
 from parstream._progress import Progress
-from parstream._results import Exit, Ok
+from parstream._results import Exit, Ok, oks
 
 if TYPE_CHECKING:
     from parstream._backend import Backend, FnHandle
@@ -390,7 +390,7 @@ def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
             progress.update(hi - lo)
         if not chunk.errors:
             out = chunk.values[lo:hi]
-            state.span = out = list(map(Ok, out)) if wrap else out
+            state.span = out = oks(out) if wrap else out
             yield out
             continue
         out = state.span = []

@@ -8,6 +8,8 @@ between the front end and the backends. Each test runs in milliseconds.
 from __future__ import annotations
 
 import ast
+import gc
+import pickle
 import queue
 import re
 from pathlib import Path
@@ -20,6 +22,7 @@ from parstream._backend import Counts, End, FnHandle, Gate, Job
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
 from parstream._children import RestartWindow, is_normal
 from parstream._chunks import MAX_CHUNK, TARGET_CHUNK_S, Chunk, ChunkSizer, ReorderBuffer
+from parstream._results import Ok, oks
 from parstream._validate import Options
 
 PACKAGE = Path(parstream.__file__).parent
@@ -362,3 +365,34 @@ def test_the_front_end_imports_only_the_seam(module: str) -> None:
             without_docs = re.sub(r'"""[\s\S]*?"""', "", body)
             if re.search(r"\bpids?\b", without_docs):
                 assert (module, node.name) in PID_READERS, (module, node.name)
+
+
+# -- Ok records built in bulk ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_oks_builds_real_ok_records_and_leaves_the_collector_as_it_was(collecting: bool) -> None:
+    values: list[Any] = [1, "a", None, [2, 3], (4,)]
+    was = gc.isenabled()
+    try:
+        if not collecting:
+            gc.disable()
+        built = oks(values)
+        assert gc.isenabled() is collecting
+    finally:
+        if was:
+            gc.enable()
+    assert built == [Ok(v) for v in values]
+    assert all(type(r) is Ok for r in built)
+    assert [r.value for r in built] == values
+    assert built[3].value is values[3]
+    assert hash(built[0]) == hash(Ok(1))
+    assert pickle.loads(pickle.dumps(built)) == built
+    match built[1]:
+        case Ok(value):
+            assert value == "a"
+        case _:
+            pytest.fail("Ok built in bulk does not match case Ok(value)")
+    with pytest.raises(AttributeError):
+        built[0].value = 2
+    assert oks([]) == []
