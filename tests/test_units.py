@@ -20,6 +20,7 @@ import pytest
 import parstream
 from parstream._backend import Counts, End, FnHandle, Gate, Job
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
+from parstream._backends.local._slot import INT_SLOTS, J_COUNT, J_USED, new_slot
 from parstream._children import RestartWindow, is_normal
 from parstream._chunks import MAX_CHUNK, TARGET_CHUNK_S, Chunk, ChunkSizer, ReorderBuffer
 from parstream._results import Ok, oks
@@ -396,3 +397,75 @@ def test_oks_builds_real_ok_records_and_leaves_the_collector_as_it_was(collectin
     with pytest.raises(AttributeError):
         built[0].value = 2
     assert oks([]) == []
+
+
+# -- the worker's journal --------------------------------------------------------------------
+
+
+def test_journal_keeps_every_kind_of_entry_in_order() -> None:
+    """Ints go to the slot's int array, anything else to the byte area tagged
+    with its entry number; read back in one order, by entry number."""
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    try:
+        slot.journal_reset(7)
+        big = 1 << 70
+        boom = (ValueError("boom"), "traceback text")
+        assert slot.journal_value(5)
+        assert slot.journal_value("five")
+        assert slot.journal_value(True)  # a bool stays a bool, not the int 1
+        assert slot.journal_error(boom)
+        assert slot.journal_value(big)  # beyond 64 bits: pickled
+        assert slot.journal_value(-(2**63))
+        # As the worker's item loop writes an int itself: the entry, then the count.
+        count = slot.words[J_COUNT]
+        slot.ints[count] = 42
+        slot.words[J_COUNT] = count + 1
+        base, entries = slot.journal()
+        assert base == 7
+        assert [ok for ok, _ in entries] == [True, True, True, False, True, True, True]
+        values = [v for ok, v in entries if ok]
+        assert values == [5, "five", True, big, -(2**63), 42]
+        assert type(values[2]) is bool
+        error, text = entries[3][1]
+        assert isinstance(error, ValueError)
+        assert str(error) == "boom"
+        assert text == "traceback text"
+        slot.journal_reset(0)
+        assert slot.journal() == (0, [])
+    finally:
+        slot.close()
+
+
+def test_journal_ignores_an_entry_written_but_not_counted() -> None:
+    """A worker that dies between writing an entry and counting it leaves the
+    entry unread (its item is then the one that was running)."""
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    try:
+        slot.journal_reset(0)
+        assert slot.journal_value(1)
+        assert slot.journal_value("two")
+        slot.ints[2] = 3  # written, never counted
+        slot.words[J_COUNT] = 1  # as if "two" had been written but not counted
+        assert slot.journal() == (0, [(True, 1)])
+    finally:
+        slot.close()
+
+
+def test_journal_ints_past_the_array_go_to_the_byte_area() -> None:
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    try:
+        slot.journal_reset(0)
+        slot.words[J_COUNT] = INT_SLOTS - 1
+        assert slot.journal_value(10)
+        assert slot.journal_value(11)  # entry INT_SLOTS: no room in the array
+        assert slot.words[J_USED] > 0
+        _, entries = slot.journal()
+        assert entries[-2:] == [(True, 10), (True, 11)]
+    finally:
+        slot.close()
