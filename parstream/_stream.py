@@ -477,7 +477,30 @@ def values(state: _State, owner: object) -> Iterator[Any]:
     Python-level step per item would cost more than a tiny item's own work.
     Holds ``owner`` (the Supervisor), whose workers the stream needs, while
     alive."""
-    return itertools.chain.from_iterable(_spans_of(state, owner))
+    return _Values(_spans_of(state, owner))
+
+
+class _Values(Iterator[Any]):
+    """``map``'s iterator: a for loop (or ``list``) gets the chain of spans
+    itself, so no Python-level ``__next__`` runs per item; ``next()`` takes
+    from the same chain. ``close()`` stops the stream, as a generator's would.
+    """
+
+    __slots__ = ("_items", "_spans")
+
+    def __init__(self, spans: Generator[list[Any], None, None]) -> None:
+        self._spans = spans
+        self._items = itertools.chain.from_iterable(spans)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop the stream: kill its running items and drop buffered results."""
+        self._spans.close()
 
 
 def _spans_of(state: _State, owner: object) -> Generator[list[Any], None, None]:

@@ -635,3 +635,16 @@ def _take_all(results: Iterator[float], into: list[float]) -> None:
 
 def inverse(x: int) -> float:
     return 1 / x
+
+
+def test_map_can_be_closed_inside_a_span(sup: parstream.Supervisor) -> None:
+    """map's iterator closes like a generator: no more values, even of the
+    span being handed out, and next() and list() share one position."""
+    values = sup.stream_map(square, range(20_000))
+    assert next(values) == 0
+    assert [next(values) for _ in range(3)] == [1, 4, 9]
+    values.close()  # type: ignore[attr-defined]
+    assert list(values) == []
+    rest = sup.stream_map(square, range(5))
+    assert next(rest) == 0
+    assert list(rest) == [1, 4, 9, 16]
