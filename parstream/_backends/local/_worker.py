@@ -301,7 +301,11 @@ class _Runner:
         while done + len(values) < total:
             pos = done + len(values)
             try:
-                if keep:
+                if full:
+                    # The journal is full: flush before running more, so no
+                    # entry is ever written past one that was not.
+                    pass
+                elif keep:
                     words[EXACT] = 1
                     for begun, args in enumerate(it, pos + 1):
                         words[BEGUN] = begun  # before the item: the parent's record of a crash
