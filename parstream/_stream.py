@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import operator
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
@@ -52,14 +51,13 @@ from parstream._errors import SupervisorClosed, TaskTimeout
 from parstream._feeder import FEED_POLL_S, NEVER, Feeder, pulls_inline
 from parstream._output import settle as settle_output
 from parstream._progress import Progress
-from parstream._results import Exit, Ok
+from parstream._results import Exit, Ok, oks
 
 if TYPE_CHECKING:
     from parstream._backend import Backend, FnHandle
     from parstream._validate import Options
 
 T = TypeVar("T")
-_FIRST = operator.itemgetter(0)
 
 BUFFER_CHUNKS = 4  # default buffer_size, in chunks per unit of max_concurrency
 WAIT_POLL_S = 0.1  # the consumer's longest sleep: keeps Ctrl-C and close() prompt
@@ -111,6 +109,9 @@ class _State:
         self.lock = threading.Lock()  # close() may come from another thread
         self.gate = Gate(max_concurrency)
         self.feeder: Feeder | None = None
+        # The span being handed out: close() empties it, so a consumer
+        # iterating it stops at once.
+        self.span: list[Any] = []
 
     # -- consumer side -----------------------------------------------------------
 
@@ -329,6 +330,7 @@ class _State:
                 chunk.job = None
         self.running.clear()
         self.results.clear()
+        self.span.clear()
         if self.reserved:
             self.backend.release(self.reserved)
             self.reserved = 0
@@ -346,8 +348,11 @@ class _Closed(Exception):
     """The stream was closed from another thread while its generator waited."""
 
 
-def run_stream(state: _State, wrap: bool) -> Generator[Any, None, None]:
-    """The stream's generator: yields Ok/Exit (``wrap``) or plain values."""
+def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
+    """The stream's generator of *spans*: lists of consecutive results, as
+    Ok/Exit (``wrap``) or plain values. A caller iterates the items with
+    ``itertools.chain.from_iterable``, at C speed: no generator frame is
+    resumed per item, only per span."""
     try:
         yield from _produce(state, wrap)
     except _Closed:
@@ -356,7 +361,7 @@ def run_stream(state: _State, wrap: bool) -> Generator[Any, None, None]:
         state.close()
 
 
-def _produce(state: _State, wrap: bool) -> Generator[Any, None, None]:
+def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
     if state.closed:
         return
     state.start()
@@ -384,20 +389,23 @@ def _produce(state: _State, wrap: bool) -> Generator[Any, None, None]:
         if progress is not None:
             progress.update(hi - lo)
         if not chunk.errors:
-            if wrap:
-                yield from map(Ok, chunk.values[lo:hi])
-            else:
-                yield from chunk.values[lo:hi]
+            out = chunk.values[lo:hi]
+            state.span = out = oks(out) if wrap else out
+            yield out
             continue
+        out = state.span = []
         for pos in range(lo, hi):
             if pos in chunk.errors:
                 ex = state.exit_for(chunk, pos)
                 if not wrap:
+                    if out:
+                        yield out  # the values before the failure, then the failure
                     raise ex.reason
-                yield ex
+                out.append(ex)
             else:
                 v = chunk.values[pos]
-                yield Ok(v) if wrap else v
+                out.append(Ok(v) if wrap else v)
+        yield out
 
 
 class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
@@ -412,23 +420,25 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
     def __init__(self, state: _State, owner: object = None) -> None:
         self._state = state
         self._owner = owner  # keeps the Supervisor (and its workers) alive
-        self._gen: Generator[Ok[T] | Exit, None, None] = run_stream(state, True)
+        self._spans = run_stream(state, True)
+        self._items: Iterator[Ok[T] | Exit] = itertools.chain.from_iterable(self._spans)
 
     def __iter__(self) -> Iterator[Ok[T] | Exit]:
-        # Straight from the generator, at C speed: no Python-level __next__
-        # per item. The zip holds the Stream while the loop runs (dropping it
-        # would close the stream), and leaving the loop early closes nothing:
-        # the stream can be iterated on later, and closes when dropped.
-        return map(_FIRST, zip(self._gen, itertools.repeat(self)))
+        # The items at C speed: no Python-level __next__ per item. The empty
+        # repeat() holds the Stream while the loop runs (dropping it would
+        # close the stream); leaving the loop early closes nothing: the
+        # stream can be iterated on later, and closes when dropped.
+        keep: Iterator[Any] = itertools.repeat(self, 0)
+        return itertools.chain(self._items, keep)
 
     def __next__(self) -> Ok[T] | Exit:
-        return next(self._gen)
+        return next(self._items)
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
         self._state.close()
         with contextlib.suppress(ValueError):  # running in another thread: it stops itself
-            self._gen.close()
+            self._spans.close()
 
     def __enter__(self) -> Stream[T]:
         return self
@@ -463,9 +473,37 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
 def values(state: _State, owner: object) -> Iterator[Any]:
     """The plain values of a stream (``map``), raising the first failure.
 
-    Straight from the generator: a Python-level ``__next__`` per item would
-    cost more than a tiny item's own work. Holds ``owner`` (the Supervisor),
-    whose workers the stream needs, while alive."""
+    The items at C speed, a span at a time (see ``run_stream``): a
+    Python-level step per item would cost more than a tiny item's own work.
+    Holds ``owner`` (the Supervisor), whose workers the stream needs, while
+    alive."""
+    return _Values(_spans_of(state, owner))
+
+
+class _Values(Iterator[Any]):
+    """``map``'s iterator: a for loop (or ``list``) gets the chain of spans
+    itself, so no Python-level ``__next__`` runs per item; ``next()`` takes
+    from the same chain. ``close()`` stops the stream, as a generator's would.
+    """
+
+    __slots__ = ("_items", "_spans")
+
+    def __init__(self, spans: Generator[list[Any], None, None]) -> None:
+        self._spans = spans
+        self._items = itertools.chain.from_iterable(spans)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def __next__(self) -> Any:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop the stream: kill its running items and drop buffered results."""
+        self._spans.close()
+
+
+def _spans_of(state: _State, owner: object) -> Generator[list[Any], None, None]:
     gen = run_stream(state, False)
     try:
         yield from gen

@@ -590,3 +590,61 @@ def test_a_loop_left_early_can_be_resumed(sup: parstream.Supervisor) -> None:
         if len(first) == 3:
             break
     assert first + list(stream) == [Ok(x * x) for x in range(10)]
+
+
+def test_next_and_for_loops_share_one_position(sup: parstream.Supervisor) -> None:
+    """Items come a span at a time; next() and for loops take turns inside one
+    span and across spans, and nothing is lost or repeated."""
+    stream = sup.async_stream(square, range(20_000))
+    got = [next(stream), next(stream)]
+    for r in stream:
+        got.append(r)
+        if len(got) == 10_000:
+            break
+    got.append(next(stream))
+    got.extend(stream)
+    assert got == [Ok(x * x) for x in range(20_000)]
+
+
+def test_close_inside_a_span_stops_the_loop_at_once(sup: parstream.Supervisor) -> None:
+    """close() in the middle of a span of results hands out no more of it."""
+    stream = sup.async_stream(square, range(20_000))
+    seen = []
+    for r in stream:
+        seen.append(r)
+        if len(seen) == 3:
+            stream.close()
+    assert seen == [Ok(0), Ok(1), Ok(4)]
+    assert next(stream, None) is None
+
+
+def test_map_raises_a_failure_after_the_values_before_it(sup: parstream.Supervisor) -> None:
+    """Supervisor.map hands out every value before a failure, in order, then
+    raises it, though the failure came in one span with the values around it."""
+    got: list[float] = []
+    results = sup.map(inverse, [4, 2, 1, 0, 5], chunksize=5)
+    with pytest.raises(ZeroDivisionError):
+        _take_all(results, got)
+    assert got == [0.25, 0.5, 1.0]
+
+
+def _take_all(results: Iterator[float], into: list[float]) -> None:
+    for v in results:
+        into.append(v)  # noqa: PERF402 - one at a time: up to the failure
+
+
+def inverse(x: int) -> float:
+    return 1 / x
+
+
+def test_map_can_be_closed_inside_a_span(sup: parstream.Supervisor) -> None:
+    """map's iterator closes like a generator: no more values, even of the
+    span being handed out, and next() and list() share one position."""
+    values = sup.stream_map(square, range(20_000))
+    assert next(values) == 0
+    assert [next(values) for _ in range(3)] == [1, 4, 9]
+    values.close()  # type: ignore[attr-defined]
+    assert list(values) == []
+    rest = sup.stream_map(square, range(5))
+    assert next(rest) == 0
+    assert list(rest) == [1, 4, 9, 16]

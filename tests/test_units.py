@@ -8,19 +8,30 @@ between the front end and the backends. Each test runs in milliseconds.
 from __future__ import annotations
 
 import ast
+import gc
+import logging
+import pickle
 import queue
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import parstream
 from parstream._backend import Counts, End, FnHandle, Gate, Job
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of
+from parstream._backends._frames import loads_results
+from parstream._backends.local import _worker
+from parstream._backends.local._slot import INT_SLOTS, J_COUNT, J_USED, new_slot
 from parstream._children import RestartWindow, is_normal
 from parstream._chunks import MAX_CHUNK, TARGET_CHUNK_S, Chunk, ChunkSizer, ReorderBuffer
+from parstream._results import Ok, oks
 from parstream._validate import Options
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PACKAGE = Path(parstream.__file__).parent
 
@@ -362,3 +373,202 @@ def test_the_front_end_imports_only_the_seam(module: str) -> None:
             without_docs = re.sub(r'"""[\s\S]*?"""', "", body)
             if re.search(r"\bpids?\b", without_docs):
                 assert (module, node.name) in PID_READERS, (module, node.name)
+
+
+# -- Ok records built in bulk ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_oks_builds_real_ok_records_and_leaves_the_collector_as_it_was(collecting: bool) -> None:
+    values: list[Any] = [1, "a", None, [2, 3], (4,)]
+    was = gc.isenabled()
+    try:
+        if not collecting:
+            gc.disable()
+        built = oks(values)
+        assert gc.isenabled() is collecting
+    finally:
+        if was:
+            gc.enable()
+    assert built == [Ok(v) for v in values]
+    assert all(type(r) is Ok for r in built)
+    assert [r.value for r in built] == values
+    assert built[3].value is values[3]
+    assert hash(built[0]) == hash(Ok(1))
+    assert pickle.loads(pickle.dumps(built)) == built
+    match built[1]:
+        case Ok(value):
+            assert value == "a"
+        case _:
+            pytest.fail("Ok built in bulk does not match case Ok(value)")
+    with pytest.raises(AttributeError):
+        built[0].value = 2
+    assert oks([]) == []
+
+
+# -- the worker's journal --------------------------------------------------------------------
+
+
+def test_journal_keeps_every_kind_of_entry_in_order() -> None:
+    """Ints go to the slot's int array, anything else to the byte area tagged
+    with its entry number; read back in one order, by entry number."""
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    try:
+        slot.journal_reset(7)
+        big = 1 << 70
+        boom = (ValueError("boom"), "traceback text")
+        assert slot.journal_value(5)
+        assert slot.journal_value("five")
+        assert slot.journal_value(True)  # a bool stays a bool, not the int 1
+        assert slot.journal_error(boom)
+        assert slot.journal_value(big)  # beyond 64 bits: pickled
+        assert slot.journal_value(-(2**63))
+        # As the worker's item loop writes an int itself: the entry, then the count.
+        count = slot.words[J_COUNT]
+        slot.ints[count] = 42
+        slot.words[J_COUNT] = count + 1
+        base, entries = slot.journal()
+        assert base == 7
+        assert [ok for ok, _ in entries] == [True, True, True, False, True, True, True]
+        values = [v for ok, v in entries if ok]
+        assert values == [5, "five", True, big, -(2**63), 42]
+        assert type(values[2]) is bool
+        error, text = entries[3][1]
+        assert isinstance(error, ValueError)
+        assert str(error) == "boom"
+        assert text == "traceback text"
+        slot.journal_reset(0)
+        assert slot.journal() == (0, [])
+    finally:
+        slot.close()
+
+
+def test_journal_ignores_an_entry_written_but_not_counted() -> None:
+    """A worker that dies between writing an entry and counting it leaves the
+    entry unread (its item is then the one that was running)."""
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    try:
+        slot.journal_reset(0)
+        assert slot.journal_value(1)
+        assert slot.journal_value("two")
+        slot.ints[2] = 3  # written, never counted
+        slot.words[J_COUNT] = 1  # as if "two" had been written but not counted
+        assert slot.journal() == (0, [(True, 1)])
+    finally:
+        slot.close()
+
+
+def test_journal_ints_past_the_array_go_to_the_byte_area() -> None:
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    try:
+        slot.journal_reset(0)
+        slot.words[J_COUNT] = INT_SLOTS - 1
+        assert slot.journal_value(10)
+        assert slot.journal_value(11)  # entry INT_SLOTS: no room in the array
+        assert slot.words[J_USED] > 0
+        _, entries = slot.journal()
+        assert entries[-2:] == [(True, 10), (True, 11)]
+    finally:
+        slot.close()
+
+
+BIG = b"x" * 1_500_000  # pickled into the journal's byte area: three fill it
+
+
+def mixed_outcome(i: int) -> Any:
+    kind = i % 8
+    if kind in (1, 5):
+        return bytes([i]) * 1_500_000
+    if kind == 3:
+        return 1 << 70
+    if kind == 6:
+        return f"s{i}"
+    if kind == 7:
+        return ValueError(f"item {i}")
+    return i
+
+
+def big_then_ints(i: int) -> Any:
+    # The loop starts unjournaled, a step of items at a time; at its first
+    # reading of the clock they turn out slow enough to journal, and their
+    # results overflow the journal. Ints come next.
+    time.sleep(0.0001)
+    return BIG if i < _worker.TINY_STEP else i
+
+
+@pytest.mark.parametrize(
+    ("outcome", "journal_first"), [(mixed_outcome, True), (big_then_ints, False)]
+)
+def test_worker_journal_holds_only_true_results_at_every_step(
+    outcome: Callable[[int], Any], journal_first: bool
+) -> None:
+    """Run a batch through the worker's item loop in this process and read the
+    journal as a dying worker would leave it, before every item and every
+    flush: each entry counted is the result of the item at its position.
+    Results fill the journal over and over; ints, big ints, strings and
+    errors mix."""
+    slot = new_slot()
+    if slot is None:
+        pytest.skip("no memfd_create here: the pool runs without a slot")
+    sent: list[bytes] = []
+
+    class Conn:
+        def send_bytes(self, data: bytes) -> None:
+            sent.append(bytes(data))
+
+    runner = _worker._Runner(Conn(), slot)
+    outcomes: list[Any] = []  # what each item returned or raised, by position
+    checked = 0
+
+    def check_journal() -> None:
+        nonlocal checked
+        base, entries = slot.journal()
+        for k, (ok, got) in enumerate(entries):
+            want = outcomes[base + k]
+            if isinstance(want, ValueError):
+                assert not ok
+                assert str(got[0]) == str(want)
+            else:
+                assert ok
+                assert got == want
+            checked += 1
+
+    def item(i: int) -> Any:
+        check_journal()  # as a death inside this item would leave it
+        result = outcome(i)
+        outcomes.append(result)
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
+    send_results = runner.send_results
+
+    def flush(values: list[Any], errors: Any, done: bool) -> None:
+        check_journal()  # as a death between the last item and its flush would leave it
+        send_results(values, errors, done)
+
+    runner.send_results = flush  # type: ignore[method-assign]
+    try:
+        runner.run_flushing(item, list(range(60)), journal_first)
+        got: list[Any] = []
+        for data in sent:
+            _, _, values, errors = loads_results(data)
+            for i, v in enumerate(values):
+                got.append(("err", str(errors[i][0])) if i in errors else ("ok", v))
+        ran = len(got)
+        assert ran >= 1
+        assert got == [
+            ("err", str(o)) if isinstance(o, ValueError) else ("ok", o) for o in outcomes[:ran]
+        ]
+        assert checked > 0
+    finally:
+        logging.getLogger().removeHandler(
+            next(h for h in logging.getLogger().handlers if isinstance(h, _worker._Forward))
+        )
+        slot.close()

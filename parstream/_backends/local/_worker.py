@@ -56,7 +56,15 @@ from typing import Any
 from parstream._backends import _codec
 from parstream._backends._codec import failure as _failure
 from parstream._backends.local import _wire
-from parstream._backends.local._slot import BEGUN, EXACT, JOURNAL_MIN_ITEM_S, SEQ, WINDOW, Slot
+from parstream._backends.local._slot import (
+    BEGUN,
+    EXACT,
+    J_COUNT,
+    JOURNAL_MIN_ITEM_S,
+    SEQ,
+    WINDOW,
+    Slot,
+)
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
@@ -362,17 +370,35 @@ class _Runner:
         slot = self.slot
         keep = slot is not None and journal_first  # journal (and mark one by one)?
         journal = slot.journal_value if slot is not None else None
+        ints = slot.ints if slot is not None else None
         full = False  # the journal is full: flush now
         step = TINY_STEP
         while done + len(values) < total:
             pos = done + len(values)
             try:
-                if keep:
+                if full:
+                    # The journal is full: flush before running more, so no
+                    # entry is ever written past one that was not.
+                    pass
+                elif keep:
                     words[EXACT] = 1
                     for begun, args in enumerate(it, pos + 1):
                         words[BEGUN] = begun  # before the item: the parent's record of a crash
                         value = call(args)
                         append(value)
+                        # Journal it. A plain int is entry ``begun - done - 1``
+                        # of the slot's int array, written here: a call per
+                        # item would cost 8% of a 4 us item.
+                        if type(value) is int:
+                            try:
+                                ints[begun - done - 1] = value  # type: ignore[index]
+                                words[J_COUNT] = begun - done
+                            except (IndexError, ValueError, OverflowError):
+                                pass  # past the array, or beyond 64 bits
+                            else:
+                                if begun - done >= check[0]:
+                                    break
+                                continue
                         if not journal(value):  # type: ignore[misc]
                             full = True
                             check[0] = 0
