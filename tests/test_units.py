@@ -362,3 +362,15 @@ def test_the_front_end_imports_only_the_seam(module: str) -> None:
             without_docs = re.sub(r'"""[\s\S]*?"""', "", body)
             if re.search(r"\bpids?\b", without_docs):
                 assert (module, node.name) in PID_READERS, (module, node.name)
+
+
+@pytest.mark.parametrize("limit", [None, "1"])
+def test_cpu_count_follows_lokys_rule(monkeypatch: pytest.MonkeyPatch, limit: str | None) -> None:
+    """parstream's cpu_count (kept free of the loky import) agrees with loky's."""
+    import loky
+
+    if limit is None:
+        monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("LOKY_MAX_CPU_COUNT", limit)
+    assert parstream.cpu_count() == loky.cpu_count()

@@ -211,8 +211,6 @@ class Starter:
         from multiprocessing import process as mp_process
         from multiprocessing.connection import Connection
 
-        from loky.backend.fork_exec import fork_exec
-
         parent_sock, child_sock = socket.socketpair()
         slot = new_slot()
         prep_r, prep_w = os.pipe()
@@ -223,7 +221,7 @@ class Starter:
             if not PIDFDS:  # pragma: no cover - not Linux, or an old kernel
                 sentinel_r, sentinel_w = os.pipe()
                 keep.append(sentinel_w)
-            # fork_exec (loky's) does not wait for the exec to be confirmed:
+            # fork_exec does not wait for the exec to be confirmed:
             # a process another thread forks meanwhile (a fork-started Pool)
             # would hold that confirmation pipe open, and the hub with it.
             pid = fork_exec(
@@ -315,6 +313,57 @@ class Starter:
         err = WorkerStartFailed(message, exitcode=getattr(cause, "exitcode", None))
         err.__cause__ = cause
         return err
+
+
+def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
+    """Start ``cmd`` with only ``keep_fds`` (and 0-2) inherited; its pid.
+
+    loky's ``fork_exec``, copied: importing it imports all of loky (~30 ms,
+    on the hub thread, before the first worker could start; issue 12). The
+    arguments of ``_posixsubprocess.fork_exec`` change with the Python version.
+    """
+    import _posixsubprocess
+    import subprocess
+    import sys
+
+    args = [os.fsencode(arg) for arg in cmd]
+    encoded_env = [os.fsencode(f"{k}={v}") for k, v in {**os.environ, **env}.items()]
+    keep = tuple(sorted(map(int, keep_fds)))
+    allow_vfork: list[Any] = []
+    if sys.version_info < (3, 14):  # 3.14 dropped the argument (and vfork is the default)
+        allow_vfork.append(getattr(subprocess, "_USE_VFORK", True))
+    call: Any = _posixsubprocess.fork_exec  # private: typeshed knows one version's arguments
+    errpipe_read, errpipe_write = os.pipe()
+    try:
+        pid: int = call(
+            args,  # args
+            args[0:1],  # executable_list
+            True,  # close_fds
+            keep,  # pass_fds
+            None,  # cwd
+            encoded_env,  # env
+            -1,  # p2cread
+            -1,  # p2cwrite
+            -1,  # c2pread
+            -1,  # c2pwrite
+            -1,  # errread
+            -1,  # errwrite
+            errpipe_read,
+            errpipe_write,
+            False,  # restore_signal
+            False,  # call_setsid
+            -1,  # pgid_to_set
+            None,  # gid
+            None,  # extra_groups
+            None,  # uid
+            -1,  # child_umask
+            None,  # preexec_fn
+            *allow_vfork,
+        )
+    finally:
+        os.close(errpipe_read)
+        os.close(errpipe_write)
+    return pid
 
 
 def _write_all(fd: int, data: bytes, close: bool) -> None:
