@@ -66,6 +66,8 @@ log = logging.getLogger("parstream")
 FN_CACHE_SIZE = 32  # functions a worker keeps unpickled; more means more worker memory
 MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines say
 FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
+SPARES = _spawn.LIGHT_START  # keep a spare worker (see LocalPool._keep_a_spare)
+SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
 _pools: weakref.WeakSet[LocalPool] = weakref.WeakSet()
 
@@ -89,6 +91,10 @@ class LocalPool(MessageHandler):
         self._lock = threading.RLock()
         self._workers: list[LocalWorker] = []
         self._reserved = 0  # extra workers asked for by streams and children
+        self._spares = SPARES
+        self._warm = False  # the first workers have all been up: keep a spare from now on
+        self._spare_next_at = 0.0  # a spare that died by itself: no new one before then
+        self._spare_backoff = 0.0
         self._closed = False
         self._pid = os.getpid()
         self._forked = False
@@ -193,7 +199,7 @@ class LocalPool(MessageHandler):
             return [
                 Worker(id=f"pid-{w.pid}", pid=w.pid, busy=w.state == "busy")
                 for w in self._workers
-                if w.pid and w.state != "dead"
+                if w.pid and w.state not in ("dead", "spare")
             ]
 
     def nodes(self) -> list[Node]:
@@ -207,7 +213,7 @@ class LocalPool(MessageHandler):
         """Retire every idle worker and every busy one once its job ends."""
         with self._lock:
             for w in self._workers:
-                if w.state == "idle":
+                if w.state in ("idle", "spare"):
                     self._retire(w)
                 else:
                     w.retire_requested = True  # after the current batch
@@ -459,6 +465,9 @@ class LocalPool(MessageHandler):
         next_start = self._starter.next_start_at
         if next_start > now and self._wanted() > 0:
             best = next_start - now
+        if self._spares and self._warm and self._spare_next_at > now:
+            wait = self._spare_next_at - now  # a spare to start again after a back-off
+            best = wait if best is None else min(best, wait)
         for w in self._workers:
             dl: float | None = None
             if w.kill_deadline is not None:
@@ -523,9 +532,55 @@ class LocalPool(MessageHandler):
     def _spawn_as_needed(self) -> None:
         if self._closed:
             return
-        for worker in self._starter.start(self._wanted()):
+        wanted = self._wanted()
+        for spare in [w for w in self._workers if w.state == "spare"]:
+            if wanted <= 0 or time.monotonic() < self._starter.next_start_at:
+                break  # (backing off after failed starts: so is promoting)
+            if self._starter.promote(spare):
+                wanted -= 1
+            else:
+                self._retire(spare)  # started in another sys.path, directory or environment
+        for worker in self._starter.start(wanted):
             self._workers.append(worker)
             self._watch(worker)
+        self._keep_a_spare()
+
+    def _keep_a_spare(self) -> None:
+        """Keep a spare once a first worker is up and has its first work (a
+        spare's start must not slow its start, nor the first result), unless
+        starts are failing.
+
+        A spare is a worker process booted up to its initializer and then
+        waiting; when a worker dies or more are wanted, the spare is promoted
+        at once instead of a new process being started (issue 12: a crash's
+        replacement serves within a few ms, not a process start's ~50 ms).
+        It runs no user code before that, is not in ``workers()``, and counts
+        as started only when promoted; it dies with the pool like any worker.
+        """
+        if (
+            not self._spares
+            or self._starter.error is not None
+            or time.monotonic() < self._spare_next_at
+        ):
+            return
+        if not self._warm:
+            if not any(w.state in ("idle", "busy") for w in self._workers):
+                return
+            self._warm = True
+        if any(w.state == "spare" for w in self._workers):
+            return
+        spare = self._starter.start_spare()
+        if spare is None:
+            self._spare_failed()
+            return
+        self._workers.append(spare)
+        self._watch(spare)
+
+    def _spare_failed(self) -> None:
+        """A spare could not start, or died by itself: wait before the next."""
+        low, high = SPARE_BACKOFF_S
+        self._spare_backoff = min(max(self._spare_backoff * 2, low), high)
+        self._spare_next_at = time.monotonic() + self._spare_backoff
 
     def _after_idle(self, worker: LocalWorker) -> None:
         """Recycle a worker that has just become idle, if its limits say so."""
@@ -567,10 +622,12 @@ class LocalPool(MessageHandler):
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
+            cause = worker.kill_cause
             was_starting = worker.state == "starting"
+            if worker.state == "spare" and cause is None and not self._closed:
+                self._spare_failed()
             worker.state = "dead"
             job, worker.job = worker.job, None
-            cause = worker.kill_cause
             if was_starting and cause is None and not self._closed:
                 self._starter.died_starting(worker, exitcode)
             if job is None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from parstream._backends._codec import rebuild
-from parstream._backends.local import _reaper
+from parstream._backends.local import _reaper, _wire
 from parstream._backends.local._slot import Slot, new_slot
 from parstream._backends.local._worker import worker_main
 from parstream._errors import WorkerCrashed, WorkerStartFailed
@@ -110,7 +110,7 @@ class LocalWorker:
 
     process: Any
     conn: Any
-    state: str = "starting"  # starting, idle, busy, retiring, dead
+    state: str = "starting"  # spare, starting, idle, busy, retiring, dead
     pid: int = 0
     job: Job | None = None
     delivered: bool = False  # the current slice reached the pipe
@@ -126,6 +126,7 @@ class LocalWorker:
     slot: Slot | None = None
     seq: int = 0  # sequence number of the last batch sent
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
+    started_with: Any = None  # a spare: the sys.path, directory and environment it got
 
     def begun(self) -> bool:
         """Whether the worker has begun its current slice (read its header)."""
@@ -176,6 +177,35 @@ class Starter:
                 return
             yield worker
 
+    def start_spare(self) -> LocalWorker | None:
+        """Start a spare worker: booted, then waiting for ``PROMOTE`` (not
+        counted as started until promoted); None if it could not start."""
+        if not LIGHT_START:
+            return None
+        try:
+            worker = self._start_light(spare=True)
+        except Exception:
+            log.debug("parstream: could not start a spare worker", exc_info=True)
+            return None
+        worker.state = "spare"
+        worker.started_with = _start_context()
+        return worker
+
+    def promote(self, worker: LocalWorker) -> bool:
+        """Make a spare a starting worker: False if it cannot serve as one
+        (the parent's sys.path, directory or environment changed since it
+        started, so it would not be the worker a start now gives)."""
+        if worker.started_with != _start_context():
+            return False
+        worker.state = "starting"
+        with worker.send_lock:
+            try:
+                worker.conn.send_bytes(bytes((_wire.PROMOTE,)))
+            except OSError:
+                pass  # it died: its sentinel reports a failed start
+        self.counts.workers_started += 1
+        return True
+
     def _start_one(self) -> LocalWorker:
         if LIGHT_START:
             return self._start_light()
@@ -204,7 +234,7 @@ class Starter:
         self.counts.workers_started += 1
         return LocalWorker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
 
-    def _start_light(self) -> LocalWorker:
+    def _start_light(self, spare: bool = False) -> LocalWorker:
         import pickle
         import socket
         import sys
@@ -230,6 +260,7 @@ class Starter:
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
             origin = getattr(mp_process, "ORIGINAL_DIR", None) or os.getcwd()
             prep = {
+                "spare": spare,
                 "path": [p or origin for p in sys.path],
                 "cwd": os.getcwd(),
                 "conn": child_fd,
@@ -260,7 +291,8 @@ class Starter:
                 if fd >= 0:
                     os.close(fd)
         _reaper.watch(pid)
-        self.counts.workers_started += 1
+        if not spare:
+            self.counts.workers_started += 1
         conn = Connection(parent_sock.detach())
         return LocalWorker(process=_Process(pid, sentinel), conn=conn, pid=pid, slot=slot)
 
@@ -364,6 +396,19 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
         os.close(errpipe_read)
         os.close(errpipe_write)
     return pid
+
+
+def _start_context() -> tuple[list[str], str, dict[str, str]]:
+    """What a new worker takes from this process when it starts."""
+    import sys
+    from multiprocessing import process as mp_process
+
+    try:
+        cwd = os.getcwd()
+    except OSError:  # no working directory: a start now would fail too
+        cwd = ""
+    origin = getattr(mp_process, "ORIGINAL_DIR", None) or cwd
+    return [p or origin for p in sys.path], cwd, dict(os.environ)
 
 
 def _write_all(fd: int, data: bytes, close: bool) -> None:

@@ -21,6 +21,9 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   ``FORGET`` ``key`` (a function the worker failed to load: send it again
   next time), ``START_FAILED`` ``(exception, traceback_text)`` (the
   initializer raised; the worker then exits): small pickles.
+* ``PROMOTE`` (parent to a spare worker, a bare kind byte): the spare,
+  booted and waiting, now runs the initializer and says ``READY``; ``STOP``
+  or end of file ends it instead.
 
 Errors travel as ``_codec.PackedError``, so one that cannot be pickled in the
 worker or rebuilt in the parent still arrives as a ``RemoteError``.
@@ -49,6 +52,7 @@ LOG = 6
 FORGET = 7
 LOADED = 8
 START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceback_text)
+PROMOTE = 10  # parent to a spare worker, a bare kind byte: become a worker now
 
 _RUN_HEADER = struct.Struct("<BQ")
 

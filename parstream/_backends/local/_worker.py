@@ -408,9 +408,18 @@ def _run_initializer(conn: Any, initializer: bytes) -> None:
 
 
 def worker_main(
-    conn: Any, parent_pid: int, slot: Slot | None = None, initializer: bytes | None = None
+    conn: Any,
+    parent_pid: int,
+    slot: Slot | None = None,
+    initializer: bytes | None = None,
+    spare: bool = False,
 ) -> None:
-    """Entry point of a worker process (the target given to loky's Process)."""
+    """Entry point of a worker process (the target given to loky's Process).
+
+    A ``spare`` gets ready up to the initializer, then waits: ``PROMOTE``
+    makes it a worker (initializer, ``READY``), ``STOP`` or end of file
+    ends it. So a spare never runs user code unless it is promoted.
+    """
     # A process group of its own, before any task runs: everything a task
     # starts inherits it, so the parent (and the reaper) can kill it all.
     if hasattr(os, "setpgid"):
@@ -421,6 +430,13 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     runner = _Runner(conn, slot)
+    if spare:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if _wire.kind_of(raw) != _wire.PROMOTE:
+            return  # STOP
     if initializer is not None:
         _run_initializer(conn, initializer)
     conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
@@ -479,4 +495,5 @@ def boot(prep: dict[str, Any]) -> None:
     parent's ``sys.path`` and working directory are already in place."""
     slot_fd = prep["slot"]
     slot = Slot(slot_fd) if slot_fd is not None else None
-    worker_main(FdConnection(prep["conn"]), prep["parent"], slot, prep["init"])
+    conn = FdConnection(prep["conn"])
+    worker_main(conn, prep["parent"], slot, prep["init"], prep.get("spare", False))
