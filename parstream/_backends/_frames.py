@@ -18,8 +18,6 @@ import struct
 import types
 from typing import Any
 
-import cloudpickle
-
 from parstream._backends._codec import PROTOCOL, PackedError, dumps, type_name
 
 RESULTS = 2  # the kind byte a frame starts with (the local wire's RESULTS)
@@ -100,10 +98,23 @@ class _FastPickler(_Sharing, pickle.Pickler):
         self.shared = shared
 
 
-class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
-    def __init__(self, file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> None:
-        super().__init__(file, protocol=PROTOCOL)
-        self.shared = shared
+_cloud_pickler: Any = None
+
+
+def _new_cloud_pickler(file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> Any:
+    """A ``_Sharing`` cloudpickle pickler; the class is made on first use, so
+    a worker imports cloudpickle only when a value needs it."""
+    global _cloud_pickler
+    if _cloud_pickler is None:
+        import cloudpickle
+
+        class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
+            def __init__(self, file: io.BytesIO, shared: dict[int, tuple[int, Any]]) -> None:
+                super().__init__(file, protocol=PROTOCOL)
+                self.shared = shared
+
+        _cloud_pickler = _CloudPickler
+    return _cloud_pickler(file, shared)
 
 
 class _ValuePacker:
@@ -122,7 +133,7 @@ class _ValuePacker:
         self.buf = io.BytesIO()
         self.shared: dict[int, tuple[int, Any]] = {}
         self.fast = _FastPickler(self.buf, self.shared)
-        self.slow: _CloudPickler | None = None
+        self.slow: Any = None  # a cloudpickle pickler, made when first needed
 
     def add(self, value: Any) -> int:
         """Append one value's pickle; its end offset. Raises if it cannot be pickled."""
@@ -136,7 +147,7 @@ class _ValuePacker:
             buf.seek(start)
             buf.truncate()
         if self.slow is None:
-            self.slow = _CloudPickler(buf, self.shared)
+            self.slow = _new_cloud_pickler(buf, self.shared)
         try:
             self.slow.clear_memo()
             self.slow.dump(value)

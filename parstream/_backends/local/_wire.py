@@ -72,7 +72,11 @@ class RunMessage(NamedTuple):
 
 
 def encode(kind: int, obj: Any) -> bytes:
-    return bytes((kind,)) + dumps(obj)
+    # Plain pickle first: a worker's READY, LOG and FORGET need no cloudpickle.
+    try:
+        return bytes((kind,)) + pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return bytes((kind,)) + dumps(obj)
 
 
 def decode(data: bytes) -> Any:

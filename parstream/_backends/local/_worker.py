@@ -431,6 +431,9 @@ def worker_main(
     _die_with_parent(parent_pid)
     runner = _Runner(conn, slot)
     if spare:
+        # Off anyone's critical path: what a first error or closure needs.
+        import cloudpickle  # noqa: F401
+
         try:
             raw = conn.recv_bytes()
         except (EOFError, OSError):
