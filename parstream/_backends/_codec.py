@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any
 
 from parstream._errors import RemoteError, RemoteTraceback
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL = 5
 

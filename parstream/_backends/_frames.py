@@ -16,9 +16,12 @@ import io
 import pickle
 import struct
 import types
-from typing import Any
 
 from parstream._backends._codec import PROTOCOL, PackedError, dumps, type_name
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 RESULTS = 2  # the kind byte a frame starts with (the local wire's RESULTS)
 _HEADER = struct.Struct("<BIBd")

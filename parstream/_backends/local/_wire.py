@@ -31,9 +31,9 @@ worker or rebuilt in the parent still arrives as a ``RemoteError``.
 
 from __future__ import annotations
 
+import collections
 import pickle
 import struct
-from typing import Any, NamedTuple
 
 from parstream._backends._codec import PROTOCOL, dumps
 from parstream._backends._frames import (
@@ -56,19 +56,29 @@ PROMOTE = 10  # parent to a spare worker, a bare kind byte: become a worker now
 
 _RUN_HEADER = struct.Struct("<BQ")
 
+# typing is not imported at run time: it costs every worker start ~3 ms.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
 
-class RunMessage(NamedTuple):
-    """The body of a ``RUN`` frame (after its ``(kind, seq)`` header)."""
+    class RunMessage(NamedTuple):
+        """The body of a ``RUN`` frame (after its ``(kind, seq)`` header)."""
 
-    key: bytes  # the function's key (see ``_functions``)
-    fn_bytes: bytes | None  # the pickled function, if the worker lacks ``key``
-    n_items: int  # items in the batch
-    items_bytes: bytes  # the pickled list of items
-    star: bool  # each item is an argument tuple
-    report_each: bool  # one RESULTS per item (a per-item timeout is running)
-    evict: list[bytes]  # keys the worker may forget
-    has_bad: bool  # some items are ``BadArgs`` stand-ins
-    log_level: int  # the parent's root logging level
+        key: bytes  # the function's key (see ``_functions``)
+        fn_bytes: bytes | None  # the pickled function, if the worker lacks ``key``
+        n_items: int  # items in the batch
+        items_bytes: bytes  # the pickled list of items
+        star: bool  # each item is an argument tuple
+        report_each: bool  # one RESULTS per item (a per-item timeout is running)
+        evict: list[bytes]  # keys the worker may forget
+        has_bad: bool  # some items are ``BadArgs`` stand-ins
+        log_level: int  # the parent's root logging level
+
+else:  # the same fields, as a plain namedtuple
+    RunMessage = collections.namedtuple(
+        "RunMessage",
+        "key fn_bytes n_items items_bytes star report_each evict has_bad log_level",
+    )
 
 
 def encode(kind: int, obj: Any) -> bytes:

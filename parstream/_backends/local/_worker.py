@@ -44,12 +44,15 @@ import threading
 import time
 import traceback
 from itertools import islice
-from typing import Any
 
 from parstream._backends import _codec
 from parstream._backends._codec import failure as _failure
 from parstream._backends.local import _wire
 from parstream._backends.local._slot import BEGUN, EXACT, JOURNAL_MIN_ITEM_S, SEQ, WINDOW, Slot
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
