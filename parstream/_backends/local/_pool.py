@@ -26,7 +26,9 @@ Each worker has a progress slot (``_slot``) it writes before each batch and
 each item, so at a death the pool knows exactly whether the batch was begun
 and which item was running, without asking the dead. Workers are started only
 from the hub thread, because ``PR_SET_PDEATHSIG`` fires when the *thread*
-that started a child exits.
+that started a child exits. Once a first worker is up the pool also keeps a
+spare process, booted and waiting, which replaces a dead worker at once
+(``_keep_a_spare``).
 
 After ``os.fork()`` the child's copy of a pool is inert: it refuses work
 (``usable()`` says why), never signals the parent's workers, and closes its
@@ -92,7 +94,7 @@ class LocalPool(MessageHandler):
         self._workers: list[LocalWorker] = []
         self._reserved = 0  # extra workers asked for by streams and children
         self._spares = SPARES
-        self._warm = False  # the first workers have all been up: keep a spare from now on
+        self._warm = False  # a first worker has been up: keep a spare from now on
         self._spare_next_at = 0.0  # a spare that died by itself: no new one before then
         self._spare_backoff = 0.0
         self._closed = False

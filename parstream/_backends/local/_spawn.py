@@ -13,6 +13,10 @@ ready) is retried with back-off; more than ``max_start_failures`` failures
 within ``start_failure_window`` seconds fail the queued jobs with
 ``WorkerStartFailed`` (the cause attached), and the next good start ends the
 episode.
+
+``Starter.start_spare()`` starts a spare the same way, which boots and waits
+short of its initializer; ``Starter.promote()`` makes it a starting worker
+(see ``LocalPool._keep_a_spare``).
 """
 
 from __future__ import annotations
