@@ -233,7 +233,10 @@ class LocalPool(MessageHandler):
             workers = list(self._workers)
             for w in workers:
                 w.kill_cause = "close"
-                _spawn.kill_tree(w.pid or w.process.pid)
+                if w.state == "spare":
+                    _spawn.kill_spare(w.pid)
+                else:
+                    _spawn.kill_tree(w.pid or w.process.pid)
         self._wake()
         if threading.current_thread() is not self._hub:
             self._hub.join(timeout=5.0)

@@ -447,6 +447,13 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def kill_spare(pid: int) -> None:
+    """SIGKILL a spare worker. It has run no user code, so nothing below it
+    needs finding (``kill_tree``'s walk of /proc costs ~1.5 ms a worker)."""
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def rss(pid: int) -> int:
     """A worker's resident memory in bytes (0 if it cannot be read)."""
     import psutil
