@@ -36,6 +36,11 @@ def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
 
 
+def warm_up() -> None:
+    """Import cloudpickle now (a parent does, while its first workers start)."""
+    import cloudpickle  # noqa: F401
+
+
 def failure(exc: BaseException) -> Failure:
     """``(exc, traceback_text)``, dropping the live traceback (it holds frames)."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

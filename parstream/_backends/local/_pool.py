@@ -49,7 +49,7 @@ from multiprocessing import connection
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
-from parstream._backends._codec import BadArgs, culprit_error, dumps
+from parstream._backends._codec import BadArgs, culprit_error, dumps, warm_up
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
 from parstream._backends.local import _reaper, _spawn, _wire
 from parstream._backends.local._functions import ship
@@ -396,6 +396,7 @@ class LocalPool(MessageHandler):
             _reaper.release(self)
 
     def _hub_loop(self) -> None:
+        warm = False
         while True:
             with self._lock:
                 if self._closed and not self._workers:
@@ -408,6 +409,11 @@ class LocalPool(MessageHandler):
             self._outbox.flush()
             if done:
                 return
+            if not warm:
+                # The first workers are starting (~30 ms): import what the
+                # first dispatch needs now, not between READY and RUN.
+                warm = True
+                warm_up()
             deaths: list[LocalWorker] = []
             for what, w in self._wait(timeout):
                 if w is None:
