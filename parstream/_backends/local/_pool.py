@@ -41,11 +41,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import selectors
 import threading
 import time
 import weakref
-from multiprocessing import connection
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
@@ -103,7 +103,7 @@ class LocalPool(MessageHandler):
         self._starter = _spawn.Starter(
             settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
         )
-        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._wake_r, self._wake_w = _wake_pipe()
         self._wake_pending = False
         self._selector: selectors.BaseSelector | None = None
         if os.name == "posix":
@@ -450,6 +450,8 @@ class LocalPool(MessageHandler):
             for w in self._workers:
                 objs[w.conn] = ("conn", w)
                 objs[w.process.sentinel] = ("sentinel", w)
+        from multiprocessing import connection
+
         return [objs[o] for o in connection.wait(list(objs), timeout)]
 
     def _watch(self, worker: LocalWorker) -> None:
@@ -678,6 +680,41 @@ class LocalPool(MessageHandler):
         worker.idle_since = time.monotonic()
         self._dispatch.enqueue(job, front=True)
         self._wake()
+
+
+class _WakeEnd:
+    """One end of the hub's wake-up pipe on POSIX, with the few methods of a
+    ``multiprocessing`` ``Connection`` the hub uses: importing
+    ``multiprocessing.connection`` costs ~4 ms before the first worker could
+    start (issue 12), and only the selector-less path needs it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def send_bytes(self, data: bytes) -> None:
+        os.write(self.fd, data or b"\0")
+
+    def poll(self) -> bool:
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+    def recv_bytes(self) -> bytes:
+        return os.read(self.fd, 4096)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _wake_pipe() -> tuple[Any, Any]:
+    """The hub's wake-up pipe: (read end, write end)."""
+    if os.name == "posix":
+        r, w = os.pipe()
+        return _WakeEnd(r), _WakeEnd(w)
+    return multiprocessing.Pipe(duplex=False)
 
 
 def _pickle_initializer(settings: Settings) -> bytes | None:
