@@ -410,3 +410,16 @@ def test_a_forked_child_has_its_own_reaper(tmp_path: Path, recorded: list[int]) 
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+@pytest.mark.skipif(not os.path.exists(_reaper.SHELL), reason="no /bin/sh")
+def test_the_shell_reaper_kills_exactly_the_groups_still_registered() -> None:
+    """The reaper script's bookkeeping: a group added twice and removed once is
+    gone; malformed lines are ignored; what is left is killed at end of file."""
+    script = _reaper.REAPER_SH.replace('kill -9 "-$g"', 'echo "$g"')
+    assert script != _reaper.REAPER_SH
+    lines = "+12\n+34\n+12\n-12\n+x1\n-\n+\n+56\n+78\n-56\n-99\n+7\n"
+    out = subprocess.run(
+        [_reaper.SHELL, "-c", script], input=lines, capture_output=True, text=True, check=True
+    ).stdout
+    assert sorted(out.split()) == ["34", "7", "78"]

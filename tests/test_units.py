@@ -572,3 +572,15 @@ def test_worker_journal_holds_only_true_results_at_every_step(
             next(h for h in logging.getLogger().handlers if isinstance(h, _worker._Forward))
         )
         slot.close()
+
+
+@pytest.mark.parametrize("limit", [None, "1"])
+def test_cpu_count_follows_lokys_rule(monkeypatch: pytest.MonkeyPatch, limit: str | None) -> None:
+    """parstream's cpu_count (kept free of the loky import) agrees with loky's."""
+    import loky
+
+    if limit is None:
+        monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("LOKY_MAX_CPU_COUNT", limit)
+    assert parstream.cpu_count() == loky.cpu_count()

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any
-
-import cloudpickle
 
 from parstream._errors import RemoteError, RemoteTraceback
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL = 5
 
@@ -26,10 +27,21 @@ Failure = tuple[BaseException, str]
 
 def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     """Pickle with cloudpickle, so lambdas, closures and ``__main__`` code
-    travel; ``buffer_callback`` as ``pickle.dumps``'s (out-of-band buffers)."""
+    travel; ``buffer_callback`` as ``pickle.dumps``'s (out-of-band buffers).
+
+    cloudpickle is imported on first use: a worker starts without it (~10 ms
+    of every worker start, issue 12) until it needs it.
+    """
+    import cloudpickle
+
     return cloudpickle.dumps(  # type: ignore[no-any-return]
         obj, protocol=PROTOCOL, buffer_callback=buffer_callback
     )
+
+
+def warm_up() -> None:
+    """Import cloudpickle now (a parent does, while its first workers start)."""
+    import cloudpickle  # noqa: F401
 
 
 def failure(exc: BaseException) -> Failure:

@@ -22,11 +22,12 @@ import io
 import pickle
 import struct
 import types
-from typing import Any
-
-import cloudpickle
 
 from parstream._backends._codec import PROTOCOL, PackedError, dumps, type_name
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 RESULTS = 2  # the kind byte a frame starts with (the local wire's RESULTS)
 _HEADER = struct.Struct("<BIBd")  # kind, count, flags, t_next
@@ -115,12 +116,27 @@ class _FastPickler(_Sharing, pickle.Pickler):
         self.shared = shared
 
 
-class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
-    def __init__(
-        self, file: io.BytesIO, shared: dict[int, tuple[int, Any]], buffer_callback: Any
-    ) -> None:
-        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
-        self.shared = shared
+_cloud_pickler: Any = None
+
+
+def _new_cloud_pickler(
+    file: io.BytesIO, shared: dict[int, tuple[int, Any]], buffer_callback: Any
+) -> Any:
+    """A ``_Sharing`` cloudpickle pickler; the class is made on first use, so
+    a worker imports cloudpickle only when a value needs it."""
+    global _cloud_pickler
+    if _cloud_pickler is None:
+        import cloudpickle
+
+        class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
+            def __init__(
+                self, file: io.BytesIO, shared: dict[int, tuple[int, Any]], buffer_callback: Any
+            ) -> None:
+                super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+                self.shared = shared
+
+        _cloud_pickler = _CloudPickler
+    return _cloud_pickler(file, shared, buffer_callback)
 
 
 class Collector:
@@ -177,7 +193,7 @@ class _ValuePacker:
         # module docstring); ``None`` keeps every buffer in the pickle.
         self.collect = collect
         self.fast = _FastPickler(self.buf, self.shared, collect)
-        self.slow: _CloudPickler | None = None
+        self.slow: Any = None  # a cloudpickle pickler, made when first needed
 
     def add(self, value: Any) -> int:
         """Append one value's pickle; its end offset. Raises if it cannot be pickled."""
@@ -191,7 +207,7 @@ class _ValuePacker:
         except BaseException:
             self._undo(start, kept)
         if self.slow is None:
-            self.slow = _CloudPickler(buf, self.shared, self.collect)
+            self.slow = _new_cloud_pickler(buf, self.shared, self.collect)
         try:
             self.slow.clear_memo()
             self.slow.dump(value)

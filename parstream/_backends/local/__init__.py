@@ -13,7 +13,7 @@ This module stays light: worker processes import it on their way to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False  # see parstream/__init__.py
 
 if TYPE_CHECKING:
     from parstream._backend import Backend, Settings

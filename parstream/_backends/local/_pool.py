@@ -30,7 +30,9 @@ Each worker has a progress slot (``_slot``) it writes before each batch and
 each item, so at a death the pool knows exactly whether the batch was begun
 and which item was running, without asking the dead. Workers are started only
 from the hub thread, because ``PR_SET_PDEATHSIG`` fires when the *thread*
-that started a child exits.
+that started a child exits. Once a first worker is up the pool also keeps a
+spare process, booted and waiting, which replaces a dead worker at once
+(``_keep_a_spare``).
 
 After ``os.fork()`` the child's copy of a pool is inert: it refuses work
 (``usable()`` says why), never signals the parent's workers, and closes its
@@ -43,15 +45,15 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import selectors
 import threading
 import time
 import weakref
-from multiprocessing import connection
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
-from parstream._backends._codec import BadArgs, culprit_error, dumps
+from parstream._backends._codec import BadArgs, culprit_error, dumps, warm_up
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
 from parstream._backends.local import _reaper, _shm, _spawn, _wire
 from parstream._backends.local._functions import ship
@@ -70,6 +72,8 @@ log = logging.getLogger("parstream")
 FN_CACHE_SIZE = 32  # functions a worker keeps unpickled; more means more worker memory
 MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines say
 FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
+SPARES = _spawn.LIGHT_START  # keep a spare worker (see LocalPool._keep_a_spare)
+SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
 _pools: weakref.WeakSet[LocalPool] = weakref.WeakSet()
 
@@ -93,6 +97,10 @@ class LocalPool(MessageHandler):
         self._lock = threading.RLock()
         self._workers: list[LocalWorker] = []
         self._reserved = 0  # extra workers asked for by streams and children
+        self._spares = SPARES
+        self._warm = False  # a first worker has been up: keep a spare from now on
+        self._spare_next_at = 0.0  # a spare that died by itself: no new one before then
+        self._spare_backoff = 0.0
         self._closed = False
         self._pid = os.getpid()
         self._forked = False
@@ -100,7 +108,7 @@ class LocalPool(MessageHandler):
         self._starter = _spawn.Starter(
             settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
         )
-        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._wake_r, self._wake_w = _wake_pipe()
         self._wake_pending = False
         self._selector: selectors.BaseSelector | None = None
         if os.name == "posix":
@@ -198,7 +206,7 @@ class LocalPool(MessageHandler):
             return [
                 Worker(id=f"pid-{w.pid}", pid=w.pid, busy=w.state == "busy")
                 for w in self._workers
-                if w.pid and w.state != "dead"
+                if w.pid and w.state not in ("dead", "spare")
             ]
 
     def nodes(self) -> list[Node]:
@@ -212,7 +220,7 @@ class LocalPool(MessageHandler):
         """Retire every idle worker and every busy one once its job ends."""
         with self._lock:
             for w in self._workers:
-                if w.state == "idle":
+                if w.state in ("idle", "spare"):
                     self._retire(w)
                 else:
                     w.retire_requested = True  # after the current batch
@@ -230,7 +238,10 @@ class LocalPool(MessageHandler):
             workers = list(self._workers)
             for w in workers:
                 w.kill_cause = "close"
-                _spawn.kill_tree(w.pid or w.process.pid)
+                if w.state == "spare":
+                    _spawn.kill_spare(w.pid)
+                else:
+                    _spawn.kill_tree(w.pid or w.process.pid)
         self._wake()
         if threading.current_thread() is not self._hub:
             self._hub.join(timeout=5.0)
@@ -411,6 +422,7 @@ class LocalPool(MessageHandler):
             _reaper.release(self)
 
     def _hub_loop(self) -> None:
+        warm = False
         while True:
             with self._lock:
                 if self._closed and not self._workers:
@@ -423,6 +435,11 @@ class LocalPool(MessageHandler):
             self._outbox.flush()
             if done:
                 return
+            if not warm:
+                # The first workers are starting (~30 ms): import what the
+                # first dispatch needs now, not between READY and RUN.
+                warm = True
+                warm_up()
             deaths: list[LocalWorker] = []
             for what, w in self._wait(timeout):
                 if w is None:
@@ -459,6 +476,8 @@ class LocalPool(MessageHandler):
             for w in self._workers:
                 objs[w.conn] = ("conn", w)
                 objs[w.process.sentinel] = ("sentinel", w)
+        from multiprocessing import connection
+
         return [objs[o] for o in connection.wait(list(objs), timeout)]
 
     def _watch(self, worker: LocalWorker) -> None:
@@ -485,6 +504,9 @@ class LocalPool(MessageHandler):
         next_start = self._starter.next_start_at
         if next_start > now and self._wanted() > 0:
             best = next_start - now
+        if self._spares and self._warm and self._spare_next_at > now:
+            wait = self._spare_next_at - now  # a spare to start again after a back-off
+            best = wait if best is None else min(best, wait)
         for w in self._workers:
             dl: float | None = None
             if w.kill_deadline is not None:
@@ -549,9 +571,55 @@ class LocalPool(MessageHandler):
     def _spawn_as_needed(self) -> None:
         if self._closed:
             return
-        for worker in self._starter.start(self._wanted()):
+        wanted = self._wanted()
+        for spare in [w for w in self._workers if w.state == "spare"]:
+            if wanted <= 0 or time.monotonic() < self._starter.next_start_at:
+                break  # (backing off after failed starts: so is promoting)
+            if self._starter.promote(spare):
+                wanted -= 1
+            else:
+                self._retire(spare)  # started in another sys.path, directory or environment
+        for worker in self._starter.start(wanted):
             self._workers.append(worker)
             self._watch(worker)
+        self._keep_a_spare()
+
+    def _keep_a_spare(self) -> None:
+        """Keep a spare once a first worker is up and has its first work (a
+        spare's start must not slow its start, nor the first result), unless
+        starts are failing.
+
+        A spare is a worker process booted up to its initializer and then
+        waiting; when a worker dies or more are wanted, the spare is promoted
+        at once instead of a new process being started (issue 12: a crash's
+        replacement serves within a few ms, not a process start's ~50 ms).
+        It runs no user code before that, is not in ``workers()``, and counts
+        as started only when promoted; it dies with the pool like any worker.
+        """
+        if (
+            not self._spares
+            or self._starter.error is not None
+            or time.monotonic() < self._spare_next_at
+        ):
+            return
+        if not self._warm:
+            if not any(w.state in ("idle", "busy") for w in self._workers):
+                return
+            self._warm = True
+        if any(w.state == "spare" for w in self._workers):
+            return
+        spare = self._starter.start_spare()
+        if spare is None:
+            self._spare_failed()
+            return
+        self._workers.append(spare)
+        self._watch(spare)
+
+    def _spare_failed(self) -> None:
+        """A spare could not start, or died by itself: wait before the next."""
+        low, high = SPARE_BACKOFF_S
+        self._spare_backoff = min(max(self._spare_backoff * 2, low), high)
+        self._spare_next_at = time.monotonic() + self._spare_backoff
 
     def _after_idle(self, worker: LocalWorker) -> None:
         """Recycle a worker that has just become idle, if its limits say so."""
@@ -596,10 +664,12 @@ class LocalPool(MessageHandler):
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
+            cause = worker.kill_cause
             was_starting = worker.state == "starting"
+            if worker.state == "spare" and cause is None and not self._closed:
+                self._spare_failed()
             worker.state = "dead"
             job, worker.job = worker.job, None
-            cause = worker.kill_cause
             if was_starting and cause is None and not self._closed:
                 self._starter.died_starting(worker, exitcode)
             if job is None:
@@ -639,6 +709,41 @@ class LocalPool(MessageHandler):
         worker.idle_since = time.monotonic()
         self._dispatch.enqueue(job, front=True)
         self._wake()
+
+
+class _WakeEnd:
+    """One end of the hub's wake-up pipe on POSIX, with the few methods of a
+    ``multiprocessing`` ``Connection`` the hub uses: importing
+    ``multiprocessing.connection`` costs ~4 ms before the first worker could
+    start (issue 12), and only the selector-less path needs it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def send_bytes(self, data: bytes) -> None:
+        os.write(self.fd, data or b"\0")
+
+    def poll(self) -> bool:
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+    def recv_bytes(self) -> bytes:
+        return os.read(self.fd, 4096)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _wake_pipe() -> tuple[Any, Any]:
+    """The hub's wake-up pipe: (read end, write end)."""
+    if os.name == "posix":
+        r, w = os.pipe()
+        return _WakeEnd(r), _WakeEnd(w)
+    return multiprocessing.Pipe(duplex=False)
 
 
 def _pickle_initializer(settings: Settings) -> bytes | None:

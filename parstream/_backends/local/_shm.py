@@ -44,9 +44,12 @@ import mmap
 import os
 import socket
 import threading
-from typing import Any
 
 from parstream._backends._frames import buffer_layout
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 RECV_TIMEOUT_S = 30.0  # the descriptor is sent before its message: this is a bug's bound
 ARENA_IDLE_BYTES = 64 << 20  # idle blocks kept for reuse beyond this are closed

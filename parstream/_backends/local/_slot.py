@@ -35,9 +35,12 @@ import mmap
 import os
 import pickle
 import struct
-from typing import Any
 
 from parstream._backends._frames import OOB_MIN_BYTES, Collector
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 SEQ = 0  # the sequence number of the batch the worker has begun
 BEGUN = 1  # items of that batch the worker has begun

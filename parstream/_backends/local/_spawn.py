@@ -13,6 +13,10 @@ ready) is retried with back-off; more than ``max_start_failures`` failures
 within ``start_failure_window`` seconds fail the queued jobs with
 ``WorkerStartFailed`` (the cause attached), and the next good start ends the
 episode.
+
+``Starter.start_spare()`` starts a spare the same way, which boots and waits
+short of its initializer; ``Starter.promote()`` makes it a starting worker
+(see ``LocalPool._keep_a_spare``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from parstream._backends._codec import rebuild
-from parstream._backends.local import _reaper, _shm
+from parstream._backends.local import _reaper, _shm, _wire
 from parstream._backends.local._slot import Slot, new_slot
 from parstream._backends.local._worker import worker_main
 from parstream._errors import WorkerCrashed, WorkerStartFailed
@@ -111,7 +115,7 @@ class LocalWorker:
 
     process: Any
     conn: Any
-    state: str = "starting"  # starting, idle, busy, retiring, dead
+    state: str = "starting"  # spare, starting, idle, busy, retiring, dead
     pid: int = 0
     job: Job | None = None
     delivered: bool = False  # the current slice reached the pipe
@@ -128,6 +132,7 @@ class LocalWorker:
     seq: int = 0  # sequence number of the last batch sent
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
     fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
+    started_with: Any = None  # a spare: the sys.path, directory and environment it got
 
     def begun(self) -> bool:
         """Whether the worker has begun its current slice (read its header)."""
@@ -178,6 +183,35 @@ class Starter:
                 return
             yield worker
 
+    def start_spare(self) -> LocalWorker | None:
+        """Start a spare worker: booted, then waiting for ``PROMOTE`` (not
+        counted as started until promoted); None if it could not start."""
+        if not LIGHT_START:
+            return None
+        try:
+            worker = self._start_light(spare=True)
+        except Exception:
+            log.debug("parstream: could not start a spare worker", exc_info=True)
+            return None
+        worker.state = "spare"
+        worker.started_with = _start_context()
+        return worker
+
+    def promote(self, worker: LocalWorker) -> bool:
+        """Make a spare a starting worker: False if it cannot serve as one
+        (the parent's sys.path, directory or environment changed since it
+        started, so it would not be the worker a start now gives)."""
+        if worker.started_with != _start_context():
+            return False
+        worker.state = "starting"
+        with worker.send_lock:
+            try:
+                worker.conn.send_bytes(bytes((_wire.PROMOTE,)))
+            except OSError:
+                pass  # it died: its sentinel reports a failed start
+        self.counts.workers_started += 1
+        return True
+
     def _start_one(self) -> LocalWorker:
         if LIGHT_START:
             return self._start_light()
@@ -206,14 +240,11 @@ class Starter:
         self.counts.workers_started += 1
         return LocalWorker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
 
-    def _start_light(self) -> LocalWorker:
+    def _start_light(self, spare: bool = False) -> LocalWorker:
         import pickle
         import socket
         import sys
         from multiprocessing import process as mp_process
-        from multiprocessing.connection import Connection
-
-        from loky.backend.fork_exec import fork_exec
 
         parent_sock, child_sock = socket.socketpair()
         fdchan, fdchan_child = _shm.channel_pair()
@@ -228,7 +259,7 @@ class Starter:
             if not PIDFDS:  # pragma: no cover - not Linux, or an old kernel
                 sentinel_r, sentinel_w = os.pipe()
                 keep.append(sentinel_w)
-            # fork_exec (loky's) does not wait for the exec to be confirmed:
+            # fork_exec does not wait for the exec to be confirmed:
             # a process another thread forks meanwhile (a fork-started Pool)
             # would hold that confirmation pipe open, and the hub with it.
             pid = fork_exec(
@@ -237,6 +268,7 @@ class Starter:
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
             origin = getattr(mp_process, "ORIGINAL_DIR", None) or os.getcwd()
             prep = {
+                "spare": spare,
                 "path": [p or origin for p in sys.path],
                 "cwd": os.getcwd(),
                 "conn": child_fd,
@@ -272,7 +304,11 @@ class Starter:
                 if fd >= 0:
                     os.close(fd)
         _reaper.watch(pid)
-        self.counts.workers_started += 1
+        if not spare:
+            self.counts.workers_started += 1
+        # Imported after this worker's fork: ~4 ms the first time (issue 12).
+        from multiprocessing.connection import Connection
+
         conn = Connection(parent_sock.detach())
         return LocalWorker(
             process=_Process(pid, sentinel), conn=conn, pid=pid, slot=slot, fdchan=fdchan
@@ -329,6 +365,70 @@ class Starter:
         return err
 
 
+def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
+    """Start ``cmd`` with only ``keep_fds`` (and 0-2) inherited; its pid.
+
+    loky's ``fork_exec``, copied: importing it imports all of loky (~30 ms,
+    on the hub thread, before the first worker could start; issue 12). The
+    arguments of ``_posixsubprocess.fork_exec`` change with the Python version.
+    """
+    import _posixsubprocess
+    import subprocess
+    import sys
+
+    args = [os.fsencode(arg) for arg in cmd]
+    encoded_env = [os.fsencode(f"{k}={v}") for k, v in {**os.environ, **env}.items()]
+    keep = tuple(sorted(map(int, keep_fds)))
+    allow_vfork: list[Any] = []
+    if sys.version_info < (3, 14):  # 3.14 dropped the argument (and vfork is the default)
+        allow_vfork.append(getattr(subprocess, "_USE_VFORK", True))
+    call: Any = _posixsubprocess.fork_exec  # private: typeshed knows one version's arguments
+    errpipe_read, errpipe_write = os.pipe()
+    try:
+        pid: int = call(
+            args,  # args
+            args[0:1],  # executable_list
+            True,  # close_fds
+            keep,  # pass_fds
+            None,  # cwd
+            encoded_env,  # env
+            -1,  # p2cread
+            -1,  # p2cwrite
+            -1,  # c2pread
+            -1,  # c2pwrite
+            -1,  # errread
+            -1,  # errwrite
+            errpipe_read,
+            errpipe_write,
+            False,  # restore_signal
+            False,  # call_setsid
+            -1,  # pgid_to_set
+            None,  # gid
+            None,  # extra_groups
+            None,  # uid
+            -1,  # child_umask
+            None,  # preexec_fn
+            *allow_vfork,
+        )
+    finally:
+        os.close(errpipe_read)
+        os.close(errpipe_write)
+    return pid
+
+
+def _start_context() -> tuple[list[str], str, dict[str, str]]:
+    """What a new worker takes from this process when it starts."""
+    import sys
+    from multiprocessing import process as mp_process
+
+    try:
+        cwd = os.getcwd()
+    except OSError:  # no working directory: a start now would fail too
+        cwd = ""
+    origin = getattr(mp_process, "ORIGINAL_DIR", None) or cwd
+    return [p or origin for p in sys.path], cwd, dict(os.environ)
+
+
 def _write_all(fd: int, data: bytes, close: bool) -> None:
     try:
         view = memoryview(data)
@@ -357,6 +457,13 @@ def kill_tree(pid: int) -> None:
     for child in reversed(children):
         with contextlib.suppress(psutil.Error):
             child.kill()
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def kill_spare(pid: int) -> None:
+    """SIGKILL a spare worker. It has run no user code, so nothing below it
+    needs finding (``kill_tree``'s walk of /proc costs ~1.5 ms a worker)."""
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
 

@@ -27,6 +27,9 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   next time), ``RELEASED`` ``[block_id, ...]`` (arena blocks the worker
   has unmapped, see ``_shm``), ``START_FAILED`` ``(exception, traceback_text)`` (the
   initializer raised; the worker then exits): small pickles.
+* ``PROMOTE`` (parent to a spare worker, a bare kind byte): the spare,
+  booted and waiting, now runs the initializer and says ``READY``; ``STOP``
+  or end of file ends it instead.
 
 Errors travel as ``_codec.PackedError``, so one that cannot be pickled in the
 worker or rebuilt in the parent still arrives as a ``RemoteError``.
@@ -34,9 +37,9 @@ worker or rebuilt in the parent still arrives as a ``RemoteError``.
 
 from __future__ import annotations
 
+import collections
 import pickle
 import struct
-from typing import Any, NamedTuple
 
 from parstream._backends._codec import PROTOCOL, dumps
 from parstream._backends._frames import (
@@ -60,29 +63,44 @@ FORGET = 7
 LOADED = 8
 START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceback_text)
 RELEASED = 10  # worker to parent: arena blocks it no longer maps; [block_id, ...]
+PROMOTE = 11  # parent to a spare worker, a bare kind byte: become a worker now
 
 _RUN_HEADER = struct.Struct("<BQB")  # kind, seq, a descriptor was sent just before
 
+# typing is not imported at run time: it costs every worker start ~3 ms.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
 
-class RunMessage(NamedTuple):
-    """The body of a ``RUN`` frame (after its header)."""
+    class RunMessage(NamedTuple):
+        """The body of a ``RUN`` frame (after its header)."""
 
-    key: bytes  # the function's key (see ``_functions``)
-    fn_bytes: bytes | None  # the pickled function, if the worker lacks ``key``
-    n_items: int  # items in the batch
-    items_bytes: bytes  # the pickled list of items
-    star: bool  # each item is an argument tuple
-    report_each: bool  # one RESULTS per item (a per-item timeout is running)
-    evict: list[bytes]  # keys the worker may forget
-    has_bad: bool  # some items are ``BadArgs`` stand-ins
-    log_level: int  # the parent's root logging level
-    # Where the items' out-of-band buffers lie in the descriptor sent just
-    # before this message (``_shm``); empty when none was sent.
-    buffers: tuple[int, list[int]] | None  # (arena block id, sizes in ``buffer_layout``)
+        key: bytes  # the function's key (see ``_functions``)
+        fn_bytes: bytes | None  # the pickled function, if the worker lacks ``key``
+        n_items: int  # items in the batch
+        items_bytes: bytes  # the pickled list of items
+        star: bool  # each item is an argument tuple
+        report_each: bool  # one RESULTS per item (a per-item timeout is running)
+        evict: list[bytes]  # keys the worker may forget
+        has_bad: bool  # some items are ``BadArgs`` stand-ins
+        log_level: int  # the parent's root logging level
+        # (arena block id, sizes in ``buffer_layout``) of the items' large
+        # buffers, in the descriptor sent just before (``_shm``); or None.
+        buffers: tuple[int, list[int]] | None
+
+else:  # the same fields, as a plain namedtuple
+    RunMessage = collections.namedtuple(
+        "RunMessage",
+        "key fn_bytes n_items items_bytes star report_each evict has_bad log_level buffers",
+    )
 
 
 def encode(kind: int, obj: Any) -> bytes:
-    return bytes((kind,)) + dumps(obj)
+    # Plain pickle first: a worker's READY, LOG and FORGET need no cloudpickle.
+    try:
+        return bytes((kind,)) + pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return bytes((kind,)) + dumps(obj)
 
 
 def decode(data: bytes) -> Any:

@@ -51,7 +51,6 @@ import threading
 import time
 import traceback
 from itertools import islice
-from typing import Any
 
 from parstream._backends import _codec
 from parstream._backends._codec import failure as _failure
@@ -65,6 +64,10 @@ from parstream._backends.local._slot import (
     WINDOW,
     Slot,
 )
+
+TYPE_CHECKING = False  # see parstream/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
@@ -527,9 +530,15 @@ def worker_main(
     parent_pid: int,
     slot: Slot | None = None,
     initializer: bytes | None = None,
+    spare: bool = False,
     fdchan: int | None = None,
 ) -> None:
-    """Entry point of a worker process (the target given to loky's Process)."""
+    """Entry point of a worker process (the target given to loky's Process).
+
+    A ``spare`` gets ready up to the initializer, then waits: ``PROMOTE``
+    makes it a worker (initializer, ``READY``), ``STOP`` or end of file
+    ends it. So a spare never runs user code unless it is promoted.
+    """
     # A process group of its own, before any task runs: everything a task
     # starts inherits it, so the parent (and the reaper) can kill it all.
     if hasattr(os, "setpgid"):
@@ -540,6 +549,16 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     runner = _Runner(conn, slot, fdchan)
+    if spare:
+        # Off anyone's critical path: what a first error or closure needs.
+        import cloudpickle  # noqa: F401
+
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if _wire.kind_of(raw) != _wire.PROMOTE:
+            return  # STOP
     if initializer is not None:
         _run_initializer(conn, initializer)
     conn.send_bytes(_wire.encode(_wire.READY, os.getpid()))
@@ -599,4 +618,6 @@ def boot(prep: dict[str, Any]) -> None:
     slot_fd = prep["slot"]
     slot = Slot(slot_fd) if slot_fd is not None else None
     conn = FdConnection(prep["conn"])
-    worker_main(conn, prep["parent"], slot, prep["init"], prep.get("fdchan"))
+    worker_main(
+        conn, prep["parent"], slot, prep["init"], prep.get("spare", False), prep.get("fdchan")
+    )
