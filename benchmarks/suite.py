@@ -424,6 +424,10 @@ def _run_child(spec: dict[str, Any], timeout: float = 180) -> tuple[dict[str, An
     """``python -m benchmarks.child SPEC`` in a fresh process: its figures, and its wall time."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
+    # As a user's interpreter: bytecode cached after the first run (a shell
+    # with PYTHONDONTWRITEBYTECODE would recompile every pure-Python package,
+    # parstream included, in every fresh process, and the stdlib never).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
