@@ -16,6 +16,7 @@ the same thing in different parents); each is a result of its own.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -164,6 +165,10 @@ def _interleave(
 
 def _timed(fn: Callable[[], Any]) -> Callable[[], float]:
     def run() -> float:
+        # Each runner starts with no garbage left by the one before: a peer
+        # that leaves cycles behind (futures of 200,000 items...) would
+        # otherwise have the next runner's first full collection pay for them.
+        gc.collect()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
