@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
@@ -47,42 +46,6 @@ ShutdownTimeout = float | _BrutalKill
 
 def _kill_job(backend: Backend, job: Job) -> None:
     backend.kill(job, None)
-
-
-class _Latch:
-    """A one-shot ``threading.Event`` built on one bare lock: set, is_set and
-    wait are single C calls (an Event is a Condition, several Python frames
-    per wait and per set, on every task's round trip). Interruptible by
-    Ctrl-C like any lock acquire."""
-
-    __slots__ = ("_flag", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = _allocate_lock()
-        self._lock.acquire()
-        self._flag = False
-
-    def set(self) -> None:
-        # Called once (``Task._set`` lets one result through, under its lock).
-        if not self._flag:
-            self._flag = True
-            self._lock.release()
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._flag:
-            return True
-        if timeout is None:
-            got = self._lock.acquire()
-        elif timeout <= 0:
-            got = self._lock.acquire(False)
-        else:
-            got = self._lock.acquire(True, min(timeout, threading.TIMEOUT_MAX))
-        if got:
-            self._lock.release()  # the next waiter passes too
-        return got or self._flag
 
 
 class _TaskSink:
@@ -131,7 +94,7 @@ class Task(Generic[T]):
         self._backend = backend
         self._linked = linked
         self._lock = threading.Lock()
-        self._done = _Latch()
+        self._done = threading.Event()
         self._result: Ok[T] | Exit | None = None
         self._callbacks: list[Callable[[Task[T]], None]] = []
         self._waiters: list[Callable[[Task[T]], None]] = []
