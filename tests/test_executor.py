@@ -604,8 +604,9 @@ def test_ctrl_c_at_exit_kills_pending_work(tmp_path: Path) -> None:
     """Ctrl-C while exit waits for pending futures kills them and the script ends."""
     body = textwrap.dedent(
         f"""
-        import json, time, parstream
+        import faulthandler, json, signal, time, parstream
         import _executor_funcs as f
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if it hangs
         ex = parstream.Supervisor(max_workers=1)
         fut = ex.submit(f.mark_then_wait, {str(tmp_path / "m")!r}, {str(tmp_path / "r")!r}, 120)
         while not fut.running():
@@ -631,7 +632,14 @@ def test_ctrl_c_at_exit_kills_pending_work(tmp_path: Path) -> None:
         time.sleep(0.3)  # let the script reach its exit hook
         assert proc.poll() is None  # waiting for the pending future, as the stdlib does
         os.kill(proc.pid, signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the script did not end after Ctrl-C; its threads:\n{err[-6000:]}")
         assert all(gone(p) for p in pids), pids
     finally:
         if proc.poll() is None:
