@@ -606,6 +606,9 @@ def test_ctrl_c_at_exit_kills_pending_work(tmp_path: Path) -> None:
         f"""
         import faulthandler, json, signal, time, parstream
         import _executor_funcs as f
+        # As in a terminal: a shell's background job inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler at all.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if it hangs
         ex = parstream.Supervisor(max_workers=1)
         fut = ex.submit(f.mark_then_wait, {str(tmp_path / "m")!r}, {str(tmp_path / "r")!r}, 120)
