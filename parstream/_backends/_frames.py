@@ -169,6 +169,11 @@ def buffer_layout(sizes: list[int]) -> Layout:
     return layout
 
 
+def split_buffers(whole: memoryview, sizes: list[int]) -> list[memoryview]:
+    """One view per buffer of ``sizes`` in ``whole``, laid out by ``buffer_layout``."""
+    return [whole[offset : offset + n] for offset, n in buffer_layout(sizes)]
+
+
 def has_buffers(data: bytes) -> bool:
     """Whether the frame ``data`` announces out-of-band buffers beside it."""
     return bool(data[_FLAGS_AT] & HAS_BUFFERS)
@@ -372,7 +377,7 @@ def loads_results(
     if oob is not None:
         sizes, spans = oob
         if buffers is not None:
-            views = [buffers[at : at + n] for at, n in buffer_layout(sizes)]
+            views = split_buffers(buffers, sizes)
     shared = _SharedTable(table)
     file = io.BytesIO(blob)
     unpickler: Any = None

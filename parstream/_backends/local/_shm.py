@@ -45,7 +45,7 @@ import os
 import socket
 import threading
 
-from parstream._backends._frames import buffer_layout
+from parstream._backends._frames import Layout, buffer_layout
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
@@ -96,9 +96,8 @@ class Block:
         self.view = memoryview(self.mapping)
         self.lent_to: Any = None
 
-    def write(self, buffers: list[memoryview]) -> None:
+    def write(self, buffers: list[memoryview], layout: Layout) -> None:
         view = self.view
-        layout = buffer_layout([b.nbytes for b in buffers])
         for raw, (offset, n) in zip(buffers, layout, strict=True):
             view[offset : offset + n] = raw
 
@@ -124,7 +123,8 @@ class Arena:
     def lend(self, buffers: list[memoryview], worker: Any) -> Block:
         """A block holding ``buffers``, lent to ``worker`` until it releases
         it or dies. Raises ``OSError`` when memory or descriptors run out."""
-        need = max(offset + n for offset, n in buffer_layout([b.nbytes for b in buffers]))
+        layout = buffer_layout([b.nbytes for b in buffers])
+        need = max(offset + n for offset, n in layout)
         with self._lock:
             fits = [b for b in self._free if b.size >= need]
             block = min(fits, key=lambda b: b.size) if fits else None
@@ -137,7 +137,7 @@ class Arena:
             size = -(-need // _BLOCK_GRAIN) * _BLOCK_GRAIN
             block = Block(block_id, size)
         try:
-            block.write(buffers)
+            block.write(buffers, layout)
         except BaseException:
             self._give_back(block)
             raise
@@ -216,11 +216,6 @@ def mapped(fd: int) -> mmap.mmap:
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-
-
-def split(whole: memoryview, sizes: list[int]) -> list[memoryview]:
-    """One view per buffer of ``sizes`` in ``whole``."""
-    return [whole[offset : offset + n] for offset, n in buffer_layout(sizes)]
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket] | tuple[None, None]:

@@ -46,11 +46,10 @@ from parstream._backends._frames import (
     RESULTS as RESULTS,
     Collector as Collector,
     Errors as Errors,
-    Layout as Layout,
-    buffer_layout as buffer_layout,
     dumps_results as dumps_results,
     has_buffers as has_buffers,
     loads_results as loads_results,
+    split_buffers as split_buffers,
 )
 
 RUN = 1

@@ -264,7 +264,8 @@ class _Runner:
             if buffers is not None:
                 if mapping is None:
                     raise EOFError("the batch's large buffers did not arrive from the parent")
-                items = pickle.loads(items_bytes, buffers=_split(memoryview(mapping), buffers[1]))
+                views = _wire.split_buffers(memoryview(mapping), buffers[1])
+                items = pickle.loads(items_bytes, buffers=views)
             else:
                 items = pickle.loads(items_bytes)
         except BaseException as exc:
@@ -504,10 +505,6 @@ class _Runner:
             if self.blocks:
                 del mapping  # the batch's arrays are gone, unless a task kept one
                 self.release_blocks()
-
-
-def _split(whole: memoryview, sizes: list[int]) -> list[memoryview]:
-    return [whole[at : at + n] for at, n in _wire.buffer_layout(sizes)]
 
 
 def _run_initializer(conn: Any, initializer: bytes) -> None:
