@@ -273,3 +273,55 @@ def test_a_forked_child_sends_arrays_through_its_own_pool() -> None:
     assert fork_and_wait(child) == 0
     # The parent's pool and arena are untouched by the child's.
     assert list(parstream.map(np.sum, arrays)) == [float(i) * N for i in range(8)]
+
+
+# -- the workers' malloc ------------------------------------------------------
+
+
+def _env_seen(_: object = None) -> tuple[dict[str, str], dict[str, str], str]:
+    """What this worker's C library read at its start (its initial
+    environment), what tasks see in ``os.environ``, and what a subprocess gets."""
+    import subprocess
+
+    with open(f"/proc/{os.getpid()}/environ", "rb") as f:
+        initial = dict(
+            entry.decode().split("=", 1) for entry in f.read().split(b"\0") if b"=" in entry
+        )
+    seen = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(k for k in os.environ if 'MALLOC' in k))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return {k: v for k, v in initial.items() if k.startswith("MALLOC_")}, seen, child
+
+
+@pytest.mark.skipif(
+    not os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else True,
+    reason="glibc's malloc settings",
+)
+def test_workers_keep_freed_memory_for_reuse_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The workers' glibc keeps blocks of a few MiB on its heap (a numpy
+    temporary is not faulted in again on every call), set through the
+    environment it starts with; tasks and what they start do not see it, and
+    a setting of the user's own wins."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    with parstream.Supervisor(max_workers=1) as sup:
+        initial, seen, child = sup.async_(_env_seen).await_(30)
+    assert initial == {
+        "MALLOC_MMAP_THRESHOLD_": str(16 << 20),
+        "MALLOC_TRIM_THRESHOLD_": str(32 << 20),
+    }
+    assert seen == {}
+    assert child == "[]"
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    with parstream.Supervisor(max_workers=1) as sup:
+        initial, seen, child = sup.async_(_env_seen).await_(30)
+    assert initial["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": "12345"}  # the user's: left in place
+    assert child == "['MALLOC_TRIM_THRESHOLD_']"

@@ -60,6 +60,18 @@ BOOT = (
 )
 LIGHT_START = os.name == "posix"
 
+# glibc's malloc, tuned for the worker: by default it returns a freed block of
+# ~1 MiB to the kernel at once (munmap, or trimming the heap's top), so a task
+# making numpy temporaries of that size faults every page in again on each
+# call; page faults being dear here, that doubled an rfft of a 1 MiB array
+# (issue 12, ``benchmarks`` numpy rows). Blocks under 16 MiB come from the heap
+# and up to 32 MiB of freed heap stays for reuse: where glibc's own adaptive
+# thresholds end up after one large block, from the start. Read by glibc when
+# the process starts (other C libraries ignore them); a variable the user set
+# is left as it is, and the worker removes the ones added here from its
+# environment once running, so what tasks start does not inherit them.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
+
 
 def _pidfds_work() -> bool:
     try:
@@ -262,9 +274,9 @@ class Starter:
             # fork_exec does not wait for the exec to be confirmed:
             # a process another thread forks meanwhile (a fork-started Pool)
             # would hold that confirmation pipe open, and the hub with it.
-            pid = fork_exec(
-                [sys.executable, "-c", BOOT, str(prep_r)], keep, env={"PYTHONUNBUFFERED": "1"}
-            )
+            added = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
+            env = {"PYTHONUNBUFFERED": "1", **added}
+            pid = fork_exec([sys.executable, "-c", BOOT, str(prep_r)], keep, env=env)
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
             origin = getattr(mp_process, "ORIGINAL_DIR", None) or os.getcwd()
             prep = {
@@ -276,6 +288,7 @@ class Starter:
                 "fdchan": None if fdchan_child is None else fdchan_child.fileno(),
                 "parent": os.getpid(),
                 "init": self.initializer,
+                "drop_env": list(added),
             }
             data = pickle.dumps(prep, protocol=5)
             # A pipe holds 64 KiB: a larger initializer is written from a thread,

@@ -612,6 +612,8 @@ class FdConnection:
 def boot(prep: dict[str, Any]) -> None:
     """Entry point of a worker started by ``_spawn`` (see ``BOOT``): the
     parent's ``sys.path`` and working directory are already in place."""
+    for name in prep.get("drop_env", ()):
+        os.environ.pop(name, None)  # read by the C library at start; not for tasks
     slot_fd = prep["slot"]
     slot = Slot(slot_fd) if slot_fd is not None else None
     conn = FdConnection(prep["conn"])
