@@ -275,6 +275,86 @@ def test_a_forked_child_sends_arrays_through_its_own_pool() -> None:
     assert list(parstream.map(np.sum, arrays)) == [float(i) * N for i in range(8)]
 
 
+# -- result blocks, reused ------------------------------------------------------
+
+
+def full(i: int) -> Any:
+    return np.full(N, float(i))
+
+
+def _result_fds(s: parstream.Supervisor) -> int:
+    """Result memfds the (single) worker holds, lent or free."""
+    return int(s.async_(worker_state, None).await_(30)[1])
+
+
+def test_a_result_block_is_written_again_only_once_freed() -> None:
+    with parstream.Supervisor(max_workers=1) as s:
+        kept = list(s.map(full, range(20), chunksize=1))
+        lent = _result_fds(s)
+        assert lent >= 20  # one block per flush, all still mapped here
+        more = list(s.map(full, range(100, 120), chunksize=1))
+        for i, r in enumerate(kept):  # nothing written into a block still mapped
+            np.testing.assert_array_equal(r, np.full(N, float(i)))
+        assert _result_fds(s) >= 40
+        del kept, more, r
+        gc.collect()
+        before = _result_fds(s)
+        for _ in range(3):  # freed: written again, no new memfds
+            out = list(s.map(full, range(30), chunksize=1))
+            for i, r in enumerate(out):
+                np.testing.assert_array_equal(r, np.full(N, float(i)))
+            del out, r
+            gc.collect()
+        assert _result_fds(s) <= before
+    gc.collect()
+    assert _maps("parstream-data") == 0
+
+
+def test_a_parent_holding_many_results_gets_them_all_intact() -> None:
+    # Past the blocks a worker lends (``_shm.OUTGOING_LENT``), one-off memfds.
+    with parstream.Supervisor(max_workers=1) as s:
+        out = list(s.map(full, range(150), chunksize=1))
+        for i, r in enumerate(out):
+            np.testing.assert_array_equal(r, np.full(N, float(i)))
+        assert _result_fds(s) <= 64 + 2
+    del out, r
+    gc.collect()
+    assert _maps("parstream-data") == 0
+
+
+def test_results_a_forked_child_inherited_are_never_overwritten() -> None:
+    """A child forked while results are mapped keeps their pages: the blocks
+    behind them are never written again, even once the parent frees them."""
+    with parstream.Supervisor(max_workers=1) as s:
+        held = list(s.map(full, range(10), chunksize=1))
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the parent to reuse what it can, then check
+            code = 1
+            try:
+                os.close(go_w)
+                os.read(go_r, 1)
+                intact = all(
+                    bool((r == float(i)).all()) and r.shape == (N,) for i, r in enumerate(held)
+                )
+                code = 0 if intact else 3
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        try:
+            del held
+            gc.collect()
+            for _ in range(3):
+                out = list(s.map(full, range(1000, 1010), chunksize=1))
+                del out
+                gc.collect()
+        finally:
+            os.write(go_w, b"x")
+            os.close(go_w)
+            _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child saw its results change"
+
+
 # -- the workers' malloc ------------------------------------------------------
 
 

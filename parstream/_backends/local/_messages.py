@@ -23,6 +23,7 @@ from parstream._backends.local import _wire
 
 if TYPE_CHECKING:
     import threading
+    from collections.abc import Callable
 
     from parstream._backend import Job
     from parstream._backends._dispatch import Dispatcher
@@ -39,6 +40,9 @@ class MessageHandler:
     _dispatch: Dispatcher
     _starter: Starter
     _arena: Arena
+
+    def _wake(self) -> None:
+        raise NotImplementedError
 
     def _after_idle(self, worker: LocalWorker) -> None:
         raise NotImplementedError
@@ -112,7 +116,7 @@ class MessageHandler:
         self._after_idle(worker)
 
     def _on_results(self, worker: LocalWorker, data: bytes) -> None:
-        buffers = _receive_buffers(worker) if _wire.has_buffers(data) else None
+        buffers = _receive_buffers(worker, self._wake) if _wire.has_buffers(data) else None
         done, t_next, values, errors = _wire.loads_results(data, buffers)
         del buffers  # the mapping now lives as long as the values viewing it
         job = worker.job
@@ -130,17 +134,23 @@ class MessageHandler:
             self._after_idle(worker)
 
 
-def _receive_buffers(worker: LocalWorker) -> memoryview | None:
+def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryview | None:
     """The mapped buffers the worker sent just before a results frame
-    (``_shm``); ``None`` if they cannot be had (the values using them fail)."""
+    (``_shm``); ``None`` if they cannot be had (the values using them fail).
+    When the mapping of a reusable block is gone, the hub is woken to say
+    ``FREED``."""
     from parstream._backends.local import _shm
 
     if worker.fdchan is None:
         return None
     try:
-        return memoryview(_shm.mapped(_shm.receive(worker.fdchan)))
+        fd, block_id = _shm.receive(worker.fdchan)
+        mapping = _shm.mapped(fd)
     except (OSError, EOFError, ValueError):
         return None
+    if block_id:
+        _shm.watch(mapping, block_id, worker.freed, wake)
+    return memoryview(mapping)
 
 
 def _readable(conn: Any) -> bool:

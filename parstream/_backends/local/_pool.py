@@ -306,6 +306,8 @@ class LocalPool(MessageHandler):
         with worker.send_lock:
             payload, block = self._encode(worker, job)
             try:
+                if worker.freed:
+                    _send_freed(worker)  # this batch's results may reuse them
                 if block is not None:
                     # The items' large buffers: their descriptor goes first.
                     assert worker.fdchan is not None
@@ -465,6 +467,10 @@ class LocalPool(MessageHandler):
                 self._on_death(w)
             self._check_deadlines()
             self._dispatch_queued()
+            for w in self._workers:
+                if w.freed and w.state in ("idle", "busy"):
+                    with w.send_lock, contextlib.suppress(OSError):
+                        _send_freed(w)
 
     def _wait(self, timeout: float | None) -> list[tuple[str, LocalWorker | None]]:
         """Wait for pipes and sentinels: a persistent epoll/kqueue selector on
@@ -759,6 +765,17 @@ def _pickle_initializer(settings: Settings) -> bytes | None:
         raise pickle.PicklingError(
             f"initializer ({name}) or its initargs could not be pickled: {cause}"
         ) from cause
+
+
+def _send_freed(worker: LocalWorker) -> None:
+    """Tell ``worker`` which of its result blocks this process no longer maps
+    (``_shm.watch``); under ``worker.send_lock``."""
+    freed, ids = worker.freed, []
+    with contextlib.suppress(IndexError):
+        while True:
+            ids.append(freed.popleft())
+    if ids:
+        worker.conn.send_bytes(_wire.encode(_wire.FREED, ids))
 
 
 def _after_fork_in_child() -> None:

@@ -20,10 +20,15 @@ Two directions, two ways of owning the memory:
   batch views it any more (it tries after each batch, so an argument a task
   kept alive keeps its block lent) and says ``RELEASED``; a worker's death
   returns all its blocks. A block is never written while lent.
-* Results (worker to parent) go in a fresh memfd per flush (``pack``),
-  written by the worker, so that cost is paid in parallel; the worker
-  closes its descriptor once sent, and the pages live exactly as long as
-  the parent's arrays viewing them.
+* Results (worker to parent) go in a memfd of the worker's ``Outgoing``,
+  written by the worker, so that cost is paid in parallel. The parent's
+  pages live exactly as long as its arrays viewing them; when the last one
+  goes (``watch``: a finalizer on the mapping), the parent says ``FREED`` and
+  the worker writes the next results into the same memfd: a fresh page costs
+  the kernel ~5 times the copy into it. A block the parent still maps when
+  it forks is never written again (the child's copy of the mapping would
+  see it: ``forks``), and past ``OUTGOING_LENT`` blocks in the parent's hands
+  a flush gets a one-off memfd, closed here once sent.
 
 Nothing is ever left in ``/dev/shm``: a memfd has no name, and its memory is
 freed when its last descriptor and mapping are gone, whatever kills whom. A
@@ -43,6 +48,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import struct
 import threading
 
 from parstream._backends._frames import Layout, buffer_layout
@@ -54,6 +60,10 @@ if TYPE_CHECKING:
 RECV_TIMEOUT_S = 30.0  # the descriptor is sent before its message: this is a bug's bound
 ARENA_IDLE_BYTES = 64 << 20  # idle blocks kept for reuse beyond this are closed
 _BLOCK_GRAIN = 1 << 20
+OUTGOING_LENT = 64  # result blocks a worker keeps for reuse while the parent maps them
+OUTGOING_IDLE_BYTES = 32 << 20  # a worker closes freed result blocks beyond this
+_OUTGOING_GRAIN = 256 << 10
+_TAG = struct.Struct("<q")  # sent with each descriptor: a result block's id, or 0
 
 AVAILABLE = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
 
@@ -76,6 +86,94 @@ def pack(buffers: list[memoryview]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class Outgoing:
+    """A worker's memfds for results: lent to the parent with each flush, and
+    written again once the parent has said ``FREED`` (its mapping is gone)."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[int, int, int]] = []  # (block id, fd, size)
+        self._lent: dict[int, tuple[int, int]] = {}  # block id -> (fd, size)
+        self._next_id = 1
+
+    def pack(self, buffers: list[memoryview]) -> tuple[int, int]:
+        """``(fd, block_id)`` of a memfd holding ``buffers``. A block id of 0
+        is a one-off memfd: the caller closes ``fd`` once it is sent; else
+        the fd stays here, lent until ``freed``."""
+        layout = buffer_layout([b.nbytes for b in buffers])
+        need = max(offset + n for offset, n in layout)
+        fits = [entry for entry in self._free if entry[2] >= need]
+        if fits:
+            entry = min(fits, key=lambda e: e[2])
+            self._free.remove(entry)
+            block_id, fd, size = entry
+        elif len(self._lent) < OUTGOING_LENT:
+            size = -(-need // _OUTGOING_GRAIN) * _OUTGOING_GRAIN
+            fd = os.memfd_create("parstream-data", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            block_id = self._next_id
+            self._next_id += 1
+        else:
+            return pack(buffers), 0
+        try:
+            _write(fd, buffers)
+        except BaseException:
+            self._free.append((block_id, fd, size))
+            raise
+        self._lent[block_id] = (fd, size)
+        return fd, block_id
+
+    def freed(self, block_ids: list[int]) -> None:
+        """The parent no longer maps these blocks: a positive id may be
+        written again, a negative one (mapped in a process it forked) is closed."""
+        for tag in block_ids:
+            entry = self._lent.pop(abs(tag), None)
+            if entry is None:
+                continue
+            if tag > 0:
+                self._free.append((abs(tag), *entry))
+            else:
+                os.close(entry[0])
+        idle = sum(size for _, _, size in self._free)
+        while idle > OUTGOING_IDLE_BYTES:
+            _, fd, size = self._free.pop(0)
+            os.close(fd)
+            idle -= size
+
+
+_forks = 0  # how often this process forked: blocks mapped before a fork are never reused
+
+
+def _forking() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_forking)
+
+
+def watch(mapping: mmap.mmap, block_id: int, freed: Any, wake: Any) -> None:
+    """When ``mapping`` (of the worker's result block ``block_id``) is gone,
+    append the block's id to ``freed`` (a deque) for the worker, negative if
+    this process forked meanwhile, and call ``wake()`` (a bound method, held
+    weakly: results may outlive their pool)."""
+    import weakref
+
+    weakref.finalize(mapping, _note_freed, freed, block_id, _forks, weakref.WeakMethod(wake))
+
+
+def _note_freed(freed: Any, block_id: int, forks: int, wake: Any) -> None:
+    # Any thread, whenever the last view goes: append and wake, nothing more.
+    freed.append(block_id if forks == _forks else -block_id)
+    method = wake()
+    if method is not None:
+        method()
 
 
 class Block:
@@ -192,17 +290,23 @@ class Arena:
             block.close()
 
 
-def send(channel: socket.socket, fd: int) -> None:
-    """Hand (a duplicate of) ``fd`` to the other end of ``channel``."""
-    socket.send_fds(channel, [b"F"], [fd])
+def send(channel: socket.socket, fd: int, tag: int = 0) -> None:
+    """Hand (a duplicate of) ``fd`` to the other end of ``channel``, with ``tag``."""
+    socket.send_fds(channel, [_TAG.pack(tag)], [fd])
 
 
-def receive(channel: socket.socket) -> int:
-    """The next descriptor sent on ``channel``."""
-    _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+def receive(channel: socket.socket) -> tuple[int, int]:
+    """The next descriptor sent on ``channel``, and its tag."""
+    data, fds, _, _ = socket.recv_fds(channel, _TAG.size, 1)
     if not fds:
         raise EOFError("the descriptor channel closed before the announced buffers arrived")
-    return fds[0]
+    while len(data) < _TAG.size:  # a stream socket may split the tag
+        more = channel.recv(_TAG.size - len(data))
+        if not more:
+            os.close(fds[0])
+            raise EOFError("the descriptor channel closed inside a descriptor's tag")
+        data += more
+    return fds[0], _TAG.unpack(data)[0]
 
 
 def mapped(fd: int) -> mmap.mmap:

@@ -145,6 +145,8 @@ class LocalWorker:
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
     fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
     started_with: Any = None  # a spare: the sys.path, directory and environment it got
+    # Its result blocks this process no longer maps, to say FREED (``_shm.watch``).
+    freed: collections.deque[int] = field(default_factory=collections.deque)
 
     def begun(self) -> bool:
         """Whether the worker has begun its current slice (read its header)."""

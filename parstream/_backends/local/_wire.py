@@ -27,6 +27,9 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   next time), ``RELEASED`` ``[block_id, ...]`` (arena blocks the worker
   has unmapped, see ``_shm``), ``START_FAILED`` ``(exception, traceback_text)`` (the
   initializer raised; the worker then exits): small pickles.
+* ``FREED`` ``[block_id, ...]`` (parent to worker, before a ``RUN`` or while
+  it idles): result blocks the parent no longer maps, to be written again
+  (a negative id: closed, see ``_shm``).
 * ``PROMOTE`` (parent to a spare worker, a bare kind byte): the spare,
   booted and waiting, now runs the initializer and says ``READY``; ``STOP``
   or end of file ends it instead.
@@ -63,6 +66,7 @@ LOADED = 8
 START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceback_text)
 RELEASED = 10  # worker to parent: arena blocks it no longer maps; [block_id, ...]
 PROMOTE = 11  # parent to a spare worker, a bare kind byte: become a worker now
+FREED = 12  # parent to worker: result blocks it no longer maps; [block_id, ...]
 
 _RUN_HEADER = struct.Struct("<BQB")  # kind, seq, a descriptor was sent just before
 

@@ -13,11 +13,14 @@ Data flow, one duplex pipe per worker, one batch in flight at a time::
               in the slot after it, between flushes (see ``_slot``)
     worker --RELEASED([block_id, ...])-----------------------------> parent
               after a batch: the arena blocks nothing here views any more
+    parent --FREED([block_id, ...])--------------------------------> worker
+              between batches: result blocks the parent no longer maps
 
 Large buffers (numpy arrays) travel beside the pipe, in shared memory whose
 descriptor comes over the descriptor channel just before the message that
 announces it (``_shm``): a batch's arguments in a block of the parent's
-arena, mapped here copy-on-write; a flush's results in a fresh memfd.
+arena, mapped here copy-on-write; a flush's results in a memfd of this
+worker's ``_shm.Outgoing``, written again once the parent says ``FREED``.
 
 The worker runs a batch's items in order. Results go back in flushes: after
 every item when ``report_each`` is set (streams with a per-item timeout, so the
@@ -144,6 +147,7 @@ class _Runner:
         # Arena blocks mapped here: (block id, mapping), unmapped and
         # RELEASED once nothing views them (``release_blocks``).
         self.blocks: list[tuple[int, Any]] = []
+        self.outgoing: Any = None  # memfds for results (``_shm.Outgoing``), once needed
         self.words: Any = slot.words if slot is not None else [0] * 8
         self.functions: dict[bytes, Any] = {}
         # Per function: whether its last batch ended journaling (items slow
@@ -179,18 +183,21 @@ class _Runner:
             return
         from parstream._backends.local import _shm
 
+        if self.outgoing is None:
+            self.outgoing = _shm.Outgoing()
         try:
-            fd = _shm.pack(collect.buffers)
+            fd, block_id = self.outgoing.pack(collect.buffers)
         except OSError:  # out of memory or descriptors: all through the pipe
             self.send(_wire.dumps_results(done, now, values, errors))
             return
         del collect
         try:
             with self.lock:  # the descriptor, then the frame that announces it
-                _shm.send(self.open_channel(), fd)
+                _shm.send(self.open_channel(), fd, block_id)
                 self.conn.send_bytes(frame)
         finally:
-            os.close(fd)  # the parent's mapping keeps the pages
+            if not block_id:
+                os.close(fd)  # a one-off: the parent's mapping keeps the pages
 
     def open_channel(self) -> Any:
         if self.channel is None:
@@ -206,7 +213,7 @@ class _Runner:
         from parstream._backends.local import _shm
 
         try:
-            return _shm.mapped(_shm.receive(self.open_channel()))
+            return _shm.mapped(_shm.receive(self.open_channel())[0])
         except (OSError, EOFError, ValueError):
             return None
 
@@ -480,6 +487,10 @@ class _Runner:
             kind = _wire.kind_of(raw)
             if kind == _wire.STOP:
                 return
+            if kind == _wire.FREED:
+                if self.outgoing is not None:
+                    self.outgoing.freed(_wire.decode(raw))
+                continue
             # The batch's large buffers were sent just before it: take them
             # first, whatever happens to the batch.
             mapping = None
