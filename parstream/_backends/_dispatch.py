@@ -81,6 +81,7 @@ class Run:
     """A job's progress, on ``job.state``; written under the backend's lock."""
 
     __slots__ = (
+        "counted",
         "cursor",
         "finished",
         "has_bad",
@@ -111,6 +112,7 @@ class Run:
         self.killed = False
         self.kill_reason: BaseException | None = None
         self.holder: Any = None  # the backend's worker running the slice
+        self.counted = False  # the slice counts against the job's gate
         self.started_at = 0.0  # when the slice was sent
 
     def alone(self) -> bool:
@@ -212,12 +214,16 @@ class Dispatcher:
 
     # -- a slice on a worker ------------------------------------------------------
 
-    def begin(self, job: Job, holder: Any, *, max_items: int | None = None) -> Run:
+    def begin(
+        self, job: Job, holder: Any, *, max_items: int | None = None, queued: bool = False
+    ) -> Run:
         """Give ``job``'s next slice to ``holder``; returns the run, whose
-        ``cursor .. sent_end`` is the slice to send."""
+        ``cursor .. sent_end`` is the slice to send. ``queued``: the slice
+        waits on ``holder`` behind the one it runs; ``activate`` when it starts."""
         run = run_of(job)
-        if job.gate is not None:
+        if job.gate is not None and not queued:
             job.gate.active += 1
+            run.counted = True
         run.holder = holder
         run.slice_start = run.cursor
         end = len(run.items) if not run.alone() else run.cursor + 1
@@ -233,11 +239,21 @@ class Dispatcher:
         self.outbox.post(job.sink.on_started, run.started_at)
         return run
 
+    def activate(self, job: Job) -> None:
+        """A slice ``begin`` queued on its worker now runs there."""
+        run = run_of(job)
+        if job.gate is not None and not run.counted:
+            job.gate.active += 1
+            run.counted = True
+        run.started_at = time.monotonic()
+        self.outbox.post(job.sink.on_started, run.started_at)
+
     def unassign(self, job: Job) -> None:
         """The slice left its worker (ended, or the worker died)."""
         run = run_of(job)
-        if run.holder is not None and job.gate is not None:
+        if run.counted and job.gate is not None:
             job.gate.active -= 1
+        run.counted = False
         run.holder = None
 
     def replace_bad(self, job: Job, bad: dict[int, Any]) -> list[Any]:

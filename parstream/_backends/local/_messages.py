@@ -119,6 +119,7 @@ class MessageHandler:
         buffers = _receive_buffers(worker, self._wake) if _wire.has_buffers(data) else None
         done, t_next, values, errors = _wire.loads_results(data, buffers)
         del buffers  # the mapping now lives as long as the values viewing it
+        worker.unconfirmed.clear()  # its function loaded (or FORGET came first)
         job = worker.job
         if job is None:
             return

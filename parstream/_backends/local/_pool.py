@@ -64,7 +64,7 @@ from parstream._errors import ParstreamInternalError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from parstream._backend import Settings
+    from parstream._backend import End, Settings
     from parstream._backends.local._spawn import LocalWorker
 
 log = logging.getLogger("parstream")
@@ -73,6 +73,7 @@ FN_CACHE_SIZE = 32  # functions a worker keeps unpickled; more means more worker
 MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines say
 FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
 SPARES = _spawn.LIGHT_START  # keep a spare worker (see LocalPool._keep_a_spare)
+PREFETCH = True  # send a stream's next chunk behind a busy worker's (LocalPool._behind_whom)
 SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
 _pools: weakref.WeakSet[LocalPool] = weakref.WeakSet()
@@ -302,9 +303,11 @@ class LocalPool(MessageHandler):
         # anything: a timeout bounds everything from dispatch to result.
         worker.item_started = run.started_at if job.timeout is not None else None
 
-    def _send(self, worker: LocalWorker, job: Job) -> None:
+    def _send(self, worker: LocalWorker, job: Job, *, behind: bool = False) -> None:
+        """Send ``job``'s slice to ``worker``: its current one, or (``behind``)
+        the one queued behind it."""
         with worker.send_lock:
-            payload, block = self._encode(worker, job)
+            payload, block = self._encode(worker, job, worker.next_seq if behind else worker.seq)
             try:
                 if worker.freed:
                     _send_freed(worker)  # this batch's results may reuse them
@@ -313,14 +316,17 @@ class LocalPool(MessageHandler):
                     assert worker.fdchan is not None
                     _shm.send(worker.fdchan, block.fd)
                 worker.conn.send_bytes(payload)
-                worker.delivered = True
+                if behind:
+                    worker.next_delivered = True
+                else:
+                    worker.delivered = True
             except OSError:
                 # The worker died under us; its sentinel tells the hub, which
                 # sees ``delivered`` is False and queues the whole slice again
                 # (and the arena takes back the block lent to it).
                 pass
 
-    def _encode(self, worker: LocalWorker, job: Job) -> tuple[bytes, _shm.Block | None]:
+    def _encode(self, worker: LocalWorker, job: Job, seq: int) -> tuple[bytes, _shm.Block | None]:
         """The ``RUN`` frame, and the arena block lent for its large buffers."""
         run = run_of(job)
         shipped = job.fn.token
@@ -332,6 +338,7 @@ class LocalPool(MessageHandler):
         else:
             fn_bytes = shipped.data
             worker.fns[key] = None
+            worker.unconfirmed.add(key)
             while len(worker.fns) > FN_CACHE_SIZE:
                 evict.append(worker.fns.popitem(last=False)[0])
         report_each = job.timeout is not None
@@ -377,7 +384,7 @@ class LocalPool(MessageHandler):
             log_level=logging.getLogger().getEffectiveLevel(),
             buffers=buffers,
         )
-        return _wire.encode_run(worker.seq, message), block
+        return _wire.encode_run(seq, message), block
 
     def _dispatch_queued(self) -> None:
         while True:
@@ -386,12 +393,86 @@ class LocalPool(MessageHandler):
                     return
                 worker = self._idle_worker()
                 if worker is None:
-                    return
+                    break
                 job = self._dispatch.take()
                 if job is None:
                     return
                 self._assign(worker, job)
             self._send(worker, job)
+        while PREFETCH:
+            with self._lock:
+                if self._closed:
+                    return
+                found = self._behind_whom()
+                if found is None:
+                    return
+                worker, job = found
+                self._queue_behind(worker, job)
+            self._send(worker, job, behind=True)
+
+    def _behind_whom(self) -> tuple[LocalWorker, Job] | None:
+        """A queued job to send behind a busy worker's running slice, so that
+        the worker goes on to it without waiting a round trip (lock held).
+
+        Only a stream's chunk of several items without a timeout, behind a
+        chunk of the same stream (the same gate): a stream is only ever
+        killed whole, so killing the worker for the queued chunk kills
+        nothing the stream still wants. Not while a worker is starting (it
+        would take the chunk soon), nor with per-worker limits, nor behind a
+        batch whose worker may yet fail to load the function."""
+        if self.max_tasks_per_worker or self.max_memory_per_worker:
+            return None
+        busy = []
+        for w in self._workers:
+            if w.state == "starting":
+                return None
+            if (
+                w.state == "busy"
+                and w.job is not None
+                and w.next_job is None
+                and w.delivered
+                and w.kill_cause is None
+                and not w.retire_requested
+                and not run_of(w.job).killed
+            ):
+                busy.append(w)
+        if not busy:
+            return None
+        for job in self._dispatch.queue:
+            if job.timeout is not None or not job.returnable or job.gate is None:
+                continue
+            key = job.fn.token.key
+            run = run_of(job)
+            if len(run.items) - run.cursor < 2 or run.alone() or run.isolate_until > run.cursor:
+                continue
+            for w in busy:
+                assert w.job is not None
+                if w.job.gate is job.gate and key in w.fns and key not in w.unconfirmed:
+                    self._dispatch.queue.remove(job)
+                    return w, job
+        return None
+
+    def _queue_behind(self, worker: LocalWorker, job: Job) -> None:
+        """``job``'s next slice goes to ``worker`` behind its running one (lock held)."""
+        worker.next_job = job
+        worker.next_seq = worker.seq + 1
+        worker.next_delivered = False
+        self._dispatch.begin(job, worker, queued=True)
+
+    def _take_next(self, worker: LocalWorker) -> bool:
+        """The running slice ended: the one queued behind it, if any, runs now
+        (the worker reads it next). False if there is none (lock held)."""
+        job = worker.next_job
+        if job is None or worker.kill_cause is not None:
+            return False  # a dying worker's queued slice is settled at its death
+        worker.next_job = None
+        worker.job = job
+        worker.seq = worker.next_seq
+        worker.delivered = worker.next_delivered
+        worker.timed_out_index = None
+        worker.item_started = None
+        self._dispatch.activate(job)
+        return True
 
     # -- the hub thread -----------------------------------------------------
 
@@ -410,7 +491,7 @@ class LocalPool(MessageHandler):
             with self._lock:
                 self._closed = True
                 jobs = list(self._dispatch.queue) + [
-                    w.job for w in self._workers if w.job is not None
+                    j for w in self._workers for j in (w.job, w.next_job) if j is not None
                 ]
                 self._dispatch.queue.clear()
                 for w in list(self._workers):
@@ -678,6 +759,18 @@ class LocalPool(MessageHandler):
             job, worker.job = worker.job, None
             if was_starting and cause is None and not self._closed:
                 self._starter.died_starting(worker, exitcode)
+            behind, worker.next_job = worker.next_job, None
+            if behind is not None:
+                # Queued behind the running slice, never begun: it runs
+                # elsewhere (after the running one, which settles next and
+                # goes first), unless the worker was killed for it or closed.
+                self._dispatch.unassign(behind)
+                if cause in ("kill", "close") or run_of(behind).killed:
+                    run_of(behind).killed = True
+                    end: End = "closed" if cause == "close" else "killed"
+                    self._dispatch.finish_killed(behind, end)
+                else:
+                    self._dispatch.enqueue(behind, front=True)
             if job is None:
                 return
             self._dispatch.unassign(job)
@@ -698,6 +791,9 @@ class LocalPool(MessageHandler):
         """The worker finished its slice of ``job`` (lock held)."""
         worker.job = None
         self._dispatch.unassign(job)
+        if self._take_next(worker):
+            self._dispatch.slice_done(job)
+            return
         worker.state = "idle"
         worker.idle_since = time.monotonic()
         if worker.kill_cause == "kill" and worker.kill_deadline is not None:
@@ -711,8 +807,9 @@ class LocalPool(MessageHandler):
         """Take the slice back from a live worker and queue the job first (lock held)."""
         worker.job = None
         self._dispatch.unassign(job)
-        worker.state = "idle"
-        worker.idle_since = time.monotonic()
+        if not self._take_next(worker):
+            worker.state = "idle"
+            worker.idle_since = time.monotonic()
         self._dispatch.enqueue(job, front=True)
         self._wake()
 

@@ -145,6 +145,14 @@ class LocalWorker:
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
     fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
     started_with: Any = None  # a spare: the sys.path, directory and environment it got
+    # A slice sent behind the running one (``LocalPool._prefetch``): the job,
+    # its batch's sequence number, and whether it reached the pipe.
+    next_job: Job | None = None
+    next_seq: int = 0
+    next_delivered: bool = False
+    # Functions sent with a batch that has not answered yet: none is sent
+    # behind such a batch, whose worker may yet fail to load it (FORGET).
+    unconfirmed: set[bytes] = field(default_factory=set)
     # Its result blocks this process no longer maps, to say FREED (``_shm.watch``).
     freed: collections.deque[int] = field(default_factory=collections.deque)
 
