@@ -18,9 +18,17 @@ Data flow::
     kill(job)  --SIGKILL tree, wake-->     sentinel -> drain the pipe, read the
                                                        worker's slot: Death
                                            deadline -> kill a hung item's worker
-                                           idle     -> next queued job
+                                           idle     -> next queued job; a busy
+                                                       worker may get the next
+                                                       chunk of its stream behind
+                                                       the running one
                                          then, outside the lock: Outbox.flush
                                          (the sinks), and sleep again
+
+A stream's next chunk can be sent down a busy worker's pipe behind its
+running one (``_behind_whom``), so the worker goes on without waiting a round
+trip; it becomes the worker's job when the running one ends (``_take_next``)
+and runs elsewhere if the worker dies first.
 
 Large arguments do not go through the pipe: ``_encode`` writes them into a
 block of the pool's ``_shm.Arena``, lent to the worker until it says

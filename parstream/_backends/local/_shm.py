@@ -165,7 +165,10 @@ def watch(mapping: mmap.mmap, block_id: int, freed: Any, wake: Any) -> None:
     weakly: results may outlive their pool)."""
     import weakref
 
-    weakref.finalize(mapping, _note_freed, freed, block_id, _forks, weakref.WeakMethod(wake))
+    note = weakref.finalize(
+        mapping, _note_freed, freed, block_id, _forks, weakref.WeakMethod(wake)
+    )
+    note.atexit = False  # at exit nobody is left to tell
 
 
 def _note_freed(freed: Any, block_id: int, forks: int, wake: Any) -> None:

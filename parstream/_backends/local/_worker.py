@@ -3,7 +3,8 @@
 It imports no parent-side code (only ``_wire``, the shared message format), so a
 worker starts fast and cannot deadlock on parent state.
 
-Data flow, one duplex pipe per worker, one batch in flight at a time::
+Data flow, one duplex pipe per worker, one batch running at a time (the
+parent may have sent the next one behind it: the worker reads it when done)::
 
     parent --RUN[seq](key, fn_bytes?, count, items_bytes, ...)----> worker
               worker: slot.SEQ = seq; load fn (FORGET key if that fails;
