@@ -115,3 +115,37 @@ def test_closing_a_stream_runs_nothing_queued_behind(tmp_path: Path) -> None:
     ran = _runs(tmp_path)
     assert all(ran[i] == 1 for i in range(SLOW + 1))
     assert not any(ran[i] for i in range(SLOW + 1, 10)), ran  # the chunk behind never ran
+
+
+def echo(b: bytes) -> bytes:
+    return b
+
+
+def test_a_batch_too_big_for_the_pipe_is_not_sent_behind(tmp_path: Path) -> None:
+    """Arguments that travel in the pipe (bytes) and fill its buffer: the hub
+    must not wait for a busy worker to read them (it would wait on a worker
+    that waits on it to read its results)."""
+    items = [bytes([i % 256]) * 200_000 for i in range(40)]
+    with parstream.Supervisor(max_workers=1) as sup:
+        assert list(sup.map(echo, items, chunksize=8)) == items
+
+
+def stamp(seconds: float) -> float:
+    time.sleep(seconds)
+    return time.monotonic()
+
+
+def test_a_task_does_not_wait_behind_a_stream() -> None:
+    """Chunks sent behind a running one never jump over other queued work: a
+    task submitted during a long stream runs long before the stream ends."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        ends: list[float] = []
+        task: Any = None
+        for i, end in enumerate(sup.map(stamp, [0.005] * 300)):
+            ends.append(end)
+            if i == 20:
+                task = sup.async_(stamp, 0.0)
+        assert task is not None
+        task_end = task.await_(30)
+    after = sum(1 for end in ends if end > task_end)
+    assert after >= 100, f"only {after} of 300 stream items ran after the task"

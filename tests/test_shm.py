@@ -10,6 +10,7 @@ no descriptor, no mapping, nothing in ``/dev/shm``.
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import sys
@@ -308,6 +309,32 @@ def test_a_result_block_is_written_again_only_once_freed() -> None:
         assert _result_fds(s) <= before
     gc.collect()
     assert _maps("parstream-data") == 0
+
+
+def bytes_of(n: int) -> Any:
+    return np.full(n, 7, dtype=np.uint8)
+
+
+def _mapped_bytes(a: Any) -> int:
+    """The length of the shared mapping a result array views."""
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert isinstance(base, memoryview), type(base)
+    assert isinstance(base.obj, mmap.mmap), type(base.obj)
+    return len(base.obj)
+
+
+def test_a_small_result_in_a_reused_block_keeps_only_its_own_pages() -> None:
+    with parstream.Supervisor(max_workers=1) as s:
+        big = s.async_(bytes_of, 8 << 20).await_(30)
+        assert _mapped_bytes(big) >= 8 << 20
+        del big
+        gc.collect()
+        small = s.async_(bytes_of, 200 << 10).await_(30)  # into the big one's block
+        assert (small == 7).all()
+        assert _mapped_bytes(small) < 1 << 20  # not the 8 MiB of the block before
+    del small
 
 
 def test_a_parent_holding_many_results_gets_them_all_intact() -> None:

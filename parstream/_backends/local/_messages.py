@@ -144,13 +144,19 @@ def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryvie
 
     if worker.fdchan is None:
         return None
+    forked = _shm.forks()  # a fork from here on may copy the mapping
     try:
         fd, block_id = _shm.receive(worker.fdchan)
-        mapping = _shm.mapped(fd)
     except (OSError, EOFError, ValueError):
         return None
+    try:
+        mapping = _shm.mapped(fd)
+    except (OSError, ValueError):
+        if block_id:
+            worker.freed.append(block_id)  # never mapped here: the worker may reuse it
+        return None
     if block_id:
-        _shm.watch(mapping, block_id, worker.freed, wake)
+        _shm.watch(mapping, block_id, worker.freed, wake, forked)
     return memoryview(mapping)
 
 

@@ -114,6 +114,8 @@ class LocalPool(MessageHandler):
         self._pid = os.getpid()
         self._forked = False
         self._arena = _shm.Arena()  # blocks for large arguments (``_shm``)
+        # Jobs whose batch was too big to send behind a running one.
+        self._too_big: weakref.WeakSet[Job] = weakref.WeakSet()
         self._starter = _spawn.Starter(
             settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
         )
@@ -311,11 +313,17 @@ class LocalPool(MessageHandler):
         # anything: a timeout bounds everything from dispatch to result.
         worker.item_started = run.started_at if job.timeout is not None else None
 
-    def _send(self, worker: LocalWorker, job: Job, *, behind: bool = False) -> None:
+    def _send(self, worker: LocalWorker, job: Job, *, behind: bool = False) -> bool:
         """Send ``job``'s slice to ``worker``: its current one, or (``behind``)
-        the one queued behind it."""
+        the one queued behind it; False if that one would not fit in the
+        pipe's buffer (the busy worker reads nothing, and the hub must not
+        wait for it: not sent)."""
         with worker.send_lock:
             payload, block = self._encode(worker, job, worker.next_seq if behind else worker.seq)
+            if behind and len(payload) > worker.pipe_room:
+                if block is not None:
+                    self._arena.unlend(block)
+                return False
             try:
                 if worker.freed:
                     _send_freed(worker)  # this batch's results may reuse them
@@ -333,6 +341,7 @@ class LocalPool(MessageHandler):
                 # sees ``delivered`` is False and queues the whole slice again
                 # (and the arena takes back the block lent to it).
                 pass
+        return True
 
     def _encode(self, worker: LocalWorker, job: Job, seq: int) -> tuple[bytes, _shm.Block | None]:
         """The ``RUN`` frame, and the arena block lent for its large buffers."""
@@ -416,7 +425,13 @@ class LocalPool(MessageHandler):
                     return
                 worker, job = found
                 self._queue_behind(worker, job)
-            self._send(worker, job, behind=True)
+            if not self._send(worker, job, behind=True):
+                with self._lock:  # too big to wait in the pipe: back to the queue
+                    self._too_big.add(job)
+                    if worker.next_job is job:
+                        worker.next_job = None
+                        self._dispatch.unassign(job)
+                        self._dispatch.enqueue(job, front=True)
 
     def _behind_whom(self) -> tuple[LocalWorker, Job] | None:
         """A queued job to send behind a busy worker's running slice, so that
@@ -447,17 +462,24 @@ class LocalPool(MessageHandler):
         if not busy:
             return None
         for job in self._dispatch.queue:
-            if job.timeout is not None or not job.returnable or job.gate is None:
-                continue
-            key = job.fn.token.key
             run = run_of(job)
-            if len(run.items) - run.cursor < 2 or run.alone() or run.isolate_until > run.cursor:
-                continue
-            for w in busy:
-                assert w.job is not None
-                if w.job.gate is job.gate and key in w.fns and key not in w.unconfirmed:
-                    self._dispatch.queue.remove(job)
-                    return w, job
+            if (
+                job.timeout is None
+                and job.returnable
+                and job.gate is not None
+                and len(run.items) - run.cursor >= 2
+                and not run.alone()
+                and run.isolate_until <= run.cursor
+                and job not in self._too_big
+            ):
+                key = job.fn.token.key
+                for w in busy:
+                    assert w.job is not None
+                    if w.job.gate is job.gate and key in w.fns and key not in w.unconfirmed:
+                        self._dispatch.queue.remove(job)
+                        return w, job
+            if job.gate is None or job.gate.admits():
+                return None  # next in line for a free worker: nothing jumps ahead of it
         return None
 
     def _queue_behind(self, worker: LocalWorker, job: Job) -> None:

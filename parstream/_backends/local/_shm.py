@@ -103,13 +103,23 @@ class Outgoing:
         the fd stays here, lent until ``freed``."""
         layout = buffer_layout([b.nbytes for b in buffers])
         need = max(offset + n for offset, n in layout)
+        want = -(-need // _OUTGOING_GRAIN) * _OUTGOING_GRAIN
         fits = [entry for entry in self._free if entry[2] >= need]
         if fits:
             entry = min(fits, key=lambda e: e[2])
             self._free.remove(entry)
             block_id, fd, size = entry
+            if size > want:
+                # Cut it to size: the parent's mapping of a small result must
+                # not keep the pages of a big one alive.
+                try:
+                    os.ftruncate(fd, want)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                size = want
         elif len(self._lent) < OUTGOING_LENT:
-            size = -(-need // _OUTGOING_GRAIN) * _OUTGOING_GRAIN
+            size = want
             fd = os.memfd_create("parstream-data", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, size)
@@ -158,15 +168,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_forking)
 
 
-def watch(mapping: mmap.mmap, block_id: int, freed: Any, wake: Any) -> None:
+def forks() -> int:
+    """How often this process has forked so far (read before mapping a result)."""
+    return _forks
+
+
+def watch(mapping: mmap.mmap, block_id: int, freed: Any, wake: Any, forked: int) -> None:
     """When ``mapping`` (of the worker's result block ``block_id``) is gone,
     append the block's id to ``freed`` (a deque) for the worker, negative if
-    this process forked meanwhile, and call ``wake()`` (a bound method, held
-    weakly: results may outlive their pool)."""
+    this process forked since ``forks()`` said ``forked``, and call
+    ``wake()`` (a bound method, held weakly: results may outlive their pool)."""
     import weakref
 
     note = weakref.finalize(
-        mapping, _note_freed, freed, block_id, _forks, weakref.WeakMethod(wake)
+        mapping, _note_freed, freed, block_id, forked, weakref.WeakMethod(wake)
     )
     note.atexit = False  # at exit nobody is left to tell
 

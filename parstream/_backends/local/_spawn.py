@@ -59,6 +59,7 @@ BOOT = (
     "boot(d)\n"
 )
 LIGHT_START = os.name == "posix"
+PIPE_ROOM_MAX = 32 << 10  # bytes a batch sent behind a running one may take of the pipe
 
 # glibc's malloc, tuned for the worker: by default it returns a freed block of
 # ~1 MiB to the kernel at once (munmap, or trimming the heap's top), so a task
@@ -150,6 +151,7 @@ class LocalWorker:
     next_job: Job | None = None
     next_seq: int = 0
     next_delivered: bool = False
+    pipe_room: int = 0  # the largest batch sent behind a running one (0: none)
     # Functions sent with a batch that has not answered yet: none is sent
     # behind such a batch, whose worker may yet fail to load it (FORGET).
     unconfirmed: set[bytes] = field(default_factory=set)
@@ -332,9 +334,17 @@ class Starter:
         # Imported after this worker's fork: ~4 ms the first time (issue 12).
         from multiprocessing.connection import Connection
 
+        # What a batch sent behind a running one may take of the pipe's buffer:
+        # the worker reads nothing while it runs, and the hub must never wait.
+        room = min(PIPE_ROOM_MAX, parent_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4)
         conn = Connection(parent_sock.detach())
         return LocalWorker(
-            process=_Process(pid, sentinel), conn=conn, pid=pid, slot=slot, fdchan=fdchan
+            process=_Process(pid, sentinel),
+            conn=conn,
+            pid=pid,
+            slot=slot,
+            fdchan=fdchan,
+            pipe_room=room,
         )
 
     def ready(self) -> None:
