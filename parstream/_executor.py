@@ -42,7 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("parstream")
 
 _cores: set[ExecutorCore] = set()  # cores whose backend is still open
-_cores_lock = threading.Lock()
+# Re-entrant: a dropped Supervisor's finaliser (``release``) takes it, and a
+# collection may run it on a thread that already holds it (seen on 3.12, where
+# the collector runs between any two bytecodes).
+_cores_lock = threading.RLock()
 WAIT_SLICE_S = 0.2  # waits at exit in slices, so Ctrl-C is seen on every platform
 
 

@@ -275,3 +275,20 @@ def test_worker_logging_reaches_the_parent_logger(
 def _log_item(x: int) -> int:
     logging.getLogger("user.code").info("hello %d", x)
     return x
+
+
+def test_a_supervisor_collected_while_its_registry_is_locked_does_not_deadlock() -> None:
+    """A dropped Supervisor's finaliser takes the registry lock; a collection
+    can run it on a thread inside that lock (3.12 collects between any two
+    bytecodes: a CI run hung in ``ExecutorCore.__init__`` so)."""
+    import gc
+
+    from parstream import _executor
+
+    s = parstream.Supervisor(max_workers=1)
+    s.close()
+    with _executor._cores_lock:
+        del s
+        gc.collect()
+    with parstream.Supervisor(max_workers=1) as again:
+        assert again.async_(os.getpid).await_(30) > 0
