@@ -60,7 +60,16 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Job, Node, Worker
+from parstream._backend import (
+    BackendClosed,
+    Capabilities,
+    Counts,
+    FnHandle,
+    Gate,
+    Job,
+    Node,
+    Worker,
+)
 from parstream._backends._codec import BadArgs, culprit_error, dumps, warm_up
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
 from parstream._backends.local import _reaper, _shm, _spawn, _wire
@@ -114,8 +123,9 @@ class LocalPool(MessageHandler):
         self._pid = os.getpid()
         self._forked = False
         self._arena = _shm.Arena()  # blocks for large arguments (``_shm``)
-        # Jobs whose batch was too big to send behind a running one.
-        self._too_big: weakref.WeakSet[Job] = weakref.WeakSet()
+        # Streams (their gates) whose batch was too big to send behind a running
+        # one: encoding a batch only to find that out costs as much as sending it.
+        self._too_big: weakref.WeakSet[Gate] = weakref.WeakSet()
         self._starter = _spawn.Starter(
             settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
         )
@@ -427,7 +437,8 @@ class LocalPool(MessageHandler):
                 self._queue_behind(worker, job)
             if not self._send(worker, job, behind=True):
                 with self._lock:  # too big to wait in the pipe: back to the queue
-                    self._too_big.add(job)
+                    assert job.gate is not None
+                    self._too_big.add(job.gate)  # its stream's chunks are alike: none tried again
                     if worker.next_job is job:
                         worker.next_job = None
                         self._dispatch.unassign(job)
@@ -470,7 +481,7 @@ class LocalPool(MessageHandler):
                 and len(run.items) - run.cursor >= 2
                 and not run.alone()
                 and run.isolate_until <= run.cursor
-                and job not in self._too_big
+                and job.gate not in self._too_big
             ):
                 key = job.fn.token.key
                 for w in busy:
