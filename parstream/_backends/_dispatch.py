@@ -221,9 +221,8 @@ class Dispatcher:
         ``cursor .. sent_end`` is the slice to send. ``queued``: the slice
         waits on ``holder`` behind the one it runs; ``activate`` when it starts."""
         run = run_of(job)
-        if job.gate is not None and not queued:
-            job.gate.active += 1
-            run.counted = True
+        if not queued:
+            _count(job, run)
         run.holder = holder
         run.slice_start = run.cursor
         end = len(run.items) if not run.alone() else run.cursor + 1
@@ -242,9 +241,7 @@ class Dispatcher:
     def activate(self, job: Job) -> None:
         """A slice ``begin`` queued on its worker now runs there."""
         run = run_of(job)
-        if job.gate is not None and not run.counted:
-            job.gate.active += 1
-            run.counted = True
+        _count(job, run)
         run.started_at = time.monotonic()
         self.outbox.post(job.sink.on_started, run.started_at)
 
@@ -515,6 +512,13 @@ class Dispatcher:
 
 
 _NO_ERRORS: Mapping[int, BaseException] = types.MappingProxyType({})
+
+
+def _count(job: Job, run: Run) -> None:
+    """The slice now counts against the job's gate (once; ``unassign`` undoes it)."""
+    if job.gate is not None and not run.counted:
+        job.gate.active += 1
+        run.counted = True
 
 
 def _ready(error: Any) -> BaseException:

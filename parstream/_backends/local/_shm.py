@@ -68,8 +68,13 @@ _TAG = struct.Struct("<q")  # sent with each descriptor: a result block's id, or
 AVAILABLE = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
 
 
-def _write(fd: int, buffers: list[memoryview]) -> None:
+def _extent(buffers: list[memoryview]) -> tuple[Layout, int]:
+    """Where ``buffers`` lie one after another (``buffer_layout``), and the bytes they span."""
     layout = buffer_layout([b.nbytes for b in buffers])
+    return layout, max(offset + n for offset, n in layout)
+
+
+def _write(fd: int, buffers: list[memoryview], layout: Layout) -> None:
     for view, (offset, _) in zip(buffers, layout, strict=True):
         while view:
             written = os.pwrite(fd, view, offset)
@@ -81,7 +86,7 @@ def pack(buffers: list[memoryview]) -> int:
     """A new ``memfd`` holding ``buffers``, laid out by ``buffer_layout``."""
     fd = os.memfd_create("parstream-data", os.MFD_CLOEXEC)
     try:
-        _write(fd, buffers)
+        _write(fd, buffers, _extent(buffers)[0])
     except BaseException:
         os.close(fd)
         raise
@@ -101,37 +106,30 @@ class Outgoing:
         """``(fd, block_id)`` of a memfd holding ``buffers``. A block id of 0
         is a one-off memfd: the caller closes ``fd`` once it is sent; else
         the fd stays here, lent until ``freed``."""
-        layout = buffer_layout([b.nbytes for b in buffers])
-        need = max(offset + n for offset, n in layout)
+        layout, need = _extent(buffers)
         want = -(-need // _OUTGOING_GRAIN) * _OUTGOING_GRAIN
         fits = [entry for entry in self._free if entry[2] >= need]
         if fits:
             entry = min(fits, key=lambda e: e[2])
             self._free.remove(entry)
             block_id, fd, size = entry
-            if size > want:
-                # Cut it to size: the parent's mapping of a small result must
-                # not keep the pages of a big one alive.
-                try:
-                    os.ftruncate(fd, want)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                size = want
         elif len(self._lent) < OUTGOING_LENT:
-            size = want
-            fd = os.memfd_create("parstream-data", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd, size = os.memfd_create("parstream-data", os.MFD_CLOEXEC), 0
             block_id = self._next_id
             self._next_id += 1
         else:
             return pack(buffers), 0
+        if size != want:
+            # A new block, or a bigger one cut to size: the parent's mapping of
+            # a small result must not keep the pages of a big one alive.
+            try:
+                os.ftruncate(fd, want)
+            except BaseException:
+                os.close(fd)
+                raise
+            size = want
         try:
-            _write(fd, buffers)
+            _write(fd, buffers, layout)
         except BaseException:
             self._free.append((block_id, fd, size))
             raise
@@ -239,8 +237,7 @@ class Arena:
     def lend(self, buffers: list[memoryview], worker: Any) -> Block:
         """A block holding ``buffers``, lent to ``worker`` until it releases
         it or dies. Raises ``OSError`` when memory or descriptors run out."""
-        layout = buffer_layout([b.nbytes for b in buffers])
-        need = max(offset + n for offset, n in layout)
+        layout, need = _extent(buffers)
         with self._lock:
             fits = [b for b in self._free if b.size >= need]
             block = min(fits, key=lambda b: b.size) if fits else None

@@ -146,7 +146,7 @@ class LocalWorker:
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
     fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
     started_with: Any = None  # a spare: the sys.path, directory and environment it got
-    # A slice sent behind the running one (``LocalPool._prefetch``): the job,
+    # A slice sent behind the running one (``LocalPool._behind_whom``): the job,
     # its batch's sequence number, and whether it reached the pipe.
     next_job: Job | None = None
     next_seq: int = 0
