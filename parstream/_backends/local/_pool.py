@@ -425,6 +425,9 @@ class LocalPool(MessageHandler):
                 if job is None:
                     return
                 self._assign(worker, job)
+            # The job's on_started before its RUN: a future is running before
+            # its worker can begin (else a result could be seen first).
+            self._outbox.flush()
             self._send(worker, job)
         while PREFETCH:
             with self._lock:
