@@ -590,6 +590,10 @@ class LocalPool(MessageHandler):
                     deaths.append(w)
             for w in deaths:
                 self._on_death(w)
+            # Results to their callers first: the housekeeping below (and
+            # the loop's top) would otherwise stand between a worker's reply
+            # and the thread waiting for it.
+            self._outbox.flush()
             self._check_deadlines()
             self._dispatch_queued()
             for w in self._workers:
