@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._results import Exit, Ok
+from parstream._validate import check_timeout, wait_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -95,7 +96,7 @@ class Child:
 
     def wait(self, timeout: float | None = None) -> Ok[Any] | Exit | None:
         """Wait until the child ends for good (no more restarts); its last result."""
-        self._ended.wait(timeout)
+        self._ended.wait(wait_seconds(check_timeout(timeout, "timeout")))
         return self.last_result if self._ended.is_set() else None
 
     def __repr__(self) -> str:

@@ -49,6 +49,15 @@ _cores_lock = threading.RLock()
 WAIT_SLICE_S = 0.2  # waits at exit in slices, so Ctrl-C is seen on every platform
 
 
+def _clamp(timeout: Any) -> Any:
+    """A timeout for ``Future.result``/``exception``: a number beyond
+    ``threading.TIMEOUT_MAX`` (``inf`` included) becomes it, where the
+    standard library's wait raises ``OverflowError``; anything else passes
+    as it is, to be judged as ``concurrent.futures`` judges it."""
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    return threading.TIMEOUT_MAX if number and timeout > threading.TIMEOUT_MAX else timeout
+
+
 class _Future(concurrent.futures.Future[Any]):
     """A Future whose ``cancel()`` withdraws its job from the backend's queue."""
 
@@ -73,9 +82,14 @@ class _Future(concurrent.futures.Future[Any]):
         return True
 
     def result(self, timeout: float | None = None) -> Any:
-        value = super().result(timeout)
+        # A finite timeout past threading.TIMEOUT_MAX waits that long, as the
+        # caller asked, instead of raising OverflowError.
+        value = super().result(_clamp(timeout))
         settle_output()  # in a kernel: what the worker printed is in the cell first
         return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(_clamp(timeout))
 
     def _invoke_callbacks(self) -> None:
         # Settled on a hub thread: the user's done-callbacks must not run on

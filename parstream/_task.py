@@ -48,6 +48,46 @@ def _kill_job(backend: Backend, job: Job) -> None:
     backend.kill(job, None)
 
 
+class _Latch:
+    """A one-shot event made of one lock, held until ``set``.
+
+    ``threading.Event`` wakes a waiter through a ``Condition``: the waiter
+    wakes, then blocks again on the condition's own lock, which the setting
+    thread still holds, so each task's result paid two context switches.
+    Here the waiter wakes owning the lock and passes it on at once.
+    """
+
+    __slots__ = ("_flag", "_lock")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        """Release every waiter; call once (``Task._set`` sees to that)."""
+        self._flag = True
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        got = False
+        try:
+            limit = None if timeout is None else wait_seconds(timeout)
+            if limit is None:
+                got = self._lock.acquire()
+            else:
+                got = self._lock.acquire(timeout=max(0.0, limit))
+        finally:
+            if got:
+                self._lock.release()  # the next waiter's turn
+        return self._flag
+
+
 class _TaskSink:
     """The backend's sink for a task. A linked task's holds it weakly, so the
     backend does not keep the Task alive and dropping the handle runs its
@@ -94,7 +134,7 @@ class Task(Generic[T]):
         self._backend = backend
         self._linked = linked
         self._lock = threading.Lock()
-        self._done = threading.Event()
+        self._done = _Latch()
         self._result: Ok[T] | Exit | None = None
         self._callbacks: list[Callable[[Task[T]], None]] = []
         self._waiters: list[Callable[[Task[T]], None]] = []
@@ -333,7 +373,7 @@ def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> Non
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
-            cond.wait(remaining)
+            cond.wait(wait_seconds(remaining))
 
 
 def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list[Any]:
@@ -387,7 +427,7 @@ def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
-            cond.wait(remaining)
+            cond.wait(wait_seconds(remaining))
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:

@@ -10,6 +10,7 @@ a whole by ``Options.of``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypedDict
@@ -84,10 +85,12 @@ def check_node(value: Any) -> str | None:
 
 
 def wait_seconds(timeout: float | None) -> float | None:
-    """A checked timeout as ``threading`` waits take it (no limit is ``None``)."""
+    """A checked timeout as ``threading`` waits take it: no limit is ``None``,
+    and a finite one beyond ``threading.TIMEOUT_MAX`` (~292 years), which
+    those waits refuse with ``OverflowError``, is cut to it."""
     if timeout is None or math.isinf(timeout):
         return None
-    return timeout
+    return min(timeout, threading.TIMEOUT_MAX)
 
 
 class StreamOptions(TypedDict, total=False):

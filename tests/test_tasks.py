@@ -603,6 +603,81 @@ def test_infinite_timeout_means_no_limit_or_is_rejected_cleanly(
         assert result in ("v", Ok("v"))
 
 
+HUGE_WAITS: list[tuple[str, Callable[[parstream.Supervisor], object], object]] = [
+    ("await_", lambda s: s.async_(sleep_return, 0.3, "v").await_(1e10), "v"),
+    ("yield_", lambda s: s.async_(sleep_return, 0.3, "v").yield_(1e10), Ok("v")),
+    (
+        "await_many",
+        lambda s: parstream.await_many([s.async_(sleep_return, 0.3, "v")], 1e10),
+        ["v"],
+    ),
+    (
+        "yield_many",
+        lambda s: [r for _, r in parstream.yield_many([s.async_(sleep_return, 0.3, "v")], 1e10)],
+        [Ok("v")],
+    ),
+    ("Child.wait", lambda s: s.start_child(sleep_return, 0.3, "v").wait(1e10), Ok("v")),
+    ("Future.result", lambda s: s.submit(sleep_return, 0.3, "v").result(1e10), "v"),
+    ("Future.result inf", lambda s: s.submit(sleep_return, 0.3, "v").result(math.inf), "v"),
+    ("Future.exception", lambda s: s.submit(sleep_return, 0.3, "v").exception(1e10), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"), [pytest.param(c, e, id=i) for i, c, e in HUGE_WAITS]
+)
+def test_a_timeout_beyond_the_platform_limit_waits_for_the_result(
+    call: Callable[[parstream.Supervisor], object], expected: object, sup: parstream.Supervisor
+) -> None:
+    """A finite timeout of centuries (past threading.TIMEOUT_MAX) waits like no limit.
+    Every one of these raised OverflowError from inside ``threading`` before."""
+    assert call(sup) == expected
+
+
+def test_child_wait_checks_its_timeout(sup: parstream.Supervisor) -> None:
+    """Child.wait refuses a timeout that is not a number of seconds >= 0, naming it."""
+    child = sup.start_child(sleep_return, 0.2, "v")
+    for bad, exc in (("1", TypeError), (-1, ValueError), (math.nan, ValueError)):
+        with pytest.raises(exc, match="timeout"):
+            child.wait(bad)  # type: ignore[arg-type]
+    assert child.wait(30) == Ok("v")
+
+
+def test_every_thread_awaiting_one_task_gets_its_value(sup: parstream.Supervisor) -> None:
+    """Eight threads block in await_ (some with a timeout) on one task; all wake with its value."""
+    task = sup.async_nolink(sleep_return, 0.5, "v")
+    got: list[object] = []
+    lock = threading.Lock()
+
+    def wait(timeout: float | None) -> None:
+        value = task.await_(timeout)
+        with lock:
+            got.append(value)
+
+    threads = [threading.Thread(target=wait, args=(None if i % 2 else 30.0,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == ["v"] * 8
+    assert task.await_(0) == "v"  # and later waits return at once
+    assert task.done()
+
+
+def test_await_with_a_short_timeout_times_out_while_another_thread_waits_on(
+    sup: parstream.Supervisor,
+) -> None:
+    """A waiter whose timeout ends does not disturb one still waiting on the same task."""
+    task = sup.async_nolink(sleep_return, 0.6, "v")
+    assert task.yield_(0.05) is None  # timed out: None, and the task runs on
+    other: list[object] = []
+    t = threading.Thread(target=lambda: other.append(task.await_(30)))
+    t.start()
+    assert task.yield_(0.05) is None
+    t.join(30)
+    assert other == ["v"]
+
+
 # -- pickling ----------------------------------------------------------------------------------
 
 
