@@ -92,7 +92,8 @@ class Sink(Protocol):
         """The job's next ``len(values)`` items, in order; ``errors`` maps
         positions in ``values`` to the exception of that item. ``seconds``:
         how long these items ran where they ran, if the backend measured it
-        (else the sink measures on its own clock)."""
+        (else the sink measures on its own clock). ``values`` is the sink's
+        from then on: the backend keeps no reference to it."""
 
     def on_done(self, end: End, unrun: int) -> None:
         """The job ended (see ``End``); called exactly once, last."""

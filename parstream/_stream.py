@@ -86,6 +86,8 @@ class _State:
         self.fn = fn
         self.iterable = iterable
         self.it: Iterator[Any] | None = None
+        # A list input is cut by slicing (``fill``), not through ``it``.
+        self.seq: list[Any] | None = iterable if type(iterable) is list else None
         self.linked = linked
         self.options = options
         self.max_concurrency = max_concurrency
@@ -154,8 +156,13 @@ class _State:
                 return
             inputs: list[Any] = []
             try:
-                # extend() keeps what was pulled before a fault.
-                inputs.extend(itertools.islice(self.it, size))
+                if self.seq is not None:
+                    # A list is cut by slicing, at C speed; like its iterator,
+                    # by position, so items appended meanwhile are seen.
+                    inputs = self.seq[self.pulled : self.pulled + size]
+                else:
+                    # extend() keeps what was pulled before a fault.
+                    inputs.extend(itertools.islice(self.it, size))
             except BaseException as exc:
                 self.input_error = exc
                 self.exhausted = True
@@ -248,7 +255,10 @@ class _State:
                 for i, e in errors.items():
                     chunk.errors[base + i] = e
             before = len(chunk.values)
-            chunk.values.extend(values)
+            if before:
+                chunk.values.extend(values)
+            else:
+                chunk.values = values  # the sink's own list (see Sink.on_results)
             self.results.arrived(chunk, before)
             return
         if kind == INPUT:
@@ -389,7 +399,10 @@ def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
         if progress is not None:
             progress.update(hi - lo)
         if not chunk.errors:
-            out = chunk.values[lo:hi]
+            # A finished chunk handed out whole is not copied: nothing adds
+            # to its list any more.
+            whole = lo == 0 and chunk.done and hi == len(chunk.values)
+            out = chunk.values if whole else chunk.values[lo:hi]
             state.span = out = oks(out) if wrap else out
             yield out
             continue
