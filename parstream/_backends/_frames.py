@@ -83,7 +83,9 @@ class _PlainPickler(pickle.Pickler):
         raise _NotPlain
 
 
-def _dumps_plain(payload: Any) -> bytes | None:
+def dumps_plain(payload: Any) -> bytes | None:
+    """``payload`` pickled by the C pickler alone if it holds only plain
+    values (see ``_PlainPickler``); ``None`` at the first other value."""
     buf = io.BytesIO()
     try:
         _PlainPickler(buf, PROTOCOL).dump(payload)
@@ -310,7 +312,7 @@ def dumps_results(
     """
     flags = _DONE if done else 0
     if not errors:
-        data = _dumps_plain((values, None, b"", None, None, None))
+        data = dumps_plain((values, None, b"", None, None, None))
         if data is not None:
             return _HEADER.pack(RESULTS, len(values), flags, t_next) + data
     plain = list(values)

@@ -254,7 +254,9 @@ class _Runner:
         key, data, count, items_bytes, star, report_each, evict, has_bad, log_level, buffers = (
             message
         )
-        logging.getLogger().setLevel(log_level)
+        root = logging.getLogger()
+        if root.level != log_level:  # setLevel clears every logger's cache: not per batch
+            root.setLevel(log_level)
         self.position = 0
         try:
             fn = self.load_function(key, data, evict)
