@@ -19,11 +19,7 @@ import atexit
 import concurrent.futures
 import dataclasses
 import functools
-
-# Before our exit hook is registered: atexit runs hooks last-registered first,
-# so ours then runs before multiprocessing's, which would otherwise join the
-# (live, non-daemonic) workers and wait for ever.
-import multiprocessing.util  # noqa: F401
+import os
 import threading
 import time
 import weakref
@@ -56,6 +52,14 @@ if TYPE_CHECKING:
     from parstream._backend import Backend, Node, Worker
 
 T = TypeVar("T")
+
+if os.name != "posix":
+    # Before our exit hook is registered: atexit runs hooks last-registered
+    # first, so ours then runs before multiprocessing's, which would otherwise
+    # join the (live, non-daemonic) workers and wait for ever. On POSIX the
+    # workers are not multiprocessing's (``_spawn.LIGHT_START``), and the
+    # import would cost every new process ~9 ms before its first worker starts.
+    import multiprocessing.util  # noqa: F401
 
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 _MAP_OPTIONS = frozenset(MapOptions.__annotations__)

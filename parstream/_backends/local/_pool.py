@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import select
 import selectors
@@ -899,6 +898,8 @@ def _wake_pipe() -> tuple[Any, Any]:
     if os.name == "posix":
         r, w = os.pipe()
         return _WakeEnd(r), _WakeEnd(w)
+    import multiprocessing
+
     return multiprocessing.Pipe(duplex=False)
 
 

@@ -41,6 +41,7 @@ worker or rebuilt in the parent still arrives as a ``RemoteError``.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import struct
 
@@ -131,3 +132,59 @@ def run_has_buffers(data: bytes) -> bool:
 
 def decode_run(data: bytes) -> RunMessage:
     return RunMessage(*pickle.loads(memoryview(data)[_RUN_HEADER.size :]))
+
+
+class FdConnection:
+    """``send_bytes``/``recv_bytes`` on a raw socket fd, in the framing of
+    ``multiprocessing.connection.Connection``: both ends of a worker's pipe
+    on POSIX. Neither side imports ``multiprocessing.connection`` (~5 ms of
+    every new process before its first worker's start, and ~20 ms of every
+    worker's), and a frame costs fewer steps than through it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """Close the fd; later use raises ``OSError`` (``EBADF``), never
+        reaches a file that reused the number."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def send_bytes(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)
+        n = len(data)
+        if n > 0x7FFFFFFF:
+            self._write(struct.pack("!iQ", -1, n))
+            self._write(data)
+        elif n > 16384:
+            self._write(struct.pack("!i", n))
+            self._write(data)
+        else:
+            self._write(struct.pack("!i", n) + data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def recv_bytes(self) -> bytes:
+        """The next frame; ``EOFError`` at end of file."""
+        (size,) = struct.unpack("!i", self._read(4))
+        if size == -1:
+            (size,) = struct.unpack("!Q", self._read(8))
+        return self._read(size)
+
+    def _read(self, n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = os.read(self.fd, min(n, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)

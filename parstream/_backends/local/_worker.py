@@ -49,7 +49,6 @@ import logging
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import time
@@ -579,50 +578,6 @@ def worker_main(
         _flush_std()
 
 
-class FdConnection:
-    """``send_bytes``/``recv_bytes`` on a raw socket fd, in the framing of
-    ``multiprocessing.connection.Connection`` (the parent's side): a worker
-    started by ``boot`` skips importing multiprocessing (~20 ms a start)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def send_bytes(self, data: bytes) -> None:
-        n = len(data)
-        if n > 0x7FFFFFFF:
-            self._write(struct.pack("!iQ", -1, n))
-            self._write(data)
-        elif n > 16384:
-            self._write(struct.pack("!i", n))
-            self._write(data)
-        else:
-            self._write(struct.pack("!i", n) + data)
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def recv_bytes(self) -> bytes:
-        (size,) = struct.unpack("!i", self._read(4))
-        if size == -1:
-            (size,) = struct.unpack("!Q", self._read(8))
-        return self._read(size)
-
-    def _read(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = os.read(self.fd, min(n, 1 << 20))
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-
 def boot(prep: dict[str, Any]) -> None:
     """Entry point of a worker started by ``_spawn`` (see ``BOOT``): the
     parent's ``sys.path`` and working directory are already in place."""
@@ -630,7 +585,7 @@ def boot(prep: dict[str, Any]) -> None:
         os.environ.pop(name, None)  # read by the C library at start; not for tasks
     slot_fd = prep["slot"]
     slot = Slot(slot_fd) if slot_fd is not None else None
-    conn = FdConnection(prep["conn"])
+    conn = _wire.FdConnection(prep["conn"])
     worker_main(
         conn, prep["parent"], slot, prep["init"], prep.get("spare", False), prep.get("fdchan")
     )
