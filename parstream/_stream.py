@@ -12,7 +12,9 @@ before the fault are delivered first, then the input's own exception is
 raised from the stream.
 
 Bounds (``_State.fill``): at most ``max_concurrency`` chunks run at once (a
-``Gate`` in the backend; batched chunks may wait queued one round ahead), and
+``Gate`` in the backend; up to as many more wait queued in the backend, so a
+worker that finishes one gets the next from the backend's event thread, not
+a round trip through the consumer's), and
 at most ``max_concurrency * chunk + buffer_size`` items are pulled but not yet
 delivered, so a slow head item or a slow consumer stops the pulling instead of
 growing memory. A chunk queued ahead waits for no more than ``TARGET_CHUNK_S``
@@ -147,10 +149,9 @@ class _State:
         assert self.it is not None
         while not self.exhausted:
             size = self.next_chunk_size()
-            # Batched chunks queue one round ahead (the gate keeps at most
+            # Chunks queue one round ahead (the gate keeps at most
             # max_concurrency running), so a worker never waits for this thread.
-            ahead = self.max_concurrency if size > 1 else 0
-            if len(self.running) >= self.max_concurrency + ahead:
+            if len(self.running) >= 2 * self.max_concurrency:
                 return
             if self.pulled - self.delivered + size > self.limit():
                 return
@@ -180,9 +181,8 @@ class _State:
             ended = feeder.done  # read before the buffer: then it holds the last item
             while True:
                 size = self.next_chunk_size()
-                ahead = self.max_concurrency if size > 1 else 0
                 running = len(self.running)
-                if running >= self.max_concurrency + ahead:
+                if running >= 2 * self.max_concurrency:  # one round queued ahead
                     need = NEVER  # a chunk's end wakes us
                     break
                 avail = len(buf)
