@@ -698,29 +698,37 @@ class LocalPool(MessageHandler):
     def _wanted(self) -> int:
         if self._closed:
             return 0
-        live = self._live()
-        idle_or_starting = sum(1 for w in live if w.state in ("starting", "idle"))
+        # One pass, no lists: the hub asks this at every turn.
+        live = idle_or_starting = 0
+        for w in self._workers:
+            state = w.state
+            if state == "busy":
+                live += 1
+            elif state == "idle" or state == "starting":
+                live += 1
+                idle_or_starting += 1
         # Keep the base size warm; grow up to the reservations when work waits.
-        want = max(len(live), self.base)
+        want = max(live, self.base)
         shortfall = len(self._dispatch.queue) - idle_or_starting
         if shortfall > 0:
-            want = max(want, min(len(live) + shortfall, self.base + self._reserved))
-        return want - len(live)
+            want = max(want, min(live + shortfall, self.base + self._reserved))
+        return want - live
 
     def _spawn_as_needed(self) -> None:
         if self._closed:
             return
         wanted = self._wanted()
-        for spare in [w for w in self._workers if w.state == "spare"]:
-            if wanted <= 0 or time.monotonic() < self._starter.next_start_at:
-                break  # (backing off after failed starts: so is promoting)
-            if self._starter.promote(spare):
-                wanted -= 1
-            else:
-                self._retire(spare)  # started in another sys.path, directory or environment
-        for worker in self._starter.start(wanted):
-            self._workers.append(worker)
-            self._watch(worker)
+        if wanted > 0:
+            for spare in [w for w in self._workers if w.state == "spare"]:
+                if wanted <= 0 or time.monotonic() < self._starter.next_start_at:
+                    break  # (backing off after failed starts: so is promoting)
+                if self._starter.promote(spare):
+                    wanted -= 1
+                else:
+                    self._retire(spare)  # started in another sys.path, directory or environment
+            for worker in self._starter.start(wanted):
+                self._workers.append(worker)
+                self._watch(worker)
         self._keep_a_spare()
 
     def _keep_a_spare(self) -> None:
@@ -735,17 +743,16 @@ class LocalPool(MessageHandler):
         It runs no user code before that, is not in ``workers()``, and counts
         as started only when promoted; it dies with the pool like any worker.
         """
-        if (
-            not self._spares
-            or self._starter.error is not None
-            or time.monotonic() < self._spare_next_at
-        ):
+        if not self._spares or self._starter.error is not None:
             return
         if not self._warm:
             if not any(w.state in ("idle", "busy") for w in self._workers):
                 return
             self._warm = True
-        if any(w.state == "spare" for w in self._workers):
+        for w in self._workers:
+            if w.state == "spare":
+                return
+        if time.monotonic() < self._spare_next_at:
             return
         spare = self._starter.start_spare()
         if spare is None:
