@@ -277,6 +277,27 @@ def _log_item(x: int) -> int:
     return x
 
 
+def test_a_task_that_imports_logging_itself_is_forwarded_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker starts without logging (issue 12: ~5 ms of its start), yet a
+    task that imports logging while it runs has its very first record
+    forwarded."""
+    import _lazy_logging_funcs as lazy
+
+    with caplog.at_level(logging.WARNING), parstream.Supervisor(max_workers=1) as s:
+        assert s.async_(lazy.logging_imported).await_(30) is False  # a fresh worker
+        assert s.async_(lazy.log_after_importing, "first").await_(30) is False
+        assert s.async_(lazy.log_after_importing, "again").await_(30) is True
+        deadline = time.monotonic() + 5
+        while sum("lazy" in r.getMessage() for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, caplog.records
+            time.sleep(0.02)
+    messages = [r.getMessage() for r in caplog.records if r.name == "parstream"]
+    assert sum("lazy first" in m for m in messages) == 1, messages
+    assert sum("lazy again" in m for m in messages) == 1, messages
+
+
 def test_a_supervisor_collected_while_its_registry_is_locked_does_not_deadlock() -> None:
     """A dropped Supervisor's finaliser takes the registry lock; a collection
     can run it on a thread inside that lock (3.12 collects between any two

@@ -1,0 +1,22 @@
+"""Task functions in a module that does not import ``logging`` at its top.
+
+A worker starts without logging and forwards records once anything imports
+it; these functions import it only while they run (tests/test_lifecycle.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def log_after_importing(message: str) -> bool:
+    """Import logging now, log at once; whether logging was imported before."""
+    had = "logging" in sys.modules
+    import logging
+
+    logging.getLogger("user.lazy").warning("lazy %s", message)
+    return had
+
+
+def logging_imported() -> bool:
+    return "logging" in sys.modules
