@@ -158,9 +158,12 @@ class _State:
             inputs: list[Any] = []
             try:
                 if self.seq is not None:
-                    # A list is cut by slicing, at C speed; like its iterator,
-                    # by position, so items appended meanwhile are seen.
+                    # A list is cut by slicing, at C speed, by position as its
+                    # iterator goes; a short slice ends the input, as the
+                    # iterator's end would (items appended later are not run).
                     inputs = self.seq[self.pulled : self.pulled + size]
+                    if len(inputs) < size:
+                        self.exhausted = True
                 else:
                     # extend() keeps what was pulled before a fault.
                     inputs.extend(itertools.islice(self.it, size))

@@ -82,10 +82,22 @@ class _Latch:
                 got = self._lock.acquire()
             else:
                 got = self._lock.acquire(timeout=max(0.0, limit))
-        finally:
-            if got:
-                self._lock.release()  # the next waiter's turn
+        except BaseException:
+            # Ctrl-C can land just after the acquire succeeded, before ``got``
+            # says so: once set, pass the lock on anyway, or the other
+            # waiters would wait for ever (an extra release is harmless).
+            if self._flag:
+                self._release()
+            raise
+        if got:
+            self._release()  # the next waiter's turn
         return self._flag
+
+    def _release(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already released by an interrupted waiter
+            pass
 
 
 class _TaskSink:

@@ -20,3 +20,15 @@ def log_after_importing(message: str) -> bool:
 
 def logging_imported() -> bool:
     return "logging" in sys.modules
+
+
+def find_then_log(message: str) -> bool:
+    """Look logging up without importing it, then import it and log."""
+    import importlib.util
+
+    had = "logging" in sys.modules
+    assert importlib.util.find_spec("logging") is not None
+    import logging
+
+    logging.getLogger("user.lazy").warning("found %s", message)
+    return had

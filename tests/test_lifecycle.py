@@ -289,13 +289,17 @@ def test_a_task_that_imports_logging_itself_is_forwarded_at_once(
         assert s.async_(lazy.logging_imported).await_(30) is False  # a fresh worker
         assert s.async_(lazy.log_after_importing, "first").await_(30) is False
         assert s.async_(lazy.log_after_importing, "again").await_(30) is True
+    with caplog.at_level(logging.WARNING), parstream.Supervisor(max_workers=1) as s:
+        # importlib.util.find_spec("logging") imports nothing: the hook stays.
+        assert s.async_(lazy.find_then_log, "it").await_(30) is False
         deadline = time.monotonic() + 5
-        while sum("lazy" in r.getMessage() for r in caplog.records) < 2:
+        while sum("lazy" in r.getMessage() for r in caplog.records) < 3:
             assert time.monotonic() < deadline, caplog.records
             time.sleep(0.02)
     messages = [r.getMessage() for r in caplog.records if r.name == "parstream"]
     assert sum("lazy first" in m for m in messages) == 1, messages
     assert sum("lazy again" in m for m in messages) == 1, messages
+    assert sum("found it" in m for m in messages) == 1, messages
 
 
 def test_a_supervisor_collected_while_its_registry_is_locked_does_not_deadlock() -> None:

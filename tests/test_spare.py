@@ -124,6 +124,32 @@ def test_a_spare_is_not_promoted_into_a_changed_environment(
         assert gone(spare)
 
 
+def test_a_relative_sys_path_entry_keeps_meaning_the_start_directory(tmp_path: Path) -> None:
+    """``python -c`` puts ``''`` on sys.path: workers started after the
+    program changed directory still import its modules from where it started
+    (as multiprocessing's ORIGINAL_DIR does), spares and new Supervisors alike."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "mymod_rel.py").write_text("def double(x):\n    return 2 * x\n")
+    code = textwrap.dedent(
+        f"""
+        import os, parstream, mymod_rel
+        with parstream.Supervisor(max_workers=1) as s:
+            print(s.async_(mymod_rel.double, 1).await_(30))
+        os.chdir({str(elsewhere)!r})
+        with parstream.Supervisor(max_workers=1) as s:
+            print(s.async_(mymod_rel.double, 2).await_(30))
+        """
+    )
+    # parstream itself from where it is; the program's modules only through ''.
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(parstream.__file__)))
+    command = [sys.executable, "-c", code]
+    out = subprocess.run(command, cwd=start, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "4"]
+
+
 def test_restart_workers_replaces_the_spare_too() -> None:
     with parstream.Supervisor(max_workers=1) as sup:
         sup.async_(os.getpid).await_(30)

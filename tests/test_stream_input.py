@@ -402,3 +402,22 @@ def test_a_batch_stopped_early_keeps_order_and_failures(
     runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
     assert sorted(int(x) for x, _ in runs) == list(range(60))
     assert len({pid for _, pid in runs}) == 2
+
+
+def test_a_list_input_ends_where_its_iterator_would() -> None:
+    """A list is cut by slicing, yet behaves as its iterator: once a chunk
+    came up short, items appended later are not run (control: islice)."""
+    work = [0]
+    seen = []
+    with parstream.Supervisor(backend="inline") as s:
+        stream = s.async_stream(abs, work, chunksize=2, buffer_size=0, max_concurrency=1)
+        for result in stream:
+            seen.append(result.value)  # type: ignore[union-attr]
+            if len(work) < 3:
+                work.append(len(work) * 10)
+    control_list = [0]
+    it = iter(control_list)
+    control = list(itertools.islice(it, 2))  # the short first chunk
+    control_list.append(10)
+    control += itertools.islice(it, 2)  # the iterator has ended: nothing
+    assert seen == control == [0]

@@ -13,6 +13,7 @@ import logging
 import pickle
 import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -584,3 +585,43 @@ def test_cpu_count_follows_lokys_rule(monkeypatch: pytest.MonkeyPatch, limit: st
     else:
         monkeypatch.setenv("LOKY_MAX_CPU_COUNT", limit)
     assert parstream.cpu_count() == loky.cpu_count()
+
+
+# -- a task's latch ------------------------------------------------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_waiter_does_not_strand_the_other_waiters() -> None:
+    """An exception (Ctrl-C, say) landing in a waiter just as the latch wakes
+    it must not keep the latch's lock: the other waiters wake all the same."""
+    import ctypes
+
+    from parstream._task import _Latch
+
+    latch = _Latch()
+    woke: list[object] = []
+
+    def first() -> None:
+        try:
+            latch.wait()
+        except _Interrupt:
+            woke.append("interrupted")
+
+    def second() -> None:
+        woke.append(latch.wait())
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (first, second)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # both blocked in the lock
+    ident = ctypes.c_ulong(threads[0].ident or 0)
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ident, ctypes.py_object(_Interrupt)) == 1
+    latch.set()
+    for t in threads:
+        t.join(5)
+    assert not threads[1].is_alive(), "the second waiter was stranded"
+    assert sorted(map(str, woke)) == ["True", "interrupted"]
+    assert latch.wait(0) is True  # and later waits return at once

@@ -71,10 +71,12 @@ class _PlainPickler(pickle.Pickler):
     """Pickles a flush whose values are all plain, or raises ``_NotPlain``.
 
     The C pickler handles ``None``, ``bool``, exact ``int``, ``float``,
-    ``str``, ``bytes``, ``bytearray`` and the built-in containers without
-    consulting ``reducer_override``; anything else reaches it. So a flush of
-    plain values (which cannot fail to unpickle) costs no check at all, and the
-    first other value sends the flush down the per-item path.
+    ``str``, ``bytes``, ``bytearray``, ``PickleBuffer`` and the built-in
+    containers (sets included) without consulting ``reducer_override``;
+    anything else reaches it. So a flush of plain values (which cannot fail
+    to unpickle) costs no check at all, and the first other value sends the
+    flush down the per-item path. A ``PickleBuffer`` does too (``dumps_plain``
+    refuses out-of-band buffers), so it can go through shared memory.
     """
 
     def reducer_override(self, obj: Any) -> Any:
@@ -88,10 +90,14 @@ def dumps_plain(payload: Any) -> bytes | None:
     values (see ``_PlainPickler``); ``None`` at the first other value."""
     buf = io.BytesIO()
     try:
-        _PlainPickler(buf, PROTOCOL).dump(payload)
+        _PlainPickler(buf, PROTOCOL, buffer_callback=_refuse).dump(payload)
     except _NotPlain:
         return None
     return buf.getvalue()
+
+
+def _refuse(buffer: Any) -> bool:
+    raise _NotPlain
 
 
 class _Sharing:

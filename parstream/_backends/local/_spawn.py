@@ -457,15 +457,23 @@ def _start_context() -> tuple[list[str], str, dict[str, str]]:
     return [p or origin for p in sys.path], cwd, dict(os.environ)
 
 
+try:
+    _IMPORT_DIR: str | None = os.getcwd()
+except OSError:  # pragma: no cover - no working directory
+    _IMPORT_DIR = None
+
+
 def _original_dir() -> str | None:
-    """The directory a relative ``sys.path`` entry means: multiprocessing's
-    ``ORIGINAL_DIR`` (the working directory when it was first imported) if
-    it is imported, else ``None`` (the current one). Not importing it saves
-    a new process ~9 ms before its first worker starts (issue 12)."""
+    """The directory a relative ``sys.path`` entry (``''`` under ``python -c``,
+    the REPL, Jupyter) means, however the process has changed directory
+    since: multiprocessing's ``ORIGINAL_DIR`` (the working directory when it
+    was first imported) if it is imported, else the one when this module
+    was. Importing multiprocessing for it would cost a new process ~9 ms
+    before its first worker starts (issue 12)."""
     import sys
 
     mp_process = sys.modules.get("multiprocessing.process")
-    return getattr(mp_process, "ORIGINAL_DIR", None)
+    return getattr(mp_process, "ORIGINAL_DIR", None) or _IMPORT_DIR
 
 
 def _write_all(fd: int, data: bytes, close: bool) -> None:

@@ -154,6 +154,13 @@ class FdConnection:
         if fd >= 0:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # As multiprocessing's Connection: a dropped one does not leak its fd.
+        try:
+            self.close()
+        except OSError:
+            pass
+
     def send_bytes(self, data: bytes) -> None:
         if type(data) is not bytes:
             data = bytes(data)

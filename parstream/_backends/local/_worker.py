@@ -160,28 +160,50 @@ class _WhenImported:
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != self.module:
             return None
-        try:
-            sys.meta_path.remove(self)
-        except ValueError:  # another thread's import got here first
-            pass
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None else None
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
             if spec is not None:
                 break
         else:
             return None
-        exec_module = getattr(spec.loader, "exec_module", None)
-        if exec_module is None:  # pragma: no cover - a legacy loader: run_batch looks
+        loader = spec.loader
+        run = getattr(loader, "exec_module", None)
+        if run is None:  # pragma: no cover - a legacy loader: run_batch looks
             return spec
-        then = self.then
+        own = "exec_module" in getattr(loader, "__dict__", ())
 
         def exec_then(module: Any) -> None:
-            exec_module(module)
-            then()
+            # One shot, and only once the module has run: a find_spec that
+            # imports nothing (importlib.util.find_spec) leaves the hook in
+            # place. The loader gets its own method back first.
+            try:
+                if own:
+                    loader.exec_module = run
+                else:
+                    del loader.exec_module
+            except AttributeError:  # pragma: no cover
+                pass
+            run(module)
+            self.fire()
 
-        spec.loader.exec_module = exec_then
+        try:
+            loader.exec_module = exec_then
+        except AttributeError:  # pragma: no cover - a slotted loader: run_batch looks
+            pass
         return spec
+
+    def fire(self) -> None:
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:  # fired already
+            return
+        try:
+            self.then()
+        except Exception:  # pragma: no cover - never fail the user's import
+            pass
 
 
 class ParstreamProtocolError(RuntimeError):
