@@ -277,6 +277,17 @@ def _log_item(x: int) -> int:
     return x
 
 
+def test_a_fresh_worker_starts_without_the_modules_it_does_not_need() -> None:
+    """A worker's start stays light (issue 12): typing, cloudpickle, logging,
+    traceback and multiprocessing come only when a task or a failure needs
+    them (a spare imports cloudpickle while it waits; the first worker is no
+    spare)."""
+    import _lazy_logging_funcs as lazy
+
+    with parstream.Supervisor(max_workers=1) as s:
+        assert s.async_(lazy.start_imports_left_out).await_(30) == []
+
+
 def test_a_task_that_imports_logging_itself_is_forwarded_at_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -51,7 +51,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from itertools import islice
 
 from parstream._backends import _codec
@@ -133,6 +132,8 @@ def _forward_handler(runner: _Runner) -> Any:
                 try:
                     text = record.getMessage()
                     if record.exc_info:
+                        import traceback
+
                         text += "\n" + "".join(traceback.format_exception(*record.exc_info))
                     payload = (record.name, record.levelno, text, self.runner.position)
                     self.runner.send(_wire.encode(_wire.LOG, payload))
