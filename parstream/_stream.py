@@ -336,6 +336,10 @@ class _State:
             running = list(self.running)
         if self.feeder is not None:
             self.feeder.stop()
+        # Chunks still queued in the backend first: killing a running one
+        # frees its worker, which would otherwise start a queued chunk
+        # before its own kill came (Ctrl-C must start nothing new).
+        running.sort(key=lambda chunk: chunk.started_at > 0)
         for chunk in running:
             job = chunk.job
             if job is not None:
