@@ -34,7 +34,9 @@ def find_then_log(message: str) -> bool:
     return had
 
 
+LEFT_OUT_AT_START = ("typing", "cloudpickle", "logging", "traceback", "multiprocessing")
+
+
 def start_imports_left_out() -> list[str]:
     """Modules a worker's start leaves out (issue 12) that are loaded anyway."""
-    left_out = ("typing", "cloudpickle", "logging", "traceback", "multiprocessing")
-    return [name for name in left_out if name in sys.modules]
+    return [name for name in LEFT_OUT_AT_START if name in sys.modules]
