@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,38 @@ def test_restart_workers_replaces_the_spare_too() -> None:
         sup.restart_workers()
         assert gone(spare)
         spare_pid(sup, other_than=spare)
+
+
+def test_restart_workers_has_the_hub_send_the_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """restart_workers() runs on the caller's thread; the STOPs it asks for go
+    from the hub thread, the only one that closes a dead worker's connection
+    (sent from the caller, one could land on a descriptor number closed and
+    reused meanwhile). Busy workers stop after their job, idle ones and the
+    spare at once, and every one of them stops."""
+    senders: list[str] = []
+    send_stop = _pool.LocalPool._send_stop
+
+    def recording(self: _pool.LocalPool, worker: LocalWorker) -> None:
+        senders.append(threading.current_thread().name)
+        send_stop(self, worker)
+
+    monkeypatch.setattr(_pool.LocalPool, "_send_stop", recording)
+    with parstream.Supervisor(max_workers=2) as sup:
+        busy = sup.async_(_sleep_then_pid, 0.5)
+        idle = sup.async_(os.getpid).await_(30)
+        spare = spare_pid(sup)
+        sup.restart_workers()
+        busy_pid = busy.await_(30)
+        for pid in {busy_pid, idle, spare}:
+            assert gone(pid), pid
+        assert sup.async_(os.getpid).await_(30) not in {busy_pid, idle, spare}
+    assert len(senders) >= 3, senders
+    assert set(senders) == {"parstream-hub"}, senders
+
+
+def _sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def test_a_spare_that_dies_is_replaced_later_and_nothing_fails() -> None:

@@ -601,6 +601,9 @@ class LocalPool(MessageHandler):
             self._check_deadlines()
             self._dispatch_queued()
             for w in self._workers:
+                if w.stop_due:
+                    w.stop_due = False
+                    self._send_stop(w)
                 if w.freed and w.state in ("idle", "busy"):
                     with w.send_lock, contextlib.suppress(OSError):
                         _send_freed(w)
@@ -783,8 +786,20 @@ class LocalPool(MessageHandler):
                 self._retire(worker)
 
     def _retire(self, worker: LocalWorker) -> None:
+        """Take ``worker`` out of service now (under ``self._lock``: no job
+        reaches it after this) and have it stop. The STOP itself goes from
+        the hub thread, the one that closes a dead worker's connection
+        (``_on_death``): from another thread (``restart_workers``) it could
+        land on a descriptor number closed and reused meanwhile."""
         worker.state = "retiring"
         worker.kill_cause = "retire"
+        if threading.current_thread() is self._hub:
+            self._send_stop(worker)
+        else:
+            worker.stop_due = True
+            self._wake()
+
+    def _send_stop(self, worker: LocalWorker) -> None:
         try:
             worker.conn.send_bytes(bytes((_wire.STOP,)))
         except OSError:

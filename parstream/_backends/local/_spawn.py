@@ -139,6 +139,7 @@ class LocalWorker:
     idle_since: float = 0.0
     items_done: int = 0
     retire_requested: bool = False
+    stop_due: bool = False  # retired off the hub thread: the hub sends its STOP
     fns: collections.OrderedDict[bytes, None] = field(default_factory=collections.OrderedDict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     slot: Slot | None = None
