@@ -36,6 +36,7 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from parstream._backend import BackendClosed, Gate, Job
@@ -428,6 +429,49 @@ def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
         yield out
 
 
+class _Spans:
+    """A stream's spans for any number of consuming threads.
+
+    Each thread iterates its own ``itertools.chain.from_iterable`` over this
+    one source (``_Chains``): a chain is not safe to share between threads
+    while its source blocks (two threads fetching at once overwrite each
+    other's span, and a failed fetch ends the chain for everyone, silently).
+    Every chain takes its items from the same current span iterator first, so
+    a stream handed from thread to thread (``async for`` runs each ``next()``
+    in some helper thread) goes on in order, and threads iterating at once
+    share the items: each exactly once, none lost. One thread at a time runs
+    the generator; the others wait for it, then take from what it fetched.
+    """
+
+    __slots__ = ("_current", "_gen", "_lock")
+
+    def __init__(self, gen: Generator[list[Any], None, None]) -> None:
+        self._gen = gen
+        self._current: Iterator[Any] = iter(())
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _Spans:
+        return self
+
+    def __next__(self) -> Iterator[Any]:
+        current = self._current
+        if length_hint(current):
+            return current
+        with self._lock:
+            current = self._current
+            if length_hint(current):  # fetched by another thread meanwhile
+                return current
+            current = self._current = iter(next(self._gen))
+            return current
+
+
+class _Chains(threading.local):
+    """The calling thread's chain of items over a stream's ``_Spans``."""
+
+    def __init__(self, spans: _Spans) -> None:
+        self.items = itertools.chain.from_iterable(spans)
+
+
 class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
     """A one-shot iterator of ``Ok(value)`` / ``Exit(reason)``, one per input item.
 
@@ -441,7 +485,7 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         self._state = state
         self._owner = owner  # keeps the Supervisor (and its workers) alive
         self._spans = run_stream(state, True)
-        self._items: Iterator[Ok[T] | Exit] = itertools.chain.from_iterable(self._spans)
+        self._chains = _Chains(_Spans(self._spans))
 
     def __iter__(self) -> Iterator[Ok[T] | Exit]:
         # The items at C speed: no Python-level __next__ per item. The empty
@@ -449,10 +493,10 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         # close the stream); leaving the loop early closes nothing: the
         # stream can be iterated on later, and closes when dropped.
         keep: Iterator[Any] = itertools.repeat(self, 0)
-        return itertools.chain(self._items, keep)
+        return itertools.chain(self._chains.items, keep)
 
     def __next__(self) -> Ok[T] | Exit:
-        return next(self._items)
+        return next(self._chains.items)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
@@ -506,17 +550,17 @@ class _Values(Iterator[Any]):
     from the same chain. ``close()`` stops the stream, as a generator's would.
     """
 
-    __slots__ = ("_items", "_spans")
+    __slots__ = ("_chains", "_spans")
 
     def __init__(self, spans: Generator[list[Any], None, None]) -> None:
         self._spans = spans
-        self._items = itertools.chain.from_iterable(spans)
+        self._chains = _Chains(_Spans(spans))
 
     def __iter__(self) -> Iterator[Any]:
-        return self._items
+        return self._chains.items
 
     def __next__(self) -> Any:
-        return next(self._items)
+        return next(self._chains.items)
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""

@@ -10,6 +10,7 @@ a whole by ``Options.of``.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -48,6 +49,8 @@ def check_int(value: Any, name: str, minimum: int, *, allow_none: bool = True) -
         raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > sys.maxsize:  # islice, range and the like refuse more
+        raise ValueError(f"{name} must be <= sys.maxsize ({sys.maxsize}), got {value}")
     return value
 
 
@@ -65,9 +68,13 @@ def check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
         raise ValueError(f"{name} must be a number of seconds, got NaN")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if math.isinf(value) and allow_none:
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float: as good as no limit
+        seconds = math.inf
+    if math.isinf(seconds) and allow_none:
         return None
-    return float(value)
+    return seconds
 
 
 def check_positive_seconds(value: Any, name: str) -> float:
@@ -182,10 +189,26 @@ class Options:
 
 def check_progress(value: Any) -> Any:
     """``progress`` is True, False, a dict of tqdm options, or a tqdm-like bar."""
-    if value is True or value is False or isinstance(value, dict):
+    if value is True or value is False:
+        return value
+    if isinstance(value, dict):
+        unknown = [k for k in value if not isinstance(k, str) or k not in _tqdm_options()]
+        if unknown:
+            raise TypeError(f"progress: not a tqdm option: {', '.join(map(repr, unknown))}")
         return value
     if hasattr(value, "update") and hasattr(value, "close"):
         return value
     raise TypeError(
         f"progress must be True, False, a dict of tqdm options or a tqdm instance, got {value!r}"
     )
+
+
+def _tqdm_options() -> frozenset[str]:
+    """The keyword options a tqdm bar takes (the notebook's also ``display``)."""
+    import inspect
+
+    from tqdm.std import tqdm
+
+    params = inspect.signature(tqdm.__init__).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(named - {"self"} | {"display"})

@@ -462,6 +462,12 @@ def test_function_is_pickled_once_per_stream(sup: parstream.Supervisor, tmp_path
         ({"progress": 3}, TypeError, "progress"),
         ({"fn": 42}, TypeError, "fn"),
         ({"buffer_size": -1}, ValueError, "buffer_size"),
+        # beyond sys.maxsize: accepted once, then islice failed at the first next()
+        ({"chunksize": sys.maxsize + 1}, ValueError, "chunksize"),
+        ({"max_concurrency": sys.maxsize + 1}, ValueError, "max_concurrency"),
+        ({"buffer_size": 2**80}, ValueError, "buffer_size"),
+        # an unknown tqdm option: accepted once, then tqdm failed at the first next()
+        ({"progress": {"bogus": 1}}, TypeError, "progress.*bogus"),
     ],
 )
 def test_bad_arguments_raise_at_build(
@@ -475,6 +481,13 @@ def test_bad_arguments_raise_at_build(
     with pytest.raises(exc, match=needle):
         parstream.async_stream(fn, iterable, **args)
     assert source.pulled == 0
+
+
+def test_a_timeout_beyond_any_float_is_no_limit(sup: parstream.Supervisor) -> None:
+    """An int timeout too large for a float (it raised ``OverflowError`` from
+    the float conversion, naming nothing) means no limit, as ``inf`` does."""
+    assert list(sup.stream_map(square, range(5), timeout=10**400)) == [0, 1, 4, 9, 16]
+    assert [value(r) for r in parstream.async_stream(square, [3], timeout=10**400)] == [9]
 
 
 def test_unpicklable_function_fails_at_build(sup: parstream.Supervisor) -> None:
@@ -648,3 +661,76 @@ def test_map_can_be_closed_inside_a_span(sup: parstream.Supervisor) -> None:
     rest = sup.stream_map(square, range(5))
     assert next(rest) == 0
     assert list(rest) == [1, 4, 9, 16]
+
+
+# -- one stream, several threads ---------------------------------------------------------
+
+
+def _slow_id(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["map", "async_stream", "async_stream, next()"])
+def test_threads_iterating_one_stream_at_once_share_its_items(
+    sup: parstream.Supervisor, kind: str
+) -> None:
+    """Threads iterating one stream at the same time each get some of its items,
+    every item exactly once; none is lost, no thread's loop ends early. (A
+    generator's second thread gets ``ValueError`` and the first goes on; the
+    chain of spans once ended silently for both after the second one's error.)"""
+    import threading
+
+    n = 60
+    if kind == "map":
+        stream: Any = sup.stream_map(_slow_id, range(n), max_concurrency=4, chunksize=1)
+    else:
+        stream = sup.async_stream(_slow_id, range(n), max_concurrency=4, chunksize=1)
+    got: dict[str, list[Any]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def consume(name: str) -> None:
+        mine = got.setdefault(name, [])
+        start.wait(10)
+        try:
+            if kind.endswith("next()"):
+                while True:
+                    try:
+                        mine.append(next(stream))
+                    except StopIteration:
+                        break
+            else:
+                for v in stream:
+                    mine.append(v)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(name,)) for name in "ABC"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    values = [value(r) if kind != "map" else r for mine in got.values() for r in mine]
+    assert sorted(values) == list(range(n))
+    for mine in got.values():  # each thread's share comes in input order
+        vs = [value(r) if kind != "map" else r for r in mine]
+        assert vs == sorted(vs)
+
+
+def test_a_stream_handed_from_thread_to_thread_goes_on_in_order(
+    sup: parstream.Supervisor,
+) -> None:
+    """``next()`` from whichever thread (as ``async for`` does, one helper thread
+    or another per item) continues where the last one stopped, mid-span too."""
+    import concurrent.futures
+
+    n = 500
+    stream = sup.async_stream(square, range(n))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        out = [pool.submit(next, stream).result(30) for _ in range(n)]
+    assert [value(r) for r in out] == [x * x for x in range(n)]
+    with pytest.raises(StopIteration):
+        next(stream)
