@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -228,7 +229,9 @@ def finish_at_exit() -> None:
     try:
         while True:
             with _cores_lock:
-                cores = list(_cores)
+                # Not those inherited through os.fork(): their futures are the
+                # parent's, and a child that waited for them would never exit.
+                cores = [c for c in _cores if not c.backend.forked]
             pending = [f for c in cores for f in c.pending_futures()]
             if not pending:
                 break
@@ -242,6 +245,9 @@ def close_all() -> None:
         cores = list(_cores)
     for core in cores:
         try:
+            if core.backend.forked:
+                core.backend.close()  # drops this process's copies; its lock may be a held copy
+                continue
             core.close_backend()
         except Exception:  # pragma: no cover
             log.exception("parstream: closing a backend at exit failed")
@@ -303,3 +309,13 @@ def start_map(
 
 
 __all__ = ["ExecutorCore", "MapState", "finish_at_exit", "release", "start_map"]
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: a parent thread may have held the registry's lock at the fork."""
+    global _cores_lock
+    _cores_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -309,6 +309,8 @@ class _State:
         # close() from another thread (an ``async for`` being cancelled).
         if self.closed:
             raise _Closed
+        if self.backend.forked:  # the parent's workers: nothing will ever come here
+            raise SupervisorClosed(self.backend.usable() or "the supervisor is closed")
         feeder = self.feeder
         busy = feeder is not None and feeder.feeding and feeder.need != NEVER
         try:

@@ -458,7 +458,12 @@ class Supervisor(concurrent.futures.Executor):
         grace. ``wait=False`` returns at once and all that happens in the
         background. ``cancel_futures=True`` cancels the futures no worker has
         taken yet (running ones finish). Ctrl-C while waiting kills everything.
+        In a child inherited through ``os.fork()`` it only drops this
+        process's copies: the work is the parent's.
         """
+        if self._backend.forked:
+            self._close("the supervisor was shut down")
+            return
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = "the supervisor was shut down"

@@ -291,6 +291,7 @@ class Task(Generic[T]):
             timeout = check_timeout(timeout, "timeout", allow_none=False)
         if self._done.is_set():
             return self._result
+        self._check_reachable()
         if self._backend is not None and self._job is not None:
             grace = 0.0 if isinstance(timeout, _BrutalKill) else timeout
             self._backend.kill(self._job, None, grace=grace)
@@ -400,6 +401,8 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
     """
     tasks = _check_tasks(tasks)
     timeout = check_timeout(timeout, "timeout")
+    for t in tasks:
+        t._check_reachable()
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         _wait_until_all_or_failure(tasks, deadline)
@@ -475,6 +478,8 @@ def yield_many(
         raise TypeError(f"limit must be an int or None, got {limit!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    for t in tasks:
+        t._check_reachable()
     want = len(tasks) if limit is None else min(limit, len(tasks))
     seconds = wait_seconds(timeout)
     _wait_some(tasks, None if seconds is None else time.monotonic() + seconds, want)

@@ -92,6 +92,91 @@ def test_an_inherited_supervisor_refuses_use_in_the_child(sup: parstream.Supervi
     assert list(sup.stream_map(identity, range(100))) == list(range(100))
 
 
+def test_every_wait_on_inherited_work_refuses_in_the_child() -> None:
+    """Streams, task shutdowns and the many-task waits refuse inherited work with
+    ``SupervisorClosed``, as ``await_`` does (each hung in the child, waiting
+    for the parent's workers); a shutdown or a ``with`` exit there only drops
+    the child's copies."""
+    sup = parstream.Supervisor(max_workers=4)
+    task = sup.async_nolink(sleep_then, 3.0, "done")
+    other = sup.async_nolink(sleep_then, 3.0, "other")
+    stream = sup.stream_map(_sleep_for, [0.0] + [1.0] * 3, chunksize=1, max_concurrency=2)
+    assert next(stream) == 0.0  # the rest, and both tasks, still running in the parent
+
+    def child() -> int:
+        signal.alarm(20)  # a hang ends the child with SIGALRM, not the test run
+        waits: list[Any] = [
+            lambda: next(stream),
+            lambda: task.shutdown(parstream.BRUTAL_KILL),
+            lambda: task.shutdown(1.0),
+            lambda: parstream.await_many([task, other], 5),
+            lambda: parstream.yield_many([task, other], 0.5),
+        ]
+        for i, wait in enumerate(waits):
+            try:
+                wait()
+            except parstream.SupervisorClosed as exc:
+                if "os.fork()" not in str(exc):
+                    return 10 + i
+            else:
+                return 20 + i
+        sup.shutdown(wait=True)  # returns: nothing here is this process's to wait for
+        with sup:
+            pass
+        return 0
+
+    try:
+        assert fork_and_wait(child) == 0
+        assert task.await_(30) == "done"
+        assert other.await_(30) == "other"
+        assert list(stream) == [1.0] * 3
+    finally:
+        sup.close()
+
+
+def _sleep_for(seconds: float) -> float:
+    return sleep_then(seconds, seconds)  # type: ignore[no-any-return]
+
+
+def test_a_forked_child_exits_while_the_parent_has_work_pending() -> None:
+    """Interpreter exit in a child does not wait for the parent's pending futures
+    and tasks (it did, forever, from the exit hook). ``ProcessPoolExecutor``
+    is the control."""
+    code = """
+        import concurrent.futures, os, sys, time
+        import parstream
+        from _hostile import sleep_then
+
+        for make in (lambda: concurrent.futures.ProcessPoolExecutor(2),
+                     lambda: parstream.Supervisor(max_workers=2)):
+            ex = make()
+            pending = [ex.submit(sleep_then, 3, 1)]
+            if isinstance(ex, parstream.Supervisor):
+                pending.append(ex.async_nolink(sleep_then, 3, 2))
+            time.sleep(0.5)
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)  # the exit hooks run
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    print(type(ex).__name__, os.waitstatus_to_exitcode(status))
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                print(type(ex).__name__, "hung")
+            ex.shutdown(wait=False, cancel_futures=True)
+            if isinstance(ex, parstream.Supervisor):
+                ex.close()
+    """
+    out = run_script(code, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["ProcessPoolExecutor 0", "Supervisor 0"], out.stdout
+
+
 def test_a_fork_started_multiprocessing_pool_worker_can_use_parstream() -> None:
     """A worker of a fork-started multiprocessing.Pool calls parstream; the parent is intact."""
     import multiprocessing
