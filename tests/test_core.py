@@ -575,6 +575,18 @@ def test_executor_shutdown_waits() -> None:
     assert sup.closed
 
 
+def test_restart_workers_leaves_a_worker_still_starting() -> None:
+    """A worker still starting has run no user code (no initializer): a restart
+    leaves it, so restarts in a loop cannot start workers faster than they
+    come up (a hostile test had 15-19 processes alive with max_workers=2)."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        task = sup.async_(os.getpid)  # its worker is starting now (a boot takes ms)
+        sup.restart_workers()
+        pid = task.await_(30)
+        assert sup.async_(os.getpid).await_(30) == pid
+        assert sup.stats().workers_started == 1
+
+
 def test_restart_workers_picks_up_an_edited_module(tmp_path: Path) -> None:
     """Workers keep a module they imported; restart_workers() makes them load the edit."""
     import importlib

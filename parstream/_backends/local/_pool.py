@@ -239,11 +239,18 @@ class LocalPool(MessageHandler):
             return Counts(**vars(self._counts))
 
     def restart_workers(self) -> None:
-        """Retire every idle worker and every busy one once its job ends."""
+        """Retire every idle worker and every busy one once its job ends.
+
+        A worker still starting has run no user code unless there is an
+        initializer: it stays (retiring it too made a loop of restarts start
+        workers faster than they could come up, without bound)."""
+        fresh_start = self._starter.initializer is None
         with self._lock:
             for w in self._workers:
                 if w.state in ("idle", "spare"):
                     self._retire(w)
+                elif w.state == "starting" and fresh_start:
+                    continue
                 else:
                     w.retire_requested = True  # after the current batch
             self._wake()
