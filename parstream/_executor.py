@@ -197,7 +197,8 @@ class ExecutorCore:
                     pass
 
     def close_backend(self) -> None:
-        self.cancel_pending()
+        if not self.backend.forked:  # a forked copy's futures (and lock) are the parent's
+            self.cancel_pending()
         self.closed = True
         self.backend.close()
         with _cores_lock:
@@ -245,9 +246,6 @@ def close_all() -> None:
         cores = list(_cores)
     for core in cores:
         try:
-            if core.backend.forked:
-                core.backend.close()  # drops this process's copies; its lock may be a held copy
-                continue
             core.close_backend()
         except Exception:  # pragma: no cover
             log.exception("parstream: closing a backend at exit failed")
