@@ -252,12 +252,24 @@ def close_all() -> None:
 
 
 class MapState(_State):
-    """A stream with ``Executor.map``'s deadline and Python 3.14's ``buffersize``."""
+    """A stream with ``Executor.map``'s deadline and Python 3.14's ``buffersize``.
 
-    def __init__(self, *args: Any, deadline: float | None, cap: int | None, **kwargs: Any) -> None:
+    The deadline is ``timeout`` seconds from the stream's start (the first
+    ``next()``), not from the call to ``map``: nothing runs before that, so
+    a map held unread a while (the stdlib's computes meanwhile) must not be
+    out of time before it has begun.
+    """
+
+    def __init__(self, *args: Any, timeout: float | None, cap: int | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.deadline = deadline
+        self.timeout = timeout
+        self.deadline: float | None = None
         self.cap = cap  # most items pulled and not yet yielded
+
+    def start(self) -> None:
+        if self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
+        super().start()
 
     def limit(self) -> int:
         base = super().limit()
@@ -285,7 +297,7 @@ def start_map(
     fn: FnHandle,
     iterables: tuple[Iterable[Any], ...],
     max_concurrency: int,
-    deadline: float | None,
+    timeout: float | None,
     chunksize: int | None,
     buffersize: int | None,
 ) -> Iterator[Any]:
@@ -300,7 +312,7 @@ def start_map(
         linked=False,  # failures are raised at their position, not on arrival
         max_concurrency=max_concurrency,
         star=star,  # one iterable: single arguments, the same path as parstream.map
-        deadline=deadline,
+        timeout=timeout,
         cap=None if buffersize is None else buffersize * (chunksize or 1),
     )
     return values(state, owner)

@@ -20,14 +20,15 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import pickle
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from parstream import _executor
 from parstream._backend import BackendClosed, Settings, resolve
+from parstream._backends._codec import culprit_error
 from parstream._children import RESTARTS, Child, Children, Restart, RestartWindow, log_failure
 from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._results import Exit, Stats
@@ -97,6 +98,11 @@ class Supervisor(concurrent.futures.Executor):
         max_memory_per_worker: replace a worker whose RSS exceeds this many
             bytes (checked between tasks).
         idle_timeout: seconds an extra worker may stay idle.
+        mp_context: accepted for ``ProcessPoolExecutor`` code: a
+            ``multiprocessing`` context whose start method is ``"spawn"`` or
+            ``"forkserver"`` (or None). Workers always start as fresh
+            interpreters, as with ``"spawn"``; ``"fork"`` is refused, since
+            nothing would be inherited (use ``initializer`` for that).
 
     As a ``concurrent.futures.Executor``: ``with Supervisor() as ex:`` is
     ``shutdown(wait=True)`` on leaving the block normally or with an
@@ -130,6 +136,7 @@ class Supervisor(concurrent.futures.Executor):
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         max_tasks_per_child: int | None = None,
+        mp_context: Any = None,
     ) -> None:
         check_int(max_restarts, "max_restarts", 0, allow_none=False)
         max_seconds = check_positive_seconds(max_seconds, "max_seconds")
@@ -149,6 +156,7 @@ class Supervisor(concurrent.futures.Executor):
         if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
             raise TypeError(f"initargs must be a tuple of arguments, got {initargs!r}")
         check_int(max_memory_per_worker, "max_memory_per_worker", 1)
+        _check_mp_context(mp_context)
         idle_timeout = check_timeout(idle_timeout, "idle_timeout", allow_none=False)
         config = resolve(backend)
         settings = Settings(
@@ -395,8 +403,16 @@ class Supervisor(concurrent.futures.Executor):
         """
         check_callable(fn)
         self._check_open()
-        call = functools.partial(fn, *args, **kwargs) if kwargs else fn
-        prepared = self._backend.prepare(call)
+        if kwargs:
+            try:
+                prepared = self._backend.prepare(functools.partial(fn, *args, **kwargs))
+            except pickle.PicklingError as exc:
+                # As for a positional argument: the function itself fails
+                # here, named; an argument that cannot travel fails the future.
+                self._backend.prepare(fn)
+                return _failed_future(culprit_error(args, exc.__cause__ or exc, kwargs))
+        else:
+            prepared = self._backend.prepare(fn)
         try:
             return self._core.submit(prepared, () if kwargs else args)
         except BackendClosed as exc:
@@ -418,9 +434,11 @@ class Supervisor(concurrent.futures.Executor):
         is raised at its position; the calls after it are then stopped.
 
         Args:
-            timeout: one deadline for the whole call, from the call to ``map``:
-                a result not there by then raises ``TimeoutError``, the calls
-                running are killed and those not started never run.
+            timeout: one deadline for the whole call, ``timeout`` seconds
+                from the first ``next()`` (when the lazy map starts work): a
+                result not there by then raises ``TimeoutError``, the calls
+                running are killed and those not started never run. A
+                negative value is a deadline already past, as in the stdlib.
             chunksize: calls per message to a worker; None (the default)
                 adapts it to the measured cost per call.
             buffersize: at most this many calls (chunks, with ``chunksize``)
@@ -434,10 +452,13 @@ class Supervisor(concurrent.futures.Executor):
         check_callable(fn)
         for it in iterables:
             check_iterable(it, "iterables")
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout < 0:
+            # As with the stdlib (``timeout=deadline - now``): a deadline
+            # already past, so the first result not ready raises TimeoutError.
+            timeout = 0.0
         timeout = check_timeout(timeout, "timeout")
         check_int(chunksize, "chunksize", 1)
         check_int(buffersize, "buffersize", 1)
-        deadline = None if timeout is None else time.monotonic() + timeout
         self._check_open()
         return _executor.start_map(
             self,
@@ -445,7 +466,7 @@ class Supervisor(concurrent.futures.Executor):
             self._backend.prepare(fn),
             iterables,
             self.max_workers,
-            deadline,
+            timeout,
             chunksize,
             buffersize,
         )
@@ -595,3 +616,27 @@ def _close_all() -> None:
             except Exception:  # pragma: no cover
                 pass
         _executor.close_all()
+
+
+def _failed_future(error: BaseException) -> concurrent.futures.Future[Any]:
+    """A future that failed before it could be submitted (its arguments cannot travel)."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    future.set_exception(error)
+    return future
+
+
+def _check_mp_context(context: Any) -> None:
+    """``mp_context``: None or a spawn/forkserver ``multiprocessing`` context."""
+    if context is None:
+        return
+    method = getattr(context, "get_start_method", None)
+    if not callable(method):
+        raise TypeError(f"mp_context must be a multiprocessing context or None, got {context!r}")
+    name = method()
+    if name not in ("spawn", "forkserver"):
+        raise ValueError(
+            f"mp_context: parstream's workers always start as fresh interpreters, so a "
+            f"{name!r} context's inheritance cannot be had; pass a 'spawn' context or "
+            "none, and set worker state up with initializer="
+        )

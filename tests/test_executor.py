@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,18 @@ def test_submit_kwargs(kind: str) -> None:
     with make(kind) as ex:
         assert ex.submit(f.with_kwargs, 1, c=3).result(timeout=30) == (1, 0, 3)
         assert ex.submit(f.with_kwargs, a=1, b=2).result(timeout=30) == (1, 2, 0)
+
+
+def test_an_unpicklable_keyword_argument_fails_its_future_not_submit(kind: str) -> None:
+    """As with a positional one: submit returns, the future holds the error
+    (parstream's names the keyword), and the executor goes on."""
+    with make(kind) as ex:
+        fut = ex.submit(f.with_kwargs, 1, b=threading.Lock())
+        err = fut.exception(timeout=30)
+        assert err is not None
+        assert ex.submit(f.with_kwargs, 1, b=2).result(timeout=30) == (1, 2, 0)
+    if kind == "parstream":
+        assert "keyword argument 'b' (lock)" in str(err), err
 
 
 def test_cancel_pending_and_running(kind: str, tmp_path: Path) -> None:
@@ -250,6 +263,24 @@ def test_map_timeout_is_one_deadline_and_cancels_the_rest(kind: str, tmp_path: P
     # calls behind those were cancelled.
     assert started <= {0, 1, 2, 3}, started
     assert not any((tmp_path / f"started-{i}").exists() for i in range(4, n))
+
+
+def test_map_read_after_a_pause_longer_than_its_timeout_still_delivers(kind: str) -> None:
+    """The stdlib computes during the pause; parstream's lazy map starts at the
+    first next(), and its deadline counts from there, so neither times out."""
+    with make(kind) as ex:
+        results = ex.map(f.sleep_return, [0.1] * 3, range(3), timeout=2.0)
+        time.sleep(2.5)
+        assert list(results) == [0, 1, 2]
+
+
+def test_map_negative_timeout_is_a_deadline_already_past(kind: str) -> None:
+    """timeout=deadline - now may be negative: not an error at call time, a
+    TimeoutError for the first result not ready."""
+    with make(kind) as ex:
+        results = ex.map(f.sleep_return, [1.0] * 2, range(2), timeout=-1)
+        with pytest.raises(cf.TimeoutError):
+            next(results)
 
 
 # -- shutdown, with, after shutdown -----------------------------------------------------
@@ -443,7 +474,9 @@ def test_map_validates_arguments_at_call_time() -> None:
         with pytest.raises(TypeError, match="iterables"):
             ex.map(f.square, 3)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="timeout"):
-            ex.map(f.square, [1], timeout=-1)
+            ex.map(f.square, [1], timeout=float("nan"))
+        with pytest.raises(TypeError, match="timeout"):
+            ex.map(f.square, [1], timeout="1")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="chunksize"):
             ex.map(f.square, [1], chunksize=0)
         with pytest.raises(ValueError, match="buffersize"):
@@ -519,6 +552,21 @@ def test_constructor_checks_initializer_and_alias() -> None:
         parstream.Supervisor(max_tasks_per_worker=2, max_tasks_per_child=3)
     with pytest.raises(ValueError, match="max_tasks_per_child"):
         parstream.Supervisor(max_tasks_per_child=0)
+
+
+def test_mp_context_spawn_is_accepted_and_fork_refused() -> None:
+    """ProcessPoolExecutor code passing mp_context keeps working where the
+    context means what parstream's workers are (fresh interpreters); a fork
+    context, whose inheritance they cannot give, is refused at the call."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    with parstream.Supervisor(max_workers=1, mp_context=spawn) as ex:
+        assert ex.submit(f.square, 4).result(timeout=30) == 16
+    with pytest.raises(ValueError, match="mp_context"):
+        parstream.Supervisor(mp_context=multiprocessing.get_context("fork"))
+    with pytest.raises(TypeError, match="mp_context"):
+        parstream.Supervisor(mp_context="spawn")
 
 
 def test_max_tasks_per_child_recycles() -> None:
