@@ -131,7 +131,7 @@ def test_an_unpicklable_keyword_argument_fails_its_future_not_submit(kind: str) 
     """As with a positional one: submit returns, the future holds the error
     (parstream's names the keyword), and the executor goes on."""
     with make(kind) as ex:
-        fut = ex.submit(f.with_kwargs, 1, b=threading.Lock())
+        fut = ex.submit(f.with_kwargs, 1, b=threading.Lock())  # type: ignore[arg-type]
         err = fut.exception(timeout=30)
         assert err is not None
         assert ex.submit(f.with_kwargs, 1, b=2).result(timeout=30) == (1, 2, 0)
