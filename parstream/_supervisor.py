@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from parstream import _executor
 from parstream._backend import BackendClosed, Settings, resolve
-from parstream._backends._codec import culprit_error
 from parstream._children import RESTARTS, Child, Children, Restart, RestartWindow, log_failure
 from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._results import Exit, Stats
@@ -410,13 +409,34 @@ class Supervisor(concurrent.futures.Executor):
                 # As for a positional argument: the function itself fails
                 # here, named; an argument that cannot travel fails the future.
                 self._backend.prepare(fn)
-                return _failed_future(culprit_error(args, exc.__cause__ or exc, kwargs))
+                return _failed_future(self._argument_error(fn, args, kwargs, exc))
         else:
             prepared = self._backend.prepare(fn)
         try:
             return self._core.submit(prepared, () if kwargs else args)
         except BackendClosed as exc:
             raise SupervisorClosed(self._closed_reason or str(exc)) from None
+
+    def _argument_error(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+    ) -> pickle.PicklingError:
+        """The error for a call whose arguments cannot travel, naming the first
+        that fails on its own (found through the backend's own ``prepare``)."""
+        named: list[tuple[str, tuple[Any, ...], dict[str, Any]]]
+        named = [(f"argument {i}", (a,), {}) for i, a in enumerate(args)]
+        named += [(f"keyword argument {k!r}", (), {k: v}) for k, v in kwargs.items()]
+        culprit = "the arguments"
+        for what, one, kw in named:
+            try:
+                self._backend.prepare(functools.partial(fn, *one, **kw))
+            except pickle.PicklingError:
+                value = one[0] if one else kw[next(iter(kw))]
+                culprit = f"{what} ({type(value).__qualname__})"
+                break
+        cause = exc.__cause__ or exc
+        err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
+        err.__cause__ = cause
+        return err
 
     def map(
         self,

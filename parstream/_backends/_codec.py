@@ -132,19 +132,15 @@ class BadArgs:
         return (BadArgs, (self.error,))
 
 
-def culprit_error(
-    args: tuple[Any, ...], cause: BaseException, kwargs: dict[str, Any] | None = None
-) -> BaseException:
+def culprit_error(args: tuple[Any, ...], cause: BaseException) -> BaseException:
     """The error for an item whose arguments could not be pickled, naming the
-    first argument (positional, then keyword) that fails."""
+    first argument that fails."""
     culprit = "the arguments"
-    named = [(f"argument {i}", arg) for i, arg in enumerate(args)]
-    named += [(f"keyword argument {k!r}", arg) for k, arg in (kwargs or {}).items()]
-    for what, arg in named:
+    for i, arg in enumerate(args):
         try:
             dumps(arg)
         except BaseException:
-            culprit = f"{what} ({type(arg).__qualname__})"
+            culprit = f"argument {i} ({type(arg).__qualname__})"
             break
     err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
     err.__cause__ = cause
