@@ -125,6 +125,28 @@ def test_shutdown_brutal_kill_kills_the_remote_process(
     assert gone(int(path.read_text()), within=10)
 
 
+def serve_forever(folder: str, name: int) -> None:
+    (Path(folder) / str(name)).write_text("up")
+    while True:
+        time.sleep(0.05)
+
+
+def test_more_children_than_cpus_all_run_and_tasks_still_run(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """Children hold their slots for ever. Past the cluster's CPUs a task holds
+    none (as the local backend's extra workers oversubscribe the cores), so
+    every child runs and a task after them too: Ray used to queue them behind
+    the children for ever, and the supervisor stalled."""
+    n = rsup.max_workers + 2
+    for i in range(n):
+        rsup.start_child(
+            serve_forever, str(tmp_path), i, restart="permanent", shutdown=parstream.BRUTAL_KILL
+        )
+    wait_until(lambda: len(list(tmp_path.iterdir())) == n, within=60, what="every child to run")
+    assert rsup.async_(pow, 2, 10).await_(timeout=60) == 1024
+
+
 def test_exceptions_keep_type_and_remote_traceback(rsup: parstream.Supervisor) -> None:
     task = rsup.async_(divide, 1, 0)
     with pytest.raises(ZeroDivisionError) as info:

@@ -22,11 +22,16 @@ it, on the pool's event thread (a task is also launched straight from
 
 A *slot* is one task in flight; there are ``capacity`` (the cluster's CPUs,
 or a node's, over ``num_cpus_per_task``) plus what streams and children
-reserve. Every task has ``max_retries=0`` and ``retry_exceptions=False``:
-restarts are the Supervisor's decision. A kill is ``ray.cancel(force=True)``
-only, never a plain cancel first (ray#32954). A per-item timeout counts from
-the item's start as the task reports it (its first message, or the previous
-item's result): time spent waiting for a Ray worker process does not count.
+reserve. A task holds ``num_cpus_per_task`` CPUs only while fewer than the
+cluster's CPUs (at start) are held; beyond that (reserved slots, or a
+``max_workers`` above the CPUs) it holds none, as the local backend's extra
+workers oversubscribe the cores: otherwise Ray would queue it behind tasks
+that may never end (children), and the supervisor would stall. Every task
+has ``max_retries=0`` and ``retry_exceptions=False``: restarts are the
+Supervisor's decision. A kill is ``ray.cancel(force=True)`` only, never a
+plain cancel first (ray#32954). A per-item timeout counts from the item's
+start as the task reports it (its first message, or the previous item's
+result): time spent waiting for a Ray worker process does not count.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class _Slot:
     kill_cause: str | None = None  # timeout, kill, close
     kill_deadline: float | None = None  # a graceful kill is forced then
     timed_out_index: int | None = None
+    cpus: float = 0.0  # the CPUs its task holds (0 beyond the cluster's: see above)
 
 
 class RayPool:
@@ -136,7 +142,8 @@ class RayPool:
                 f"num_cpus_per_task={config.num_cpus_per_task}: no node of the Ray cluster "
                 f"has that many CPUs (the largest has {largest:g})"
             )
-        self.base = settings.max_workers or self._cluster_capacity(None)
+        self._cpu_slots = self._cluster_capacity(None)  # tasks that may hold CPUs at once
+        self.base = settings.max_workers or self._cpu_slots
         self._thread = threading.Thread(target=self._run, name="parstream-ray", daemon=True)
         self._thread.start()
 
@@ -393,6 +400,10 @@ class RayPool:
             items = self._dispatch.replace_bad(job, bad)
             items_bytes = _codec.dumps(items)
         options = self._options
+        held = sum(1 for s in self._slots if s.cpus > 0)
+        slot.cpus = self._cpus if held < min(self.base, self._cpu_slots) else 0.0
+        if slot.cpus != self._cpus:
+            options = {**options, "num_cpus": slot.cpus}
         if job.node is not None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -567,8 +578,9 @@ def _as_crash(error: BaseException, node: str | None) -> BaseException:
 
     where = f" on node {node}" if node else ""
     if isinstance(error, rx.NodeDiedError | rx.ObjectLostError):
+        which = f"node {node}" if node else "the node"
         return NodeDied(
-            f"the node{where} running this task died (or its results were lost with it): "
+            f"{which}, running this task, died (or its results were lost with it): "
             f"{type(error).__name__}",
             node=node,
         )
