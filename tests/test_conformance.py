@@ -372,3 +372,22 @@ def test_module_functions_take_backend(backend_name: str) -> None:
     ]
     assert parstream.default_supervisor(backend_name).backend == backend_name
     parstream.default_supervisor(backend_name).close()
+
+
+class Abort(BaseException):
+    """A BaseException that is not an interrupt (pytest's outcomes, gevent's Timeout)."""
+
+
+def abort_on_three(x: int) -> int:
+    if x == 3:
+        raise Abort(x)
+    return x
+
+
+def test_a_base_exception_fails_its_item_alone(backend_name: str) -> None:
+    """On every backend, inline too: only KeyboardInterrupt is an interrupt."""
+    with parstream.Supervisor(backend=backend_name) as sup:
+        results = list(sup.async_stream_nolink(abort_on_three, range(6)))
+    assert [r.value for r in results if isinstance(r, parstream.Ok)] == [0, 1, 2, 4, 5]
+    assert isinstance(results[3], parstream.Exit)
+    assert isinstance(results[3].reason, Abort)

@@ -229,7 +229,9 @@ class InlinePool:
             started = time.monotonic()
             try:
                 value = fn(*item) if job.star else fn(item)
-            except (Exception, SystemExit) as exc:
+            except KeyboardInterrupt:
+                raise  # Ctrl-C stops the caller, as in a plain loop
+            except BaseException as exc:  # SystemExit and the rest: the item's own
                 errors[len(values)] = exc
                 value = None
             took = time.monotonic() - started
