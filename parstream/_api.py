@@ -18,10 +18,10 @@ from parstream._backend import resolve
 from parstream._supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable
     from typing import Unpack
 
-    from parstream._stream import Stream
+    from parstream._stream import Stream, _Values
     from parstream._task import Task
     from parstream._validate import MapOptions, StreamOptions
 
@@ -126,7 +126,7 @@ def map(
     *,
     backend: Any = None,
     **options: Unpack[MapOptions],
-) -> Iterator[T]:
+) -> _Values[T]:
     """Parallel, lazy ``map``: values in input order, raising the first failure.
 
     The drop-in for a slow ``for`` loop. ``timeout`` is per item (unlike

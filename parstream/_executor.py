@@ -30,12 +30,12 @@ from parstream._backend import Job
 from parstream._callbacks import call_soon, on_hub_thread
 from parstream._errors import TaskShutdown
 from parstream._output import settle as settle_output
-from parstream._stream import _State, values
+from parstream._stream import _State, _Values, values
 from parstream._validate import Options
 
 if TYPE_CHECKING:
     import weakref
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Mapping
 
     from parstream._backend import Backend, End, FnHandle
     from parstream._task import Task
@@ -300,7 +300,7 @@ def start_map(
     timeout: float | None,
     chunksize: int | None,
     buffersize: int | None,
-) -> Iterator[Any]:
+) -> _Values[Any]:
     """``Supervisor.map``'s iterator (arguments already checked)."""
     star = len(iterables) != 1
     source = zip(*iterables, strict=False) if star else iterables[0]

@@ -52,6 +52,7 @@ from parstream._chunks import (
 )
 from parstream._errors import SupervisorClosed, TaskTimeout
 from parstream._feeder import FEED_POLL_S, NEVER, Feeder, pulls_inline
+from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, oks
@@ -343,11 +344,12 @@ class _State:
         # frees its worker, which would otherwise start a queued chunk
         # before its own kill came (Ctrl-C must start nothing new).
         running.sort(key=lambda chunk: chunk.started_at > 0)
-        for chunk in running:
-            job = chunk.job
-            if job is not None:
-                self.backend.kill(job, None)
-                chunk.job = None
+        with held() if running else contextlib.nullcontext():  # a second Ctrl-C waits
+            for chunk in running:
+                job = chunk.job
+                if job is not None:
+                    self.backend.kill(job, None)
+                    chunk.job = None
         self.running.clear()
         self.results.clear()
         self.span.clear()
@@ -536,7 +538,7 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         return f"<Stream pulled={s.pulled} delivered={s.delivered} closed={s.closed}>"
 
 
-def values(state: _State, owner: object) -> Iterator[Any]:
+def values(state: _State, owner: object) -> _Values[Any]:
     """The plain values of a stream (``map``), raising the first failure.
 
     The items at C speed, a span at a time (see ``run_stream``): a
@@ -546,10 +548,11 @@ def values(state: _State, owner: object) -> Iterator[Any]:
     return _Values(_spans_of(state, owner))
 
 
-class _Values(Iterator[Any]):
+class _Values(Iterator[T]):
     """``map``'s iterator: a for loop (or ``list``) gets the chain of spans
     itself, so no Python-level ``__next__`` runs per item; ``next()`` takes
-    from the same chain. ``close()`` stops the stream, as a generator's would.
+    from the same chain. ``close()`` stops the stream, as a generator's would;
+    ``with`` and ``async for`` work as on a ``Stream``.
     """
 
     __slots__ = ("_chains", "_spans")
@@ -558,15 +561,24 @@ class _Values(Iterator[Any]):
         self._spans = spans
         self._chains = _Chains(_Spans(spans))
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[T]:
         return self._chains.items
 
-    def __next__(self) -> Any:
-        return next(self._chains.items)
+    def __next__(self) -> T:
+        return next(self._chains.items)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
         self._spans.close()
+
+    def __enter__(self) -> _Values[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return _aiter(self)
 
 
 def _spans_of(state: _State, owner: object) -> Generator[list[Any], None, None]:
@@ -579,7 +591,7 @@ def _spans_of(state: _State, owner: object) -> Generator[list[Any], None, None]:
         del owner
 
 
-async def _aiter(stream: Stream[T]) -> AsyncIterator[Ok[T] | Exit]:
+async def _aiter(stream: Stream[Any] | _Values[Any]) -> AsyncIterator[Any]:
     """``async for``: each ``next()`` runs in a helper thread, so the loop stays free."""
     import asyncio
 

@@ -23,15 +23,16 @@ import os
 import pickle
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from parstream import _executor
 from parstream._backend import BackendClosed, Settings, resolve
 from parstream._children import RESTARTS, Child, Children, Restart, RestartWindow, log_failure
 from parstream._errors import SupervisorClosed, TaskShutdown
+from parstream._interrupts import held
 from parstream._results import Exit, Stats
-from parstream._stream import Stream, _State, values
+from parstream._stream import Stream, _State, _Values, values
 from parstream._task import ShutdownTimeout, Task, _BrutalKill
 from parstream._validate import (
     MapOptions,
@@ -379,7 +380,7 @@ class Supervisor(concurrent.futures.Executor):
         fn: Callable[..., T],
         iterable: Iterable[Any],
         **options: Unpack[MapOptions],
-    ) -> Iterator[T]:
+    ) -> _Values[T]:
         """The plain-values stream (``parstream.map`` on this supervisor): values in
         input order, raising the first failure. ``timeout`` is per item;
         the options are ``async_stream``'s, less ``zip_input_on_exit``."""
@@ -445,7 +446,7 @@ class Supervisor(concurrent.futures.Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
-    ) -> Iterator[T]:
+    ) -> _Values[T]:
         """``Executor.map`` on the stream engine: ``fn(*args)`` for the items of
         ``iterables`` zipped (to the shortest), values in input order.
 
@@ -588,8 +589,9 @@ class Supervisor(concurrent.futures.Executor):
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = "the supervisor was closed"
-        self._core.cancel_pending()
-        self._close("the supervisor was closed")
+        with held():  # Ctrl-C again (or a first one) waits until everything is killed
+            self._core.cancel_pending()
+            self._close("the supervisor was closed")
 
     def _close(self, reason: str) -> None:
         if self._backend.forked:

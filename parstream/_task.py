@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 from parstream._backend import Job
 from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
+from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._results import Exit, Ok
 from parstream._validate import check_timeout, wait_seconds
@@ -273,7 +274,14 @@ class Task(Generic[T]):
         """
         timeout = check_timeout(timeout, "timeout", allow_none=False)
         self._check_reachable()
-        if self._done.wait(wait_seconds(timeout)):
+        try:
+            finished = self._done.wait(wait_seconds(timeout))
+        except BaseException:
+            # Ctrl-C while waiting: as with await_, the task must not go on
+            # without us (a timeout, by contrast, leaves it running).
+            self._kill(TaskShutdown("the caller was interrupted while yielding on the task"))
+            raise
+        if finished:
             settle_output()
         return self._result
 
@@ -294,8 +302,15 @@ class Task(Generic[T]):
         self._check_reachable()
         if self._backend is not None and self._job is not None:
             grace = 0.0 if isinstance(timeout, _BrutalKill) else timeout
-            self._backend.kill(self._job, None, grace=grace)
-            self._done.wait()
+            with held():
+                self._backend.kill(self._job, None, grace=grace)
+            try:
+                self._done.wait()
+            except BaseException:
+                # Ctrl-C during the grace: kill at once, then leave.
+                with held():
+                    self._backend.kill(self._job, None)
+                raise
         with self._lock:
             result = self._result
             if isinstance(result, Exit) and isinstance(result.reason, TaskShutdown):
@@ -309,9 +324,10 @@ class Task(Generic[T]):
         return self._result
 
     def _kill(self, reason: BaseException) -> None:
-        self._set(Exit(reason))
-        if self._backend is not None and self._job is not None:
-            self._backend.kill(self._job, reason)
+        with held():  # a second Ctrl-C must not leave the worker running
+            self._set(Exit(reason))
+            if self._backend is not None and self._job is not None:
+                self._backend.kill(self._job, reason)
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._async_await().__await__()
@@ -407,9 +423,10 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
     try:
         _wait_until_all_or_failure(tasks, deadline)
     except BaseException:
-        for t in tasks:
-            if not t.done():
-                t._kill(TaskShutdown("await_many was interrupted"))
+        with held():
+            for t in tasks:
+                if not t.done():
+                    t._kill(TaskShutdown("await_many was interrupted"))
         raise
     for t in tasks:
         r = t.result_nowait()
@@ -446,9 +463,10 @@ def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
-    for t in tasks:
-        if not t.done():
-            t._kill(reason or TaskShutdown("a sibling task in await_many failed"))
+    with held():
+        for t in tasks:
+            if not t.done():
+                t._kill(reason or TaskShutdown("a sibling task in await_many failed"))
 
 
 OnTimeout = Literal["nothing", "ignore", "kill_task"]
@@ -482,7 +500,16 @@ def yield_many(
         t._check_reachable()
     want = len(tasks) if limit is None else min(limit, len(tasks))
     seconds = wait_seconds(timeout)
-    _wait_some(tasks, None if seconds is None else time.monotonic() + seconds, want)
+    try:
+        _wait_some(tasks, None if seconds is None else time.monotonic() + seconds, want)
+    except BaseException:
+        # Ctrl-C while waiting: as with await_many, the tasks must not go on
+        # without us (on_timeout governs a timeout, not an interrupt).
+        with held():
+            for t in tasks:
+                if not t.done():
+                    t._kill(TaskShutdown("yield_many was interrupted"))
+        raise
     results = [(t, t.result_nowait()) for t in tasks]
     if limit is None or sum(r is not None for _, r in results) < want:
         for t, r in results:

@@ -63,7 +63,8 @@ def check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
             return None
         raise TypeError(f"{name} must be a number of seconds, got None")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+        what = "a number of seconds or None" if allow_none else "a number of seconds"
+        raise TypeError(f"{name} must be {what}, got {value!r}")
     if isinstance(value, float) and math.isnan(value):
         raise ValueError(f"{name} must be a number of seconds, got NaN")
     if value < 0:

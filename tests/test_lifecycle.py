@@ -150,6 +150,8 @@ def test_interpreter_exit_is_not_blocked_by_a_hung_task(ending: str) -> None:
 WAITS = {
     "await_": "ready()\ntask.await_()",
     "await_many": "ready()\nparstream.await_many([task, other])",
+    "yield_": "ready()\ntask.yield_(60)",
+    "yield_many": "ready()\nparstream.yield_many([task, other], 60)",
     "asyncio": (
         "import asyncio\n"
         "async def main():\n"
@@ -202,6 +204,52 @@ say(after=parstream.async_(os.getpid).await_(20))
         assert after != first["task"]
         assert proc.wait(15) == 0
         assert wait_all_gone([*pids, after], 3.0) == []
+    finally:
+        finish(proc)
+
+
+CLEANUP_CALLS = {
+    "map": "list(parstream.map(nap, range(2)))",
+    "await_": "parstream.async_(nap, 0).await_()",
+    "await_many": "parstream.await_many([parstream.async_(nap, i) for i in range(2)])",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", list(CLEANUP_CALLS))
+def test_a_second_ctrl_c_during_the_first_ones_cleanup_leaves_nothing_running(how: str) -> None:
+    """Two Ctrl-C a few ms apart: the second used to land while the first's
+    kill ran (the first kill in a process imports psutil), leaving a worker
+    busy for good and the next call waiting behind it. Now it waits for the
+    kill, then raises."""
+    proc = run_script(
+        f"""
+import threading
+def nap(_):
+    time.sleep(60)
+sup = parstream.default_supervisor()
+threading.Timer(0.5, lambda: say(pids=sup.worker_pids())).start()
+try:
+    try:
+        {CLEANUP_CALLS[how]}
+    except KeyboardInterrupt:
+        time.sleep(2)
+except KeyboardInterrupt:
+    pass
+time.sleep(0.5)
+say(busy=[w.pid for w in sup.workers() if w.busy])
+say(after=sorted(parstream.map(abs, [-1, -2])))
+"""
+    )
+    try:
+        pids = read_json(proc)["pids"]
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert read_json(proc)["busy"] == []
+        assert read_json(proc)["after"] == [1, 2]
+        assert proc.wait(15) == 0
+        assert wait_all_gone(pids, 3.0) == []
     finally:
         finish(proc)
 

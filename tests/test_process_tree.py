@@ -167,7 +167,7 @@ def test_leaving_a_stream_early_kills_the_task_tree(
     assert next(values) == 0
     pids = read_pids(path)
     recorded.extend(pids.values())
-    values.close()  # type: ignore[attr-defined]
+    values.close()
     assert_all_gone(pids)
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
-from _util import gone, value
+from _util import gone, value, wait_until
 from tqdm import tqdm
 
 import parstream
@@ -536,6 +536,19 @@ def test_async_for_does_not_block_the_loop(sup: parstream.Supervisor) -> None:
     assert ticks >= 10
 
 
+def test_map_results_take_with_and_async_for_like_a_stream(sup: parstream.Supervisor) -> None:
+    """map's results are used as async_stream's are: leaving ``with`` kills
+    the running items, and ``async for`` works."""
+    with sup.stream_map(sleep_ret, [0.0, 30.0]) as results:
+        assert next(results) == 0.0
+    wait_until(lambda: not any(w.busy for w in sup.workers()), what="the 30 s item's kill")
+
+    async def main() -> list[int]:
+        return [x async for x in sup.stream_map(square, range(5))]
+
+    assert asyncio.run(main()) == [0, 1, 4, 9, 16]
+
+
 CTRL_C_SCRIPT = textwrap.dedent(
     """
     import signal, sys, time
@@ -656,7 +669,7 @@ def test_map_can_be_closed_inside_a_span(sup: parstream.Supervisor) -> None:
     values = sup.stream_map(square, range(20_000))
     assert next(values) == 0
     assert [next(values) for _ in range(3)] == [1, 4, 9]
-    values.close()  # type: ignore[attr-defined]
+    values.close()
     assert list(values) == []
     rest = sup.stream_map(square, range(5))
     assert next(rest) == 0

@@ -73,7 +73,7 @@ def test_each_result_comes_before_the_next_item_is_produced(
             yield i
 
     if kind == "map":
-        values = sup.stream_map(square, source())
+        values: Iterator[int] = sup.stream_map(square, source())
     elif kind == "nolink":
         values = (value(r) for r in sup.async_stream_nolink(square, source()))
     else:

@@ -336,6 +336,7 @@ ALLOWED = {
     "parstream._callbacks",
     "parstream._output",
     "parstream._progress",
+    "parstream._interrupts",
     *(f"parstream.{m}" for m in FRONT_END),
 }
 MECHANICS = re.compile(
