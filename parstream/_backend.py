@@ -120,8 +120,10 @@ class Job:
     is per item (from its start or from dispatch: ``Capabilities``).
     ``first_index`` numbers the items in messages. ``returnable``: the sink
     takes back an unrun rest (``on_done("returned", n)``). ``node`` places the
-    job on a node of a backend that has nodes. ``state`` belongs to the
-    backend that runs the job; nobody else reads it.
+    job on a node of a backend that has nodes. ``urgent``: a supervised
+    child's run, queued ahead of every other job, so it takes the worker
+    reserved for it at once instead of waiting behind queued work. ``state``
+    belongs to the backend that runs the job; nobody else reads it.
     """
 
     fn: FnHandle
@@ -133,6 +135,7 @@ class Job:
     first_index: int = 0
     returnable: bool = False
     node: str | None = None
+    urgent: bool = False
     state: Any = field(default=None, repr=False)
 
 

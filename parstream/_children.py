@@ -144,7 +144,9 @@ class Children:
             self.end(child)
             return
         try:
-            task = sup._make_task(child.fn, child.args, linked=False, node=child.node)
+            # Urgent: it runs on the worker reserved for it at once, not
+            # behind the tasks queued meanwhile (a restart as much as a start).
+            task = sup._make_task(child.fn, child.args, linked=False, node=child.node, urgent=True)
         except SupervisorClosed:
             self.end(child)
             if first:

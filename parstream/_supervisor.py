@@ -216,12 +216,18 @@ class Supervisor(concurrent.futures.Executor):
         linked: bool,
         track: bool = False,
         node: str | None = None,
+        urgent: bool = False,
     ) -> Task[T]:
         """A task for ``fn(*args)``, its function prepared now; not yet submitted."""
         check_callable(fn)
         self._check_open()
         task: Task[T] = Task(
-            self._backend, self._backend.prepare(fn), args, linked=linked, node=node
+            self._backend,
+            self._backend.prepare(fn),
+            args,
+            linked=linked,
+            node=node,
+            urgent=urgent,
         )
         if track:  # shutdown(wait=True) waits for it (children end by their own rules)
             self._tasks.add(task)

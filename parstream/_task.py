@@ -143,6 +143,7 @@ class Task(Generic[T]):
         *,
         linked: bool = False,
         node: str | None = None,
+        urgent: bool = False,
     ) -> None:
         self._backend = backend
         self._linked = linked
@@ -155,7 +156,7 @@ class Task(Generic[T]):
         self._job: Job | None = None
         if backend is not None and fn is not None:
             sink = _TaskSink(self, weak=linked)
-            self._job = Job(fn, [args], sink, star=True, node=node)
+            self._job = Job(fn, [args], sink, star=True, node=node, urgent=urgent)
             if linked:
                 self._finalizer = weakref.finalize(self, _kill_job, backend, self._job)
 

@@ -487,3 +487,18 @@ def test_executor_with_block_waits_for_submitted_futures() -> None:
     with parstream.Supervisor(max_workers=1) as ex:
         fut = ex.submit(sleep_return, 0.3, "kept")
     assert fut.result(5) == "kept"
+
+
+def test_a_child_and_its_restart_run_at_once_with_tasks_queued(tmp_path: Path) -> None:
+    """A child gets a worker of its own: its run (and a restart's) does not
+    wait behind tasks queued meanwhile. Both used to queue behind them, first
+    in first out, here for 30 s each."""
+    sup = parstream.Supervisor(max_workers=1)
+    try:
+        sleepers = [sup.async_(time.sleep, 30) for _ in range(3)]  # one runs, two wait
+        child = sup.start_child(fail_until, str(tmp_path / "runs"), 1, restart="transient")
+        assert child.wait(20) == Ok("done")
+        assert child.restarts == 1
+        assert not any(t.done() for t in sleepers)
+    finally:
+        sup.close()

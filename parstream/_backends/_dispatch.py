@@ -185,7 +185,7 @@ class Dispatcher:
         self.counts.submitted += len(job.items)
 
     def enqueue(self, job: Job, *, front: bool = False) -> None:
-        if front:
+        if front or job.urgent:
             self.queue.appendleft(job)
         else:
             self.queue.append(job)

@@ -718,10 +718,18 @@ class LocalPool(MessageHandler):
                 live += 1
                 idle_or_starting += 1
         # Keep the base size warm; grow up to the reservations when work waits.
+        # A child's run (urgent) waiting with every reserved worker live means
+        # its own worker took other work meanwhile (while it restarted): one
+        # more worker for it (the spare, at once), which the surplus rule
+        # retires once idle.
         want = max(live, self.base)
-        shortfall = len(self._dispatch.queue) - idle_or_starting
+        queue = self._dispatch.queue
+        shortfall = len(queue) - idle_or_starting
         if shortfall > 0:
-            want = max(want, min(live + shortfall, self.base + self._reserved))
+            cap = self.base + self._reserved
+            if self._reserved and live >= cap:
+                cap = live + min(shortfall, sum(1 for job in queue if job.urgent))
+            want = max(want, min(live + shortfall, cap))
         return want - live
 
     def _spawn_as_needed(self) -> None:

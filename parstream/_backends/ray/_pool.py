@@ -366,8 +366,15 @@ class RayPool:
         return slot.item_started + timeout
 
     def _dispatch_queued(self) -> None:
-        """Start queued jobs while slots are free (lock held)."""
-        while not self._closed and len(self._slots) < self.base + self._reserved:
+        """Start queued jobs while slots are free (lock held). A child's run
+        (urgent) gets a slot beyond the count if its reserved one was taken
+        by other work meanwhile, as on the local backend."""
+        while not self._closed:
+            limit = self.base + self._reserved
+            if len(self._slots) >= limit:
+                queue = self._dispatch.queue
+                if not (self._reserved and queue and queue[0].urgent):
+                    return
             job = self._dispatch.take()
             if job is None:
                 return
