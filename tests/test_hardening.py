@@ -429,3 +429,22 @@ def test_single_write_items_run_exactly_once_under_a_crash(tmp_path: Path) -> No
     assert max(counts.values()) == 1
     assert len(counts) == 39_999
     assert [i for i, r in enumerate(results) if isinstance(r, Exit)] == [culprit]
+
+
+class InterruptsPickling:
+    """An argument whose pickling is cut by Ctrl-C (as a big one's often is)."""
+
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_submit_pickles_arguments_raises_and_leaves_no_worker_stuck() -> None:
+    """Ctrl-C landing while a call's arguments are pickled (in the caller's
+    thread) used to become that item's PicklingError, and a Ctrl-C between
+    encoding and writing left its worker busy for ever with a batch it never
+    got. Now the interrupt propagates and the next call is served."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        assert sup.async_(abs, -1).await_(timeout=30) == 1  # the worker idle: sent from here
+        with pytest.raises(KeyboardInterrupt):
+            sup.async_(repr, InterruptsPickling())
+        assert sup.async_(abs, -3).await_(timeout=30) == 3

@@ -77,6 +77,7 @@ from parstream._backends.local._functions import ship
 from parstream._backends.local._messages import MessageHandler
 from parstream._callbacks import mark_hub_thread
 from parstream._errors import ParstreamInternalError
+from parstream._interrupts import held
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -175,7 +176,17 @@ class LocalPool(MessageHandler):
                 self._wake()
                 return
             self._assign(worker, job)
-        self._send(worker, job)
+        try:
+            self._send(worker, job)
+        except BaseException:
+            # Ctrl-C in this (the caller's) thread while the batch was being
+            # encoded or written: the worker must not stay busy for ever with
+            # a batch it never got whole, and the call that was interrupted
+            # does not run. A kill like any other: its worker is replaced.
+            if not worker.delivered:
+                with held():
+                    self.kill(job, None)
+            raise
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
         if self.forked:
@@ -384,12 +395,21 @@ class LocalPool(MessageHandler):
             worker.item_started = run.started_at + FUNCTION_LOAD_S
         items = run.items[run.cursor : run.sent_end]
         collect = _wire.Collector() if worker.fdchan is not None else None
+        # Ctrl-C while pickling, in the caller's thread, is not the items'
+        # fault: it goes on up (on the hub, which gets no signals, a
+        # KeyboardInterrupt can only be an item's own).
+        main = threading.current_thread() is threading.main_thread()
+        items_bytes: bytes | None
         try:
             # A task's few plain arguments skip cloudpickle's set-up (~3 us of
             # a round trip); anything else stops the plain pickler at once.
             plain = dumps_plain(items) if len(items) <= PLAIN_ITEMS else None
             items_bytes = plain if plain is not None else dumps(items, collect)
-        except BaseException:
+        except BaseException as exc:
+            if main and isinstance(exc, KeyboardInterrupt):
+                raise
+            items_bytes = None
+        if items_bytes is None:
             # Some arguments cannot be pickled: each such item fails alone (the
             # worker reports the stand-in's error in its place, keeping order).
             bad: dict[int, Any] = {}
@@ -397,6 +417,8 @@ class LocalPool(MessageHandler):
                 try:
                     dumps(args)
                 except BaseException as cause:
+                    if main and isinstance(cause, KeyboardInterrupt):
+                        raise
                     bad[i] = BadArgs(culprit_error(args if job.star else (args,), cause))
             with self._lock:
                 items = self._dispatch.replace_bad(job, bad)

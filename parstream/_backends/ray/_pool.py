@@ -389,6 +389,14 @@ class RayPool:
                 run_of(job).kill_reason = _as_crash(exc, None)
                 run_of(job).killed = True
                 self._dispatch.finish_killed(job)
+            except BaseException:
+                # Ctrl-C on a caller's thread (submit launches too) before the
+                # task was launched: the slot must not stay taken for ever.
+                if slot.gen is None:
+                    self._slots.remove(slot)
+                    self._dispatch.unassign(job)
+                    self._dispatch.enqueue(job, front=True)
+                raise
 
     def _launch(self, slot: _Slot) -> None:
         job = slot.job
