@@ -35,7 +35,7 @@ from parstream._validate import Options
 
 if TYPE_CHECKING:
     import weakref
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from parstream._backend import Backend, End, FnHandle
     from parstream._task import Task
@@ -300,6 +300,7 @@ def start_map(
     timeout: float | None,
     chunksize: int | None,
     buffersize: int | None,
+    why_closed: Callable[[], str | None] | None = None,
 ) -> _Values[Any]:
     """``Supervisor.map``'s iterator (arguments already checked)."""
     star = len(iterables) != 1
@@ -313,6 +314,7 @@ def start_map(
         max_concurrency=max_concurrency,
         star=star,  # one iterable: single arguments, the same path as parstream.map
         timeout=timeout,
+        why_closed=why_closed,
         cap=None if buffersize is None else buffersize * (chunksize or 1),
     )
     return values(state, owner)

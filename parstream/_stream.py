@@ -35,7 +35,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -85,8 +85,11 @@ class _State:
         linked: bool,
         max_concurrency: int,
         star: bool = False,
+        why_closed: Callable[[], str | None] | None = None,
     ) -> None:
         self.backend = backend
+        # The owner's reason for closing (a supervisor that gave up says why).
+        self.why_closed = why_closed
         self.fn = fn
         self.iterable = iterable
         self.it: Iterator[Any] | None = None
@@ -271,7 +274,12 @@ class _State:
         if kind == RETURNED:
             self.split_returned(chunk)
         elif chunk.closed_under and not self.closed:
-            raise SupervisorClosed("the supervisor was closed while this stream was running")
+            why = self.why_closed() if self.why_closed is not None else None
+            raise SupervisorClosed(
+                f"{why} (while this stream was running)"
+                if why
+                else "the supervisor was closed while this stream was running"
+            )
         chunk.done = True
         self.running.discard(chunk)
         if chunk.job is not None:

@@ -342,7 +342,18 @@ class Supervisor(concurrent.futures.Executor):
             linked=linked,
             max_concurrency=options.max_concurrency
             or (self._backend.capacity_on(node) if node is not None else self.max_workers),
+            why_closed=self._why_closed(),
         )
+
+    def _why_closed(self) -> Callable[[], str | None]:
+        """For a stream: why this supervisor closed (it holds no reference to us)."""
+        ref = weakref.ref(self)
+
+        def why() -> str | None:
+            sup = ref()
+            return None if sup is None else sup._closed_reason
+
+        return why
 
     def async_stream(
         self,
@@ -496,6 +507,7 @@ class Supervisor(concurrent.futures.Executor):
             timeout,
             chunksize,
             buffersize,
+            self._why_closed(),
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -625,6 +637,13 @@ class Supervisor(concurrent.futures.Executor):
             self.close()  # Ctrl-C: kill at once rather than wait
         else:
             self.shutdown(wait=True)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Supervisor belongs to the process that made it and cannot be sent to "
+            "another one; inside a task, parstream.map and async_ use a supervisor of "
+            "the worker's own"
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -28,6 +28,7 @@ from parstream._validate import check_timeout, wait_seconds
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Mapping
+    from types import TracebackType
 
     from parstream._backend import Backend, End, FnHandle, Worker
 
@@ -150,6 +151,7 @@ class Task(Generic[T]):
         self._lock = threading.Lock()
         self._done = _Latch()
         self._result: Ok[T] | Exit | None = None
+        self._reason_tb: TracebackType | None = None
         self._callbacks: list[Callable[[Task[T]], None]] = []
         self._waiters: list[Callable[[Task[T]], None]] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -165,6 +167,10 @@ class Task(Generic[T]):
             if self._result is not None:
                 return
             self._result = result
+            if isinstance(result, Exit):
+                # Raised again at each await: from this traceback every time,
+                # or each raise would add its frames to the cached exception's.
+                self._reason_tb = result.reason.__traceback__
             callbacks, self._callbacks = self._callbacks, []
             waiters, self._waiters = self._waiters, []
         if self._finalizer is not None:
@@ -265,7 +271,7 @@ class Task(Generic[T]):
             err.__cause__ = start_error
             self._kill(err)
         settle_output()  # in a kernel: what the worker printed is in the cell first
-        return _unwrap(self._result)
+        return self._value()
 
     def yield_(self, timeout: float = 5.0) -> Ok[T] | Exit | None:
         """Wait up to ``timeout`` s; return ``Ok``/``Exit``, or ``None`` if still running.
@@ -324,6 +330,20 @@ class Task(Generic[T]):
             self._finalizer.detach()
         return self._result
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a parstream Task belongs to the process that started it and cannot be "
+            "sent to another one: await it there and send its value"
+        )
+
+    def _value(self) -> T:
+        """The value, or the task's exception raised (from its own traceback)."""
+        result = self._result
+        if isinstance(result, Ok):
+            return result.value
+        assert isinstance(result, Exit)
+        raise result.reason.with_traceback(self._reason_tb)
+
     def _kill(self, reason: BaseException) -> None:
         with held():  # a second Ctrl-C must not leave the worker running
             self._set(Exit(reason))
@@ -350,7 +370,7 @@ class Task(Generic[T]):
                 self._kill(TaskShutdown("the awaiting coroutine was cancelled"))
             raise
         settle_output()
-        return _unwrap(self._result)
+        return self._value()
 
     def __repr__(self) -> str:
         state = "running" if self._result is None else repr(self._result)
@@ -360,13 +380,6 @@ class Task(Generic[T]):
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _unwrap(result: Ok[T] | Exit | None) -> T:
-    if isinstance(result, Ok):
-        return result.value
-    assert isinstance(result, Exit)
-    raise result.reason
 
 
 def completed(value: T) -> Task[T]:
@@ -433,13 +446,13 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
         r = t.result_nowait()
         if isinstance(r, Exit):
             _kill_rest(tasks)
-            raise r.reason
+            t._value()  # raises
     if not all(t.done() for t in tasks):
         _kill_rest(tasks, TaskTimeout(f"tasks did not finish within {timeout} s", timeout=timeout))
         raise TaskTimeout(
             f"await_many: not every task finished within {timeout} s", timeout=timeout
         )
-    return [_unwrap(t.result_nowait()) for t in tasks]
+    return [t._value() for t in tasks]
 
 
 def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -> None:

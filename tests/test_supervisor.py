@@ -10,13 +10,16 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _util import gone, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # -- functions run as tasks --------------------------------------------------------
 
@@ -500,5 +503,30 @@ def test_a_child_and_its_restart_run_at_once_with_tasks_queued(tmp_path: Path) -
         assert child.wait(20) == Ok("done")
         assert child.restarts == 1
         assert not any(t.done() for t in sleepers)
+    finally:
+        sup.close()
+
+
+def fail_after(seconds: float) -> None:
+    time.sleep(seconds)
+    raise RuntimeError("the child fails")
+
+
+@pytest.mark.parametrize("kind", ["stream_map", "async_stream", "map"])
+def test_a_stream_cut_off_by_a_give_up_says_why(kind: str) -> None:
+    """A stream running when the supervisor gives up raises SupervisorClosed
+    with the supervisor's reason, as every later call does, not just 'closed'."""
+    sup = parstream.Supervisor(max_restarts=0, max_workers=2)
+    try:
+        stream: Iterator[Any]
+        if kind == "stream_map":
+            stream = sup.stream_map(time.sleep, [30] * 4)
+        elif kind == "async_stream":
+            stream = sup.async_stream(time.sleep, [30] * 4)
+        else:
+            stream = sup.map(time.sleep, [30] * 4)
+        sup.start_child(fail_after, 0.5, restart="transient")
+        with pytest.raises(parstream.SupervisorClosed, match="gave up"):
+            list(stream)
     finally:
         sup.close()

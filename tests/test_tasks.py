@@ -776,3 +776,36 @@ def test_a_raising_done_callback_does_not_starve_await_many(sup: parstream.Super
     t0 = time.monotonic()
     assert parstream.await_many([task], 6) == ["v"]
     assert time.monotonic() - t0 < 4, "await_many slept to its deadline"
+
+
+def test_awaiting_a_failed_task_again_raises_the_same_sized_traceback() -> None:
+    """The cached exception is raised at each await; its traceback used to
+    grow by the awaiting frames every time (3, 6, 9, ...)."""
+    import traceback
+
+    with parstream.Supervisor(max_workers=1) as sup:
+        task = sup.async_nolink(raise_in_worker_deliberately, 1)
+        sizes = []
+        for _ in range(3):
+            with pytest.raises(ValueError, match="deliberate 1") as info:
+                task.await_()
+            sizes.append(len(traceback.extract_tb(info.value.__traceback__)))
+        with pytest.raises(ValueError):
+            parstream.await_many([task])
+        with pytest.raises(ValueError) as again:
+            task.await_()
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert len(traceback.extract_tb(again.value.__traceback__)) == sizes[0]
+
+
+def test_a_task_or_supervisor_sent_to_a_worker_fails_saying_why() -> None:
+    """Passing a Task (to await it in a worker) or the Supervisor fails that
+    item with a PicklingError that says they stay in their process."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        done = sup.async_(abs, -1)
+        assert done.await_(timeout=30) == 1
+        for arg, words in ((done, "await it there"), (sup, "a supervisor of the worker's own")):
+            result = sup.async_nolink(repr, arg).yield_(30)
+            assert isinstance(result, parstream.Exit)
+            assert isinstance(result.reason, pickle.PicklingError)
+            assert words in str(result.reason), result.reason
