@@ -14,10 +14,12 @@ import mmap
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import fork_and_wait
+from _util import fork_and_wait, wait_until
 
 import parstream
 
@@ -153,6 +155,39 @@ def test_an_argument_a_task_keeps_is_never_overwritten() -> None:
         assert all(s.map(keep_and_check, arrays, chunksize=1))
         assert all(s.map(keep_and_check, [np.full(N, -1.0)] * 3, chunksize=1))
     assert _memfds() == 0
+
+
+def fork_a_reader(a: Any, path: str) -> float:
+    """Fork a child that records what the argument holds once told to."""
+    if os.fork() == 0:
+        try:
+            while not os.path.exists(path + ".go"):
+                time.sleep(0.01)
+            with open(path + ".tmp", "w") as f:
+                f.write(repr(sorted(set(a[:: N // 100].tolist()))))
+            os.rename(path + ".tmp", path)
+        finally:
+            os._exit(0)
+    return float(a[0])
+
+
+def sum_of(a: Any) -> float:
+    return float(a.sum())
+
+
+def test_a_process_a_task_forked_keeps_its_argument(tmp_path: Path) -> None:
+    """A task forks a child that reads the argument after the task returned.
+    The argument's block used to be given back and rewritten by the next
+    batches, which the child's copy-on-write view then read. Such a block is
+    now closed, not reused: the child reads its value, as with a copy."""
+    path = str(tmp_path / "seen")
+    with parstream.Supervisor(max_workers=1) as s:
+        assert s.async_(fork_a_reader, np.full(N, 1.0), path).await_(timeout=30) == 1.0
+        for i in range(2, 8):
+            assert list(s.map(sum_of, [np.full(N, float(i))])) == [N * i]
+        Path(path + ".go").touch()
+        wait_until(lambda: os.path.exists(path), within=20, what="the forked reader")
+    assert Path(path).read_text() == "[1.0]"
 
 
 def test_workers_unmap_arguments_and_close_results(sup: parstream.Supervisor) -> None:

@@ -269,11 +269,16 @@ class Arena:
         self._give_back(block)
 
     def released(self, worker: Any, block_ids: list[int]) -> None:
-        """``worker`` no longer maps these blocks."""
+        """``worker`` no longer maps these blocks; a negative id is a block a
+        process the worker forked may still read: closed, never written again."""
         with self._lock:
-            blocks = [self._lent.pop(i) for i in block_ids if i in self._lent]
-        for block in blocks:
-            self._give_back(block)
+            blocks = [(i > 0, self._lent.pop(abs(i))) for i in block_ids if abs(i) in self._lent]
+        for reuse, block in blocks:
+            if reuse:
+                self._give_back(block)
+            else:
+                block.lent_to = None
+                block.close()
 
     def worker_gone(self, worker: Any) -> None:
         """A dead worker maps nothing: every block lent to it is free."""

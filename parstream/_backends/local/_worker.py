@@ -219,9 +219,10 @@ class _Runner:
         # ``_shm``), and its socket once first used.
         self.fdchan = fdchan
         self.channel: Any = None
-        # Arena blocks mapped here: (block id, mapping), unmapped and
-        # RELEASED once nothing views them (``release_blocks``).
-        self.blocks: list[tuple[int, Any]] = []
+        # Arena blocks mapped here: (block id, mapping, this process's fork
+        # count then), unmapped and RELEASED once nothing views them
+        # (``release_blocks``).
+        self.blocks: list[tuple[int, Any, int]] = []
         self.outgoing: Any = None  # memfds for results (``_shm.Outgoing``), once needed
         self.words: Any = slot.words if slot is not None else [0] * 8
         self.functions: dict[bytes, Any] = {}
@@ -314,15 +315,21 @@ class _Runner:
             return None
 
     def release_blocks(self) -> None:
-        """Unmap the arena blocks nothing views any more; tell the parent."""
+        """Unmap the arena blocks nothing views any more; tell the parent.
+
+        A block mapped before this process forked (a task forked a child) is
+        released negated: the child's copy-on-write view still reads the
+        block's file, so the parent must never write it again."""
+        from parstream._backends.local import _shm
+
         released, kept = [], []
-        for block_id, mapping in self.blocks:
+        for block_id, mapping, forks in self.blocks:
             try:
                 mapping.close()  # refused while an array still views it
             except BufferError:
-                kept.append((block_id, mapping))
+                kept.append((block_id, mapping, forks))
             else:
-                released.append(block_id)
+                released.append(block_id if forks == _shm.forks() else -block_id)
         self.blocks = kept
         if released:
             self.send(_wire.encode(_wire.RELEASED, released))
@@ -613,7 +620,9 @@ class _Runner:
                 self.send(_wire.encode(_wire.BAD_BATCH, _codec.pack_error(_failure(exc))))
                 continue
             if mapping is not None and message.buffers is not None:
-                self.blocks.append((message.buffers[0], mapping))
+                from parstream._backends.local import _shm
+
+                self.blocks.append((message.buffers[0], mapping, _shm.forks()))
             self.run_batch(message, mapping)
             if self.blocks:
                 del mapping  # the batch's arrays are gone, unless a task kept one
