@@ -150,14 +150,14 @@ def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryvie
     except (OSError, EOFError, ValueError):
         return None
     try:
-        mapping = _shm.mapped(fd)
+        mapping = _shm.mapped_result(fd)
     except (OSError, ValueError):
         if block_id:
             worker.freed.append(block_id)  # never mapped here: the worker may reuse it
         return None
     if block_id:
         _shm.watch(mapping, block_id, worker.freed, wake, forked)
-    return memoryview(mapping)
+    return memoryview(mapping).cast("B")
 
 
 def _readable(conn: Any) -> bool:

@@ -49,6 +49,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import threading
 
 from parstream._backends._frames import Layout, buffer_layout
@@ -171,7 +172,7 @@ def forks() -> int:
     return _forks
 
 
-def watch(mapping: mmap.mmap, block_id: int, freed: Any, wake: Any, forked: int) -> None:
+def watch(mapping: Any, block_id: int, freed: Any, wake: Any, forked: int) -> None:
     """When ``mapping`` (of the worker's result block ``block_id``) is gone,
     append the block's id to ``freed`` (a deque) for the worker, negative if
     this process forked since ``forks()`` said ``forked``, and call
@@ -340,6 +341,59 @@ def mapped(fd: int) -> mmap.mmap:
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+
+
+def mapped_result(fd: int) -> Any:
+    """All of ``fd`` mapped copy-on-write for the parent's results, holding no
+    descriptor (``fd`` is closed): an object exporting the mapping as its
+    buffer, unmapped once it and every view of it are gone.
+
+    An ``mmap.mmap`` keeps a ``dup`` of its file's descriptor for as long as
+    it lives (until 3.13's ``trackfd=False``), so a user holding a thousand
+    results would hold a thousand descriptors, and at the usual limit of
+    1024 the next result could not even be received. Before 3.13 the
+    mapping is made with libc's ``mmap`` through ctypes instead."""
+    try:
+        size = os.fstat(fd).st_size
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
+        return _ctypes_mapping(fd, size, prot)
+    finally:
+        os.close(fd)
+
+
+_libc: Any = None
+
+
+def _ctypes_mapping(fd: int, size: int, prot: int) -> Any:
+    import ctypes
+    import weakref
+
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        )
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        _libc = libc
+    if size <= 0:
+        raise ValueError("cannot map an empty file")
+    addr = _libc.mmap(None, size, prot, mmap.MAP_PRIVATE, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    mapping = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(mapping, _libc.munmap, addr, size).atexit = False
+    return mapping
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket] | tuple[None, None]:
