@@ -437,10 +437,7 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
     try:
         _wait_until_all_or_failure(tasks, deadline)
     except BaseException:
-        with held():
-            for t in tasks:
-                if not t.done():
-                    t._kill(TaskShutdown("await_many was interrupted"))
+        _kill_rest(tasks, TaskShutdown("await_many was interrupted"))
         raise
     for t in tasks:
         r = t.result_nowait()
@@ -477,6 +474,7 @@ def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
+    """Kill the tasks not done yet; a Ctrl-C meanwhile waits until all are."""
     with held():
         for t in tasks:
             if not t.done():
@@ -519,10 +517,7 @@ def yield_many(
     except BaseException:
         # Ctrl-C while waiting: as with await_many, the tasks must not go on
         # without us (on_timeout governs a timeout, not an interrupt).
-        with held():
-            for t in tasks:
-                if not t.done():
-                    t._kill(TaskShutdown("yield_many was interrupted"))
+        _kill_rest(tasks, TaskShutdown("yield_many was interrupted"))
         raise
     results = [(t, t.result_nowait()) for t in tasks]
     if limit is None or sum(r is not None for _, r in results) < want:
