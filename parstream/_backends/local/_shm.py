@@ -337,8 +337,12 @@ def mapped(fd: int) -> mmap.mmap:
         size = os.fstat(fd).st_size
         # Not MAP_POPULATE: on a writable private mapping it would copy every
         # page; reads map the shared pages (in runs, by fault-around) and
-        # only pages written are copied.
-        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # only pages written are copied. From 3.13 the mapping keeps no
+        # descriptor (see ``mapped_result``): a task may keep many arguments.
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
     finally:
         os.close(fd)
 
