@@ -5,11 +5,12 @@ Stopping a task or a stream takes several steps in the thread that asked
 after importing psutil). Python raises ``KeyboardInterrupt`` between any two
 of them, so a second Ctrl-C landing in the cleanup of the first used to leave
 a worker running for good, marked killed, with nothing left that would kill
-it. ``held()`` keeps SIGINT's ``KeyboardInterrupt`` back until its block is
-done, then raises it: Ctrl-C still stops the caller, and the cleanup
-finishes first. It acts only in the main thread (the one Python runs signal
-handlers in) and only while SIGINT has Python's default handler; otherwise it
-does nothing.
+it. ``held()`` keeps SIGINT back until its block is done, then hands it to
+the handler that was in place (Python's default raises ``KeyboardInterrupt``;
+``asyncio.run``'s cancels its main task): Ctrl-C still stops the caller, and
+the cleanup finishes first. It acts only in the main thread (the one Python
+runs signal handlers in) and only while SIGINT has a Python-level handler;
+with ``SIG_IGN`` or ``SIG_DFL`` there is nothing to hold back.
 """
 
 from __future__ import annotations
@@ -20,31 +21,36 @@ import threading
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
+    from typing import Any
 
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """Run the block with Ctrl-C held back; raise ``KeyboardInterrupt`` after
-    it if one came meanwhile."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    """Run the block with SIGINT held back; then give each one that came
+    meanwhile to the handler that was in place (which may raise)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        yield
+        return
+    came: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append((signum, frame)))
     try:
         yield
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise
+        signal.signal(signal.SIGINT, handler)
+        raise  # already on its way out: a Ctrl-C held meanwhile adds nothing
     except BaseException:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if came:
-            raise KeyboardInterrupt from None
+        signal.signal(signal.SIGINT, handler)
+        _replay(handler, came)
         raise
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if came:
-        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, handler)
+    _replay(handler, came)
+
+
+def _replay(handler: Callable[[int, Any], Any], came: list[tuple[int, Any]]) -> None:
+    for signum, frame in came:
+        handler(signum, frame)

@@ -607,8 +607,8 @@ class Supervisor(concurrent.futures.Executor):
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = "the supervisor was closed"
+        self._core.cancel_pending()  # outside held(): it runs their done-callbacks
         with held():  # Ctrl-C again (or a first one) waits until everything is killed
-            self._core.cancel_pending()
             self._close("the supervisor was closed")
 
     def _close(self, reason: str) -> None:
@@ -680,7 +680,13 @@ def _check_mp_context(context: Any) -> None:
     method = getattr(context, "get_start_method", None)
     if not callable(method):
         raise TypeError(f"mp_context must be a multiprocessing context or None, got {context!r}")
-    name = method()
+    # allow_none: asking the default context plainly would fix the process's
+    # start method for good, as a side effect.
+    name = method(allow_none=True)
+    if name is None:
+        import multiprocessing
+
+        name = multiprocessing.get_all_start_methods()[0]  # the platform's default
     if name not in ("spawn", "forkserver"):
         raise ValueError(
             f"mp_context: parstream's workers always start as fresh interpreters, so a "

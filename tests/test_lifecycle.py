@@ -212,6 +212,8 @@ CLEANUP_CALLS = {
     "map": "list(parstream.map(nap, range(2)))",
     "await_": "parstream.async_(nap, 0).await_()",
     "await_many": "parstream.await_many([parstream.async_(nap, i) for i in range(2)])",
+    # asyncio.run has a SIGINT handler of its own (the first cancels the main task).
+    "asyncio": "__import__('asyncio').run(awaits())",
 }
 
 
@@ -227,6 +229,8 @@ def test_a_second_ctrl_c_during_the_first_ones_cleanup_leaves_nothing_running(ho
 import threading
 def nap(_):
     time.sleep(60)
+async def awaits():
+    await parstream.async_(nap, 0)
 sup = parstream.default_supervisor()
 threading.Timer(0.5, lambda: say(pids=sup.worker_pids())).start()
 try:

@@ -530,3 +530,17 @@ def test_a_stream_cut_off_by_a_give_up_says_why(kind: str) -> None:
             list(stream)
     finally:
         sup.close()
+
+
+def test_restarts_under_a_backlog_do_not_grow_the_pool_without_bound() -> None:
+    """Each restart of a child whose worker took queued work gets one more
+    worker, but never more than one per child beyond the reservations."""
+    sup = parstream.Supervisor(max_workers=1, max_restarts=1000, max_seconds=1.0)
+    try:
+        sleepers = [sup.async_(time.sleep, 30) for _ in range(20)]
+        child = sup.start_child(sleep_return, 0.05, "again", restart="permanent")
+        wait_until(lambda: child.restarts >= 8, within=30, what="eight restarts")
+        assert len(sup.workers()) <= 1 + 2 * 1
+        assert not any(t.done() for t in sleepers)
+    finally:
+        sup.close()

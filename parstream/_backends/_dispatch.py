@@ -185,13 +185,29 @@ class Dispatcher:
         self.counts.submitted += len(job.items)
 
     def enqueue(self, job: Job, *, front: bool = False) -> None:
-        if front or job.urgent:
-            self.queue.appendleft(job)
-        else:
-            self.queue.append(job)
+        """Queue ``job`` last, or (``front``, or a child's ``urgent`` run) at
+        the front: behind the urgent jobs already waiting, so children's runs
+        keep their order and stay ahead of everything else."""
+        queue = self.queue
+        if not (front or job.urgent):
+            queue.append(job)
+            return
+        queue.insert(self.urgent_waiting(), job)
 
-    def take(self) -> Job | None:
-        """The first queued job whose gate admits it, taken off the queue."""
+    def urgent_waiting(self) -> int:
+        """Children's runs waiting: the urgent jobs at the front of the queue."""
+        n = 0
+        for job in self.queue:
+            if not job.urgent:
+                break
+            n += 1
+        return n
+
+    def take(self, *, urgent_only: bool = False) -> Job | None:
+        """The first queued job whose gate admits it, taken off the queue;
+        with ``urgent_only``, a child's run or nothing."""
+        if urgent_only:
+            return self.queue.popleft() if self.urgent_waiting() else None
         for i, job in enumerate(self.queue):
             if job.gate is None or job.gate.admits():
                 del self.queue[i]

@@ -92,6 +92,9 @@ MAX_WAIT_S = 3600.0  # the hub wakes at least this often, whatever the deadlines
 FUNCTION_LOAD_S = 60.0  # the bound on loading a function, outside any item's timeout
 SPARES = _spawn.LIGHT_START  # keep a spare worker (see LocalPool._keep_a_spare)
 PREFETCH = True  # send a stream's next chunk behind a busy worker's (LocalPool._behind_whom)
+# A worker whose child's run just ended waits this long for the child's
+# restart (decided on the callback thread) before taking other work.
+CHILD_HOLD_S = 0.05
 PLAIN_ITEMS = 16  # up to this many items try the plain pickler first (``_encode``)
 SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
@@ -164,26 +167,27 @@ class LocalPool(MessageHandler):
         return FnHandle(fn, ship(fn))
 
     def submit(self, job: Job) -> None:
-        with self._lock:
-            why = self.usable()
-            if why is not None:
-                raise BackendClosed(why)
-            self._starter.work_arrived()
-            self._dispatch.add(job)
-            worker = self._idle_worker()
-            if worker is None or (job.gate is not None and not job.gate.admits()):
-                self._dispatch.enqueue(job)
-                self._wake()
-                return
-            self._assign(worker, job)
+        worker: LocalWorker | None = None
         try:
+            with self._lock:
+                why = self.usable()
+                if why is not None:
+                    raise BackendClosed(why)
+                self._starter.work_arrived()
+                self._dispatch.add(job)
+                worker = self._idle_worker(held=job.urgent)
+                if worker is None or (job.gate is not None and not job.gate.admits()):
+                    self._dispatch.enqueue(job)
+                    self._wake()
+                    return
+                self._assign(worker, job)
             self._send(worker, job)
         except BaseException:
-            # Ctrl-C in this (the caller's) thread while the batch was being
-            # encoded or written: the worker must not stay busy for ever with
-            # a batch it never got whole, and the call that was interrupted
-            # does not run. A kill like any other: its worker is replaced.
-            if not worker.delivered:
+            # Ctrl-C in this (the caller's) thread once the worker was taken,
+            # while the batch was being encoded or written: the worker must not
+            # stay busy for ever with a batch it never got whole, and the call
+            # that was interrupted does not run. A kill like any other.
+            if worker is not None and worker.job is job and not worker.delivered:
                 with held():
                     self.kill(job, None)
             raise
@@ -320,9 +324,12 @@ class LocalPool(MessageHandler):
 
     # -- dispatch -----------------------------------------------------------
 
-    def _idle_worker(self) -> LocalWorker | None:
+    def _idle_worker(self, *, held: bool = False) -> LocalWorker | None:
+        """An idle worker; with ``held``, also one kept for a child's restart
+        (``CHILD_HOLD_S``), which takes only a child's run."""
+        now = time.monotonic()
         for w in self._workers:
-            if w.state == "idle" and w.kill_cause is None:
+            if w.state == "idle" and w.kill_cause is None and (held or w.held_until <= now):
                 return w
         return None
 
@@ -452,9 +459,13 @@ class LocalPool(MessageHandler):
                 if not self._dispatch.queue or self._closed:
                     return
                 worker = self._idle_worker()
-                if worker is None:
-                    break
-                job = self._dispatch.take()
+                if worker is not None:
+                    job = self._dispatch.take()
+                else:
+                    worker = self._idle_worker(held=True)  # children's runs only
+                    if worker is None:
+                        break
+                    job = self._dispatch.take(urgent_only=True)
                 if job is None:
                     return
                 self._assign(worker, job)
@@ -685,6 +696,8 @@ class LocalPool(MessageHandler):
             elif w.state == "busy" and w.job is not None and w.item_started is not None:
                 if w.job.timeout is not None and w.kill_cause is None:
                     dl = w.item_started + w.job.timeout
+            elif w.state == "idle" and w.held_until > now and self._dispatch.queue:
+                dl = w.held_until  # free for other work then
             elif w.state == "idle" and self._surplus():
                 dl = w.idle_since + self.idle_timeout
             if dl is not None:
@@ -743,14 +756,17 @@ class LocalPool(MessageHandler):
         # A child's run (urgent) waiting with every reserved worker live means
         # its own worker took other work meanwhile (while it restarted): one
         # more worker for it (the spare, at once), which the surplus rule
-        # retires once idle.
+        # retires once idle; at most as many more as there are reservations,
+        # so restarts under a backlog cannot grow the pool without bound.
         want = max(live, self.base)
-        queue = self._dispatch.queue
-        shortfall = len(queue) - idle_or_starting
+        shortfall = len(self._dispatch.queue) - idle_or_starting
         if shortfall > 0:
             cap = self.base + self._reserved
             if self._reserved and live >= cap:
-                cap = live + min(shortfall, sum(1 for job in queue if job.urgent))
+                # Only for the children's runs no idle or starting worker will take.
+                extra = min(shortfall, self._dispatch.urgent_waiting() - idle_or_starting)
+                if extra > 0:
+                    cap = min(live + extra, self.base + 2 * self._reserved)
             want = max(want, min(live + shortfall, cap))
         return want - live
 
@@ -907,6 +923,8 @@ class LocalPool(MessageHandler):
             return
         worker.state = "idle"
         worker.idle_since = time.monotonic()
+        if job.urgent:  # kept a moment for the child's restart, not taken by queued work
+            worker.held_until = worker.idle_since + CHILD_HOLD_S
         if worker.kill_cause == "kill" and worker.kill_deadline is not None:
             # A graceful shutdown the reply won: the worker has had SIGTERM,
             # so it is not reused; kill it now rather than at the deadline.

@@ -137,6 +137,7 @@ class LocalWorker:
     kill_cause: str | None = None  # timeout, kill, close, retire
     kill_deadline: float | None = None  # a graceful kill turns forced then
     idle_since: float = 0.0
+    held_until: float = 0.0  # ran a child's run: kept for its restart until then
     items_done: int = 0
     retire_requested: bool = False
     stop_due: bool = False  # retired off the hub thread: the hub sends its STOP

@@ -25,8 +25,9 @@ or a node's, over ``num_cpus_per_task``) plus what streams and children
 reserve. A task holds ``num_cpus_per_task`` CPUs only while fewer than the
 cluster's CPUs (at start) are held; beyond that (reserved slots, or a
 ``max_workers`` above the CPUs) it holds none, as the local backend's extra
-workers oversubscribe the cores: otherwise Ray would queue it behind tasks
-that may never end (children), and the supervisor would stall. Every task
+workers oversubscribe the cores, and a child's run never holds any: otherwise
+Ray would queue it behind tasks that may never end (children, here or of
+another supervisor on the cluster), and the supervisor would stall. Every task
 has ``max_retries=0`` and ``retry_exceptions=False``: restarts are the
 Supervisor's decision. A kill is ``ray.cancel(force=True)`` only, never a
 plain cancel first (ray#32954). A per-item timeout counts from the item's
@@ -175,7 +176,13 @@ class RayPool:
             self._dispatch.enqueue(job)
             # Launched from here if a slot is free: the event thread may be
             # inside ray.wait for a few ms, and the job need not wait for it.
-            self._dispatch_queued()
+            try:
+                self._dispatch_queued()
+            except BaseException:
+                # Ctrl-C in this (the caller's) thread: its own call does not
+                # run later behind its back (others' go on from the queue).
+                self.kill(job, None)
+                raise
             self._lock.notify()
 
     def kill(self, job: Job, reason: BaseException | None, *, grace: float = 0.0) -> None:
@@ -416,7 +423,10 @@ class RayPool:
             items_bytes = _codec.dumps(items)
         options = self._options
         held = sum(1 for s in self._slots if s.cpus > 0)
-        slot.cpus = self._cpus if held < min(self.base, self._cpu_slots) else 0.0
+        # A child's run holds none at all: it runs for ever, maybe pinned to a
+        # node, beside other supervisors' tasks on the same cluster.
+        within = held < min(self.base, self._cpu_slots)
+        slot.cpus = self._cpus if within and not job.urgent else 0.0
         if slot.cpus != self._cpus:
             options = {**options, "num_cpus": slot.cpus}
         if job.node is not None:
