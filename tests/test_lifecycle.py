@@ -329,6 +329,28 @@ def _log_item(x: int) -> int:
     return x
 
 
+@pytest.mark.parametrize("chunksize", [1, 10, None])
+def test_every_log_record_names_its_own_item(
+    sup: parstream.Supervisor, caplog: pytest.LogCaptureFixture, chunksize: int | None
+) -> None:
+    """Inside a batch the index used to lag (the items finished at the last
+    flush): 239 of 300 records named the wrong item with chunksize=10."""
+    with caplog.at_level(logging.INFO):
+        list(sup.stream_map(_log_item, range(60), chunksize=chunksize))
+        deadline = time.monotonic() + 10
+        while sum("hello" in r.getMessage() for r in caplog.records) < 60:
+            assert time.monotonic() < deadline, len(caplog.records)
+            time.sleep(0.02)
+    wrong = []
+    for r in caplog.records:
+        m = r.getMessage()
+        if r.name == "parstream" and "hello" in m:
+            index = int(m.split("[item ", 1)[1].split(",", 1)[0])
+            if m.rsplit("hello ", 1)[1] != str(index):
+                wrong.append(m)
+    assert wrong == []
+
+
 def _loaded_by_a_bare_interpreter(names: tuple[str, ...]) -> set[str]:
     """Which of ``names`` this interpreter loads before any code of ours runs.
 

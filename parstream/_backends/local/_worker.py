@@ -135,7 +135,7 @@ def _forward_handler(runner: _Runner) -> Any:
                         import traceback
 
                         text += "\n" + "".join(traceback.format_exception(*record.exc_info))
-                    payload = (record.name, record.levelno, text, self.runner.position)
+                    payload = (record.name, record.levelno, text, self.runner.running_index())
                     self.runner.send(_wire.encode(_wire.LOG, payload))
                 except Exception:
                     self.handleError(record)
@@ -260,6 +260,15 @@ class _Runner:
             root.addHandler(_forward_handler(self))
             if self.log_level is not None and root.level != self.log_level:
                 root.setLevel(self.log_level)
+
+    def running_index(self) -> int:
+        """The batch position of the item running now, for its log records:
+        exact while items are marked one by one (``BEGUN``), else the items
+        finished at the last reading of the clock (tiny items, run in steps)."""
+        words = self.words
+        if words[EXACT] and words[BEGUN] > 0:
+            return int(words[BEGUN]) - 1
+        return self.position
 
     def send(self, data: bytes) -> None:
         with self.lock:
