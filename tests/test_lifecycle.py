@@ -420,3 +420,24 @@ def test_a_supervisor_collected_while_its_registry_is_locked_does_not_deadlock()
         gc.collect()
     with parstream.Supervisor(max_workers=1) as again:
         assert again.async_(os.getpid).await_(30) > 0
+
+
+def test_workers_run_with_the_parents_interpreter_flags() -> None:
+    """``python -W error`` makes a task's warning an error, as multiprocessing's
+    spawn does; workers used to start without the parent's flags."""
+    code = textwrap.dedent(
+        """
+        import warnings, parstream
+        def warn():
+            warnings.warn("from a task")
+            return "no error"
+        try:
+            print(parstream.async_(warn).await_(30))
+        except UserWarning as e:
+            print("raised", e)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "raised from a task", (out.stdout, out.stderr[-2000:])

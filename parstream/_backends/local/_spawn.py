@@ -289,7 +289,8 @@ class Starter:
             # would hold that confirmation pipe open, and the hub with it.
             added = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
             env = {"PYTHONUNBUFFERED": "1", **added}
-            pid = fork_exec([sys.executable, "-c", BOOT, str(prep_r)], keep, env=env)
+            cmd = [sys.executable, *_interpreter_flags(), "-c", BOOT, str(prep_r)]
+            pid = fork_exec(cmd, keep, env=env)
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
             origin = _original_dir() or os.getcwd()
             prep = {
@@ -394,6 +395,15 @@ class Starter:
         err = WorkerStartFailed(message, exitcode=getattr(cause, "exitcode", None))
         err.__cause__ = cause
         return err
+
+
+def _interpreter_flags() -> list[str]:
+    """This interpreter's command-line flags (``-W error``, ``-X dev``, ``-O``...),
+    for the worker's, as multiprocessing's spawn passes them."""
+    import subprocess
+
+    flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    return flags
 
 
 def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
