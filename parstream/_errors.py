@@ -1,10 +1,13 @@
-"""The exception hierarchy, nothing else.
+"""The exception hierarchy, and the one error message both the front end and
+the backends build (``argument_not_pickled``).
 
 Every class here is raised by parstream itself; a task's own exception is
 re-raised with its original type (see ``RemoteTraceback``).
 """
 
 from __future__ import annotations
+
+import pickle
 
 
 class ParstreamError(Exception):
@@ -149,3 +152,11 @@ class RemoteTraceback(Exception):
 class ParstreamInternalError(ParstreamError):
     """Raised when parstream broke one of its own rules: this is our bug,
     please report it with the traceback."""
+
+
+def argument_not_pickled(culprit: str, cause: BaseException) -> pickle.PicklingError:
+    """The error of a call whose arguments cannot travel; ``culprit`` names
+    the first that fails (``argument 0 (Lock)``), or says ``the arguments``."""
+    err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
+    err.__cause__ = cause
+    return err

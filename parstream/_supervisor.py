@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from parstream import _executor
 from parstream._backend import BackendClosed, Settings, resolve
 from parstream._children import RESTARTS, Child, Children, Restart, RestartWindow, log_failure
-from parstream._errors import SupervisorClosed, TaskShutdown
+from parstream._errors import SupervisorClosed, TaskShutdown, argument_not_pickled
 from parstream._interrupts import held
 from parstream._results import Exit, Stats
 from parstream._stream import Stream, _State, _Values, values
@@ -440,21 +440,19 @@ class Supervisor(concurrent.futures.Executor):
     ) -> pickle.PicklingError:
         """The error for a call whose arguments cannot travel, naming the first
         that fails on its own (found through the backend's own ``prepare``)."""
-        named: list[tuple[str, tuple[Any, ...], dict[str, Any]]]
-        named = [(f"argument {i}", (a,), {}) for i, a in enumerate(args)]
-        named += [(f"keyword argument {k!r}", (), {k: v}) for k, v in kwargs.items()]
+        probes = [(f"argument {i}", a, functools.partial(fn, a)) for i, a in enumerate(args)]
+        probes += [
+            (f"keyword argument {k!r}", v, functools.partial(fn, **{k: v}))
+            for k, v in kwargs.items()
+        ]
         culprit = "the arguments"
-        for what, one, kw in named:
+        for what, value, probe in probes:
             try:
-                self._backend.prepare(functools.partial(fn, *one, **kw))
+                self._backend.prepare(probe)
             except pickle.PicklingError:
-                value = one[0] if one else kw[next(iter(kw))]
                 culprit = f"{what} ({type(value).__qualname__})"
                 break
-        cause = exc.__cause__ or exc
-        err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
-        err.__cause__ = cause
-        return err
+        return argument_not_pickled(culprit, exc.__cause__ or exc)
 
     def map(
         self,

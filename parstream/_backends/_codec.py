@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 
-from parstream._errors import RemoteError, RemoteTraceback
+from parstream._errors import RemoteError, RemoteTraceback, argument_not_pickled
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
@@ -142,9 +142,7 @@ def culprit_error(args: tuple[Any, ...], cause: BaseException) -> BaseException:
         except BaseException:
             culprit = f"argument {i} ({type(arg).__qualname__})"
             break
-    err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
-    err.__cause__ = cause
-    return err
+    return argument_not_pickled(culprit, cause)
 
 
 def pickling_error(fn: Any, cause: BaseException) -> pickle.PicklingError:
