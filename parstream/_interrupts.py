@@ -21,15 +21,19 @@ import threading
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
     from typing import Any
+
+
+_holding = False  # a held() block is running (main thread only): nested ones add nothing
 
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
     """Run the block with SIGINT held back; then give each one that came
     meanwhile to the handler that was in place (which may raise)."""
-    if threading.current_thread() is not threading.main_thread():
+    global _holding
+    if _holding or threading.current_thread() is not threading.main_thread():
         yield
         return
     handler = signal.getsignal(signal.SIGINT)
@@ -38,19 +42,14 @@ def held() -> Iterator[None]:
         return
     came: list[tuple[int, Any]] = []
     signal.signal(signal.SIGINT, lambda signum, frame: came.append((signum, frame)))
+    _holding = True
     try:
         yield
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, handler)
-        raise  # already on its way out: a Ctrl-C held meanwhile adds nothing
-    except BaseException:
-        signal.signal(signal.SIGINT, handler)
-        _replay(handler, came)
+        came.clear()  # already on its way out: a Ctrl-C held meanwhile adds nothing
         raise
-    signal.signal(signal.SIGINT, handler)
-    _replay(handler, came)
-
-
-def _replay(handler: Callable[[int, Any], Any], came: list[tuple[int, Any]]) -> None:
-    for signum, frame in came:
-        handler(signum, frame)
+    finally:
+        _holding = False
+        signal.signal(signal.SIGINT, handler)
+        for signum, frame in came:
+            handler(signum, frame)
