@@ -150,7 +150,7 @@ def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryvie
     except (OSError, EOFError, ValueError):
         return None
     try:
-        mapping = _shm.mapped_result(fd)
+        mapping = _shm.mapped(fd, closable=False)
     except (OSError, ValueError):
         if block_id:
             worker.freed.append(block_id)  # never mapped here: the worker may reuse it

@@ -330,39 +330,31 @@ def receive(channel: socket.socket) -> tuple[int, int]:
     return fds[0], _TAG.unpack(data)[0]
 
 
-def mapped(fd: int) -> mmap.mmap:
+def mapped(fd: int, *, closable: bool = True) -> Any:
     """All of ``fd``, mapped copy-on-write; ``fd`` is closed (the mapping
-    keeps the memory until it is closed, or its last view released)."""
+    keeps the memory until it is closed, or its last view released).
+
+    ``closable``: an ``mmap.mmap``, whose ``close()`` is refused while an
+    array views it (the worker's release of argument blocks relies on that).
+    Otherwise (the parent's results) any object exporting the mapping as its
+    buffer, unmapped once it and every view of it are gone, and holding no
+    descriptor: an ``mmap.mmap`` keeps a ``dup`` of its file's descriptor
+    while it lives (until 3.13's ``trackfd=False``), so a user holding a
+    thousand results would hold a thousand descriptors, and at the usual limit
+    of 1024 the next result could not even be received. Before 3.13 such a
+    mapping is made with libc's ``mmap`` through ctypes.
+    """
     try:
         size = os.fstat(fd).st_size
         # Not MAP_POPULATE: on a writable private mapping it would copy every
         # page; reads map the shared pages (in runs, by fault-around) and
-        # only pages written are copied. From 3.13 the mapping keeps no
-        # descriptor (see ``mapped_result``): a task may keep many arguments.
+        # only pages written are copied.
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         if sys.version_info >= (3, 13):
             return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
+        if not closable:
+            return _ctypes_mapping(fd, size, prot)
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
-    finally:
-        os.close(fd)
-
-
-def mapped_result(fd: int) -> Any:
-    """All of ``fd`` mapped copy-on-write for the parent's results, holding no
-    descriptor (``fd`` is closed): an object exporting the mapping as its
-    buffer, unmapped once it and every view of it are gone.
-
-    An ``mmap.mmap`` keeps a ``dup`` of its file's descriptor for as long as
-    it lives (until 3.13's ``trackfd=False``), so a user holding a thousand
-    results would hold a thousand descriptors, and at the usual limit of
-    1024 the next result could not even be received. Before 3.13 the
-    mapping is made with libc's ``mmap`` through ctypes instead."""
-    try:
-        size = os.fstat(fd).st_size
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        if sys.version_info >= (3, 13):
-            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
-        return _ctypes_mapping(fd, size, prot)
     finally:
         os.close(fd)
 
