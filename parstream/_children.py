@@ -82,6 +82,7 @@ class Child:
         self.task: Task[Any] | None = None
         self.terminated = False
         self.last_result: Ok[Any] | Exit | None = None
+        self.ending = False  # under the Children lock; _ended is set after
         self._ended = threading.Event()
 
     @property
@@ -138,20 +139,21 @@ class Children:
         with self.lock:
             return [c for c in self.running if c.alive()]
 
-    def run(self, child: Child, *, first: bool = False) -> None:
+    def run(self, child: Child, *, first: bool = False) -> threading.Event | None:
+        """Submit a run of ``child``; if it cannot run, it ends: returns its
+        end event then, for the caller to set (see ``_forget``)."""
         sup = self._sup()
         if sup is None:
-            self.end(child)
-            return
+            return self._forget(child)
         try:
             # Urgent: it runs on the worker reserved for it at once, not
             # behind the tasks queued meanwhile (a restart as much as a start).
             task = sup._make_task(child.fn, child.args, linked=False, node=child.node, urgent=True)
         except SupervisorClosed:
-            self.end(child)
             if first:
+                self.end(child)
                 raise
-            return
+            return self._forget(child)
         except Exception as exc:
             if first:  # start_child itself: the caller gets the error
                 self.end(child)
@@ -160,36 +162,42 @@ class Children:
             # with that error instead of waiting between runs for ever.
             child.last_result = Exit(exc)
             log.error("parstream: could not restart %r: %r", child, exc)
-            self.end(child)
-            return
+            return self._forget(child)
         with self.lock:
             # terminate_child may have run while the call was being pickled.
             stop = child.terminated or sup.closed
             if not stop:
                 child.task = task
         if stop:
-            self.end(child)
-            return
-        task.add_done_callback(functools.partial(_child_done, weakref.ref(self), child))
+            return self._forget(child)
+        # Weakly: the callback thread must hold no reference to a child once
+        # its end is signalled, or a caller that waited for it and dropped
+        # it could still find it alive (the callback's frame outliving wait()).
+        task.add_done_callback(
+            functools.partial(_child_done, weakref.ref(self), weakref.ref(child))
+        )
         try:
             sup._submit_task(task)
         except SupervisorClosed:
-            self.end(child)
+            return self._forget(child)
+        return None
 
-    def done(self, child: Child, task: Task[Any]) -> None:
-        """The child's task ended (callback thread): restart it, or not."""
+    def done(self, child: Child, task: Task[Any]) -> threading.Event | None:
+        """The child's task ended (callback thread): restart it, or not.
+
+        Returns the child's end event when it ended for good, for the caller
+        to set once it holds no reference to the child.
+        """
         result = task.result_nowait()
         child.last_result = result
         sup = self._sup()
         if sup is None or child.terminated or sup.closed:
-            self.end(child)
-            return
+            return self._forget(child)
         normal = is_normal(result)
         if child.restart == "temporary" or (child.restart == "transient" and normal):
             if not normal:
                 log_failure(task)
-            self.end(child)
-            return
+            return self._forget(child)
         with self.lock:
             allowed = self.window.allow(time.monotonic())
             if allowed:
@@ -202,14 +210,22 @@ class Children:
             )
             log.error("parstream: %s", reason)
             sup._give_up(reason)
-            return
-        self.run(child)
+            return None
+        return self.run(child)
 
     def end(self, child: Child) -> None:
+        """End ``child`` from a thread that holds it anyway; once this returns,
+        it is no longer alive (if another thread was ending it, it is now)."""
+        self._forget(child)
+        child._ended.set()
+
+    def _forget(self, child: Child) -> threading.Event | None:
+        """Everything of a child's end but signalling it: its event, or None
+        if it had already ended."""
         with self.lock:
-            if child._ended.is_set():
-                return
-            child._ended.set()
+            if child.ending:
+                return None
+            child.ending = True
             # Ended children are forgotten: a long-lived supervisor running a
             # child per request does not grow.
             with contextlib.suppress(ValueError):
@@ -217,6 +233,7 @@ class Children:
         sup = self._sup()
         if sup is not None:
             sup._backend.release(1)
+        return child._ended
 
     def terminate(self, child: Child) -> bool:
         with self.lock:
@@ -238,13 +255,22 @@ class Children:
         return children
 
 
-def _child_done(ref: weakref.ref[Children], child: Child, task: Task[Any]) -> None:
+def _child_done(
+    ref: weakref.ref[Children], child_ref: weakref.ref[Child], task: Task[Any]
+) -> None:
+    child = child_ref()
+    if child is None:  # nobody holds it: it ended (terminated) already
+        return
     children = ref()
     if children is None:  # dropped: no more restarts; closing its backend ends the rest
         child.last_result = task.result_nowait()
-        child._ended.set()
-        return
-    children.done(child, task)
+        ended: threading.Event | None = child._ended
+    else:
+        ended = children.done(child, task)
+    # Signalled last, with the child no longer referenced from this thread.
+    del child
+    if ended is not None:
+        ended.set()
 
 
 def log_failure(task: Task[Any]) -> None:

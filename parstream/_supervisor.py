@@ -297,7 +297,9 @@ class Supervisor(concurrent.futures.Executor):
         child = Child(fn, args, restart, shutdown, node)
         self._children.add(child, self.max_children)
         self._backend.reserve(1)
-        self._children.run(child, first=True)
+        ended = self._children.run(child, first=True)
+        if ended is not None:  # closed meanwhile: it never ran
+            ended.set()
         return child
 
     def children(self) -> list[Child]:
