@@ -75,6 +75,7 @@ class _Future(concurrent.futures.Future[Any]):
         # The backend decides atomically: withdrawn means no worker took it, ever.
         if self._ps_job is None or not self._ps_backend.cancel(self._ps_job):
             return self.cancelled()
+        self._ps_job = None  # withdrawn: its function and arguments go with it
         if not super().cancel():  # pragma: no cover - nothing else settles a pending one
             return False
         # What an executor does on dequeuing a cancelled future: wake wait()
@@ -112,12 +113,17 @@ class _FutureSink:
 
     def on_started(self, at: float) -> None:
         f = self.future
+        # Taken by a worker: nothing can withdraw it now, and a future kept by
+        # the caller must not keep the call's function and arguments alive
+        # (the standard library's futures hold neither).
+        f._ps_job = None
         if not f.running() and not f.done():
             f.set_running_or_notify_cancel()
 
     def on_results(
         self, values: list[Any], errors: Mapping[int, BaseException], seconds: float | None
     ) -> None:
+        self.future._ps_job = None
         try:
             if errors:
                 self.future.set_exception(errors[0])
@@ -127,6 +133,7 @@ class _FutureSink:
             pass
 
     def on_done(self, end: End, unrun: int) -> None:
+        self.future._ps_job = None
         if not self.future.done():
             try:
                 self.future.set_exception(

@@ -87,3 +87,14 @@ def fail_while_exists(marker: str) -> None:
     if os.path.exists(marker):
         raise RuntimeError(f"initializer refused: {marker} exists")
     _STATE = "initialized"
+
+
+class Blob:
+    """An argument a test can watch for through a weakref."""
+
+    def __init__(self, size: int) -> None:
+        self.data = b"x" * size
+
+
+def blob_size(blob: Blob) -> int:
+    return len(blob.data)

@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,40 @@ def test_done_callbacks(kind: str, tmp_path: Path) -> None:
         late: list[cf.Future[Any]] = []
         fut.add_done_callback(late.append)
         assert late == [fut]
+
+
+def test_kept_futures_do_not_keep_their_arguments(kind: str, tmp_path: Path) -> None:
+    """A future the caller keeps holds its result, not the call's arguments:
+    gone once it is done (checked right after result()) or, once the queue
+    has moved on, cancelled."""
+    with make(kind, workers=1) as ex, Gate(tmp_path) as gate:
+        kept: list[cf.Future[Any]] = []
+        alive = 0
+        for _ in range(60):
+            blob = f.Blob(1000)
+            ref = weakref.ref(blob)
+            kept.append(ex.submit(f.blob_size, blob))
+            assert kept[-1].result(timeout=30) == 1000
+            del blob
+            gc.collect()
+            alive += ref() is not None
+        assert alive == 0
+        # Behind a running call and the stdlib's queued-ahead ones: pending.
+        gate.submit(ex, "first")
+        queued = [gate.submit(ex, f"q{i}") for i in range(2)]
+        blob = f.Blob(1000)
+        ref = weakref.ref(blob)
+        pending = ex.submit(f.blob_size, blob)
+        del blob
+        wait_file(gate.mark("first"))
+        assert pending.cancel() is True
+        gate.release()
+        cf.wait(queued, timeout=30)
+        deadline = time.monotonic() + 10  # the stdlib drops it when its queue moves
+        while gc.collect() >= 0 and ref() is not None:
+            assert time.monotonic() < deadline, "a cancelled future keeps its arguments"
+            time.sleep(0.01)
+        assert pending.cancelled()
 
 
 def test_wait_three_modes(kind: str, tmp_path: Path) -> None:
