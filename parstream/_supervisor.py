@@ -234,9 +234,11 @@ class Supervisor(concurrent.futures.Executor):
         return task
 
     def _submit_task(self, task: Task[Any]) -> None:
-        assert task._job is not None
+        job = task._job
+        if job is None:  # already ended (killed before it was submitted)
+            return
         try:
-            self._backend.submit(task._job)
+            self._backend.submit(job)
         except BackendClosed as exc:
             raise SupervisorClosed(self._closed_reason or str(exc)) from None
 
@@ -543,9 +545,10 @@ class Supervisor(concurrent.futures.Executor):
         ending = []
         for c in children:
             task = c.task
-            if task is not None and task._job is not None and not task.done():
+            job = task._job if task is not None else None
+            if task is not None and job is not None and not task.done():
                 grace = 0.0 if isinstance(c.shutdown_timeout, _BrutalKill) else c.shutdown_timeout
-                self._backend.kill(task._job, None, grace=grace)
+                self._backend.kill(job, None, grace=grace)
                 ending.append(task)
         self._core.wait_all()
         for task in ending:

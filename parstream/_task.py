@@ -173,6 +173,9 @@ class Task(Generic[T]):
                 self._reason_tb = result.reason.__traceback__
             callbacks, self._callbacks = self._callbacks, []
             waiters, self._waiters = self._waiters, []
+            # A finished task kept by the caller (a list of them awaited
+            # together) must not keep its function and arguments alive.
+            self._job = None
         if self._finalizer is not None:
             self._finalizer.detach()
         self._done.set()
@@ -232,9 +235,10 @@ class Task(Generic[T]):
     def worker(self) -> Worker | None:
         """The worker running the task now (``pid``, ``node``), once one has
         begun it; ``None`` otherwise."""
-        if self._backend is None or self._job is None or self._done.is_set():
+        job = self._job
+        if self._backend is None or job is None or self._done.is_set():
             return None
-        return self._backend.worker_of(self._job)
+        return self._backend.worker_of(job)
 
     def result_nowait(self) -> Ok[T] | Exit | None:
         """The result if there is one, else ``None``; never blocks."""
@@ -307,16 +311,17 @@ class Task(Generic[T]):
         if self._done.is_set():
             return self._result
         self._check_reachable()
-        if self._backend is not None and self._job is not None:
+        job = self._job  # None once the result is in
+        if self._backend is not None and job is not None:
             grace = 0.0 if isinstance(timeout, _BrutalKill) else timeout
             with held():
-                self._backend.kill(self._job, None, grace=grace)
+                self._backend.kill(job, None, grace=grace)
             try:
                 self._done.wait()
             except BaseException:
                 # Ctrl-C during the grace: kill at once, then leave.
                 with held():
-                    self._backend.kill(self._job, None)
+                    self._backend.kill(job, None)
                 raise
         with self._lock:
             result = self._result
@@ -346,9 +351,10 @@ class Task(Generic[T]):
 
     def _kill(self, reason: BaseException) -> None:
         with held():  # a second Ctrl-C must not leave the worker running
+            job = self._job  # _set lets go of it
             self._set(Exit(reason))
-            if self._backend is not None and self._job is not None:
-                self._backend.kill(self._job, reason)
+            if self._backend is not None and job is not None:
+                self._backend.kill(job, reason)
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._async_await().__await__()

@@ -343,6 +343,23 @@ def test_bound_method_tasks_do_not_keep_their_instances(sup: parstream.Superviso
     assert all(r() is None for r in refs)
 
 
+def test_kept_tasks_do_not_keep_their_arguments(sup: parstream.Supervisor) -> None:
+    """Tasks kept in a list and awaited together hold their results, not the
+    calls' functions and arguments, once they are done (or killed)."""
+    holders = [Holder(identity, b"x" * 1000) for _ in range(12)]
+    refs = [weakref.ref(h) for h in holders]
+    tasks = [sup.async_(h.size) for h in holders[:4]]
+    tasks += [sup.async_nolink(Holder.size, h) for h in holders[4:8]]
+    assert parstream.await_many(tasks, 30) == [1000] * 8
+    slow = [sup.async_(sleep_then, 30, h) for h in holders[8:]]
+    for task in slow:
+        assert task.shutdown(parstream.BRUTAL_KILL) is None
+    del holders
+    gc.collect()
+    assert [r() for r in refs] == [None] * 12
+    assert len(tasks) + len(slow) == 12  # still kept
+
+
 def test_finished_children_are_not_kept(sup: parstream.Supervisor) -> None:
     # Checked right after each wait(): the thread that ran the child's end
     # must hold no reference to it once wait() has returned.
