@@ -62,10 +62,18 @@ def _clamp(timeout: Any) -> Any:
 class _Future(concurrent.futures.Future[Any]):
     """A Future whose ``cancel()`` withdraws its job from the backend's queue."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, forget: Callable[[_Future], None] | None = None) -> None:
         super().__init__()
         self._ps_backend = backend
         self._ps_job: Job | None = None
+        self._ps_forget = forget  # the executor's pending set lets go of it
+
+    def _ps_settled(self) -> None:
+        """Done (or cancelled): nothing of parstream's holds it any more."""
+        self._ps_job = None
+        forget, self._ps_forget = self._ps_forget, None
+        if forget is not None:
+            forget(self)
 
     def cancel(self) -> bool:
         if self.cancelled():
@@ -81,6 +89,7 @@ class _Future(concurrent.futures.Future[Any]):
         # What an executor does on dequeuing a cancelled future: wake wait()
         # and as_completed() at once, not only the done-callbacks.
         self.set_running_or_notify_cancel()
+        self._ps_settled()
         return True
 
     def result(self, timeout: float | None = None) -> Any:
@@ -96,7 +105,11 @@ class _Future(concurrent.futures.Future[Any]):
     def _invoke_callbacks(self) -> None:
         # Settled on a hub thread: the user's done-callbacks must not run on
         # the thread that keeps every deadline; wait()/as_completed() waiters
-        # were already woken by the base class.
+        # were already woken by the base class. With none, nothing is queued:
+        # the callback thread would hold the future (and its result) after
+        # the caller has taken the result and let go of both.
+        if not self._done_callbacks:  # type: ignore[attr-defined]
+            return
         if on_hub_thread():
             call_soon(super()._invoke_callbacks)  # type: ignore[misc]
         else:
@@ -131,6 +144,7 @@ class _FutureSink:
                 self.future.set_result(values[0])
         except concurrent.futures.InvalidStateError:  # pragma: no cover - settled already
             pass
+        self.future._ps_settled()
 
     def on_done(self, end: End, unrun: int) -> None:
         self.future._ps_job = None
@@ -141,6 +155,7 @@ class _FutureSink:
                 )
             except concurrent.futures.InvalidStateError:  # pragma: no cover
                 pass
+        self.future._ps_settled()
 
 
 class ExecutorCore:
@@ -156,11 +171,10 @@ class ExecutorCore:
             _cores.add(self)
 
     def submit(self, fn: FnHandle, args: tuple[Any, ...]) -> _Future:
-        future = _Future(self.backend)
+        future = _Future(self.backend, self._forget)
         job = future._ps_job = Job(fn, [args], _FutureSink(future), star=True)
         with self.lock:
             self.futures.add(future)
-        future.add_done_callback(self._forget)
         try:
             self.backend.submit(job)
         except BaseException:
@@ -169,7 +183,7 @@ class ExecutorCore:
             raise
         return future
 
-    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+    def _forget(self, future: _Future) -> None:
         with self.lock:
             self.futures.discard(future)
 

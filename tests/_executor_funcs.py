@@ -98,3 +98,7 @@ class Blob:
 
 def blob_size(blob: Blob) -> int:
     return len(blob.data)
+
+
+def make_blob(size: int) -> Blob:
+    return Blob(size)

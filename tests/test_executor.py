@@ -227,6 +227,19 @@ def test_kept_futures_do_not_keep_their_arguments(kind: str, tmp_path: Path) -> 
         assert pending.cancelled()
 
 
+def test_a_result_taken_and_dropped_is_freed(kind: str) -> None:
+    """Once result() has returned and the caller dropped the future and the
+    value, nothing of the executor's holds the value (no thread still on it)."""
+    with make(kind) as ex:
+        alive = 0
+        for _ in range(100):
+            value = ex.submit(f.make_blob, 1000).result(timeout=30)
+            ref = weakref.ref(value)
+            del value  # no collection: it goes at once, unless something holds it
+            alive += ref() is not None
+        assert alive == 0
+
+
 def test_wait_three_modes(kind: str, tmp_path: Path) -> None:
     """wait() with FIRST_COMPLETED, FIRST_EXCEPTION and ALL_COMPLETED."""
     with make(kind) as ex, Gate(tmp_path) as gate:
