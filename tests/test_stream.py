@@ -174,13 +174,23 @@ def test_max_concurrency_bounds_running_items(limit: int) -> None:
     assert peak == limit
 
 
+def meet(folder: str, n: int, i: int) -> int:
+    """Mark item ``i`` as running, then wait until ``n`` items run at once."""
+    Path(folder, str(i)).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(folder)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(folder))} of {n} items ran at once")
+        time.sleep(0.01)
+    return i
+
+
 @pytest.mark.slow
-def test_concurrency_above_the_core_count(sup: parstream.Supervisor) -> None:
-    """10 items sleeping 1 s with max_concurrency=10 finish in about 1 s."""
-    t0 = time.monotonic()
-    out = list(sup.stream_map(sleep_ret, [1.0] * 10, max_concurrency=10))
-    assert out == [1.0] * 10
-    assert time.monotonic() - t0 < 4.0  # sequential would take 10 s
+def test_concurrency_above_the_core_count(sup: parstream.Supervisor, tmp_path: Path) -> None:
+    """With max_concurrency=10, 10 items run at the same time on a 2-worker
+    supervisor: each one waits until all ten have started."""
+    out = list(sup.stream_map(lambda i: meet(str(tmp_path), 10, i), range(10), max_concurrency=10))
+    assert out == list(range(10))
 
 
 # -- timeouts -------------------------------------------------------------------------
