@@ -375,6 +375,25 @@ def test_finished_children_are_not_kept(sup: parstream.Supervisor) -> None:
     assert kept == 0
 
 
+def test_supervisors_leave_no_descriptors_behind() -> None:
+    """Opening and closing supervisors does not grow the open descriptors."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with parstream.Supervisor(max_workers=1) as sup:
+        sup.async_(identity, 1).await_(30)
+    before = fds()
+    for _ in range(5):
+        with parstream.Supervisor(max_workers=1) as sup:
+            sup.async_(identity, 1).await_(30)
+        parstream.Supervisor(max_workers=1).close()
+    # Each one left two (its hub's wake-up pipe) for good.
+    wait_until(lambda: fds() <= before, what="the supervisors' descriptors closed")
+
+
 # -- exactly once under a crash inside a batch ----------------------------------------------
 
 

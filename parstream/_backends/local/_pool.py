@@ -590,6 +590,7 @@ class LocalPool(MessageHandler):
                     run.kill_reason = err
                     self._dispatch.finish_killed(job)
             self._outbox.flush()
+            self._close_wake_pipe()
             _reaper.release(self)
 
     def _hub_loop(self) -> None:
@@ -605,6 +606,7 @@ class LocalPool(MessageHandler):
                     timeout = self._next_timeout()
             self._outbox.flush()
             if done:
+                self._close_wake_pipe()
                 return
             if not warm:
                 # The first workers are starting (~30 ms): import what the
@@ -674,6 +676,13 @@ class LocalPool(MessageHandler):
             for fd in (worker.conn.fileno(), worker.process.sentinel):
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self._selector.unregister(fd)
+
+    def _close_wake_pipe(self) -> None:
+        """The hub is leaving for good: nothing reads the pipe any more, and a
+        late ``_wake()`` on a closed end fails quietly (OSError)."""
+        for end in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                end.close()
 
     def _close_selector(self) -> None:
         if self._selector is not None:
@@ -951,12 +960,15 @@ class _WakeEnd:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # A wake-up racing the close must not write to a reused descriptor.
+        self._lock = threading.Lock()
 
     def fileno(self) -> int:
         return self.fd
 
     def send_bytes(self, data: bytes) -> None:
-        os.write(self.fd, data or b"\0")
+        with self._lock:
+            os.write(self.fd, data or b"\0")  # fd -1 once closed: OSError
 
     def poll(self) -> bool:
         return bool(select.select([self.fd], [], [], 0)[0])
@@ -965,7 +977,8 @@ class _WakeEnd:
         return os.read(self.fd, 4096)
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
+        with self._lock:
+            fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
 
