@@ -21,7 +21,15 @@ from typing import Any
 import _hostile
 import psutil
 import pytest
-from _hostile import Holder, SlowToUnpickle, append_index, identity, pid_of, sleep_then
+from _hostile import (
+    Holder,
+    SlowToUnpickle,
+    append_index,
+    count_instances,
+    identity,
+    pid_of,
+    sleep_then,
+)
 from _util import fork_and_wait, wait_until
 
 import parstream
@@ -373,6 +381,17 @@ def test_finished_children_are_not_kept(sup: parstream.Supervisor) -> None:
         kept += ref() is not None
     assert sup.children() == []
     assert kept == 0
+
+
+def test_a_worker_drops_a_by_value_function_once_its_calls_end() -> None:
+    """A bound method's copies (one per call) do not pile up in the worker."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        holder = Holder(identity, b"x" * 1000)
+        for _ in range(10):
+            assert sup.async_(holder.size).await_(30) == 1000
+        # Each call shipped a copy of the holder; the worker keeps none of the
+        # ended ones (it kept up to 32 of them).
+        assert sup.async_(count_instances, "Holder").await_(30) <= 1
 
 
 def test_supervisors_leave_no_descriptors_behind() -> None:

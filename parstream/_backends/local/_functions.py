@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 _BY_REFERENCE_LIMIT = 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Shipped:
     """A function ready to send: its key and its pickled bytes."""
 

@@ -390,7 +390,14 @@ class LocalPool(MessageHandler):
             worker.fns.move_to_end(key)
         else:
             fn_bytes = shipped.data
-            worker.fns[key] = None
+            # A function by value (a bound method, a closure) whose every
+            # task and stream has ended is dropped by the worker too, not
+            # kept as one of FN_CACHE_SIZE copies (each call of
+            # ``async_(obj.method)`` ships a copy of ``obj`` under a new key).
+            evict = [k for k, ref in worker.fns.items() if ref() is None]
+            for k in evict:
+                del worker.fns[k]
+            worker.fns[key] = weakref.ref(shipped)
             worker.unconfirmed.add(key)
             while len(worker.fns) > FN_CACHE_SIZE:
                 evict.append(worker.fns.popitem(last=False)[0])

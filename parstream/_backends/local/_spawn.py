@@ -141,7 +141,9 @@ class LocalWorker:
     items_done: int = 0
     retire_requested: bool = False
     stop_due: bool = False  # retired off the hub thread: the hub sends its STOP
-    fns: collections.OrderedDict[bytes, None] = field(default_factory=collections.OrderedDict)
+    # The functions it holds unpickled (LRU), each with a weak reference to
+    # its ``Shipped`` (``_pool._encode`` evicts those nobody here holds).
+    fns: collections.OrderedDict[bytes, Any] = field(default_factory=collections.OrderedDict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     slot: Slot | None = None
     seq: int = 0  # sequence number of the last batch sent
