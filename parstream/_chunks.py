@@ -42,6 +42,18 @@ INPUT = 3  # the feeder has input (or its end) for the consumer
 Event = tuple[int, Any, Any, Any, float]
 
 
+class _Dropped:
+    """Where the chunks of a closed stream post their events: nowhere."""
+
+    __slots__ = ()
+
+    def put(self, event: Event) -> None:
+        pass
+
+
+DROPPED: Any = _Dropped()
+
+
 class Chunk:
     """Consecutive input items ``start ..`` run as one job; the job's sink."""
 

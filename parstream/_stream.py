@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from parstream._backend import BackendClosed, Gate, Job
 from parstream._chunks import (
+    DROPPED,
     INPUT,
     RESULTS,
     RETURNED,
@@ -352,6 +353,8 @@ class _State:
         # frees its worker, which would otherwise start a queued chunk
         # before its own kill came (Ctrl-C must start nothing new).
         running.sort(key=lambda chunk: chunk.started_at > 0)
+        for chunk in running:
+            chunk.events = DROPPED  # their ends are no one's concern now
         with held() if running else contextlib.nullcontext():  # a second Ctrl-C waits
             for chunk in running:
                 job = chunk.job
@@ -366,6 +369,21 @@ class _State:
             self.reserved = 0
         if self.progress is not None:
             self.progress.close()
+
+    def release(self) -> None:
+        """Let go of the function and the input once the stream's generator
+        has ended (it alone uses them): a Stream kept after its end, or an
+        exception raised from it (whose traceback holds this state through
+        the generator's frames), must not keep them alive."""
+        self.fn = None  # type: ignore[assignment]
+        self.iterable = ()
+        self.seq = None
+        self.it = None
+        # Events nobody will read, each holding its chunk and its inputs
+        # (the chunks still running at the close post nothing more).
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.events.get_nowait()
 
     def exit_for(self, chunk: Chunk, pos: int) -> Exit:
         exc = chunk.errors[pos]
@@ -389,6 +407,7 @@ def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
         return
     finally:
         state.close()
+        state.release()
 
 
 def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
@@ -515,6 +534,8 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         self._state.close()
         with contextlib.suppress(ValueError):  # running in another thread: it stops itself
             self._spans.close()
+            # Not running (a generator never started has no finally to run).
+            self._state.release()
 
     def __enter__(self) -> Stream[T]:
         return self

@@ -91,3 +91,9 @@ def count_instances(type_name: str) -> int:
 
     gc.collect()
     return sum(1 for o in gc.get_objects() if type(o).__name__ == type_name)
+
+
+def fail_on_three(holder: Any) -> int:
+    if len(holder.payload) == 3:
+        raise ValueError("item 3")
+    return len(holder.payload)

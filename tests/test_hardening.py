@@ -26,6 +26,7 @@ from _hostile import (
     SlowToUnpickle,
     append_index,
     count_instances,
+    fail_on_three,
     identity,
     pid_of,
     sleep_then,
@@ -381,6 +382,29 @@ def test_finished_children_are_not_kept(sup: parstream.Supervisor) -> None:
         kept += ref() is not None
     assert sup.children() == []
     assert kept == 0
+
+
+def test_a_stream_ended_or_raised_keeps_no_input(sup: parstream.Supervisor) -> None:
+    """A finished or closed stream, or the exception a failed map raised, kept
+    by the caller, does not keep the stream's function and input alive."""
+    holders = [Holder(identity, b"x" * n) for n in range(40)]
+    refs = [weakref.ref(h) for h in holders]
+    method_owner = Holder(identity)
+    refs.append(weakref.ref(method_owner))
+    done = sup.async_stream(method_owner.size, holders[:20])
+    assert len(list(done)) == 20
+    closed = sup.async_stream(identity, holders)
+    next(closed)
+    closed.close()
+    with pytest.raises(ValueError, match="item 3") as raised:
+        list(sup.stream_map(fail_on_three, holders[:20]))
+    del holders, method_owner
+    gc.collect()
+    # The exception's traceback holds at most the chunks it was raised from.
+    assert sum(r() is not None for r in refs) <= 2
+    assert done.chunksize > 0  # still kept
+    assert closed.chunksize > 0  # still kept
+    assert isinstance(raised.value, ValueError)  # and the exception
 
 
 def test_a_worker_drops_a_by_value_function_once_its_calls_end() -> None:
