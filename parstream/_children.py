@@ -73,8 +73,9 @@ class Child:
         shutdown: ShutdownTimeout,
         node: str | None = None,
     ) -> None:
-        self.fn = fn
-        self.args = args
+        # What each run calls: dropped once the child ends for good, so an
+        # ended child kept by the caller does not keep its arguments alive.
+        self.call: tuple[Callable[..., Any], tuple[Any, ...]] | None = (fn, args)
         self.restart = restart
         self.shutdown_timeout = shutdown
         self.node = node
@@ -148,7 +149,10 @@ class Children:
         try:
             # Urgent: it runs on the worker reserved for it at once, not
             # behind the tasks queued meanwhile (a restart as much as a start).
-            task = sup._make_task(child.fn, child.args, linked=False, node=child.node, urgent=True)
+            call = child.call
+            if call is None:  # ended meanwhile (terminated): it has let go of its call
+                return self._forget(child)
+            task = sup._make_task(*call, linked=False, node=child.node, urgent=True)
         except SupervisorClosed:
             if first:
                 self.end(child)
@@ -226,6 +230,7 @@ class Children:
             if child.ending:
                 return None
             child.ending = True
+            child.call = None  # never run again
             # Ended children are forgotten: a long-lived supervisor running a
             # child per request does not grow.
             with contextlib.suppress(ValueError):

@@ -384,6 +384,19 @@ def test_finished_children_are_not_kept(sup: parstream.Supervisor) -> None:
     assert kept == 0
 
 
+def test_ended_children_keep_no_call(sup: parstream.Supervisor) -> None:
+    """A child kept after it ended (or was terminated) lets go of its call."""
+    holders = [Holder(identity, b"x") for _ in range(2)]
+    refs = [weakref.ref(h) for h in holders]
+    child = sup.start_child(holders[0].size, restart="transient")
+    assert child.wait(30) == Ok(1)
+    other = sup.start_child(sleep_then, 30, holders[1], restart="permanent")
+    assert sup.terminate_child(other)
+    del holders
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # both children still kept
+
+
 def test_a_stream_ended_or_raised_keeps_no_input(sup: parstream.Supervisor) -> None:
     """A finished or closed stream, or the exception a failed map raised, kept
     by the caller, does not keep the stream's function and input alive."""
