@@ -208,6 +208,15 @@ class Task(Generic[T]):
                 return
         fn(self)
 
+    def _remove_waiter(self, fn: Callable[[Task[T]], None]) -> None:
+        """Undo ``_add_waiter`` (a wait that gave up): repeated timed waits on
+        a long task must not pile up their wake-ups on it."""
+        with self._lock:
+            try:
+                self._waiters.remove(fn)
+            except ValueError:  # already called and cleared by _set
+                pass
+
     def _check_reachable(self) -> None:
         """A task inherited through os.fork() can never finish in the child."""
         backend = self._backend
@@ -417,12 +426,16 @@ def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> Non
 
     for t in tasks:
         t._add_waiter(bump)
-    with cond:
-        while count[0] < want:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return
-            cond.wait(wait_seconds(remaining))
+    try:
+        with cond:
+            while count[0] < want:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                cond.wait(wait_seconds(remaining))
+    finally:
+        for t in tasks:
+            t._remove_waiter(bump)
 
 
 def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list[Any]:
@@ -471,12 +484,16 @@ def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -
 
     for t in tasks:
         t._add_waiter(bump)
-    with cond:
-        while state["done"] < len(tasks) and not state["failed"]:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return
-            cond.wait(wait_seconds(remaining))
+    try:
+        with cond:
+            while state["done"] < len(tasks) and not state["failed"]:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                cond.wait(wait_seconds(remaining))
+    finally:
+        for t in tasks:
+            t._remove_waiter(bump)
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:

@@ -420,6 +420,16 @@ def test_a_stream_ended_or_raised_keeps_no_input(sup: parstream.Supervisor) -> N
     assert isinstance(raised.value, ValueError)  # and the exception
 
 
+def test_timed_waits_do_not_pile_up_on_a_task(sup: parstream.Supervisor) -> None:
+    """Each timed-out yield_many takes its wake-up back from the task, as
+    concurrent.futures.wait does: twenty of them leave none behind."""
+    task = sup.async_nolink(sleep_then, 30, None)
+    for _ in range(20):
+        parstream.yield_many([task], timeout=0.01)
+    assert task._waiters == []
+    task.shutdown(parstream.BRUTAL_KILL)
+
+
 def test_a_worker_drops_a_by_value_function_once_its_calls_end() -> None:
     """A bound method's copies (one per call) do not pile up in the worker."""
     with parstream.Supervisor(max_workers=1) as sup:
