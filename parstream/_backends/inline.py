@@ -142,6 +142,9 @@ class InlinePool:
                 import logging
 
                 logging.getLogger("parstream").exception("parstream: a sink failed")
+            # Hold no sink (a task, a future, a chunk) nor its results while
+            # waiting for the next note.
+            del note, fn, args
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         self._notes.put((fn, args))
@@ -218,6 +221,7 @@ class InlinePool:
                 pass
             finally:
                 self._leave(wait=False)
+            del job  # its function, arguments and sink, until the next restart
 
     def _run_items(self, job: Job, run: _Run) -> tuple[list[Any], dict[int, BaseException]]:
         fn = job.fn.fn
