@@ -75,6 +75,15 @@ class _Future(concurrent.futures.Future[Any]):
         if forget is not None:
             forget(self)
 
+    def running(self) -> bool:
+        # A call handed straight to an idle worker is marked running by the
+        # hub (its on_started), which may be asleep until the result comes:
+        # ask the backend whether a worker has begun it instead.
+        if super().running():
+            return True
+        job = self._ps_job
+        return job is not None and not self.done() and self._ps_backend.worker_of(job) is not None
+
     def cancel(self) -> bool:
         if self.cancelled():
             return True

@@ -174,6 +174,21 @@ def test_cancel_pending_and_running(kind: str, tmp_path: Path) -> None:
     assert not gate.mark("last").exists()
 
 
+def test_a_call_an_idle_worker_began_is_running(kind: str, tmp_path: Path) -> None:
+    """running() is True once the call has begun, also when it went straight
+    to an idle worker (no queue in between), and False once it is done."""
+    with make(kind, workers=1) as ex, Gate(tmp_path) as gate:
+        assert ex.submit(f.getpid).result(timeout=30) > 0  # the worker is up
+        time.sleep(0.3)  # and idle, with nothing else going on
+        fut = gate.submit(ex, "a")
+        wait_file(gate.mark("a"))
+        assert fut.running()
+        assert fut.cancel() is False
+        gate.release()
+        assert fut.result(timeout=30) == str(gate.mark("a"))
+        assert not fut.running()
+
+
 def test_done_callbacks(kind: str, tmp_path: Path) -> None:
     """A callback runs once with its future on completion, and at once if added after."""
     with make(kind) as ex, Gate(tmp_path) as gate:
