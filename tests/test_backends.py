@@ -110,9 +110,15 @@ def test_inline_close_from_another_thread_ends_the_running_stream() -> None:
 def test_inline_close_from_another_thread_settles_a_pending_future() -> None:
     sup = parstream.Supervisor(backend="inline")
     futures: list[Future[int]] = []
-    thread = threading.Thread(target=lambda: futures.append(sup.submit(slow, 1)))
+    started = threading.Event()
+
+    def slow_once_started(x: int) -> int:
+        started.set()
+        return slow(x)
+
+    thread = threading.Thread(target=lambda: futures.append(sup.submit(slow_once_started, 1)))
     thread.start()
-    time.sleep(0.05)
+    assert started.wait(WAIT_S)
     sup.close()
     thread.join(WAIT_S)
     assert futures[0].result(WAIT_S) == 1  # it was running: it finishes, and says so

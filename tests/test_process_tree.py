@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
-from _util import gone
+from _util import gone, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, WorkerCrashed
@@ -122,9 +122,9 @@ def trap_sigterm_and_hang(path: str) -> None:
     # A handler, not SIG_IGN: an ignored signal stays ignored across exec,
     # and a shell cannot trap a signal ignored on entry.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    shell = subprocess.Popen(
-        ["sh", "-c", f'trap "echo TERM > {path}.term; exit 0" TERM; sleep 60 & wait']
-    )
+    # The trap is in place once the shell has made ``.trap``.
+    script = f'trap "echo TERM > {path}.term; exit 0" TERM; : > {path}.trap; sleep 60 & wait'
+    shell = subprocess.Popen(["sh", "-c", script])
     Path(path + ".tmp").write_text(json.dumps({"worker": os.getpid(), "shell": shell.pid}))
     os.replace(path + ".tmp", path)
     time.sleep(60)
@@ -139,7 +139,7 @@ def test_graceful_shutdown_sends_sigterm_to_the_task_subprocesses(
     task = sup.async_nolink(trap_sigterm_and_hang, str(path))
     pids = read_pids(path)
     recorded.extend(pids.values())
-    time.sleep(0.2)  # let the shell install its trap
+    wait_until((tmp_path / "pids.trap").exists, 20, what="the shell to install its trap")
     assert task.shutdown(1.0) is None
     assert_all_gone(pids)
     assert (tmp_path / "pids.term").read_text().strip() == "TERM"
