@@ -201,7 +201,7 @@ def test_shutdown_escalates_to_sigkill(sup: parstream.Supervisor, tmp_path: Path
     wait_until(ready.exists, what="the task to ignore SIGTERM")
     t0 = time.monotonic()
     assert task.shutdown(1.0) is None
-    assert 0.8 <= time.monotonic() - t0 < 5
+    assert 0.8 <= time.monotonic() - t0 < 20  # the grace, then SIGKILL: not the 30 s
     assert gone(pid)
 
 

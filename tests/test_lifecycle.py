@@ -136,10 +136,8 @@ def test_interpreter_exit_is_not_blocked_by_a_hung_task(ending: str) -> None:
     try:
         pids = read_json(proc)["pids"]
         assert pids
-        t0 = time.monotonic()
-        assert proc.wait(15) == 0
-        assert time.monotonic() - t0 < 8
-        assert wait_all_gone(pids, 3.0) == []
+        assert proc.wait(15) == 0  # its task sleeps 100 s: the exit did not wait for it
+        assert wait_all_gone(pids, 10.0) == []
     finally:
         finish(proc)
 
@@ -197,9 +195,9 @@ say(after=parstream.async_(os.getpid).await_(20))
         os.killpg(proc.pid, signal.SIGINT)
         msg = read_json(proc)
         assert msg["ki"] is not None, "the wait returned instead of raising KeyboardInterrupt"
-        assert msg["ki"] - sent < 3.0
+        assert msg["ki"] - sent < 10.0  # not at the end of the task's 30 s
         assert msg["done"], "the interrupted wait left its task running"
-        assert wait_all_gone([first["task"]], 3.0) == []
+        assert wait_all_gone([first["task"]], 10.0) == []
         after = read_json(proc)["after"]
         assert after != first["task"]
         assert proc.wait(15) == 0
@@ -240,7 +238,9 @@ try:
         time.sleep(2)
 except KeyboardInterrupt:
     pass
-time.sleep(0.5)
+deadline = time.monotonic() + 10  # the killed worker's death reaches the hub
+while [w for w in sup.workers() if w.busy] and time.monotonic() < deadline:
+    time.sleep(0.02)
 say(busy=[w.pid for w in sup.workers() if w.busy])
 say(after=sorted(parstream.map(abs, [-1, -2])))
 """

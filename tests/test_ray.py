@@ -171,8 +171,9 @@ def test_a_node_dying_fails_only_its_items(ray_cluster: RayCluster, tmp_path: Pa
             # can only start on the doomed node.
             busy = tmp_path / "busy"
             busy.mkdir()
+            release = tmp_path / "release"
             for name in ("w1", "w2"):
-                sup.async_nolink(note_node_then_sleep, str(busy), name, node=name)
+                sup.async_nolink(note_node_then_wait, str(busy), name, str(release), node=name)
             wait_until(lambda: len(list(busy.iterdir())) == 2, what="the other nodes busy")
             fn = functools.partial(note_node_then_sleep, str(tmp_path))
             stream = sup.async_stream_nolink(fn, range(4), max_concurrency=1, chunksize=1)
@@ -180,6 +181,7 @@ def test_a_node_dying_fails_only_its_items(ray_cluster: RayCluster, tmp_path: Pa
             next_result = iter_in_thread(stream)
             wait_until(lambda: first.exists() and first.read_text(), what="the first item")
             assert first.read_text() == doomed.node_id
+            release.touch()  # the other nodes are free for the rest
             cluster.remove_node(doomed, allow_graceful=False)
             results = next_result()
     finally:
@@ -198,6 +200,15 @@ def note_node_then_sleep(folder: str, name: Any) -> tuple[int, str]:
     (Path(folder) / str(name)).write_text(node_id())
     time.sleep(2.0)
     return os.getpid(), node_id()
+
+
+def note_node_then_wait(folder: str, name: str, release: str) -> str:
+    """Keep a node busy until ``release`` exists (a minute at most)."""
+    (Path(folder) / name).write_text(node_id())
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return name
 
 
 def iter_in_thread(stream: Iterator[Any]) -> Any:
@@ -296,10 +307,17 @@ def test_the_drivers_death_stops_its_tasks(ray_cluster: RayCluster, tmp_path: Pa
         wait_until(lambda: beat.stat().st_size > 3, what="heartbeats")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        time.sleep(1.0)  # anything still running writes 50 beats a second
+        # Anything still running writes 50 beats a second: the file must
+        # stop growing (for a whole second) within Ray's clean-up time.
+        deadline = time.monotonic() + 30
         size = beat.stat().st_size
-        time.sleep(1.0)
-        assert beat.stat().st_size == size, "the task outlived its driver"
+        while True:
+            time.sleep(1.0)
+            now = beat.stat().st_size
+            if now == size:
+                break
+            assert time.monotonic() < deadline, "the task outlived its driver"
+            size = now
     finally:
         if proc.poll() is None:  # pragma: no cover
             proc.kill()

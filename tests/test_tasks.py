@@ -362,7 +362,7 @@ def test_graceful_shutdown_reply_wins_and_frees_the_worker(tmp_path: Path) -> No
         wait_until(ready.exists, what="the SIGTERM handler")
         assert task.shutdown(10.0) == Ok("cleaned up")
         # The next task must not wait out the 10 s grace of a task that already ended.
-        assert sup.async_(abs, -4).await_(3.0) == 4
+        assert sup.async_(abs, -4).await_(8.0) == 4
 
 
 @pytest.mark.parametrize("how", ["brutal_kill", "grace", "await_timeout"])
