@@ -9,7 +9,9 @@ module the workers lack, and the driver's death stopping its tasks.
 from __future__ import annotations
 
 import functools
+import gc
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -339,6 +342,9 @@ def test_bad_ray_backend_arguments_fail_at_call_time(ray_cluster: RayCluster) ->
         parstream.RayBackend(num_cpus_per_task="1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="runtime_env"):
         parstream.RayBackend(runtime_env=["x"])  # type: ignore[arg-type]
+    for cpus in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="num_cpus_per_task"):
+            parstream.RayBackend(num_cpus_per_task=cpus)
     with pytest.raises(ValueError, match="max_memory_per_worker"):
         parstream.Supervisor(backend="ray", max_memory_per_worker=10**9)
 
@@ -440,3 +446,31 @@ def test_a_brutal_kill_overrides_a_graceful_one_waiting(
     waiting.join(20)
     assert not waiting.is_alive()  # it did not wait out its 30 s grace
     assert gone(int(path.read_text()), within=10)
+
+
+class Held:
+    """An argument whose lifetime a test watches (by reference: tests/ is on
+    the workers' path)."""
+
+
+def take(_: Any) -> int:
+    return 1
+
+
+def test_a_finished_tasks_argument_is_not_kept_alive(rsup: parstream.Supervisor) -> None:
+    """Once a task has ended and the caller has dropped its argument, the
+    driver frees it, as on the local backend. The event thread, waiting idle,
+    used to keep its last slot (the job, and with it the arguments) in a
+    local variable until the next task came, however large they were."""
+    arg = Held()
+    ref = weakref.ref(arg)
+    assert rsup.async_(take, arg).await_(timeout=60) == 1
+    items = [Held() for _ in range(3)]
+    refs = [weakref.ref(x) for x in items]
+    assert list(rsup.stream_map(take, items, chunksize=1)) == [1, 1, 1]
+    del arg, items
+    wait_until(
+        lambda: gc.collect() >= 0 and ref() is None and all(r() is None for r in refs),
+        within=5,
+        what="the arguments of finished tasks to be freed",
+    )

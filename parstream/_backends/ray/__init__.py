@@ -8,6 +8,7 @@ module imports Ray only inside ``open``: ``import parstream`` never does.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -79,8 +80,8 @@ class RayBackend:
         cpus = self.num_cpus_per_task
         if isinstance(cpus, bool) or not isinstance(cpus, int | float):
             raise TypeError(f"num_cpus_per_task must be a number, got {cpus!r}")
-        if cpus < 0:
-            raise ValueError(f"num_cpus_per_task must be >= 0, got {cpus}")
+        if not math.isfinite(cpus) or cpus < 0:  # NaN passes every comparison
+            raise ValueError(f"num_cpus_per_task must be a finite number >= 0, got {cpus}")
 
     def open(self, settings: Settings) -> Backend:
         for option in ("max_tasks_per_worker", "max_memory_per_worker"):

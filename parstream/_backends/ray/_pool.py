@@ -337,11 +337,17 @@ class RayPool:
                     raise
                 self._lost_ray()  # Ray was shut down under us (at exit, say)
                 continue
-            with self._lock:
-                slots = [s for s in self._slots if s.gen is not None]
-            for slot in slots:
-                self._read(slot)
+            self._read_ready()
         self._outbox.flush()
+
+    def _read_ready(self) -> None:
+        """Read every task's ready messages. A method of its own so that no
+        slot (its job, the user's arguments) stays referenced from the loop's
+        frame while the thread waits idle."""
+        with self._lock:
+            slots = [s for s in self._slots if s.gen is not None]
+        for slot in slots:
+            self._read(slot)
 
     def _lost_ray(self) -> None:
         """Ray is gone: every job ends 'closed'; nothing can be asked of it."""
