@@ -25,8 +25,19 @@ def check_callable(fn: Any, name: str = "fn") -> None:
 
 
 def check_iterable(value: Any, name: str) -> None:
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be iterable, got {type(value).__name__}")
+    if isinstance(value, Iterable):
+        return
+    if hasattr(type(value), "__getitem__"):
+        # The old sequence protocol (items 0, 1, ... up to IndexError), which
+        # a for loop, map() and Executor.map take too: iter() makes its
+        # iterator without calling __getitem__, and refuses ``__iter__ = None``.
+        try:
+            iter(value)
+        except TypeError:
+            pass
+        else:
+            return
+    raise TypeError(f"{name} must be iterable, got {type(value).__name__}")
 
 
 def check_bool(value: Any, name: str) -> bool:

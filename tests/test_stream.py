@@ -464,6 +464,34 @@ def test_function_is_pickled_once_per_stream(sup: parstream.Supervisor, tmp_path
 # -- validation -------------------------------------------------------------------------------
 
 
+class _OldSequence:
+    """Iterable through the old sequence protocol only, as a for loop takes it."""
+
+    def __getitem__(self, i: int) -> int:
+        if i < 4:
+            return i
+        raise IndexError(i)
+
+
+class _NotIterable:
+    __iter__ = None
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def test_old_sequence_protocol_is_iterable(sup: parstream.Supervisor) -> None:
+    """What a for loop, map() and Executor.map iterate, every entry point does."""
+    seq: Any = _OldSequence  # not an Iterable to the type checker
+    assert list(map(square, seq())) == [0, 1, 4, 9]
+    assert list(parstream.map(square, seq(), backend="inline")) == [0, 1, 4, 9]
+    assert list(sup.stream_map(square, seq())) == [0, 1, 4, 9]
+    assert [value(r) for r in sup.async_stream(square, seq())] == [0, 1, 4, 9]
+    assert list(sup.map(square, seq())) == [0, 1, 4, 9]
+    with pytest.raises(TypeError, match="iterable must be iterable"):
+        sup.stream_map(square, _NotIterable())  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "needle"),
     [
