@@ -342,6 +342,8 @@ def test_bad_ray_backend_arguments_fail_at_call_time(ray_cluster: RayCluster) ->
         parstream.RayBackend(num_cpus_per_task="1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="runtime_env"):
         parstream.RayBackend(runtime_env=["x"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="init_kwargs"):
+        parstream.RayBackend(init_kwargs=[1])  # type: ignore[arg-type]
     for cpus in (math.nan, math.inf):
         with pytest.raises(ValueError, match="num_cpus_per_task"):
             parstream.RayBackend(num_cpus_per_task=cpus)

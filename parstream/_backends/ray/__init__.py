@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from parstream._backend import Backend, Settings
 
 _lock = threading.Lock()
@@ -77,6 +76,8 @@ class RayBackend:
             raise TypeError(f"address must be a str or None, got {self.address!r}")
         if self.runtime_env is not None and not isinstance(self.runtime_env, dict):
             raise TypeError(f"runtime_env must be a dict or None, got {self.runtime_env!r}")
+        if self.init_kwargs is not None and not isinstance(self.init_kwargs, Mapping):
+            raise TypeError(f"init_kwargs must be a dict or None, got {self.init_kwargs!r}")
         cpus = self.num_cpus_per_task
         if isinstance(cpus, bool) or not isinstance(cpus, int | float):
             raise TypeError(f"num_cpus_per_task must be a number, got {cpus!r}")
