@@ -414,21 +414,28 @@ def _check_tasks(tasks: Iterable[Task[Any]]) -> list[Task[Any]]:
     return out
 
 
-def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> None:
-    """Block until ``want`` of ``tasks`` are done or the deadline passes."""
+def _wait_for(
+    tasks: list[Task[Any]], deadline: float | None, enough: Callable[[int, bool], bool]
+) -> None:
+    """Block until ``enough(done, failed)`` (how many of ``tasks`` are done,
+    whether one failed) or the deadline passes. The wake-ups are taken back
+    on the way out: repeated timed waits on a long task leave nothing on it."""
     cond = threading.Condition()
-    count = [0]
+    done = [0]
+    failed = [False]
 
-    def bump(_: Task[Any]) -> None:
+    def bump(t: Task[Any]) -> None:
         with cond:
-            count[0] += 1
+            done[0] += 1
+            if isinstance(t.result_nowait(), Exit):
+                failed[0] = True
             cond.notify()
 
     for t in tasks:
         t._add_waiter(bump)
     try:
         with cond:
-            while count[0] < want:
+            while not enough(done[0], failed[0]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return
@@ -436,6 +443,11 @@ def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> Non
     finally:
         for t in tasks:
             t._remove_waiter(bump)
+
+
+def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> None:
+    """Block until ``want`` of ``tasks`` are done or the deadline passes."""
+    _wait_for(tasks, deadline, lambda done, _failed: done >= want)
 
 
 def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list[Any]:
@@ -472,28 +484,7 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
 
 
 def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -> None:
-    cond = threading.Condition()
-    state = {"done": 0, "failed": False}
-
-    def bump(t: Task[Any]) -> None:
-        with cond:
-            state["done"] += 1
-            if isinstance(t.result_nowait(), Exit):
-                state["failed"] = True
-            cond.notify()
-
-    for t in tasks:
-        t._add_waiter(bump)
-    try:
-        with cond:
-            while state["done"] < len(tasks) and not state["failed"]:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return
-                cond.wait(wait_seconds(remaining))
-    finally:
-        for t in tasks:
-            t._remove_waiter(bump)
+    _wait_for(tasks, deadline, lambda done, failed: failed or done >= len(tasks))
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
