@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -59,6 +60,8 @@ from parstream._progress import Progress
 from parstream._results import Exit, Ok, oks
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from parstream._backend import Backend, FnHandle
     from parstream._validate import Options
 
@@ -405,9 +408,29 @@ def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
         yield from _produce(state, wrap)
     except _Closed:
         return
+    except BaseException as exc:
+        # The caller may keep the error (``except E as e``, a notebook's last
+        # error), and its traceback the frames it passed through here, whose
+        # locals hold chunks and their inputs: those frames let go of them.
+        _clear_own_frames(exc.__traceback__)
+        raise
     finally:
         state.close()
         state.release()
+
+
+_OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep  # parstream's own files
+
+
+def _clear_own_frames(tb: TracebackType | None) -> None:
+    """Clear the locals of parstream's finished frames in ``tb``; the user's
+    own frames (a task run in-process, an input generator) keep theirs."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.startswith(_OWN):
+            with contextlib.suppress(RuntimeError):  # still running (this one)
+                frame.clear()
+        tb = tb.tb_next
 
 
 def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:

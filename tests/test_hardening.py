@@ -412,9 +412,12 @@ def test_a_stream_ended_or_raised_keeps_no_input(sup: parstream.Supervisor) -> N
     with pytest.raises(ValueError, match="item 3") as raised:
         list(sup.stream_map(fail_on_three, holders[:20]))
     del holders, method_owner
-    gc.collect()
-    # The exception's traceback holds at most the chunks it was raised from.
-    assert sum(r() is not None for r in refs) <= 2
+    # The traceback's frames held chunks; a worker killed at the close may
+    # hold its batch a moment longer, until its death is seen.
+    wait_until(
+        lambda: gc.collect() >= 0 and all(r() is None for r in refs),
+        what="the streams' inputs and function to be freed",
+    )
     assert done.chunksize > 0  # still kept
     assert closed.chunksize > 0  # still kept
     assert isinstance(raised.value, ValueError)  # and the exception
