@@ -231,6 +231,37 @@ def test_failed_worker_starts_surface_and_recover(tmp_path: Path) -> None:
         os.chdir(old)
 
 
+def test_a_start_failing_for_want_of_a_directory_starts_no_interpreter(tmp_path: Path) -> None:
+    """The working directory is read before a worker's interpreter is started:
+    a start that cannot read it leaves no process behind (none unreaped, none
+    printing an EOFError traceback for start data it never got)."""
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}
+    gone_dir = tmp_path / "gone"
+    gone_dir.mkdir()
+    old = os.getcwd()
+    os.chdir(gone_dir)
+    try:
+        gone_dir.rmdir()
+        with parstream.Supervisor(max_workers=1) as sup:
+            with pytest.raises(parstream.WorkerStartFailed):
+                sup.async_(identity, 1).await_(60)
+            started = []
+            for child in me.children():
+                if child.pid in before:
+                    continue
+                try:
+                    if child.name() != "sh":  # the reaper; a failed start is a python
+                        started.append((child.pid, child.name(), child.status()))
+                except psutil.NoSuchProcess:
+                    pass
+            assert started == []
+            os.chdir(old)
+            assert sup.async_(identity, 2).await_(60) == 2
+    finally:
+        os.chdir(old)
+
+
 # -- 3. the timeout covers loading the argument ---------------------------------------
 
 

@@ -278,6 +278,7 @@ class Starter:
         slot = new_slot()
         prep_r, prep_w = os.pipe()
         sentinel_r = sentinel_w = -1
+        pid = sentinel = -1
         child_fd = child_sock.fileno()
         try:
             keep = [child_fd, prep_r] + ([slot.fd] if slot is not None else [])
@@ -291,14 +292,17 @@ class Starter:
             # would hold that confirmation pipe open, and the hub with it.
             added = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
             env = {"PYTHONUNBUFFERED": "1", **added}
+            # Before the fork: with no working directory, getcwd() fails here,
+            # not after an interpreter was started that nobody would reap.
+            cwd = os.getcwd()
+            origin = _original_dir() or cwd
             cmd = [sys.executable, *_interpreter_flags(), "-c", BOOT, str(prep_r)]
             pid = fork_exec(cmd, keep, env=env)
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
-            origin = _original_dir() or os.getcwd()
             prep = {
                 "spare": spare,
                 "path": [p or origin for p in sys.path],
-                "cwd": os.getcwd(),
+                "cwd": cwd,
                 "conn": child_fd,
                 "slot": None if slot is None else slot.fd,
                 "fdchan": None if fdchan_child is None else fdchan_child.fileno(),
@@ -316,6 +320,12 @@ class Starter:
                 threading.Thread(target=_write_all, args=args, daemon=True).start()
                 prep_w = -1  # the thread closes it
         except BaseException:
+            if pid > 0:  # started, but it will never get its start data: end and reap it
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            if sentinel >= 0 and sentinel != sentinel_r:
+                os.close(sentinel)  # the pidfd
             parent_sock.close()
             if fdchan is not None:
                 fdchan.close()
