@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from parstream._backend import resolve
 from parstream._supervisor import Supervisor
+from parstream._validate import MapOptions, StreamOptions, document_options
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
     from parstream._stream import Stream, _Values
     from parstream._task import Task
-    from parstream._validate import MapOptions, StreamOptions
 
 T = TypeVar("T")
 
@@ -143,3 +143,12 @@ def map(
 def restart_workers(backend: Any = None) -> None:
     """Replace the default supervisor's workers (after editing a module they use)."""
     _default(backend).restart_workers()
+
+
+for _function, _options in (
+    (async_stream, StreamOptions),
+    (async_stream_nolink, StreamOptions),
+    (map, MapOptions),
+):
+    document_options(_function, _options.__annotations__)
+del _function, _options

@@ -45,6 +45,7 @@ from parstream._validate import (
     check_node,
     check_positive_seconds,
     check_timeout,
+    document_options,
 )
 
 if TYPE_CHECKING:
@@ -653,6 +654,15 @@ class Supervisor(concurrent.futures.Executor):
         return f"<Supervisor {state} backend={self.backend} max_workers={self.max_workers}>"
 
 
+for _method, _options in (
+    (Supervisor.async_stream, StreamOptions),
+    (Supervisor.async_stream_nolink, StreamOptions),
+    (Supervisor.stream_map, MapOptions),
+):
+    document_options(_method, _options.__annotations__)
+del _method, _options
+
+
 @atexit.register
 def _close_all() -> None:
     # Registered after multiprocessing's exit hook (imported above), so it
@@ -693,6 +703,6 @@ def _check_mp_context(context: Any) -> None:
     if name not in ("spawn", "forkserver"):
         raise ValueError(
             f"mp_context: parstream's workers always start as fresh interpreters, so a "
-            f"{name!r} context's inheritance cannot be had; pass a 'spawn' context or "
-            "none, and set worker state up with initializer="
+            f"{name!r} context's inheritance cannot be had; pass a 'spawn' or 'forkserver' "
+            "context, or none, and set worker state up with initializer="
         )

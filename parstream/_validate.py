@@ -199,6 +199,22 @@ class Options:
         return opts
 
 
+def document_options(fn: Any, names: Iterable[str]) -> Any:
+    """Give ``fn``, which takes its stream options as ``**options``, the
+    signature the README documents: each option a keyword-only parameter with
+    its default, so ``help()``, ``inspect.signature`` and editors show them."""
+    import inspect  # already imported by dataclasses
+
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    defaults = {f.name: f.default for f in fields(Options)}
+    params += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n]) for n in names
+    ]
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
+
+
 def check_progress(value: Any) -> Any:
     """``progress`` is True, False, a dict of tqdm options, or a tqdm-like bar."""
     if value is True or value is False:

@@ -626,3 +626,40 @@ def test_an_interrupted_waiter_does_not_strand_the_other_waiters() -> None:
     assert not threads[1].is_alive(), "the second waiter was stranded"
     assert sorted(map(str, woke)) == ["True", "interrupted"]
     assert latch.wait(0) is True  # and later waits return at once
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        parstream.async_stream,
+        parstream.async_stream_nolink,
+        parstream.map,
+        parstream.Supervisor.async_stream,
+        parstream.Supervisor.async_stream_nolink,
+        parstream.Supervisor.stream_map,
+    ],
+    ids=lambda fn: fn.__qualname__,
+)
+def test_stream_options_are_in_the_signature_with_their_defaults(fn: Any) -> None:
+    """The README's signature: each option a keyword-only parameter, as
+    ``inspect.signature`` and ``help()`` show it."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    expected = {
+        "max_concurrency": None,
+        "ordered": True,
+        "timeout": None,
+        "on_timeout": "exit",
+        "progress": False,
+        "chunksize": None,
+        "buffer_size": None,
+    }
+    if "map" not in fn.__name__:
+        expected["zip_input_on_exit"] = False
+    else:
+        assert "zip_input_on_exit" not in params
+    for name, default in expected.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == default, name
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
