@@ -597,7 +597,7 @@ def values(state: _State, owner: object) -> _Values[Any]:
     Python-level step per item would cost more than a tiny item's own work.
     Holds ``owner`` (the Supervisor), whose workers the stream needs, while
     alive."""
-    return _Values(_spans_of(state, owner))
+    return _Values(_spans_of(state, owner), state)
 
 
 class _Values(Iterator[T]):
@@ -607,10 +607,11 @@ class _Values(Iterator[T]):
     ``with`` and ``async for`` work as on a ``Stream``.
     """
 
-    __slots__ = ("_chains", "_spans")
+    __slots__ = ("_chains", "_spans", "_state")
 
-    def __init__(self, spans: Generator[list[Any], None, None]) -> None:
+    def __init__(self, spans: Generator[list[Any], None, None], state: _State) -> None:
         self._spans = spans
+        self._state = state
         self._chains = _Chains(_Spans(spans))
 
     def __iter__(self) -> Iterator[T]:
@@ -621,7 +622,13 @@ class _Values(Iterator[T]):
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
-        self._spans.close()
+        # As for a Stream: from another thread (an ``async for`` being
+        # cancelled) the generator is running there, and cannot be closed
+        # here; closing the state kills the items, and that thread stops itself.
+        self._state.close()
+        with contextlib.suppress(ValueError):
+            self._spans.close()
+            self._state.release()
 
     def __enter__(self) -> _Values[T]:
         return self

@@ -587,3 +587,62 @@ def test_ctrl_c_while_submit_pickles_arguments_raises_and_leaves_no_worker_stuck
         with pytest.raises(KeyboardInterrupt):
             sup.async_(repr, InterruptsPickling())
         assert sup.async_(abs, -3).await_(timeout=30) == 3
+
+
+# -- a map closed from another thread -----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["stream_map", "map"])
+def test_a_map_closed_from_another_thread_stops_like_a_stream(method: str) -> None:
+    """``close()`` on a map (``stream_map``, ``Supervisor.map``) whose ``next()``
+    another thread is blocked in (as an ``async for`` being cancelled is) used
+    to raise ``ValueError: generator already executing`` and leave every item
+    running; now, as for a Stream,
+    it kills the running items and the iterating thread's loop ends."""
+    with parstream.Supervisor(max_workers=2) as sup:
+        results = getattr(sup, method)(_sleep_for, [60.0] * 4, chunksize=1)
+        started = threading.Event()
+        ended: list[object] = []
+
+        def consume() -> None:
+            started.set()
+            try:
+                ended.append(list(results))
+            except BaseException as exc:
+                ended.append(exc)
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        started.wait()
+        wait_until(lambda: any(w.busy for w in sup.workers()), what="an item running")
+        results.close()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert ended == [[]]
+        wait_until(lambda: not any(w.busy for w in sup.workers()), what="the items' kill")
+
+
+def test_cancelling_async_for_over_a_map_kills_its_items() -> None:
+    """Cancelling an ``async for`` over ``stream_map`` raised ``ValueError`` in
+    place of ``CancelledError`` and left the items running."""
+    import asyncio
+
+    with parstream.Supervisor(max_workers=2) as sup:
+
+        async def consume() -> None:
+            async for _ in sup.stream_map(_sleep_for, [60.0] * 4, chunksize=1):
+                pass
+
+        async def main() -> BaseException | None:
+            task = asyncio.create_task(consume())
+            while not any(w.busy for w in sup.workers()):
+                await asyncio.sleep(0.01)
+            task.cancel()
+            try:
+                await task
+            except BaseException as exc:
+                return exc
+            return None
+
+        assert isinstance(asyncio.run(main()), asyncio.CancelledError)
+        wait_until(lambda: not any(w.busy for w in sup.workers()), what="the items' kill")
