@@ -97,3 +97,15 @@ def fail_on_three(holder: Any) -> int:
     if len(holder.payload) == 3:
         raise ValueError("item 3")
     return len(holder.payload)
+
+
+def append_then_sleep(path: str, item: tuple[int, float]) -> int:
+    """Record that item ``i`` ran (one O_APPEND write), then sleep ``seconds``."""
+    i, seconds = item
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{i}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return i

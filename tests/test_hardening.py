@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -25,6 +26,7 @@ from _hostile import (
     Holder,
     SlowToUnpickle,
     append_index,
+    append_then_sleep,
     count_instances,
     fail_on_three,
     identity,
@@ -518,6 +520,49 @@ def test_a_crash_inside_a_batch_runs_nothing_twice(tmp_path: Path, run: int) -> 
             continue
         assert counts[i] == 1, f"item {i} never ran"
         assert r == Ok(i)  # journaled: a finished item's result survives the crash
+
+
+def test_a_late_hub_does_not_kill_for_an_item_that_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub reads item 0's reply late (as when another thread holds the
+    GIL), after its deadline and after the worker began item 1: the kill for
+    item 0's timeout used to requeue item 1, which then ran twice. Item 0 is
+    Ok, item 1 (1 s) times out, and each ran once."""
+    from parstream._backends.local import _pool
+
+    read_one = _pool.LocalPool._read_one
+    late = threading.Event()
+
+    def late_read_one(self: Any, worker: Any) -> Any:
+        started = worker.item_started
+        if (
+            not late.is_set()
+            and worker.job is not None
+            and worker.job.timeout is not None
+            and worker.items_done == 0
+            and started is not None
+            and time.monotonic() > started + 0.02  # item 0's reply, not its start
+        ):
+            late.set()
+            time.sleep(0.1)  # past item 0's deadline, and into item 1
+            return True  # the reply stays unread this turn
+        return read_one(self, worker)
+
+    monkeypatch.setattr(_pool.LocalPool, "_read_one", late_read_one)
+    log = tmp_path / "ran.log"
+    fn = functools.partial(append_then_sleep, str(log))
+    with parstream.Supervisor(max_workers=1) as sup:
+        out = list(
+            sup.async_stream_nolink(
+                fn, [(0, 0.03), (1, 1.0)], timeout=0.045, on_timeout="kill_task", chunksize=2
+            )
+        )
+    assert late.is_set()
+    assert out[0] == Ok(0)
+    assert isinstance(out[1], Exit)
+    assert isinstance(out[1].reason, parstream.TaskTimeout)
+    assert Counter(log.read_text().split()) == {"0": 1, "1": 1}
 
 
 def test_a_busy_worker_killed_from_outside_blames_only_its_item(tmp_path: Path) -> None:

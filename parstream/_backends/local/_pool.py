@@ -736,6 +736,7 @@ class LocalPool(MessageHandler):
                     and job.timeout is not None
                     and w.item_started is not None
                     and now >= w.item_started + job.timeout
+                    and not _moved_past(w, job)
                 ):
                     w.kill_cause = "timeout"
                     w.timed_out_index = run_of(job).cursor
@@ -988,6 +989,20 @@ class _WakeEnd:
             fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def _moved_past(worker: LocalWorker, job: Job) -> bool:
+    """Whether the worker has begun an item after the one the hub believes
+    running: that one finished, and its reply (sent before the next item
+    began) is in the pipe, unread because the hub is late. Killing now would
+    blame it for a timeout it did not overrun and rerun the item just begun;
+    the hub reads the reply on its next turn instead."""
+    slot = worker.slot
+    if slot is None:
+        return False
+    seq, begun, window = slot.read()
+    run = run_of(job)
+    return seq == worker.seq and window is None and run.slice_start + begun - 1 > run.cursor
 
 
 def _wake_pipe() -> tuple[Any, Any]:
