@@ -4,6 +4,7 @@ shipping functions, no user data kept, no growth, and exactly-once under crashes
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -17,7 +18,7 @@ import warnings
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _hostile
 import psutil
@@ -37,6 +38,9 @@ from _util import fork_and_wait, wait_until
 
 import parstream
 from parstream import Exit, Ok
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -211,26 +215,33 @@ def _map_in_child(items: list[int]) -> list[int]:
 # -- 2. a failed worker start -------------------------------------------------------
 
 
-def test_failed_worker_starts_surface_and_recover(tmp_path: Path) -> None:
-    """No working directory: waiting work fails with the cause, then work runs again."""
+@contextlib.contextmanager
+def _in_a_deleted_directory(tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """Run the block in a working directory that no longer exists; it gets a
+    call that goes back to the old one (also done on the way out)."""
     gone_dir = tmp_path / "gone"
     gone_dir.mkdir()
     old = os.getcwd()
     os.chdir(gone_dir)
     try:
         gone_dir.rmdir()
-        with parstream.Supervisor(max_workers=1) as sup:
-            task = sup.async_(identity, 1)
-            with pytest.raises(parstream.WorkerStartFailed) as info:
-                task.await_(60)
-            assert isinstance(info.value.__cause__, OSError)
-            assert "could be started" in str(info.value)
-            os.chdir(old)
-            assert sup.async_(identity, 2).await_(60) == 2
-            assert list(sup.stream_map(identity, range(50))) == list(range(50))
-            assert sup.stats().workers_alive == 1
+        yield lambda: os.chdir(old)
     finally:
         os.chdir(old)
+
+
+def test_failed_worker_starts_surface_and_recover(tmp_path: Path) -> None:
+    """No working directory: waiting work fails with the cause, then work runs again."""
+    with _in_a_deleted_directory(tmp_path) as back, parstream.Supervisor(max_workers=1) as sup:
+        task = sup.async_(identity, 1)
+        with pytest.raises(parstream.WorkerStartFailed) as info:
+            task.await_(60)
+        assert isinstance(info.value.__cause__, OSError)
+        assert "could be started" in str(info.value)
+        back()
+        assert sup.async_(identity, 2).await_(60) == 2
+        assert list(sup.stream_map(identity, range(50))) == list(range(50))
+        assert sup.stats().workers_alive == 1
 
 
 def test_a_start_failing_for_want_of_a_directory_starts_no_interpreter(tmp_path: Path) -> None:
@@ -239,29 +250,21 @@ def test_a_start_failing_for_want_of_a_directory_starts_no_interpreter(tmp_path:
     printing an EOFError traceback for start data it never got)."""
     me = psutil.Process()
     before = {c.pid for c in me.children()}
-    gone_dir = tmp_path / "gone"
-    gone_dir.mkdir()
-    old = os.getcwd()
-    os.chdir(gone_dir)
-    try:
-        gone_dir.rmdir()
-        with parstream.Supervisor(max_workers=1) as sup:
-            with pytest.raises(parstream.WorkerStartFailed):
-                sup.async_(identity, 1).await_(60)
-            started = []
-            for child in me.children():
-                if child.pid in before:
-                    continue
-                try:
-                    if child.name() != "sh":  # the reaper; a failed start is a python
-                        started.append((child.pid, child.name(), child.status()))
-                except psutil.NoSuchProcess:
-                    pass
-            assert started == []
-            os.chdir(old)
-            assert sup.async_(identity, 2).await_(60) == 2
-    finally:
-        os.chdir(old)
+    with _in_a_deleted_directory(tmp_path) as back, parstream.Supervisor(max_workers=1) as sup:
+        with pytest.raises(parstream.WorkerStartFailed):
+            sup.async_(identity, 1).await_(60)
+        started = []
+        for child in me.children():
+            if child.pid in before:
+                continue
+            try:
+                if child.name() != "sh":  # the reaper; a failed start is a python
+                    started.append((child.pid, child.name(), child.status()))
+            except psutil.NoSuchProcess:
+                pass
+        assert started == []
+        back()
+        assert sup.async_(identity, 2).await_(60) == 2
 
 
 # -- 3. the timeout covers loading the argument ---------------------------------------
