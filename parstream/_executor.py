@@ -69,8 +69,8 @@ class _Future(concurrent.futures.Future[Any]):
         self._ps_forget = forget  # the executor's pending set lets go of it
 
     def _ps_settled(self) -> None:
-        """Done (or cancelled): nothing of parstream's holds it any more."""
-        self._ps_job = None
+        """Done (or cancelled), its job already let go: the executor's set of
+        pending futures lets go of it too."""
         forget, self._ps_forget = self._ps_forget, None
         if forget is not None:
             forget(self)

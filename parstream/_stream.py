@@ -419,6 +419,18 @@ def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
         state.release()
 
 
+def _close(state: _State, spans: Generator[list[Any], None, None]) -> None:
+    """``close()`` of a ``Stream`` and of ``map``'s values. From another thread
+    (an ``async for`` being cancelled) the generator is running there and
+    cannot be closed here: closing the state kills the items, and that thread
+    stops itself. A generator never started has no ``finally`` to release
+    the state, so this does."""
+    state.close()
+    with contextlib.suppress(ValueError):  # running in another thread
+        spans.close()
+        state.release()
+
+
 _OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep  # parstream's own files
 
 
@@ -554,11 +566,7 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
-        self._state.close()
-        with contextlib.suppress(ValueError):  # running in another thread: it stops itself
-            self._spans.close()
-            # Not running (a generator never started has no finally to run).
-            self._state.release()
+        _close(self._state, self._spans)
 
     def __enter__(self) -> Stream[T]:
         return self
@@ -622,13 +630,7 @@ class _Values(Iterator[T]):
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
-        # As for a Stream: from another thread (an ``async for`` being
-        # cancelled) the generator is running there, and cannot be closed
-        # here; closing the state kills the items, and that thread stops itself.
-        self._state.close()
-        with contextlib.suppress(ValueError):
-            self._spans.close()
-            self._state.release()
+        _close(self._state, self._spans)
 
     def __enter__(self) -> _Values[T]:
         return self
