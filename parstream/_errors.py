@@ -7,7 +7,7 @@ re-raised with its original type (see ``RemoteTraceback``).
 
 from __future__ import annotations
 
-import pickle
+import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 
 
 class ParstreamError(Exception):

@@ -11,7 +11,7 @@ it was raised, or not be rebuilt where it arrives, comes back as a
 
 from __future__ import annotations
 
-import pickle
+import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 
 from parstream._errors import RemoteError, RemoteTraceback, argument_not_pickled
 

@@ -18,8 +18,8 @@ memoryview holding them all, laid out by ``buffer_layout``.
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 import io
-import pickle
 import struct
 import types
 

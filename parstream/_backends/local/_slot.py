@@ -31,9 +31,9 @@ no slot, and the pool falls back to its older, coarser attribution.
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 import mmap
 import os
-import pickle
 import struct
 
 from parstream._backends._frames import OOB_MIN_BYTES, Collector

@@ -40,9 +40,9 @@ worker or rebuilt in the parent still arrives as a ``RemoteError``.
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 import collections
 import os
-import pickle
 import struct
 
 from parstream._backends._codec import PROTOCOL, dumps

@@ -45,8 +45,8 @@ starts inherits, so killing the group kills what the task started (``_reaper``).
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 import os
-import pickle
 import signal
 import sys
 import threading
