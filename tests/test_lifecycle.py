@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from typing import Any
@@ -443,125 +444,64 @@ def test_workers_run_with_the_parents_interpreter_flags() -> None:
     assert out.stdout.strip() == "raised from a task", (out.stdout, out.stderr[-2000:])
 
 
-# A child where parstream is found through sys.path, with no import hook but
-# the standard ones (and setuptools' distutils shim): where workers start
-# without ``site``. (An editable install of parstream has a hook of its own.)
-SITE_FREE_PRELUDE = """
-import sys
-sys.path.insert(0, {root!r})
-sys.meta_path[:] = [
-    f for f in sys.meta_path
-    if (f if isinstance(f, type) else type(f)).__module__
-    in ("_frozen_importlib", "_frozen_importlib_external", "_distutils_hack")
-]
-"""
-
-HOOK_MODULE = """
-import importlib.abc, importlib.util, sys
-
-class Conjurer(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    # Serves a module that exists in no directory, as an editable install does.
-    def find_spec(self, name, path=None, target=None):
-        if name == "conjured":
-            return importlib.util.spec_from_loader(name, self)
-        return None
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        module.VALUE = 7
-
-def install():
-    sys.meta_path.append(Conjurer())
-"""
-
-
-def _run_child(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def test_processes_a_task_starts_get_a_plain_interpreter() -> None:
+    """A worker's interpreter is a plain one, so what a task starts with the
+    interpreter's flags (multiprocessing's spawn, loky inside a task, as
+    joblib and scikit-learn's ``n_jobs`` do) is one too: site has run, the
+    venv's prefix and the builtins are there, and loky's resource tracker
+    finds its modules. (Workers started with ``python -S`` once passed the
+    flag on, and loky's tracker failed with ModuleNotFoundError.)"""
     root = os.path.dirname(os.path.dirname(os.path.abspath(parstream.__file__)))
-    prelude = SITE_FREE_PRELUDE.format(root=root)
-    return subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def test_workers_without_site_see_what_site_set_up(tmp_path: Any) -> None:
-    """Workers start without ``site`` where they can (it costs each start
-    10-25 ms, and a worker takes the parent's sys.path anyway), so what
-    ``site`` left that a task can see is set up again: sitecustomize, the
-    exit/quit/help/copyright builtins, sys.prefix (a venv)."""
-    custom = tmp_path / "custom"
-    custom.mkdir()
-    (custom / "sitecustomize.py").write_text("import builtins\nbuiltins.CUSTOM_MARK = 42\n")
-    code = """
-        import json
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {root!r})
+        # a regular install: no import hook but the standard ones
+        sys.meta_path[:] = [
+            f for f in sys.meta_path
+            if (f if isinstance(f, type) else type(f)).__module__
+            in ("_frozen_importlib", "_frozen_importlib_external", "_distutils_hack")
+        ]
+        import json, multiprocessing
         import parstream
+        from probe import view
 
-        def probe():
-            import builtins, sys
-            names = ("exit", "quit", "help", "copyright")
-            return [
-                sys.flags.no_site,
-                getattr(builtins, "CUSTOM_MARK", None),
-                all(callable(getattr(builtins, n, None)) for n in names),
-                [sys.prefix, sys.exec_prefix],
-            ]
+        def in_spawned_child():
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(1) as pool:
+                return pool.apply(view)
 
-        with parstream.Supervisor(max_workers=1) as s:
-            got = s.async_(probe).await_(30)
-        print(json.dumps([got, [sys.prefix, sys.exec_prefix]]))
-    """
-    path = os.pathsep.join([str(custom), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    out = _run_child(code, {"PYTHONPATH": path})
-    assert out.returncode == 0, out.stderr[-3000:]
-    got, prefixes = json.loads(out.stdout)
-    assert got == [1, 42, True, prefixes]
+        def with_loky():
+            import loky
+            ex = loky.get_reusable_executor(max_workers=1)
+            try:
+                return ex.submit(abs, -3).result(timeout=60)
+            finally:
+                ex.shutdown(wait=True, kill_workers=True)
 
-
-def test_workers_run_site_for_an_import_hook_they_cannot_pass_on(tmp_path: Any) -> None:
-    """An import hook a .pth file installed (an editable install's finder)
-    keeps the workers on ``site``: a worker could be handed the hook, but the
-    processes its tasks start with multiprocessing's spawn could not. A
-    hook that is handed over but fails in the worker falls back to ``site``
-    there. Either way the workers start and run."""
-    sitedir = tmp_path / "sitedir"
-    sitedir.mkdir()
-    (sitedir / "hookmod.py").write_text(HOOK_MODULE)
-    (sitedir / "hook.pth").write_text("import hookmod; hookmod.install()\n")
-    code = f"""
-        import json, site, sys
-        import parstream
-
-        def probe():
-            import sys
-            return sys.flags.no_site
-
-        got = []
-        with parstream.Supervisor(max_workers=1) as s:
-            got.append(s.async_(probe).await_(30))
-        site.addsitedir({str(sitedir)!r})  # runs hook.pth, as site does at start
-        with parstream.Supervisor(max_workers=1) as s:
-            got.append(s.async_(probe).await_(30))
-        sys.meta_path.pop()
-        try:
-            import _distutils_hack
-        except ImportError:
-            got.append(1)
-        else:
-            class Ghost:  # handed over by reference, missing in the worker
-                @classmethod
-                def find_spec(cls, name, path=None, target=None):
-                    return None
-            Ghost.__module__ = "_distutils_hack"
-            _distutils_hack.Ghost = Ghost
-            sys.meta_path.append(Ghost)
+        if __name__ == "__main__":
             with parstream.Supervisor(max_workers=1) as s:
-                got.append(s.async_(probe).await_(30))
-        print(json.dumps(got))
-    """
-    out = _run_child(code)
+                got = [s.async_(in_spawned_child).await_(60), s.async_(with_loky).await_(90)]
+            print(json.dumps([got, view()]))
+        """
+    )
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "main.py")
+        with open(script, "w") as f:
+            f.write(code)
+        with open(os.path.join(d, "probe.py"), "w") as f:
+            f.write(
+                "def view():\n"
+                "    import builtins, sys\n"
+                "    exit = callable(getattr(builtins, 'exit', None))\n"
+                "    return [sys.flags.no_site, sys.prefix, exit]\n"
+            )
+        out = subprocess.run(
+            [sys.executable, script], capture_output=True, text=True, timeout=150, cwd=d
+        )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout) == [1, 0, 1], out.stderr[-3000:]
+    (child, loky_result), here = json.loads(out.stdout)
+    assert child == here
+    assert loky_result == 3
+    assert "Error" not in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]

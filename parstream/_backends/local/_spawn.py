@@ -49,25 +49,12 @@ log = logging.getLogger("parstream")
 START_BACKOFF_S = (0.05, 2.0)  # first and longest wait between failed worker starts
 
 # What a new worker interpreter runs: read the parent's preparation (a pickled
-# dict on an inherited fd), take its sys.path and working directory (and what
-# ``site`` left, when started without it: ``SITE_FREE``), start.
+# dict on an inherited fd), take its sys.path and working directory, start.
 BOOT = (
     "import os,sys,_pickle\n"
     "with os.fdopen(int(sys.argv[1]),'rb') as f: d=_pickle.load(f)\n"
     "sys.path[:]=d['path']\n"
     "os.chdir(d['cwd'])\n"
-    "s=d.get('site')\n"
-    "if s:\n"
-    " try:\n"
-    "  sys.prefix,sys.exec_prefix=s['prefix']\n"
-    "  sys.meta_path[:]=_pickle.loads(s['finders'])\n"
-    "  import site\n"
-    "  site.setquit();site.setcopyright();site.sethelper()\n"
-    "  for n in s['custom']: __import__(n)\n"
-    " except Exception:\n"
-    "  import site\n"
-    "  site.main()\n"
-    "  sys.path[:]=d['path']\n"
     "from parstream._backends.local._worker import boot\n"
     "boot(d)\n"
 )
@@ -309,11 +296,7 @@ class Starter:
             # not after an interpreter was started that nobody would reap.
             cwd = os.getcwd()
             origin = _original_dir() or cwd
-            flags = _interpreter_flags()
-            site = site_free()
-            if site is not None and "-S" not in flags:
-                flags.append("-S")
-            cmd = [sys.executable, *flags, "-c", BOOT, str(prep_r)]
+            cmd = [sys.executable, *_interpreter_flags(), "-c", BOOT, str(prep_r)]
             pid = fork_exec(cmd, keep, env=env)
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
             prep = {
@@ -326,7 +309,6 @@ class Starter:
                 "parent": os.getpid(),
                 "init": self.initializer,
                 "drop_env": list(added),
-                "site": site,
             }
             data = pickle.dumps(prep, protocol=5)
             # A pipe holds 64 KiB: a larger initializer is written from a thread,
@@ -425,52 +407,6 @@ class Starter:
         err = WorkerStartFailed(message, exitcode=getattr(cause, "exitcode", None))
         err.__cause__ = cause
         return err
-
-
-# The modules of the import hooks a worker without site can be given: the
-# standard ones, and setuptools' distutils shim.
-_CARRIED_FINDERS = ("_frozen_importlib", "_frozen_importlib_external", "_distutils_hack")
-# The standard path hooks, by ``__qualname__``.
-_OWN_PATH_HOOKS = ("zipimporter", "FileFinder.path_hook.<locals>.path_hook_for_FileFinder")
-
-
-def site_free() -> dict[str, Any] | None:
-    """What a worker started without ``site`` (``python -S``) needs of what
-    ``site`` did here; None where the worker must run ``site`` itself.
-
-    A worker takes this process's ``sys.path``, so ``site``'s work at every
-    interpreter start (finding the site directories, running each ``.pth``
-    file, some of which import packages) is done again for nothing: 10-25 ms
-    of each worker start in common environments (issue 12). Of what it
-    leaves, a task can see ``sys.prefix`` in a virtual environment,
-    ``sitecustomize``/``usercustomize``, the ``exit``, ``quit``, ``help``
-    and ``copyright`` builtins, and setuptools' distutils shim (an import
-    hook its ``.pth`` file installs): ``BOOT`` sets those up again.
-
-    Any other import hook (an editable install's finder, say) keeps the
-    worker on ``site``: a worker could be given it, but not the processes a
-    task starts with multiprocessing's spawn or forkserver, which would
-    inherit ``-S`` and take only ``sys.path``. So does coverage's start-up
-    hook for subprocesses (a ``.pth`` file), and, in the worker, any failure
-    of that set-up.
-    """
-    import pickle
-    import sys
-
-    if "COVERAGE_PROCESS_START" in os.environ:
-        return None
-    if [getattr(hook, "__qualname__", None) for hook in sys.path_hooks] != list(_OWN_PATH_HOOKS):
-        return None
-    for finder in sys.meta_path:
-        kind = finder if isinstance(finder, type) else type(finder)
-        if kind.__module__ not in _CARRIED_FINDERS:
-            return None
-    try:
-        finders = pickle.dumps(list(sys.meta_path), protocol=5)
-    except Exception:
-        return None
-    custom = [name for name in ("sitecustomize", "usercustomize") if name in sys.modules]
-    return {"prefix": (sys.prefix, sys.exec_prefix), "finders": finders, "custom": custom}
 
 
 def _interpreter_flags() -> list[str]:
