@@ -240,7 +240,10 @@ class _State:
             timeout=self.options.timeout,
             gate=self.gate,
             first_index=chunk.start,
-            returnable=True,
+            # An explicit chunksize is the user's unit of work: each chunk runs
+            # whole on one worker (the standard library's contract). Adaptive
+            # chunks come back at the worker's time budget, to be re-cut.
+            returnable=self.options.chunksize is None,
             node=self.options.node,
         )
         chunk.job = job

@@ -476,3 +476,15 @@ def test_a_finished_tasks_argument_is_not_kept_alive(rsup: parstream.Supervisor)
         within=5,
         what="the arguments of finished tasks to be freed",
     )
+
+
+def pid_after_10ms(_: int) -> int:
+    time.sleep(0.01)
+    return os.getpid()
+
+
+def test_an_explicit_chunk_runs_whole_in_one_ray_task(rsup: parstream.Supervisor) -> None:
+    """With ``chunksize``, each chunk runs whole in one Ray task (one worker
+    process) even past the time budget (8 items of ~10 ms), as locally."""
+    pids = list(rsup.stream_map(pid_after_10ms, range(32), chunksize=8))
+    assert [len(set(pids[k : k + 8])) for k in range(0, 32, 8)] == [1] * 4, pids

@@ -356,17 +356,24 @@ def test_slow_items_after_tiny_ones_use_every_worker(
 
 def test_a_returned_batch_keeps_its_unpicklable_item(sup: parstream.Supervisor) -> None:
     """A batch stopped at the worker's time budget keeps each item's failure:
-    an unpicklable argument sent again still fails as itself."""
-    items: list[Any] = [0.2, threading.Lock(), 0.0]
-    out = list(sup.async_stream_nolink(sleep_ret, items, chunksize=3))
-    assert out[0] == Ok(0.2)
-    assert isinstance(out[1], Exit)
-    assert isinstance(out[1].reason, pickle.PicklingError)
-    assert out[2] == Ok(0.0)
+    an unpicklable argument sent again still fails as itself. (Tiny items
+    first, so that the adaptive chunks hold the slow item and the lock
+    together; an explicit chunksize is never stopped early.)"""
+    tiny = 20_000
+    items: list[Any] = [0.0] * tiny + [0.2, threading.Lock(), 0.0]
+    out = list(sup.async_stream_nolink(sleep_ret, items))
+    assert out[: tiny + 1] == [Ok(0.0)] * tiny + [Ok(0.2)]
+    failed = out[tiny + 1]
+    assert isinstance(failed, Exit)
+    assert isinstance(failed.reason, pickle.PicklingError)
+    assert out[tiny + 2] == Ok(0.0)
 
 
-def sleepy_or_raise(folder: str, x: int) -> int:
-    """~10 ms; logs each run once; multiples of 7 raise."""
+def sleepy_or_raise(folder: str, first_slow: int, x: int) -> int:
+    """Tiny below ``first_slow``; from there ~10 ms, logging each run once;
+    multiples of 7 raise."""
+    if x < first_slow:
+        return x
     time.sleep(0.01)
     fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
@@ -382,12 +389,14 @@ def sleepy_or_raise(folder: str, x: int) -> int:
 def test_a_batch_stopped_early_keeps_order_and_failures(
     sup: parstream.Supervisor, tmp_path: Path, ordered: bool
 ) -> None:
-    """Batches of 20 items of ~10 ms outlast the worker's time budget: their
-    unrun rest is re-cut and spread, and every item still gets its own result
-    (failures in their places) and runs exactly once."""
-    fn = functools.partial(sleepy_or_raise, str(tmp_path))
-    out = list(sup.async_stream_nolink(fn, range(60), chunksize=20, ordered=ordered))
-    assert len(out) == 60
+    """Adaptive chunks learnt on tiny items, then items of ~10 ms, outlast the
+    worker's time budget: their unrun rest is re-cut and spread, and every
+    item still gets its own result (failures in their places) and runs
+    exactly once."""
+    tiny = 20_000
+    fn = functools.partial(sleepy_or_raise, str(tmp_path), tiny)
+    out = list(sup.async_stream_nolink(fn, range(tiny + 60), ordered=ordered))
+    assert len(out) == tiny + 60
     got = {}
     for r in out:
         if isinstance(r, Exit):
@@ -395,13 +404,46 @@ def test_a_batch_stopped_early_keeps_order_and_failures(
             got[r.reason.args[0]] = "raised"
         else:
             got[r.value] = "ok"
-    assert got == {x: "raised" if x % 7 == 0 else "ok" for x in range(60)}
+    assert got == {x: "raised" if x % 7 == 0 and x >= tiny else "ok" for x in range(tiny + 60)}
     if ordered:
         keys = [r.reason.args[0] if isinstance(r, Exit) else r.value for r in out]
-        assert keys == list(range(60))
+        assert keys == list(range(tiny + 60))
     runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
-    assert sorted(int(x) for x, _ in runs) == list(range(60))
+    assert sorted(int(x) for x, _ in runs) == list(range(tiny, tiny + 60))
     assert len({pid for _, pid in runs}) == 2
+
+
+def log_pid(folder: str, x: int) -> int:
+    """~10 ms, logging (x, pid) once per run."""
+    time.sleep(0.01)
+    fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{x} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+@pytest.mark.parametrize("entry", ["map", "async_stream", "Supervisor.map"])
+def test_an_explicit_chunk_runs_whole_on_one_worker(
+    sup: parstream.Supervisor, tmp_path: Path, entry: str, timeout: float | None
+) -> None:
+    """With ``chunksize``, each chunk is one unit of work on one worker, as in
+    ``ProcessPoolExecutor.map``, even when it outlasts the worker's time
+    budget (8 items of ~10 ms); each item runs once. Chunks used to be cut
+    at the budget and their rest spread over the workers."""
+    fn = functools.partial(log_pid, str(tmp_path))
+    if entry == "map":
+        pids = list(sup.stream_map(fn, range(40), chunksize=8, timeout=timeout))
+    elif entry == "async_stream":
+        stream = sup.async_stream(fn, range(40), chunksize=8, timeout=timeout)
+        pids = [r.value for r in stream if isinstance(r, Ok)]
+    else:
+        pids = list(sup.map(fn, range(40), chunksize=8, timeout=timeout))
+    assert [len(set(pids[k : k + 8])) for k in range(0, 40, 8)] == [1] * 5, pids
+    runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
+    assert sorted(int(x) for x, _ in runs) == list(range(40))
 
 
 def test_a_list_input_ends_where_its_iterator_would() -> None:

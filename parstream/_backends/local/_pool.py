@@ -457,6 +457,7 @@ class LocalPool(MessageHandler):
             has_bad=run.has_bad,
             log_level=logging.getLogger().getEffectiveLevel(),
             buffers=buffers,
+            whole=not job.returnable,
         )
         return _wire.encode_run(seq, message), block
 
@@ -530,7 +531,6 @@ class LocalPool(MessageHandler):
             run = run_of(job)
             if (
                 job.timeout is None
-                and job.returnable
                 and job.gate is not None
                 and len(run.items) - run.cursor >= 2
                 and not run.alone()

@@ -6,13 +6,14 @@ Every message is one ``send_bytes`` frame that starts with a kind byte.
   ``seq`` the batch's sequence number on that worker (readable before the
   rest is unpickled), then a cloudpickled tuple
   ``(key, fn_bytes | None, count, items_bytes, star, report_each, evict,
-  has_bad, log_level, buffers)``, ``items_bytes`` the pickled ``[args, ...]``, so the
-  worker loads the function before it unpickles the arguments;
+  has_bad, log_level, buffers, whole)``, ``items_bytes`` the pickled ``[args, ...]``,
+  so the worker loads the function before it unpickles the arguments;
   with ``star`` each entry is an argument tuple, else the single argument;
   ``has_bad`` says some entries are ``BadArgs`` stand-ins; ``buffers`` is
   ``(block_id, sizes)`` for the items' large out-of-band buffers, held (in
   ``buffer_layout``) by the arena block whose descriptor was sent on the
-  descriptor channel just before (``_shm``).
+  descriptor channel just before (``_shm``); ``whole``: run every item,
+  never stopping at the time budget to give the rest back.
   The function is pickled once per stream or task (``fn_bytes``) and cached in
   the worker under ``key`` (16 random bytes, see ``_functions``); ``evict``
   lists keys the worker may forget.
@@ -91,11 +92,12 @@ if TYPE_CHECKING:
         # (arena block id, sizes in ``buffer_layout``) of the items' large
         # buffers, in the descriptor sent just before (``_shm``); or None.
         buffers: tuple[int, list[int]] | None
+        whole: bool  # run every item, past the time budget (the job is not returnable)
 
 else:  # the same fields, as a plain namedtuple
     RunMessage = collections.namedtuple(
         "RunMessage",
-        "key fn_bytes n_items items_bytes star report_each evict has_bad log_level buffers",
+        "key fn_bytes n_items items_bytes star report_each evict has_bad log_level buffers whole",
     )
 
 

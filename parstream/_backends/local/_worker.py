@@ -230,6 +230,7 @@ class _Runner:
         # enough for the journal to be cheap); a new batch starts from that.
         self.journaled: dict[bytes, bool] = {}
         self.position = 0  # items of the current batch finished so far
+        self.budget = BATCH_BUDGET_S  # the batch stops past this, giving the rest back
         self.lock = threading.Lock()  # log records may come from any thread
         # run_flushing reads the clock when len(values) reaches check[0]; the
         # ticker thread zeroes it every FLUSH_INTERVAL_S while a batch runs, so
@@ -362,10 +363,10 @@ class _Runner:
         return fn
 
     def run_batch(self, message: _wire.RunMessage, mapping: Any = None) -> None:
-        key, data, count, items_bytes, star, report_each, evict, has_bad, log_level, buffers = (
-            message
-        )
+        key, data, count, items_bytes, star, report_each, evict, has_bad, log_level = message[:9]
+        buffers, whole = message[9:]
         self.log_level = log_level
+        self.budget = float("inf") if whole else BATCH_BUDGET_S
         if self.forwarding:
             root = sys.modules["logging"].getLogger()
             if root.level != log_level:  # setLevel clears every logger's cache: not per batch
@@ -445,7 +446,7 @@ class _Runner:
                 result, errors = [None], {0: _failure(exc)}
             self.position += 1
             self.send_results(result, errors, False)
-            if self.position < len(items) and time.monotonic() - started >= BATCH_BUDGET_S:
+            if self.position < len(items) and time.monotonic() - started >= self.budget:
                 break  # over budget: the rest goes back unrun
         self.send_results([], {}, True)
 
@@ -477,9 +478,10 @@ class _Runner:
         The clock is read only every ``stride`` items, a stride re-estimated at
         each reading to land a few readings per interval: a clock read per item
         would cost more than a tiny item itself. The ticker thread forces a
-        reading every interval (``check``), and past ``BATCH_BUDGET_S`` the
-        batch stops, leaving its unrun items to the parent. An exception
-        fails its item alone and the batch goes on. Returns whether the batch
+        reading every interval (``check``), and past ``BATCH_BUDGET_S`` (not
+        for a batch the parent sent ``whole``) the batch stops, leaving its
+        unrun items to the parent. An exception fails its item alone and the
+        batch goes on. Returns whether the batch
         ended journaling (the next batch of the function starts so).
         """
         monotonic = time.monotonic
@@ -552,7 +554,7 @@ class _Runner:
             if done + len(values) >= total:
                 break
             now = monotonic()
-            if now - started >= BATCH_BUDGET_S:
+            if now - started >= self.budget:
                 break  # over budget: the rest goes back unrun
             elapsed = now - last
             slow = elapsed >= JOURNAL_MIN_ITEM_S * max(1, len(values))

@@ -445,7 +445,7 @@ class RayPool:
         key, box = job.fn.token
         each = job.timeout is not None
         slot.gen = self._remote.options(**options).remote(
-            key, box, items_bytes, job.star, each, run.has_bad, self._init
+            key, box, items_bytes, job.star, each, run.has_bad, self._init, not job.returnable
         )
         with contextlib.suppress(Exception):
             slot.task_id = slot.gen.completed().task_id().hex()

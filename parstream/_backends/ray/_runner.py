@@ -13,6 +13,8 @@ process (``_functions``). It yields, in order::
     ("fn_failed", packed_error)       the function cannot be loaded here
     ("bad", packed_error)             the items could not be unpickled here
     ("returned",)                     it stopped at its time budget; the rest is unrun
+                                      (never for a ``whole`` slice: a job that is
+                                      not returnable)
 
 Items run in order, each exception failing its item alone. A slice with a
 per-item timeout (``each``), and items that take ``EACH_MIN_S`` or more, send
@@ -90,6 +92,7 @@ def run_slice(
     each: bool,
     has_bad: bool,
     init: tuple[bytes, list[Any]] | None,
+    whole: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
     import ray
 
@@ -124,10 +127,10 @@ def run_slice(
             raise args.error
         return fn(*args) if star else fn(args)
 
-    yield from _run(call, items, each)
+    yield from _run(call, items, each, float("inf") if whole else BATCH_BUDGET_S)
 
 
-def _run(call: Any, items: list[Any], each: bool) -> Iterator[tuple[Any, ...]]:
+def _run(call: Any, items: list[Any], each: bool, budget: float) -> Iterator[tuple[Any, ...]]:
     monotonic = time.monotonic
     started = last = monotonic()
     values: list[Any] = []
@@ -153,6 +156,6 @@ def _run(call: Any, items: list[Any], each: bool) -> Iterator[tuple[Any, ...]]:
         yield ("results", frame, window, now - last)
         values, errors = [], {}
         last = now
-        if not finished and now - started >= BATCH_BUDGET_S:
+        if not finished and now - started >= budget:
             yield ("returned",)
             return
