@@ -121,8 +121,8 @@ class Job:
     ``first_index`` numbers the items in messages. ``returnable``: the sink
     takes back an unrun rest (``on_done("returned", n)``); a job that is not
     returnable runs whole on one worker, as the standard library's ``map``
-    runs a chunk, unless a crash, a kill or ``max_tasks_per_worker`` cuts it. ``node`` places the
-    job on a node of a backend that has nodes. ``urgent``: a supervised
+    runs a chunk, unless a crash, a kill or ``max_tasks_per_worker`` cuts it.
+    ``node`` places the job on a node of a backend that has nodes. ``urgent``: a supervised
     child's run, queued ahead of every other job, so it takes the worker
     reserved for it at once instead of waiting behind queued work. ``state``
     belongs to the backend that runs the job; nobody else reads it.

@@ -481,8 +481,8 @@ class _Runner:
         reading every interval (``check``), and past ``BATCH_BUDGET_S`` (not
         for a batch the parent sent ``whole``) the batch stops, leaving its
         unrun items to the parent. An exception fails its item alone and the
-        batch goes on. Returns whether the batch
-        ended journaling (the next batch of the function starts so).
+        batch goes on. Returns whether the batch ended journaling (the next
+        batch of the function starts so).
         """
         monotonic = time.monotonic
         values: list[Any] = []
