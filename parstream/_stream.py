@@ -510,14 +510,20 @@ class _Spans:
     in some helper thread) goes on in order, and threads iterating at once
     share the items: each exactly once, none lost. One thread at a time runs
     the generator; the others wait for it, then take from what it fetched.
+
+    A stream that failed (a linked failure, its supervisor closed, its input
+    raised) raises that error to every ``next()`` after, in any thread: a
+    generator that raised only ends, and the other threads would have seen
+    a clean end with their items missing.
     """
 
-    __slots__ = ("_current", "_gen", "_lock")
+    __slots__ = ("_current", "_failure", "_gen", "_lock")
 
     def __init__(self, gen: Generator[list[Any], None, None]) -> None:
         self._gen = gen
         self._current: Iterator[Any] = iter(())
         self._lock = threading.Lock()
+        self._failure: Exception | None = None
 
     def __iter__(self) -> _Spans:
         return self
@@ -530,7 +536,16 @@ class _Spans:
             current = self._current
             if length_hint(current):  # fetched by another thread meanwhile
                 return current
-            current = self._current = iter(next(self._gen))
+            if self._failure is not None:
+                raise self._failure
+            try:
+                span = next(self._gen)
+            except StopIteration:
+                raise
+            except Exception as exc:
+                self._failure = exc
+                raise
+            current = self._current = iter(span)
             return current
 
 

@@ -775,6 +775,68 @@ def test_threads_iterating_one_stream_at_once_share_its_items(
         assert vs == sorted(vs)
 
 
+def _slow_id_failing_at_30(x: int) -> int:
+    time.sleep(0.02)
+    if x == 30:
+        raise ValueError(x)
+    return x
+
+
+@pytest.mark.parametrize(
+    "how", ["task raises", "input raises", "supervisor shut down", "async_stream, shut down"]
+)
+def test_every_thread_of_a_failed_stream_gets_its_error(how: str) -> None:
+    """Threads sharing a stream that fails all get the error, and so does every
+    ``next()`` after, not a clean end with items missing. (Only the thread
+    that ran into the failure got it; the others, and later calls, stopped as
+    if the stream had finished: 990 of 1,000 items lost without a word.)"""
+    import threading
+
+    def failing_input() -> Iterator[int]:
+        yield from range(30)
+        raise KeyError("input")
+
+    sup = parstream.Supervisor(max_workers=2)
+    try:
+        if how == "task raises":
+            stream: Any = sup.stream_map(_slow_id_failing_at_30, range(1000))
+            expected: type[BaseException] = ValueError
+        elif how == "input raises":
+            stream = sup.stream_map(_slow_id, failing_input())
+            expected = KeyError
+        elif how == "supervisor shut down":
+            stream = sup.map(_slow_id, range(1000))
+            expected = parstream.SupervisorClosed
+        else:
+            stream = sup.async_stream(_slow_id, range(1000))
+            expected = parstream.SupervisorClosed
+        outcome: dict[str, BaseException | None] = {}
+        first = threading.Event()
+
+        def consume(name: str) -> None:
+            try:
+                for _ in stream:
+                    first.set()
+                outcome[name] = None
+            except BaseException as e:
+                outcome[name] = e
+
+        threads = [threading.Thread(target=consume, args=(name,)) for name in "ABC"]
+        for t in threads:
+            t.start()
+        if how.endswith("shut down"):
+            assert first.wait(30)
+            sup.shutdown(wait=False)
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert {n: type(e) for n, e in outcome.items()} == dict.fromkeys("ABC", expected)
+        with pytest.raises(expected):
+            next(stream)
+    finally:
+        sup.close()
+
+
 def test_a_stream_handed_from_thread_to_thread_goes_on_in_order(
     sup: parstream.Supervisor,
 ) -> None:
