@@ -15,25 +15,21 @@ held while calling into the backend.
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C module (the pure one costs ~2 ms before the first fork)
 import atexit
 import concurrent.futures
 import dataclasses
 import functools
 import os
-import pickle
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from parstream import _executor
 from parstream._backend import BackendClosed, Settings, resolve
-from parstream._children import RESTARTS, Child, Children, Restart, RestartWindow, log_failure
 from parstream._errors import SupervisorClosed, TaskShutdown, argument_not_pickled
 from parstream._interrupts import held
-from parstream._results import Exit, Stats
-from parstream._stream import Stream, _State, _Values, values
-from parstream._task import ShutdownTimeout, Task, _BrutalKill
 from parstream._validate import (
     MapOptions,
     Options,
@@ -48,10 +44,18 @@ from parstream._validate import (
     document_options,
 )
 
+# The rest of the front end (_executor, _children, _results, _stream, _task)
+# is imported where it is used, the first time by a Supervisor's __init__ once
+# its backend is open: a new process's first workers then boot on the other
+# cores while these ~5 ms of imports run, instead of after them (issue 12).
 if TYPE_CHECKING:
     from typing import Unpack
 
     from parstream._backend import Backend, Node, Worker
+    from parstream._children import Child, Restart
+    from parstream._results import Stats
+    from parstream._stream import Stream, _State, _Values
+    from parstream._task import ShutdownTimeout, Task
 
 T = TypeVar("T")
 
@@ -177,6 +181,9 @@ class Supervisor(concurrent.futures.Executor):
         self._closed_reason: str | None = None
         self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
         self._backend: Backend = config.open(settings)
+        from parstream import _executor
+        from parstream._children import Children, RestartWindow
+
         self.max_workers = self._backend.capacity
         self._children = Children(self, RestartWindow(max_restarts, max_seconds))
         self._core = _executor.ExecutorCore(self._backend, self._tasks)
@@ -220,6 +227,8 @@ class Supervisor(concurrent.futures.Executor):
         urgent: bool = False,
     ) -> Task[T]:
         """A task for ``fn(*args)``, its function prepared now; not yet submitted."""
+        from parstream._task import Task
+
         check_callable(fn)
         self._check_open()
         task: Task[T] = Task(
@@ -272,6 +281,8 @@ class Supervisor(concurrent.futures.Executor):
 
     def start(self, fn: Callable[..., Any], *args: Any, node: str | None = None) -> None:
         """Fire and forget: a failure is logged on the ``parstream`` logger, never raised."""
+        from parstream._children import log_failure
+
         self._task(fn, args, False, node).add_done_callback(log_failure)
 
     # -- children ------------------------------------------------------------
@@ -291,6 +302,9 @@ class Supervisor(concurrent.futures.Executor):
                 ``node``, or ``max_children`` reached.
             SupervisorClosed: the supervisor was closed or gave up.
         """
+        from parstream._children import RESTARTS, Child
+        from parstream._task import _BrutalKill
+
         check_callable(fn)
         check_choice(restart, "restart", RESTARTS)
         if not isinstance(shutdown, _BrutalKill):
@@ -311,6 +325,8 @@ class Supervisor(concurrent.futures.Executor):
 
     def terminate_child(self, child: Child) -> bool:
         """Stop ``child`` (never restarted, even if permanent); False if not found."""
+        from parstream._children import Child
+
         if not isinstance(child, Child):
             raise TypeError(f"child must be a Child, got {type(child).__name__}")
         return self._children.terminate(child)
@@ -339,6 +355,8 @@ class Supervisor(concurrent.futures.Executor):
         if node != options.node:
             options = dataclasses.replace(options, node=node)
         self._check_open()
+        from parstream._stream import _State
+
         return _State(
             self._backend,
             self._backend.prepare(fn),
@@ -382,6 +400,8 @@ class Supervisor(concurrent.futures.Executor):
             TypeError/ValueError: a bad argument or option, named, at call time.
             SupervisorClosed: the supervisor was closed or gave up.
         """
+        from parstream._stream import Stream
+
         state = self._state(fn, iterable, Options.of(options), linked=True)
         return Stream(state, owner=self)
 
@@ -394,6 +414,8 @@ class Supervisor(concurrent.futures.Executor):
         """Like ``async_stream``, but failures come back as ``Exit`` items and the
         stream goes on; every input gets exactly one result. A timeout under
         ``on_timeout="exit"`` still raises (as in Elixir)."""
+        from parstream._stream import Stream
+
         state = self._state(fn, iterable, Options.of(options), linked=False)
         return Stream(state, owner=self)
 
@@ -406,6 +428,8 @@ class Supervisor(concurrent.futures.Executor):
         """The plain-values stream (``parstream.map`` on this supervisor): values in
         input order, raising the first failure. ``timeout`` is per item;
         the options are ``async_stream``'s, less ``zip_input_on_exit``."""
+        from parstream._stream import values
+
         opts = Options.of(options, allowed=_MAP_OPTIONS)
         return values(self._state(fn, iterable, opts, linked=True), self)
 
@@ -501,6 +525,8 @@ class Supervisor(concurrent.futures.Executor):
         check_int(chunksize, "chunksize", 1)
         check_int(buffersize, "buffersize", 1)
         self._check_open()
+        from parstream import _executor
+
         return _executor.start_map(
             self,
             self._backend,
@@ -542,6 +568,8 @@ class Supervisor(concurrent.futures.Executor):
             raise
 
     def _finish(self) -> None:
+        from parstream._task import _BrutalKill
+
         children = self._children.end_all()
         ending = []
         for c in children:
@@ -562,6 +590,8 @@ class Supervisor(concurrent.futures.Executor):
 
     def stats(self) -> Stats:
         """A snapshot of this supervisor's counters."""
+        from parstream._results import Stats
+
         c = self._backend.counts()
         return Stats(
             tasks_submitted=c.submitted,
@@ -627,6 +657,8 @@ class Supervisor(concurrent.futures.Executor):
                 self._closed_reason = reason
         for child in self._children.end_all():
             self._children.end(child)
+        from parstream._results import Exit
+
         for t in list(self._tasks):
             if not t.done():
                 t._set(Exit(TaskShutdown(reason)))
@@ -667,6 +699,10 @@ del _method, _options
 def _close_all() -> None:
     # Registered after multiprocessing's exit hook (imported above), so it
     # runs first: the workers are gone before that hook joins them.
+    if not _live and "parstream._executor" not in sys.modules:
+        return  # no Supervisor was ever opened here
+    from parstream import _executor
+
     try:
         _executor.finish_at_exit()  # pending futures first, as the stdlib does
     finally:

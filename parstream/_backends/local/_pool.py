@@ -96,6 +96,7 @@ PREFETCH = True  # send a stream's next chunk behind a busy worker's (LocalPool.
 # restart (decided on the callback thread) before taking other work.
 CHILD_HOLD_S = 0.05
 PLAIN_ITEMS = 16  # up to this many items try the plain pickler first (``_encode``)
+FIRST_PASS_WAIT_S = 1.0  # a new pool waits this long at most for its first workers' forks
 SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
 _pools: weakref.WeakSet[LocalPool] = weakref.WeakSet()
@@ -141,10 +142,16 @@ class LocalPool(MessageHandler):
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, ("wake", None))
         _reaper.acquire(self)
+        self._first_pass = threading.Event()
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         mark_hub_thread(self._hub)
         self._hub.start()
         _pools.add(self)
+        # Back to the caller once the first workers' processes are forked:
+        # what it does next (the rest of parstream's imports, in a new
+        # process) then runs while they boot, instead of holding the
+        # interpreter lock the hub needs to fork them (issue 12, cold start).
+        self._first_pass.wait(FIRST_PASS_WAIT_S)
 
     # -- the Backend surface ------------------------------------------------------
 
@@ -581,6 +588,7 @@ class LocalPool(MessageHandler):
         try:
             self._hub_loop()
         except BaseException:  # pragma: no cover - a bug in the hub itself
+            self._first_pass.set()
             log.exception("parstream hub thread crashed; killing its workers")
             err = ParstreamInternalError("the pool's hub thread crashed; see the parstream log")
             with self._lock:
@@ -619,6 +627,7 @@ class LocalPool(MessageHandler):
                 # The first workers are starting (~30 ms): import what the
                 # first dispatch needs now, not between READY and RUN.
                 warm = True
+                self._first_pass.set()
                 warm_up()
             deaths: list[LocalWorker] = []
             for what, w in self._wait(timeout):
