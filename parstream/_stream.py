@@ -512,18 +512,19 @@ class _Spans:
     the generator; the others wait for it, then take from what it fetched.
 
     A stream that failed (a linked failure, its supervisor closed, its input
-    raised) raises that error to every ``next()`` after, in any thread: a
-    generator that raised only ends, and the other threads would have seen
-    a clean end with their items missing.
+    raised, even ``SystemExit`` from a task or Ctrl-C) raises that error to
+    every ``next()`` after, in any thread: a generator that raised only
+    ends, and the other threads would have seen a clean end with their
+    items missing.
     """
 
-    __slots__ = ("_current", "_failure", "_gen", "_lock")
+    __slots__ = ("_current", "_gen", "_lock", "failure")
 
     def __init__(self, gen: Generator[list[Any], None, None]) -> None:
         self._gen = gen
         self._current: Iterator[Any] = iter(())
         self._lock = threading.Lock()
-        self._failure: Exception | None = None
+        self.failure: BaseException | None = None
 
     def __iter__(self) -> _Spans:
         return self
@@ -536,14 +537,14 @@ class _Spans:
             current = self._current
             if length_hint(current):  # fetched by another thread meanwhile
                 return current
-            if self._failure is not None:
-                raise self._failure
+            if self.failure is not None:
+                raise self.failure
             try:
                 span = next(self._gen)
-            except StopIteration:
+            except (StopIteration, GeneratorExit):
                 raise
-            except Exception as exc:
-                self._failure = exc
+            except BaseException as exc:
+                self.failure = exc
                 raise
             current = self._current = iter(span)
             return current
@@ -553,7 +554,21 @@ class _Chains(threading.local):
     """The calling thread's chain of items over a stream's ``_Spans``."""
 
     def __init__(self, spans: _Spans) -> None:
+        self.spans = spans
         self.items = itertools.chain.from_iterable(spans)
+
+    def live(self) -> Iterator[Any]:
+        """This thread's chain; a new one once the stream failed: a chain
+        whose source raised is spent, and would end as if all was well."""
+        if self.spans.failure is not None:
+            self.items = itertools.chain.from_iterable(self.spans)
+        return self.items
+
+    def next(self) -> Any:
+        try:
+            return next(self.items)
+        except StopIteration:
+            return next(self.live())  # the end, or the stream's failure again
 
 
 class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
@@ -577,10 +592,10 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         # close the stream); leaving the loop early closes nothing: the
         # stream can be iterated on later, and closes when dropped.
         keep: Iterator[Any] = itertools.repeat(self, 0)
-        return itertools.chain(self._chains.items, keep)
+        return itertools.chain(self._chains.live(), keep)
 
     def __next__(self) -> Ok[T] | Exit:
-        return next(self._chains.items)  # type: ignore[no-any-return]
+        return self._chains.next()  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""
@@ -641,10 +656,10 @@ class _Values(Iterator[T]):
         self._chains = _Chains(_Spans(spans))
 
     def __iter__(self) -> Iterator[T]:
-        return self._chains.items
+        return self._chains.live()
 
     def __next__(self) -> T:
-        return next(self._chains.items)  # type: ignore[no-any-return]
+        return self._chains.next()  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Stop the stream: kill its running items and drop buffered results."""

@@ -782,14 +782,29 @@ def _slow_id_failing_at_30(x: int) -> int:
     return x
 
 
+def _slow_id_exiting_at_30(x: int) -> int:
+    time.sleep(0.02)
+    if x == 30:
+        sys.exit(3)
+    return x
+
+
 @pytest.mark.parametrize(
-    "how", ["task raises", "input raises", "supervisor shut down", "async_stream, shut down"]
+    "how",
+    [
+        "task raises",
+        "task exits",
+        "input raises",
+        "supervisor shut down",
+        "async_stream, shut down",
+    ],
 )
 def test_every_thread_of_a_failed_stream_gets_its_error(how: str) -> None:
     """Threads sharing a stream that fails all get the error, and so does every
-    ``next()`` after, not a clean end with items missing. (Only the thread
-    that ran into the failure got it; the others, and later calls, stopped as
-    if the stream had finished: 990 of 1,000 items lost without a word.)"""
+    ``next()`` or loop after, in those threads too, not a clean end with
+    items missing. (Only the thread that ran into the failure got it; the
+    others, and later calls, stopped as if the stream had finished: 990 of
+    1,000 items lost without a word.)"""
     import threading
 
     def failing_input() -> Iterator[int]:
@@ -801,6 +816,9 @@ def test_every_thread_of_a_failed_stream_gets_its_error(how: str) -> None:
         if how == "task raises":
             stream: Any = sup.stream_map(_slow_id_failing_at_30, range(1000))
             expected: type[BaseException] = ValueError
+        elif how == "task exits":
+            stream = sup.stream_map(_slow_id_exiting_at_30, range(1000))
+            expected = SystemExit
         elif how == "input raises":
             stream = sup.stream_map(_slow_id, failing_input())
             expected = KeyError
@@ -811,6 +829,7 @@ def test_every_thread_of_a_failed_stream_gets_its_error(how: str) -> None:
             stream = sup.async_stream(_slow_id, range(1000))
             expected = parstream.SupervisorClosed
         outcome: dict[str, BaseException | None] = {}
+        again: dict[str, list[str]] = {}
         first = threading.Event()
 
         def consume(name: str) -> None:
@@ -820,6 +839,13 @@ def test_every_thread_of_a_failed_stream_gets_its_error(how: str) -> None:
                 outcome[name] = None
             except BaseException as e:
                 outcome[name] = e
+            later = again.setdefault(name, [])
+            for call in (lambda: next(stream), lambda: list(stream)):
+                try:
+                    call()
+                    later.append("no error")
+                except BaseException as e:
+                    later.append(type(e).__name__)
 
         threads = [threading.Thread(target=consume, args=(name,)) for name in "ABC"]
         for t in threads:
@@ -831,6 +857,7 @@ def test_every_thread_of_a_failed_stream_gets_its_error(how: str) -> None:
             t.join(60)
         assert not any(t.is_alive() for t in threads)
         assert {n: type(e) for n, e in outcome.items()} == dict.fromkeys("ABC", expected)
+        assert again == dict.fromkeys("ABC", [expected.__name__] * 2)
         with pytest.raises(expected):
             next(stream)
     finally:
