@@ -269,7 +269,7 @@ class Starter:
         return LocalWorker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
 
     def _start_light(self, spare: bool = False) -> LocalWorker:
-        import pickle
+        import _pickle as pickle  # the pure module would be imported before the first fork
         import socket
         import sys
 
