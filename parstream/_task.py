@@ -11,6 +11,7 @@ the task is killed when its handle is garbage collected unfinished, and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -375,7 +376,10 @@ class Task(Generic[T]):
         fut: asyncio.Future[None] = loop.create_future()
 
         def wake(_: Task[T]) -> None:
-            loop.call_soon_threadsafe(_resolve, fut)
+            # A loop closed meanwhile has nobody awaiting here: the other
+            # waiters and the callbacks must still be woken.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, fut)
 
         self._add_waiter(wake)
         try:

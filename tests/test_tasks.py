@@ -446,6 +446,39 @@ def test_await_in_asyncio(sup: parstream.Supervisor) -> None:
     assert asyncio.run(main()) == [8, 0, 1, 2]
 
 
+def test_an_awaiting_event_loop_closed_early_leaves_other_waiters_be(
+    sup: parstream.Supervisor,
+) -> None:
+    """A coroutine awaits a task, then its event loop is closed while the task
+    still runs (nobody cancelled the coroutine): when the task ends, another
+    thread's ``await_many`` and the done-callbacks still get it. (Waking the
+    closed loop raised "Event loop is closed" inside the task's completion,
+    so the other waiter hung and no callback ran.)"""
+    task = sup.async_(sleep_return, 0.5, "v")
+    loop = asyncio.new_event_loop()
+    reached = threading.Event()
+
+    async def waiter() -> Any:
+        reached.set()
+        return await task
+
+    pending = loop.create_task(waiter())
+    while not reached.is_set():
+        loop.run_until_complete(asyncio.sleep(0))
+    loop.run_until_complete(asyncio.sleep(0))  # the coroutine now waits in ``await task``
+    loop.close()
+    called: list[Any] = []
+    task.add_done_callback(lambda t: called.append(t.await_(0)))
+    got: list[Any] = []
+    other = threading.Thread(target=lambda: got.append(parstream.await_many([task], 30)))
+    other.start()
+    other.join(60)
+    assert not other.is_alive()
+    assert got == [["v"]]
+    wait_until(lambda: called == ["v"], what="the done-callback")
+    del pending
+
+
 def test_cancelling_the_awaiting_coroutine_kills_the_worker(sup: parstream.Supervisor) -> None:
     """Cancelling a coroutine blocked in `await task` kills the task's worker."""
 
