@@ -193,7 +193,9 @@ class Children:
         to set once it holds no reference to the child.
         """
         result = task.result_nowait()
-        child.last_result = result
+        with self.lock:
+            if not child.ending:  # an end from another thread has said how it ended
+                child.last_result = result
         sup = self._sup()
         if sup is None or child.terminated or sup.closed:
             return self._forget(child)
@@ -217,19 +219,32 @@ class Children:
             return None
         return self.run(child)
 
-    def end(self, child: Child) -> None:
+    def end(self, child: Child, reason: str = "the child was terminated") -> None:
         """End ``child`` from a thread that holds it anyway; once this returns,
-        it is no longer alive (if another thread was ending it, it is now)."""
-        self._forget(child)
+        it is no longer alive (if another thread was ending it, it is now).
+
+        Its last result is its run's, or, if that run is still being stopped,
+        ``Exit(TaskShutdown(reason))``: set before the end is signalled, so
+        ``wait()`` never sees an ended child without its result.
+        """
+        task = child.task
+        result: Ok[Any] | Exit | None = None
+        if task is not None:
+            result = task.result_nowait() if task.done() else Exit(TaskShutdown(reason))
+        self._forget(child, result)
         child._ended.set()
 
-    def _forget(self, child: Child) -> threading.Event | None:
-        """Everything of a child's end but signalling it: its event, or None
-        if it had already ended."""
+    def _forget(
+        self, child: Child, result: Ok[Any] | Exit | None = None
+    ) -> threading.Event | None:
+        """Everything of a child's end but signalling it (``result``, if given,
+        becomes its last): its event, or None if it had already ended."""
         with self.lock:
             if child.ending:
                 return None
             child.ending = True
+            if result is not None:
+                child.last_result = result
             child.call = None  # never run again
             # Ended children are forgotten: a long-lived supervisor running a
             # child per request does not grow.

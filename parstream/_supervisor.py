@@ -656,7 +656,7 @@ class Supervisor(concurrent.futures.Executor):
             if self._closed_reason is None:
                 self._closed_reason = reason
         for child in self._children.end_all():
-            self._children.end(child)
+            self._children.end(child, reason)
         from parstream._results import Exit
 
         for t in list(self._tasks):

@@ -109,6 +109,45 @@ def test_give_up_is_visible_as_soon_as_the_child_ends() -> None:
         sup.close()
 
 
+@pytest.mark.parametrize("how", ["gave up", "closed", "terminated"])
+def test_an_ended_child_has_its_last_result_once_wait_returns(how: str) -> None:
+    """An ended child's ``wait()`` gives how it ended, never ``None`` (which
+    ``wait`` also returns on a timeout): the end was signalled at once, its
+    result set later on the callback thread, so ``wait`` saw None, then a
+    moment later ``Exit(TaskShutdown)``."""
+    sup = parstream.Supervisor(max_restarts=1, max_seconds=30, max_workers=2)
+    try:
+        child = sup.start_child(time.sleep, 30, restart="permanent")
+        child_pid(child)
+        if how == "gave up":
+            sup.start_child(exit_hard, 9, restart="permanent")
+            result = child.wait(30)
+        else:
+            # The callback thread is busy: what it would set comes too late.
+            busy, entered = threading.Event(), threading.Event()
+
+            def hold(_: parstream.Task[Any]) -> None:
+                entered.set()
+                busy.wait(10)
+
+            task = sup.async_(abs, 1)  # (a dropped handle kills a linked task)
+            task.add_done_callback(hold)
+            assert entered.wait(30)
+            try:
+                if how == "closed":
+                    sup.close()
+                else:
+                    assert sup.terminate_child(child)
+                result = child.wait(0)
+            finally:
+                busy.set()
+        assert not child.alive()
+        assert isinstance(result, Exit), result
+        assert isinstance(result.reason, parstream.TaskShutdown), result
+    finally:
+        sup.close()
+
+
 @pytest.mark.slow
 def test_transient_crash_loop_gives_up_and_terminates_every_child() -> None:
     """Scenario 11: exactly 3 restarts, then all children die and every call is refused."""
