@@ -701,8 +701,15 @@ async def _aiter(stream: Stream[Any] | _Values[Any]) -> AsyncIterator[Any]:
             if item is sentinel:
                 return
             yield item
-    finally:
+    except GeneratorExit:
+        # ``break`` (or the loop's aclose()): as with a for loop, leaving
+        # early closes nothing; the stream closes when dropped or closed.
+        raise
+    except BaseException:
+        # Cancelled while a helper thread waits in next(), which holds the
+        # stream: closing it is what stops the items running.
         stream.close()
+        raise
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:

@@ -775,6 +775,36 @@ def test_threads_iterating_one_stream_at_once_share_its_items(
         assert vs == sorted(vs)
 
 
+@pytest.mark.parametrize("kind", ["async_stream", "map"])
+def test_breaking_out_of_async_for_leaves_the_stream_open(
+    sup: parstream.Supervisor, kind: str
+) -> None:
+    """As with a for loop, a ``break`` out of ``async for`` closes nothing: a
+    later ``async for`` (or ``for``) goes on with the rest. (It closed the
+    stream, so the next loop got none of the rest, silently.)"""
+
+    async def main() -> tuple[list[Any], list[Any], list[Any]]:
+        if kind == "map":
+            stream: Any = sup.stream_map(square, range(40))
+        else:
+            stream = sup.async_stream(square, range(40))
+        first = []
+        async for r in stream:
+            first.append(r)
+            if len(first) == 5:
+                break
+        second = []
+        async for r in stream:
+            second.append(r)
+            if len(second) == 5:
+                break
+        return first, second, list(stream)
+
+    first, second, rest = asyncio.run(main())
+    got = [value(r) if kind != "map" else r for r in first + second + rest]
+    assert got == [x * x for x in range(40)]
+
+
 def _slow_id_failing_at_30(x: int) -> int:
     time.sleep(0.02)
     if x == 30:
