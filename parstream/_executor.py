@@ -47,6 +47,7 @@ _cores: set[ExecutorCore] = set()  # cores whose backend is still open
 # collection may run it on a thread that already holds it (seen on 3.12, where
 # the collector runs between any two bytecodes).
 _cores_lock = threading.RLock()
+_cancelling = threading.Lock()  # one Future.cancel() at a time (``_Future.cancel``)
 WAIT_SLICE_S = 0.2  # waits at exit in slices, so Ctrl-C is seen on every platform
 
 
@@ -88,16 +89,22 @@ class _Future(concurrent.futures.Future[Any]):
         if self.cancelled():
             return True
         if self.running() or self.done():
-            return False
-        # The backend decides atomically: withdrawn means no worker took it, ever.
-        if self._ps_job is None or not self._ps_backend.cancel(self._ps_job):
-            return self.cancelled()
-        self._ps_job = None  # withdrawn: its function and arguments go with it
-        if not super().cancel():  # pragma: no cover - nothing else settles a pending one
-            return False
-        # What an executor does on dequeuing a cancelled future: wake wait()
-        # and as_completed() at once, not only the done-callbacks.
-        self.set_running_or_notify_cancel()
+            return self.cancelled()  # (cancelled by another thread just now)
+        # One cancel at a time: a second thread's, while the first had
+        # withdrawn the job but not yet marked the future, returned False for
+        # a future that ended cancelled (the stdlib's says True to both).
+        with _cancelling:
+            if self.cancelled():
+                return True
+            # The backend decides atomically: withdrawn means no worker took it, ever.
+            if self._ps_job is None or not self._ps_backend.cancel(self._ps_job):
+                return self.cancelled()
+            self._ps_job = None  # withdrawn: its function and arguments go with it
+            if not super().cancel():  # pragma: no cover - nothing else settles a pending one
+                return False
+            # What an executor does on dequeuing a cancelled future: wake wait()
+            # and as_completed() at once, not only the done-callbacks.
+            self.set_running_or_notify_cancel()
         self._ps_settled()
         return True
 
@@ -355,8 +362,9 @@ __all__ = ["ExecutorCore", "MapState", "finish_at_exit", "release", "start_map"]
 
 def _reset_after_fork() -> None:
     """In a forked child: a parent thread may have held the registry's lock at the fork."""
-    global _cores_lock
+    global _cores_lock, _cancelling
     _cores_lock = threading.RLock()
+    _cancelling = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
