@@ -257,7 +257,8 @@ class Children:
 
     def terminate(self, child: Child) -> bool:
         with self.lock:
-            if child not in self.running or not child.alive():
+            # terminated: another thread is ending it now, and said True.
+            if child not in self.running or not child.alive() or child.terminated:
                 return False
             child.terminated = True
         task = child.task

@@ -277,6 +277,36 @@ def test_terminate_permanent_child(sup: parstream.Supervisor) -> None:
 
 
 @pytest.mark.slow
+def _terminate(
+    sup: parstream.Supervisor, child: parstream.Child, start: threading.Barrier, said: list[bool]
+) -> None:
+    start.wait(10)
+    said.append(sup.terminate_child(child))
+
+
+def test_terminating_a_child_from_two_threads_at_once_says_true_once(
+    sup: parstream.Supervisor,
+) -> None:
+    """Two threads terminate one child at once: one gets True, the other
+    False (it was not found running), as Elixir's second terminate_child
+    gets ``{:error, :not_found}``. (Both got True.)"""
+    for _ in range(5):
+        child = sup.start_child(time.sleep, 30, restart="permanent")
+        child_pid(child)
+        start = threading.Barrier(2)
+        said: list[bool] = []
+
+        threads = [
+            threading.Thread(target=_terminate, args=(sup, child, start, said)) for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(said) == [False, True]
+        assert not child.alive()
+
+
 def test_terminate_child_during_a_restart_stops_it_for_good(tmp_path: Path) -> None:
     """terminate_child while a permanent child's restart is being submitted: no further run."""
     with parstream.Supervisor(max_workers=1) as sup:
