@@ -37,16 +37,21 @@ def sleep_ret(x: float) -> float:
     return x
 
 
-def tiny_then_slow(folder: str, first_slow: int, x: int) -> Any:
-    """Tiny below ``first_slow``; from there ~5 ms, logging (index, pid) once per run."""
-    if x < first_slow:
-        return x
-    time.sleep(0.005)
+def log_run(folder: str, x: int) -> None:
+    """Append ``x`` and this process's pid to ``folder``/runs (one line per run)."""
     fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         os.write(fd, f"{x} {os.getpid()}\n".encode())
     finally:
         os.close(fd)
+
+
+def tiny_then_slow(folder: str, first_slow: int, x: int) -> Any:
+    """Tiny below ``first_slow``; from there ~5 ms, logging (index, pid) once per run."""
+    if x < first_slow:
+        return x
+    time.sleep(0.005)
+    log_run(folder, x)
     return x
 
 
@@ -375,11 +380,7 @@ def sleepy_or_raise(folder: str, first_slow: int, x: int) -> int:
     if x < first_slow:
         return x
     time.sleep(0.01)
-    fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, f"{x} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    log_run(folder, x)
     if x % 7 == 0:
         raise ValueError(x)
     return x
@@ -416,11 +417,7 @@ def test_a_batch_stopped_early_keeps_order_and_failures(
 def log_pid(folder: str, x: int) -> int:
     """~10 ms, logging (x, pid) once per run."""
     time.sleep(0.01)
-    fd = os.open(os.path.join(folder, "runs"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, f"{x} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    log_run(folder, x)
     return os.getpid()
 
 
