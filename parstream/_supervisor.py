@@ -183,7 +183,9 @@ class Supervisor(concurrent.futures.Executor):
         self._backend: Backend = config.open(settings)
         from parstream import _executor
         from parstream._children import Children, RestartWindow
+        from parstream._task import Task
 
+        self._task_type = Task  # (an import per async_ would cost ~1 us of its round trip)
         self.max_workers = self._backend.capacity
         self._children = Children(self, RestartWindow(max_restarts, max_seconds))
         self._core = _executor.ExecutorCore(self._backend, self._tasks)
@@ -227,11 +229,9 @@ class Supervisor(concurrent.futures.Executor):
         urgent: bool = False,
     ) -> Task[T]:
         """A task for ``fn(*args)``, its function prepared now; not yet submitted."""
-        from parstream._task import Task
-
         check_callable(fn)
         self._check_open()
-        task: Task[T] = Task(
+        task: Task[T] = self._task_type(
             self._backend,
             self._backend.prepare(fn),
             args,

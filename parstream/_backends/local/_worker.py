@@ -363,8 +363,19 @@ class _Runner:
         return fn
 
     def run_batch(self, message: _wire.RunMessage, mapping: Any = None) -> None:
-        key, data, count, items_bytes, star, report_each, evict, has_bad, log_level = message[:9]
-        buffers, whole = message[9:]
+        (
+            key,
+            data,
+            count,
+            items_bytes,
+            star,
+            report_each,
+            evict,
+            has_bad,
+            log_level,
+            buffers,
+            whole,
+        ) = message
         self.log_level = log_level
         self.budget = float("inf") if whole else BATCH_BUDGET_S
         if self.forwarding:
