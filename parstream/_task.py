@@ -319,7 +319,7 @@ class Task(Generic[T]):
         if not isinstance(timeout, _BrutalKill):
             timeout = check_timeout(timeout, "timeout", allow_none=False)
         if self._done.is_set():
-            return self._result
+            return self._shutdown_result()
         self._check_reachable()
         job = self._job  # None once the result is in
         if self._backend is not None and job is not None:
@@ -333,10 +333,15 @@ class Task(Generic[T]):
                 with held():
                     self._backend.kill(job, None)
                 raise
+        return self._shutdown_result()
+
+    def _shutdown_result(self) -> Ok[T] | Exit | None:
+        """The result as ``shutdown`` reports it: ``None`` for a task that was
+        shut down, on the first call and on every later one."""
         with self._lock:
             result = self._result
-            if isinstance(result, Exit) and isinstance(result.reason, TaskShutdown):
-                return None
+        if isinstance(result, Exit) and isinstance(result.reason, TaskShutdown):
+            return None
         return result
 
     def ignore(self) -> Ok[T] | Exit | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import importlib
@@ -321,6 +322,21 @@ def test_shutdown_brutal_kill_returns_none_and_kills_the_worker(
     with pytest.raises(parstream.TaskShutdown):
         task.await_(0)
     assert sup.async_(abs, -2).await_(20) == 2
+
+
+def test_a_second_shutdown_says_what_the_first_said(sup: parstream.Supervisor) -> None:
+    """Shutting a task down twice, or from two threads, returns None every time:
+    not None first and Exit(TaskShutdown) after."""
+    task = sup.async_(time.sleep, 30)
+    running_pid(task)
+    assert task.shutdown(BRUTAL_KILL) is None
+    assert task.shutdown() is None
+    assert parstream.shutdown(task, BRUTAL_KILL) is None
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        other = sup.async_(time.sleep, 30)
+        running_pid(other)
+        both = list(pool.map(lambda _: other.shutdown(1.0), range(2)))
+    assert both == [None, None]
 
 
 @pytest.mark.slow
