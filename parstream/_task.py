@@ -479,11 +479,13 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
     except BaseException:
         _kill_rest(tasks, TaskShutdown("await_many was interrupted"))
         raise
-    for t in tasks:
-        r = t.result_nowait()
-        if isinstance(r, Exit):
-            _kill_rest(tasks)
-            t._value()  # raises
+    failed = [t for t in tasks if isinstance(t.result_nowait(), Exit)]
+    if failed:
+        _kill_rest(tasks)
+        # A task's own failure, not one killed for a sibling's (by another
+        # thread's await_many on the same tasks, say).
+        own = [t for t in failed if not getattr(_reason(t), _COLLATERAL, False)]
+        (own or failed)[0]._value()  # raises
     if not all(t.done() for t in tasks):
         _kill_rest(tasks, TaskTimeout(f"tasks did not finish within {timeout} s", timeout=timeout))
         raise TaskTimeout(
@@ -492,8 +494,16 @@ def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list
     return [t._value() for t in tasks]
 
 
+def _reason(task: Task[Any]) -> BaseException | None:
+    result = task.result_nowait()
+    return result.reason if isinstance(result, Exit) else None
+
+
 def _wait_until_all_or_failure(tasks: list[Task[Any]], deadline: float | None) -> None:
     _wait_for(tasks, deadline, lambda done, failed: failed or done >= len(tasks))
+
+
+_COLLATERAL = "_parstream_collateral"  # set on the reason of a task killed for a sibling
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
@@ -501,7 +511,13 @@ def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> N
     with held():
         for t in tasks:
             if not t.done():
-                t._kill(reason or TaskShutdown("a sibling task in await_many failed"))
+                t._kill(reason or _sibling_failed())
+
+
+def _sibling_failed() -> TaskShutdown:
+    reason = TaskShutdown("a sibling task in await_many failed")
+    setattr(reason, _COLLATERAL, True)
+    return reason
 
 
 OnTimeout = Literal["nothing", "ignore", "kill_task"]

@@ -242,6 +242,10 @@ def test_await_many_raises_first_failure_at_once_and_kills_the_rest(
     assert time.monotonic() - t0 < 10
     assert gone(slow_pid, 3.0)
     assert isinstance(slow.yield_(0), Exit)
+    # Awaiting the same tasks again (another thread's await_many, say) raises
+    # the task's own failure, not the kill of the task before it in the list.
+    with pytest.raises(ValueError, match="deliberate 3"):
+        parstream.await_many([slow, bad])
 
 
 # -- yield ---------------------------------------------------------------------------
