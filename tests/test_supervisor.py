@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import sys
 import threading
@@ -40,6 +41,16 @@ def sleep_return(seconds: float, value: Any) -> Any:
 def pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def at_once(folder: str, seconds: float) -> int:
+    """How many calls of this were running at once, as seen from inside one."""
+    me = Path(folder) / f"{os.getpid()}-{time.monotonic_ns()}"
+    me.touch()
+    time.sleep(seconds)
+    seen = len(os.listdir(folder))
+    me.unlink()
+    return seen
 
 
 def fail_until(counter: str, failures: int, seconds: float = 0.0) -> str:
@@ -395,6 +406,23 @@ def test_wide_stream_grows_the_pool_then_extras_retire() -> None:
         assert sup.stats().workers_alive == 1
         # The base worker is not retired by the same clock.
         assert sup.async_(os.getpid).await_(20) == left
+
+
+def test_max_workers_still_bounds_tasks_after_a_wide_stream(tmp_path: Path) -> None:
+    """The workers a wide stream added, idle until their idle_timeout, do not
+    run more tasks at once than max_workers once the stream has ended."""
+    folder = str(tmp_path)
+    with parstream.Supervisor(max_workers=1) as sup:
+        assert list(
+            sup.stream_map(
+                functools.partial(at_once, seconds=0.3), [folder] * 4, max_concurrency=4
+            )
+        )
+        assert len(sup.worker_pids()) > 1  # the extras are still there
+        assert max(f.result(30) for f in [sup.submit(at_once, folder, 0.2) for _ in range(4)]) == 1
+        tasks = [sup.async_(at_once, folder, 0.2) for _ in range(4)]
+        assert max(parstream.await_many(tasks, 30)) == 1
+        assert max(sup.stream_map(functools.partial(at_once, seconds=0.2), [folder] * 4)) == 1
 
 
 def test_max_tasks_per_worker_recycles_between_tasks() -> None:

@@ -183,7 +183,11 @@ class LocalPool(MessageHandler):
                 self._starter.work_arrived()
                 self._dispatch.add(job)
                 worker = self._idle_worker(held=job.urgent)
-                if worker is None or (job.gate is not None and not job.gate.admits()):
+                if (
+                    worker is None
+                    or (job.gate is not None and not job.gate.admits())
+                    or not ((job.urgent and self._reserved) or self._has_room())
+                ):
                     self._dispatch.enqueue(job)
                     self._wake()
                     return
@@ -340,6 +344,13 @@ class LocalPool(MessageHandler):
                 return w
         return None
 
+    def _has_room(self) -> bool:
+        """Fewer workers run a job (not one being killed) than ``max_workers``
+        plus the reservations: workers a wide stream added and that are not
+        retired yet must not run more at once than that."""
+        running = sum(w.state == "busy" and w.kill_cause is None for w in self._workers)
+        return running < self.base + self._reserved
+
     def _assign(self, worker: LocalWorker, job: Job) -> None:
         worker.seq += 1  # this slice's number: the worker writes it in its slot on reading it
         worker.state = "busy"
@@ -474,11 +485,17 @@ class LocalPool(MessageHandler):
                 if not self._dispatch.queue or self._closed:
                     return
                 worker = self._idle_worker()
-                if worker is not None:
+                room = self._has_room()
+                if worker is not None and room:
                     job = self._dispatch.take()
                 else:
-                    worker = self._idle_worker(held=True)  # children's runs only
+                    # Children's runs only: on a worker kept for a child's
+                    # restart, or past the count (a reserved worker took other
+                    # work meanwhile). Workers a wide stream added and that
+                    # are not yet retired take nothing more than the count.
                     if worker is None:
+                        worker = self._idle_worker(held=True)
+                    if worker is None or not (room or self._reserved):
                         break
                     job = self._dispatch.take(urgent_only=True)
                 if job is None:
