@@ -9,6 +9,8 @@ backends passed wrongly.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -82,6 +84,31 @@ def test_inline_tasks_may_use_parstream_inline() -> None:
     with parstream.Supervisor(backend="inline") as sup:
         inner = sup.async_(lambda: sup.async_(square, 6).await_())
         assert inner.await_(WAIT_S) == 36
+
+
+def waits_on_a_thread_of_its_own(x: int) -> list[int]:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(lambda: list(parstream.map(square, [x, x + 1], backend="inline")))
+        return job.result(WAIT_S)
+
+
+def submits_from_a_thread(sup: parstream.Supervisor, x: int) -> int:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: sup.submit(square, x).result(WAIT_S)).result(WAIT_S)
+
+
+def test_an_inline_task_may_wait_on_parstream_work_from_another_thread() -> None:
+    """A task that submits inline work from a thread it starts, and waits for
+    it, gets it: the running item does not keep the backend to itself."""
+    got = list(parstream.map(waits_on_a_thread_of_its_own, range(3), backend="inline"))
+    assert got == [[0, 1], [1, 4], [4, 9]]
+    with parstream.Supervisor(backend="inline") as sup:
+        assert sup.async_(submits_from_a_thread, sup, 5).await_(WAIT_S) == 25
+        assert list(sup.stream_map(functools.partial(submits_from_a_thread, sup), range(3))) == [
+            0,
+            1,
+            4,
+        ]
 
 
 def test_inline_close_from_another_thread_ends_the_running_stream() -> None:

@@ -1,4 +1,4 @@
-"""The inline backend: tasks run in the calling process, one at a time.
+"""The inline backend: tasks run in the calling thread, one item after another.
 
 For debugging: ``breakpoint()``, pdb, profilers and coverage see a task's
 code as they see the caller's, because it runs in the caller's thread (what
@@ -21,11 +21,14 @@ What cannot hold in-process, and what happens instead:
   the outcomes), so there is rarely anything to kill.
 * A child's restart is decided on parstream's callback thread; there it does
   not run inline (it would stall every other callback) but on a runner
-  thread of this backend, still one job at a time.
+  thread of this backend, one job after another.
 * A crash (``os._exit``, a segfault) takes the caller down with it; nothing
   is isolated. ``KeyboardInterrupt`` inside a task stops the caller, as in a
   plain loop.
-* ``max_workers`` is 1; ``max_tasks_per_worker`` and
+* ``max_workers`` is 1: a stream runs one item at a time. Threads that
+  submit at once each run their own job in their own thread, as plain calls
+  would (a task may use parstream inline from a thread it starts, nested
+  maps included). ``max_tasks_per_worker`` and
   ``max_memory_per_worker`` are refused; the ``initializer`` runs once, in
   this process, when the Supervisor is created.
 """
@@ -63,7 +66,7 @@ CAPABILITIES = Capabilities(
 
 @dataclass(frozen=True)
 class InlineBackend:
-    """Run tasks in the calling process, one at a time (for debugging).
+    """Run tasks in the calling thread, one item after another (for debugging).
 
     Example::
 
@@ -106,10 +109,9 @@ class InlinePool:
 
     def __init__(self) -> None:
         self._counts = Counts()
-        # One job at a time; reentrant, so a task may itself use parstream
-        # inline (a nested map runs inside the outer item, as in a loop).
-        self._lock = threading.RLock()
-        self._running: list[Job] = []  # the job running now, and any it nested
+        # Guards the jobs running and the counts; not held while items run.
+        self._lock = threading.Lock()
+        self._running: list[Job] = []  # the jobs running now, nested ones included
         self._state = threading.Lock()  # guards _closed and _active
         self._active = 0  # submits in progress; the event thread outlives them
         self._runner: queue.SimpleQueue[Job] | None = None  # restarts (callback thread)
@@ -175,15 +177,20 @@ class InlinePool:
             self._counts.submitted += n
             self._counts.started += n
             self._post(job.sink.on_started, time.monotonic())
-            try:
-                values, errors = self._run_items(job, run)
-            except BaseException:
-                # KeyboardInterrupt in the task: the job ends here, the
-                # caller's exception goes on up.
-                self._end(job, run, [], {}, n)
-                raise
-            finally:
+        # The items run outside the lock: a task that waits on parstream
+        # work submitted from another thread (a thread pool inside the task)
+        # must not wait for itself.
+        try:
+            values, errors = self._run_items(job, run)
+        except BaseException:
+            # KeyboardInterrupt in the task: the job ends here, the
+            # caller's exception goes on up.
+            with self._lock:
                 self._running.remove(job)
+                self._end(job, run, [], {}, n)
+            raise
+        with self._lock:
+            self._running.remove(job)
             self._end(job, run, values, errors, n - len(values))
 
     def _leave(self, *, wait: bool) -> None:
