@@ -68,6 +68,7 @@ class _Future(concurrent.futures.Future[Any]):
         self._ps_backend = backend
         self._ps_job: Job | None = None
         self._ps_forget = forget  # the executor's pending set lets go of it
+        self._ps_holding = False  # cancel() runs the done-callbacks once out of its lock
 
     def _ps_settled(self) -> None:
         """Done (or cancelled), its job already let go: the executor's set of
@@ -100,12 +101,19 @@ class _Future(concurrent.futures.Future[Any]):
             if self._ps_job is None or not self._ps_backend.cancel(self._ps_job):
                 return self.cancelled()
             self._ps_job = None  # withdrawn: its function and arguments go with it
-            if not super().cancel():  # pragma: no cover - nothing else settles a pending one
-                return False
+            # The done-callbacks run after the lock is let go: one may cancel
+            # another future (which takes the lock again).
+            self._ps_holding = True
+            try:
+                if not super().cancel():  # pragma: no cover - nothing else settles a pending one
+                    return False
+            finally:
+                self._ps_holding = False
             # What an executor does on dequeuing a cancelled future: wake wait()
             # and as_completed() at once, not only the done-callbacks.
             self.set_running_or_notify_cancel()
         self._ps_settled()
+        self._invoke_callbacks()
         return True
 
     def result(self, timeout: float | None = None) -> Any:
@@ -124,7 +132,7 @@ class _Future(concurrent.futures.Future[Any]):
         # were already woken by the base class. With none, nothing is queued:
         # the callback thread would hold the future (and its result) after
         # the caller has taken the result and let go of both.
-        if not self._done_callbacks:  # type: ignore[attr-defined]
+        if not self._done_callbacks or self._ps_holding:  # type: ignore[attr-defined]
             return
         if on_hub_thread():
             call_soon(super()._invoke_callbacks)  # type: ignore[misc]

@@ -181,6 +181,26 @@ def test_two_threads_cancelling_the_same_futures_both_succeed(kind: str, tmp_pat
             fut.cancel()
 
 
+def test_a_done_callback_may_cancel_another_future(kind: str, tmp_path: Path) -> None:
+    """``a``'s done-callback cancels ``b``: ``a.cancel()`` returns and ``b`` is
+    cancelled. (parstream ran the callbacks under the lock that cancel() takes:
+    this cancel, and every later one in the process, hung.)"""
+    with make(kind, workers=1) as ex, Gate(tmp_path) as gate:
+        gate.submit(ex, "blocker")
+        queued = [gate.submit(ex, f"q{i}") for i in range(2)]  # the stdlib's call queue
+        a, b, c = (ex.submit(pow, 2, i) for i in range(3))
+        a.add_done_callback(lambda _: b.cancel())
+        outcome: list[bool] = []
+        thread = threading.Thread(target=lambda: outcome.append(a.cancel()), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert outcome == [True]
+        assert b.cancelled()
+        assert c.cancel() is True  # a later, unrelated cancel
+        for fut in queued:
+            fut.cancel()
+
+
 def test_cancel_pending_and_running(kind: str, tmp_path: Path) -> None:
     """A running future cannot be cancelled; a pending one can, and then never runs."""
     with make(kind, workers=1) as ex, Gate(tmp_path) as gate:
