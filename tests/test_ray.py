@@ -488,3 +488,43 @@ def test_an_explicit_chunk_runs_whole_in_one_ray_task(rsup: parstream.Supervisor
     process) even past the time budget (8 items of ~10 ms), as locally."""
     pids = list(rsup.stream_map(pid_after_10ms, range(32), chunksize=8))
     assert [len(set(pids[k : k + 8])) for k in range(0, 32, 8)] == [1] * 4, pids
+
+
+def _kill_the_reader(x: int, home: int) -> int:
+    if os.getpid() != home:
+        os._exit(11)  # reading this argument kills the worker process
+    return x
+
+
+class KillsItsReader:
+    """An argument whose unpickling on a worker kills the worker."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self) -> Any:
+        return (_kill_the_reader, (self.x, os.getpid()))
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+@pytest.mark.parametrize("chunksize", [5, None])
+def test_an_argument_that_kills_its_reader_fails_alone(
+    rsup: parstream.Supervisor, chunksize: int | None
+) -> None:
+    """A worker killed while reading a slice's arguments: only the argument
+    that kills fails, with WorkerCrashed; its slice-mates run (as locally),
+    where the first items of the slice used to be blamed one after another."""
+    items: list[Any] = list(range(40))
+    items[27] = KillsItsReader(27)  # not the first of its chunk
+    results = list(rsup.async_stream_nolink(identity, items, chunksize=chunksize))
+    failed = [i for i, r in enumerate(results) if isinstance(r, parstream.Exit)]
+    assert failed == [27], results
+    bad = results[27]
+    assert isinstance(bad, parstream.Exit)
+    assert isinstance(bad.reason, parstream.WorkerCrashed)
+    values = [r.value for r in results if isinstance(r, parstream.Ok)]
+    assert values == [i for i in range(40) if i != 27]
+    assert rsup.stats().tasks_crashed == 1

@@ -84,6 +84,7 @@ class _Slot:
     task_id: str = ""
     node: str | None = None  # where it runs, once it said so
     started: bool = False  # the task began (its first message arrived)
+    loaded: bool = False  # it read the function and the items ("loaded")
     window: int = 0  # announced by the last frame (see _runner)
     item_started: float | None = None  # when the running item began
     kill_cause: str | None = None  # timeout, kill, close
@@ -499,6 +500,7 @@ class RayPool:
             slot.item_started = now
             return
         if kind == "loaded":
+            slot.loaded = True
             slot.item_started = now
             return
         with self._lock:
@@ -560,6 +562,11 @@ class RayPool:
             exact = slot.window == 0
             began = slot.started
             position = run.cursor - run.slice_start
+            if began and not slot.loaded and run.sent_end - run.slice_start > 1:
+                # Died before its items were read (an argument whose loading
+                # kills the process): none of them began; the dispatcher finds
+                # the culprit one item at a time, as on the local backend.
+                exact, position = True, -1
             death = Death(
                 crash=crash,
                 worker=f"Ray task {slot.task_id[:12]} on node {(slot.node or '?')[:12]}",

@@ -6,7 +6,11 @@ as a reference to its cloudpickled bytes and is unpickled once per worker
 process (``_functions``). It yields, in order::
 
     ("start", pid, node_id)           first, before anything else
-    ("loaded",)                       the function was loaded (timed slices only)
+    ("loaded",)                       the function and the items were loaded (a
+                                      slice of several items, or a timed one whose
+                                      function was not cached): a death before it
+                                      is no item's, and the items are run one at a
+                                      time to find the one whose loading kills
     ("results", frame, window, secs)  the next items' outcomes (``_frames``) and
                                       how long they ran
     ("init_failed", packed_error)     the Supervisor's initializer raised here
@@ -113,13 +117,13 @@ def run_slice(
         # fails with that cause, and the worker stays healthy.
         yield ("fn_failed", _codec.pack_error(_codec.failure(_with_hint(exc))))
         return
-    if each and not cached:
-        yield ("loaded",)
     try:
         items = pickle.loads(items_bytes)
     except BaseException as exc:
         yield ("bad", _codec.pack_error(_codec.failure(_with_hint(exc))))
         return
+    if (each and not cached) or len(items) > 1:
+        yield ("loaded",)
     bad = _codec.BadArgs if has_bad else None
 
     def call(args: Any) -> Any:
