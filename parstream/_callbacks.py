@@ -5,7 +5,9 @@ for seconds there would delay every other item's timeout and dispatch. Task
 callbacks (``Task.add_done_callback``, ``Future`` callbacks, a Supervisor's
 child-restart logic) are queued here instead and run in order, one at a time,
 on one daemon thread per process; one that raises is logged and the next
-runs. A forked child starts its own thread on first use.
+runs. A forked child starts its own thread on first use. ``drain`` waits
+for what is queued: a Supervisor's ``shutdown(wait=True)`` and the
+interpreter's exit do, so no callback of finished work is lost.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parstream")
 
+DRAIN_SLICE_S = 0.2
 _lock = threading.Lock()
 _queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
 _thread: threading.Thread | None = None
@@ -32,7 +35,7 @@ def _run() -> None:
         fn, args = _queue.get()
         try:
             fn(*args)
-        except Exception:
+        except BaseException:  # SystemExit too: one callback must not end every other's
             log.exception("parstream: a completion callback raised")
         del fn, args  # hold nothing of the user's while waiting for the next
 
@@ -54,15 +57,29 @@ def on_callback_thread() -> bool:
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn(*args)`` on the callback thread, after those queued before it."""
     global _thread, _queue, _pid
-    if _thread is None or _pid != os.getpid():
+    if _thread is None or _pid != os.getpid() or not _thread.is_alive():
         with _lock:
-            if _thread is None or _pid != os.getpid():
+            if _thread is None or _pid != os.getpid() or not _thread.is_alive():
                 if _pid != os.getpid():
                     _queue = queue.SimpleQueue()
                 _pid = os.getpid()
                 _thread = threading.Thread(target=_run, name="parstream-callbacks", daemon=True)
                 _thread.start()
     _queue.put((fn, args))
+
+
+def drain() -> None:
+    """Return once every callback queued so far has run, as a
+    ``ProcessPoolExecutor``'s ``shutdown(wait=True)`` does (its callbacks run
+    on the thread it joins). At once on the callback thread itself."""
+    thread = _thread
+    if thread is None or _pid != os.getpid() or threading.current_thread() is thread:
+        return
+    ran = threading.Event()
+    _queue.put((ran.set, ()))
+    while not ran.wait(DRAIN_SLICE_S):  # in slices: Ctrl-C is seen meanwhile
+        if not thread.is_alive():  # pragma: no cover - it catches everything
+            return
 
 
 def _after_fork_in_child() -> None:

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import Job
-from parstream._callbacks import call_soon, on_hub_thread
+from parstream._callbacks import call_soon, drain, on_hub_thread
 from parstream._errors import TaskShutdown
 from parstream._output import settle as settle_output
 from parstream._stream import _State, _Values, values
@@ -49,6 +49,7 @@ _cores: set[ExecutorCore] = set()  # cores whose backend is still open
 _cores_lock = threading.RLock()
 _cancelling = threading.Lock()  # one Future.cancel() at a time (``_Future.cancel``)
 WAIT_SLICE_S = 0.2  # waits at exit in slices, so Ctrl-C is seen on every platform
+SETTLING_S = 1.0  # the longest a finished future's sink may take to let go of it
 
 
 def _clamp(timeout: Any) -> Any:
@@ -221,12 +222,26 @@ class ExecutorCore:
             f.cancel()
 
     def wait_futures(self) -> None:
-        """Until every submitted future is done (new ones included)."""
+        """Until every submitted future is done (new ones included), and its
+        sink has let go of it: by then its done-callbacks are queued."""
+        settling_until = None
         while True:
             pending = self.pending_futures()
-            if not pending:
+            if pending:
+                concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
+                continue
+            with self.lock:
+                settling = bool(self.futures)
+            if not settling:
                 return
-            concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
+            # Done, and its sink between settling it and letting go of it (a
+            # few microseconds); bounded, should a future never be let go of.
+            now = time.monotonic()
+            if settling_until is None:
+                settling_until = now + SETTLING_S
+            elif now > settling_until:  # pragma: no cover
+                return
+            time.sleep(0.001)
 
     def wait_all(self) -> None:
         """Until every submitted future and every tracked task is done."""
@@ -282,6 +297,9 @@ def finish_at_exit() -> None:
             if not pending:
                 break
             concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
+        for core in cores:
+            core.wait_futures()
+        drain()  # their done-callbacks, as the standard library's exit runs them
     finally:
         close_all()
 

@@ -568,6 +568,7 @@ class Supervisor(concurrent.futures.Executor):
             raise
 
     def _finish(self) -> None:
+        from parstream._callbacks import drain
         from parstream._task import _BrutalKill
 
         children = self._children.end_all()
@@ -584,6 +585,9 @@ class Supervisor(concurrent.futures.Executor):
             task._done.wait()
         for c in children:
             self._children.end(c)
+        # The done-callbacks of what finished have run when shutdown returns,
+        # as with the standard library's executors.
+        drain()
         self._close(self._closed_reason or "the supervisor was shut down")
 
     # -- observing ---------------------------------------------------------------

@@ -469,6 +469,35 @@ def test_submit_and_map_after_shutdown_raise_runtime_error(kind: str) -> None:
     ex.shutdown()  # a second shutdown is harmless
 
 
+def test_shutdown_returns_once_done_callbacks_have_run(kind: str) -> None:
+    """Leaving the ``with`` block (``shutdown(wait=True)``): every done-callback
+    of the work it waited for has run (parstream returned with most still
+    queued on its callback thread)."""
+    called: list[int] = []
+
+    def note(fut: cf.Future[int]) -> None:
+        time.sleep(0.002)
+        called.append(fut.result())
+
+    with make(kind) as ex:
+        for i in range(100):
+            ex.submit(f.square, i).add_done_callback(note)
+    assert sorted(called) == [i * i for i in range(100)]
+
+
+def test_a_callback_raising_system_exit_stops_no_other_callback() -> None:
+    """A done-callback that raises SystemExit is logged; the callbacks of
+    other futures, other supervisors' included, still run (they stopped for
+    good: one thread runs them all)."""
+    with parstream.Supervisor(max_workers=1) as first:
+        first.submit(f.square, 2).add_done_callback(lambda _: sys.exit("stop"))
+    called: list[int] = []
+    with parstream.Supervisor(max_workers=1) as second:
+        for i in range(3):
+            second.submit(f.square, i).add_done_callback(lambda fut: called.append(fut.result()))
+    assert sorted(called) == [0, 1, 4]
+
+
 # -- dropped executors and interpreter exit ---------------------------------------------
 
 
@@ -503,6 +532,15 @@ EXIT_SCRIPTS = {
     "idle": """
         assert ex.submit(f.square, 3).result() == 9
     """,
+    "callbacks": """
+        called = open(folder + "/called", "w")
+        def note(fut):
+            time.sleep(0.002)
+            called.write(f"{fut.result()}\\n")
+            called.flush()
+        for i in range(100):
+            ex.submit(f.square, i).add_done_callback(note)
+    """,
     "dropped": """
         it = ex.map(f.square, range(100_000))
         assert next(it) == 0
@@ -524,7 +562,7 @@ def test_interpreter_exit(kind: str, case: str, tmp_path: Path) -> None:
     )
     body = textwrap.dedent(
         f"""
-        import concurrent.futures, gc, parstream
+        import concurrent.futures, gc, parstream, time
         import _executor_funcs as f
         folder = {str(tmp_path)!r}
         ex = {make_ex}
@@ -540,7 +578,10 @@ def test_interpreter_exit(kind: str, case: str, tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if case != "idle":
+    if case == "callbacks":  # every done-callback ran before the exit
+        lines = (tmp_path / "called").read_text().split()
+        assert sorted(map(int, lines)) == [i * i for i in range(100)], proc.stderr[-2000:]
+    elif case != "idle":
         done = sorted(p.name for p in tmp_path.glob("done-*"))
         assert done == ["done-0", "done-1", "done-2"], (done, proc.stderr[-2000:])
 
