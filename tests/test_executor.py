@@ -586,6 +586,54 @@ def test_interpreter_exit(kind: str, case: str, tmp_path: Path) -> None:
         assert done == ["done-0", "done-1", "done-2"], (done, proc.stderr[-2000:])
 
 
+def test_a_main_functions_remote_traceback_names_its_file_and_line(
+    kind: str, tmp_path: Path
+) -> None:
+    """A function from the script itself (sent by value) fails in a worker:
+    the remote traceback names the script, the line and its source, as the
+    standard library's does (cloudpickle 3.1.2+ names the file
+    ``<dynamic-code>`` unless told otherwise)."""
+    make_ex = (
+        "concurrent.futures.ProcessPoolExecutor(max_workers=1)"
+        if kind == "stdlib"
+        else "parstream.Supervisor(max_workers=1)"
+    )
+    script = tmp_path / "parse_script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import concurrent.futures, traceback, parstream
+
+            def parse(text):
+                return int(text)  # the failing line
+
+            if __name__ == "__main__":
+                with {make_ex} as ex:
+                    futures = [ex.submit(parse, "x")]
+                    if {kind == "parstream"}:  # the standard library cannot send a lambda
+                        futures.append(ex.submit(lambda: parse("y")))
+                    for fut in futures:
+                        print("".join(traceback.format_exception(fut.exception().__cause__)))
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = 2 if kind == "parstream" else 1
+    assert proc.stdout.count(f'File "{script}", line 5, in parse') == calls, proc.stdout
+    assert proc.stdout.count("return int(text)  # the failing line") == calls, proc.stdout
+    assert "<dynamic-code>" not in proc.stdout
+
+
 # -- parstream's own: the lazy map ------------------------------------------------------
 
 

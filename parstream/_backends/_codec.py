@@ -31,11 +31,50 @@ def dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     cloudpickle is imported on first use: a worker starts without it (~10 ms
     of every worker start, issue 12) until it needs it.
     """
-    import cloudpickle
+    import io
 
-    return cloudpickle.dumps(  # type: ignore[no-any-return]
-        obj, protocol=PROTOCOL, buffer_callback=buffer_callback
-    )
+    file = io.BytesIO()
+    cloud_pickler()(file, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return file.getvalue()
+
+
+_DYNAMIC_FILE = "<dynamic-code>"
+_cloud_pickler: Any = None
+
+
+def cloud_pickler() -> Any:
+    """cloudpickle's ``Pickler``, keeping the file name of the code it sends by
+    value (a function from ``__main__``, a notebook cell, a lambda).
+
+    cloudpickle 3.1.2 and later name every such code object's file
+    ``<dynamic-code>``, so a task's traceback said ``File "<dynamic-code>",
+    line 5`` where ``ProcessPoolExecutor``'s names the script and shows the
+    line. The class is made on first use (it imports cloudpickle).
+    """
+    global _cloud_pickler
+    if _cloud_pickler is None:
+        import types
+        from collections import ChainMap
+
+        import cloudpickle
+
+        base = cloudpickle.Pickler
+        reduce_code = base.dispatch_table.get(types.CodeType)
+        if reduce_code is None:  # pragma: no cover - a cloudpickle that pickles code otherwise
+            _cloud_pickler = base
+            return base
+
+        def keep_file_name(code: types.CodeType) -> Any:
+            rebuild, args = reduce_code(code)
+            return rebuild, tuple(
+                code.co_filename if type(a) is str and a == _DYNAMIC_FILE else a for a in args
+            )
+
+        class _Pickler(base):  # type: ignore[misc, valid-type]
+            dispatch_table = ChainMap({types.CodeType: keep_file_name}, base.dispatch_table)
+
+        _cloud_pickler = _Pickler
+    return _cloud_pickler
 
 
 def warm_up() -> None:

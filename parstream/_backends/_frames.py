@@ -23,7 +23,7 @@ import io
 import struct
 import types
 
-from parstream._backends._codec import PROTOCOL, PackedError, dumps, type_name
+from parstream._backends._codec import PROTOCOL, PackedError, cloud_pickler, dumps, type_name
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
@@ -134,9 +134,8 @@ def _new_cloud_pickler(
     a worker imports cloudpickle only when a value needs it."""
     global _cloud_pickler
     if _cloud_pickler is None:
-        import cloudpickle
 
-        class _CloudPickler(_Sharing, cloudpickle.Pickler):  # type: ignore[misc]
+        class _CloudPickler(_Sharing, cloud_pickler()):  # type: ignore[misc]
             def __init__(
                 self, file: io.BytesIO, shared: dict[int, tuple[int, Any]], buffer_callback: Any
             ) -> None:
