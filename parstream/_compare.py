@@ -29,16 +29,17 @@ import os
 import pickle
 import statistics
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from parstream._backend import cpu_count
 from parstream._progress import Progress
 from parstream._supervisor import Supervisor
-from parstream._validate import check_callable, check_int, check_progress
+from parstream._validate import check_callable, check_int, check_iterable, check_progress
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     from matplotlib.figure import Figure
 
 Verdict = Literal["parallel", "more-concurrency", "batch", "transfer", "sequential"]
@@ -257,11 +258,10 @@ def compare(
             (sampled) input is empty.
     """
     check_callable(fn)
-    if not isinstance(iterable, Iterable):
-        raise TypeError(f"iterable must be iterable, got {type(iterable).__name__}")
-    check_int(sample, "sample", 1)
-    check_int(max_concurrency, "max_concurrency", 1)
-    check_int(rounds, "rounds", 1, allow_none=False)
+    check_iterable(iterable, "iterable")
+    sample = check_int(sample, "sample", 1)
+    max_concurrency = check_int(max_concurrency, "max_concurrency", 1)
+    rounds = check_int(rounds, "rounds", 1, allow_none=False)
     if backend not in (None, "local"):
         raise ValueError(
             f"backend must be None or 'local', got {backend!r}: "

@@ -42,6 +42,7 @@ from parstream._validate import (
     check_positive_seconds,
     check_timeout,
     document_options,
+    real_number,
 )
 
 # The rest of the front end (_executor, _children, _results, _stream, _task)
@@ -143,12 +144,12 @@ class Supervisor(concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
         mp_context: Any = None,
     ) -> None:
-        check_int(max_restarts, "max_restarts", 0, allow_none=False)
+        max_restarts = check_int(max_restarts, "max_restarts", 0, allow_none=False)
         max_seconds = check_positive_seconds(max_seconds, "max_seconds")
-        check_int(max_children, "max_children", 1)
-        check_int(max_workers, "max_workers", 1)
-        check_int(max_tasks_per_worker, "max_tasks_per_worker", 1)
-        check_int(max_tasks_per_child, "max_tasks_per_child", 1)
+        max_children = check_int(max_children, "max_children", 1)
+        max_workers = check_int(max_workers, "max_workers", 1)
+        max_tasks_per_worker = check_int(max_tasks_per_worker, "max_tasks_per_worker", 1)
+        max_tasks_per_child = check_int(max_tasks_per_child, "max_tasks_per_child", 1)
         if max_tasks_per_child is not None:
             if max_tasks_per_worker is not None and max_tasks_per_worker != max_tasks_per_child:
                 raise ValueError(
@@ -160,7 +161,7 @@ class Supervisor(concurrent.futures.Executor):
             check_callable(initializer, "initializer")
         if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
             raise TypeError(f"initargs must be a tuple of arguments, got {initargs!r}")
-        check_int(max_memory_per_worker, "max_memory_per_worker", 1)
+        max_memory_per_worker = check_int(max_memory_per_worker, "max_memory_per_worker", 1)
         _check_mp_context(mp_context)
         idle_timeout = check_timeout(idle_timeout, "idle_timeout", allow_none=False)
         config = resolve(backend)
@@ -308,7 +309,7 @@ class Supervisor(concurrent.futures.Executor):
         check_callable(fn)
         check_choice(restart, "restart", RESTARTS)
         if not isinstance(shutdown, _BrutalKill):
-            check_timeout(shutdown, "shutdown", allow_none=False)
+            shutdown = check_timeout(shutdown, "shutdown", allow_none=False)
         node = self._check_node(node)
         self._check_open()
         child = Child(fn, args, restart, shutdown, node)
@@ -517,13 +518,14 @@ class Supervisor(concurrent.futures.Executor):
         check_callable(fn)
         for it in iterables:
             check_iterable(it, "iterables")
-        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout < 0:
+        number = real_number(timeout)
+        if number is not None and number < 0:
             # As with the stdlib (``timeout=deadline - now``): a deadline
             # already past, so the first result not ready raises TimeoutError.
             timeout = 0.0
         timeout = check_timeout(timeout, "timeout")
-        check_int(chunksize, "chunksize", 1)
-        check_int(buffersize, "buffersize", 1)
+        chunksize = check_int(chunksize, "chunksize", 1)
+        buffersize = check_int(buffersize, "buffersize", 1)
         self._check_open()
         from parstream import _executor
 

@@ -24,7 +24,7 @@ from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._results import Exit, Ok
-from parstream._validate import check_timeout, wait_seconds
+from parstream._validate import check_int, check_timeout, wait_seconds
 
 if TYPE_CHECKING:
     import asyncio
@@ -543,10 +543,7 @@ def yield_many(
         raise ValueError(
             f"on_timeout must be 'nothing', 'ignore' or 'kill_task', got {on_timeout!r}"
         )
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-        raise TypeError(f"limit must be an int or None, got {limit!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+    limit = check_int(limit, "limit", 1)
     for t in tasks:
         t._check_reachable()
     want = len(tasks) if limit is None else min(limit, len(tasks))

@@ -165,6 +165,21 @@ def test_bad_input_fails_at_call_time(kwargs: dict[str, Any], error: type, match
     assert parstream.default_supervisor(start=False) is None  # nothing was started
 
 
+class OldSequence:
+    """Items by index up to IndexError: the protocol a for loop and map() take."""
+
+    def __getitem__(self, i: int) -> int:
+        if i >= 3:
+            raise IndexError(i)
+        return i
+
+
+def test_an_old_style_sequence_is_taken_as_map_takes_it() -> None:
+    assert list(parstream.map(square, OldSequence())) == [0, 1, 4]  # type: ignore[arg-type]
+    comparison = parstream.compare(square, OldSequence(), rounds=1, progress=False)  # type: ignore[arg-type]
+    assert comparison.items == 3
+
+
 def test_default_supervisor_is_used_and_left_open() -> None:
     """Without max_concurrency the default supervisor's warm workers are used, not closed."""
     c = parstream.compare(square, range(4), rounds=1, progress=False)

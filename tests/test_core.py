@@ -290,6 +290,39 @@ def test_bad_input_fails_at_call_time(call: Any, exc: type[Exception], needle: s
         call()
 
 
+def test_numpy_numbers_are_taken_where_ints_and_seconds_are(sup: parstream.Supervisor) -> None:
+    """numpy's integers and floats pass wherever an int or a number of seconds
+    is asked for, as ``ProcessPoolExecutor`` and ``Future.result`` take them;
+    numpy's bool is refused like Python's."""
+    import numpy
+
+    np: Any = numpy  # (its scalars are not in the annotations: ints and floats are)
+    with parstream.Supervisor(max_workers=np.int64(2), max_restarts=np.int32(3)) as ex:
+        assert ex.max_workers == 2
+        assert type(ex.max_workers) is int
+        assert list(ex.map(abs, [-1, -2, -3], chunksize=np.int64(2), timeout=np.float32(30))) == [
+            1,
+            2,
+            3,
+        ]
+        assert ex.submit(abs, -4).result(timeout=np.int64(30)) == 4
+        stream = ex.stream_map(
+            abs,
+            [-1, -2],
+            max_concurrency=np.int64(3),
+            chunksize=np.int32(1),
+            timeout=np.float64(9),
+        )
+        assert list(stream) == [1, 2]
+        tasks = [ex.async_(abs, -i) for i in range(3)]
+        assert parstream.yield_many(tasks, np.float32(30), limit=np.int64(3))[0][1] == Ok(0)
+    for bad in (np.bool_(True), True):
+        with pytest.raises(TypeError, match="max_workers"):
+            parstream.Supervisor(max_workers=bad)
+        with pytest.raises(TypeError, match="timeout"):
+            sup.async_(abs, 1).await_(bad)
+
+
 def test_bad_start_child_arguments(sup: parstream.Supervisor) -> None:
     """start_child validates restart and shutdown."""
     with pytest.raises(ValueError, match="restart"):
