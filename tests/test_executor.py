@@ -30,6 +30,7 @@ import pytest
 from _util import gone
 
 import parstream
+from parstream._backends.local._spawn import START_BACKOFF_S
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -750,6 +751,11 @@ def test_raising_initializer_is_reported_and_the_supervisor_recovers(tmp_path: P
         assert not ex.closed
         with pytest.raises(parstream.WorkerStartFailed):
             list(ex.map(f.square, range(3)))
+        # Idle, it starts no process until the next call (it started one
+        # every ~2 s for ever, running the initializer each time).
+        started = ex.stats().workers_started
+        time.sleep(3 * START_BACKOFF_S[1])
+        assert ex.stats().workers_started == started
         marker.unlink()
         assert ex.submit(f.square, 3).result(timeout=60) == 9
         assert ex.submit(f.get_state).result(timeout=30) == "initialized"

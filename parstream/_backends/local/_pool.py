@@ -801,8 +801,14 @@ class LocalPool(MessageHandler):
         # more worker for it (the spare, at once), which the surplus rule
         # retires once idle; at most as many more as there are reservations,
         # so restarts under a backlog cannot grow the pool without bound.
+        queued = len(self._dispatch.queue)
+        if self._starter.error is not None and not queued:
+            # Starts are failing (an initializer that raises, say): the next
+            # work tries again (``Starter.work_arrived``); an idle pool does
+            # not start a process every ~2 s for ever meanwhile.
+            return 0
         want = max(live, self.base)
-        shortfall = len(self._dispatch.queue) - idle_or_starting
+        shortfall = queued - idle_or_starting
         if shortfall > 0:
             cap = self.base + self._reserved
             if self._reserved and live >= cap:
