@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 import math
 import os
 import signal
@@ -528,3 +529,31 @@ def test_an_argument_that_kills_its_reader_fails_alone(
     values = [r.value for r in results if isinstance(r, parstream.Ok)]
     assert values == [i for i in range(40) if i != 27]
     assert rsup.stats().tasks_crashed == 1
+
+
+def crash_once_at(flag: str, x: int) -> int:
+    """Item 300 kills its worker the first time it runs (an outside kill, an
+    OOM kill); every item is fast enough to run in windows."""
+    if x == 300 and not os.path.exists(flag):
+        Path(flag).touch()
+        os._exit(7)
+    return x
+
+
+def test_a_crash_that_does_not_happen_again_is_reported(
+    rsup: parstream.Supervisor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tiny items run in windows; a worker dies in one, and every item of the
+    window then runs alone without dying. Each item still gets its result,
+    and the crash is logged rather than lost (the window's rest went back to
+    the stream and ran in a batch again, and nothing was said)."""
+    flag = str(tmp_path / "crashed")
+    with caplog.at_level(logging.WARNING, logger="parstream"):
+        results = list(
+            rsup.async_stream_nolink(functools.partial(crash_once_at, flag), range(600))
+        )
+    assert os.path.exists(flag)
+    assert [r.value for r in results if isinstance(r, parstream.Ok)] == list(range(600))
+    said = [r.getMessage() for r in caplog.records if "none died" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert "WorkerCrashed" in said[0]

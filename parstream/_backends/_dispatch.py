@@ -96,6 +96,7 @@ class Run:
         "sent_high",
         "slice_start",
         "started_at",
+        "unexplained",
     )
 
     def __init__(self, job: Job) -> None:
@@ -114,6 +115,7 @@ class Run:
         self.holder: Any = None  # the backend's worker running the slice
         self.counted = False  # the slice counts against the job's gate
         self.started_at = 0.0  # when the slice was sent
+        self.unexplained: Death | None = None  # a crash the items run alone may not repeat
 
     def alone(self) -> bool:
         return self.isolate or self.isolate_from <= self.cursor < self.isolate_until
@@ -292,8 +294,27 @@ class Dispatcher:
         run.cursor += len(values)
         self.counts.failed += len(errors)
         self.counts.ok += len(values) - len(errors)
+        if run.unexplained is not None and run.cursor >= run.isolate_until:
+            self._unexplained(job)
         if not run.killed:
             self._post_results(job, values, errors, seconds)
+
+    def _unexplained(self, job: Job) -> None:
+        """Every item of a step in which a worker died ran again alone, and
+        none died: the crash was no item's to keep (a kill from outside, or
+        one that does not happen twice). Say so rather than let it vanish."""
+        run = run_of(job)
+        death, run.unexplained = run.unexplained, None
+        assert death is not None
+        log.warning(
+            "parstream: a worker (%s) died while running items %d-%d of a batch "
+            "(%r); they were run again one at a time, each to its end, and none "
+            "died, so no item was failed for it",
+            death.worker,
+            job.first_index + run.isolate_from,
+            job.first_index + run.isolate_until - 1,
+            death.crash,
+        )
 
     def _post_results(
         self, job: Job, values: list[Any], errors: Errors, seconds: float | None = None
@@ -309,6 +330,7 @@ class Dispatcher:
         if run.cursor >= len(run.items):
             return
         run.cursor += 1
+        run.unexplained = None  # (found: this one)
         if run.killed:
             return
         setattr(self.counts, counter, getattr(self.counts, counter) + 1)
@@ -322,7 +344,7 @@ class Dispatcher:
             self.finish_killed(job)
         elif run.cursor >= len(run.items):
             self._end(job, "finished", 0)
-        elif job.returnable and not (run.isolate or run.has_bad):
+        elif job.returnable and not (run.alone() or run.has_bad):
             # The worker stopped at its time budget: the sink re-cuts the
             # unrun rest, so items that turned slow spread over every free
             # worker instead of staying on this one.
@@ -452,6 +474,8 @@ class Dispatcher:
             self._settle_finished(job, death, run.cursor, start)
             run.isolate_from = max(start, run.cursor)
             run.isolate_until = max(run.isolate_until, end)
+            if death.cause is None:  # not a kill parstream made
+                run.unexplained = death
             return
         culprit = end - 1  # index in run.items
         if death.begun == 0:
