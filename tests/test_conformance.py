@@ -328,6 +328,26 @@ def test_an_unpicklable_result_fails_alone(backend: Backend) -> None:
     assert "lock" in str(rec.errors[0]).lower()
 
 
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_result_nested_too_deep_to_pickle_fails_alone(backend: Backend) -> None:
+    """Plain lists nested 5,000 deep (RecursionError in the pickler): that item
+    fails with PicklingError, its batch-mates keep theirs, no worker dies
+    (the fast path for plain results let the error kill the worker)."""
+    need(backend, "pickles", "results are not pickled")
+    _, rec = run_job(backend, nested, [3, 5000, 3])
+    assert rec.wait() == ("finished", 0)
+    assert list(rec.errors) == [1]
+    assert isinstance(rec.errors[1], pickle.PicklingError)
+    assert rec.values[0] == rec.values[2] == nested(3)
+    assert backend.counts().crashed == 0
+
+
 def test_close_leaves_nothing_running(backend: Backend, tmp_path: Path) -> None:
     """close() ends every job ('closed') and the worker that ran it."""
     pid_file = tmp_path / "pid"

@@ -91,8 +91,8 @@ def dumps_plain(payload: Any) -> bytes | None:
     buf = io.BytesIO()
     try:
         _PlainPickler(buf, PROTOCOL, buffer_callback=_refuse).dump(payload)
-    except _NotPlain:
-        return None
+    except Exception:  # _NotPlain; or RecursionError (lists nested thousands deep)...
+        return None  # ... which the per-item path then fails alone, by name
     return buf.getvalue()
 
 
