@@ -686,30 +686,89 @@ def _spans_of(state: _State, owner: object) -> Generator[list[Any], None, None]:
 
 
 async def _aiter(stream: Stream[Any] | _Values[Any]) -> AsyncIterator[Any]:
-    """``async for``: each ``next()`` runs in a helper thread, so the loop stays free."""
+    """``async for``: each ``next()`` runs in a helper thread of this loop's
+    own (``_Stepper``), so the event loop stays free, and so does asyncio's
+    default executor, which many waiting streams would otherwise fill."""
     import asyncio
 
     loop = asyncio.get_running_loop()
-    sentinel: Any = object()
-
-    def step() -> Any:
-        return next(stream, sentinel)
-
+    stepper = _Stepper(stream)
+    task = None
     try:
         while True:
-            item = await loop.run_in_executor(None, step)
-            if item is sentinel:
+            task = asyncio.current_task()
+            item = await stepper.step(loop)
+            if item is _Stepper.END:
                 return
             yield item
     except GeneratorExit:
         # ``break`` (or the loop's aclose()): as with a for loop, leaving
         # early closes nothing; the stream closes when dropped or closed.
+        # But a task cancelled in the loop's body leaves it the same way:
+        # that cancellation stops the items, as one during next() does.
+        if task is not None and (task.cancelled() or task.cancelling()):
+            stream.close()
         raise
     except BaseException:
-        # Cancelled while a helper thread waits in next(), which holds the
+        # Cancelled while the helper thread waits in next(), which holds the
         # stream: closing it is what stops the items running.
         stream.close()
         raise
+    finally:
+        stepper.stop()
+
+
+class _Stepper:
+    """One daemon thread that runs an async iteration's ``next()`` calls, one
+    at a time, handing each outcome to the loop's future. A daemon: it never
+    holds up the interpreter's exit, nor ``asyncio.run``'s end."""
+
+    END: Any = object()
+
+    def __init__(self, stream: Iterator[Any]) -> None:
+        self._stream = stream
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def step(self, loop: Any) -> Any:
+        future = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="parstream-async-for", daemon=True
+            )
+            self._thread.start()
+        self._requests.put((loop, future))
+        return future
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._requests.put(None)
+
+    def _run(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            loop, future = request
+            try:
+                outcome: tuple[Any, Any] = (_settle_value, next(self._stream, self.END))
+            except BaseException as exc:
+                outcome = (_settle_error, exc)
+            try:
+                loop.call_soon_threadsafe(outcome[0], future, outcome[1])
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+            del request, loop, future, outcome
+
+
+def _settle_value(future: Any, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _settle_error(future: Any, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:

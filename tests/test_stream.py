@@ -805,6 +805,64 @@ def test_breaking_out_of_async_for_leaves_the_stream_open(
     assert got == [x * x for x in range(40)]
 
 
+def first_then_wait(gate: str, x: int) -> int:
+    """Item 0 returns at once; the others wait for ``gate`` (never made)."""
+    while x and not os.path.exists(gate):
+        time.sleep(0.01)
+    return x
+
+
+@pytest.mark.parametrize("where", ["in next()", "in the loop's body"])
+def test_cancelling_a_task_inside_async_for_stops_the_items(
+    sup: parstream.Supervisor, tmp_path: Path, where: str
+) -> None:
+    """``wait_for`` cancels a coroutine iterating a stream: the stream is
+    closed and its running items killed, whether the cancellation lands
+    while it waits for the next item or in the body of the loop (there it
+    was taken for a break: the items ran on)."""
+    fn = functools.partial(first_then_wait, str(tmp_path / "gate"))
+    items = [1, 2, 3, 4] if where == "in next()" else [0, 1, 2, 3]
+
+    async def consume(stream: Any) -> None:
+        async for _ in stream:
+            await asyncio.sleep(60)
+
+    async def main() -> parstream.Stream[int]:
+        stream = sup.async_stream(fn, items, max_concurrency=2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(consume(stream), 1.0)
+        return stream
+
+    stream = asyncio.run(main())
+    assert "closed=True" in repr(stream)
+    wait_until(lambda: not any(w.busy for w in sup.workers()), within=20, what="items killed")
+    assert sup.async_(square, 3).await_(20) == 9
+
+
+def test_waiting_async_for_loops_leave_asyncio_default_executor_free(tmp_path: Path) -> None:
+    """More ``async for`` loops waiting on slow items than asyncio's default
+    executor has threads: ``asyncio.to_thread`` still runs at once (each
+    waiting loop held one of those threads)."""
+    gate = tmp_path / "gate"
+    fn = functools.partial(first_then_wait, str(gate))
+    loops = min(32, (os.cpu_count() or 1) + 4) + 1
+
+    async def consume(stream: Any) -> list[Any]:
+        return [r async for r in stream]
+
+    async def main() -> list[list[Any]]:
+        with parstream.Supervisor(max_workers=1) as ex:
+            tasks = [
+                asyncio.ensure_future(consume(ex.async_stream(fn, [1]))) for _ in range(loops)
+            ]
+            await asyncio.sleep(0.5)
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 20) == 7
+            gate.touch()
+            return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == [[Ok(1)]] * loops
+
+
 def _slow_id_failing_at_30(x: int) -> int:
     time.sleep(0.02)
     if x == 30:
