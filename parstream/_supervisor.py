@@ -83,7 +83,11 @@ class Supervisor(concurrent.futures.Executor):
             supervisor itself stays open, retries with back-off and recovers
             once workers start again).
         max_seconds: the window for ``max_restarts``, in seconds (> 0).
-        max_children: cap on running children (``start_child``); None = no cap.
+        max_children: cap on what runs under the supervisor at once:
+            children (``start_child``) and tasks (``async_``,
+            ``async_nolink``, ``start``), as in Elixir; one more raises
+            ``ValueError``. Streams and ``Executor`` calls are not counted
+            (``max_concurrency`` bounds a stream). None = no cap.
         max_workers: workers kept warm; default ``cpu_count()`` (the
             backend's size: the cluster's CPUs on Ray, 1 inline). A stream
             asking for more concurrency, and each running child, get extra
@@ -181,6 +185,7 @@ class Supervisor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._closed_reason: str | None = None
         self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
+        self._admitting = threading.Lock()  # max_children: counted and added at once
         self._backend: Backend = config.open(settings)
         from parstream import _executor
         from parstream._children import Children, RestartWindow
@@ -257,9 +262,29 @@ class Supervisor(concurrent.futures.Executor):
         self, fn: Callable[..., T], args: tuple[Any, ...], linked: bool, node: str | None
     ) -> Task[T]:
         node = self._check_node(node)
-        task = self._make_task(fn, args, linked=linked, track=True, node=node)
+        if self.max_children is None:
+            task = self._make_task(fn, args, linked=linked, track=True, node=node)
+        else:
+            with self._admitting:  # counted and tracked in one step
+                self._room_for_children()
+                task = self._make_task(fn, args, linked=linked, track=True, node=node)
         self._submit_task(task)
         return task
+
+    def _room_for_children(self) -> int | None:
+        """The cap on children now: ``max_children`` less the running tasks
+        (they count too, as in Elixir); ``ValueError`` if nothing may start."""
+        cap = self.max_children
+        if cap is None:
+            return None
+        tasks = sum(1 for t in list(self._tasks) if not t.done())
+        children = len(self._children.alive())
+        if children + tasks >= cap:
+            raise ValueError(
+                f"max_children ({cap}) reached: {children} children and {tasks} tasks "
+                "(async_, async_nolink, start) running"
+            )
+        return cap - tasks
 
     def async_(self, fn: Callable[..., T], *args: Any, node: str | None = None) -> Task[T]:
         """Run ``fn(*args)`` in a worker; a linked task (killed if its handle is dropped).
@@ -313,7 +338,8 @@ class Supervisor(concurrent.futures.Executor):
         node = self._check_node(node)
         self._check_open()
         child = Child(fn, args, restart, shutdown, node)
-        self._children.add(child, self.max_children)
+        with self._admitting:
+            self._children.add(child, self._room_for_children())
         self._backend.reserve(1)
         ended = self._children.run(child, first=True)
         if ended is not None:  # closed meanwhile: it never ran

@@ -357,6 +357,24 @@ def test_max_children_is_enforced() -> None:
         assert c.wait(20) == Ok("c")
 
 
+def test_max_children_counts_tasks_too() -> None:
+    """As in Elixir, async_, async_nolink and start count against
+    max_children, beside children; streams and Executor calls do not. (Only
+    start_child was refused.)"""
+    with parstream.Supervisor(max_workers=2, max_children=2) as sup:
+        child = sup.start_child(time.sleep, 30, shutdown=BRUTAL_KILL)
+        task = sup.async_nolink(time.sleep, 30)
+        for start in (sup.async_, sup.async_nolink, sup.start, sup.start_child):
+            with pytest.raises(ValueError, match=r"max_children \(2\) reached"):
+                start(abs, -1)
+        assert list(sup.stream_map(abs, [-1, -2])) == [1, 2]
+        assert sup.submit(abs, -3).result(20) == 3
+        assert task.shutdown(BRUTAL_KILL) is None
+        assert sup.async_(abs, -4).await_(20) == 4  # a finished task frees its place
+        assert sup.terminate_child(child)
+        assert sup.start_child(sleep_return, 0.0, "c").wait(20) == Ok("c")
+
+
 def test_a_long_child_does_not_starve_tasks() -> None:
     """With max_workers=1, a running child gets its own worker: tasks still run."""
     with parstream.Supervisor(max_workers=1) as sup:
