@@ -802,10 +802,12 @@ class LocalPool(MessageHandler):
         # retires once idle; at most as many more as there are reservations,
         # so restarts under a backlog cannot grow the pool without bound.
         queued = len(self._dispatch.queue)
-        if self._starter.error is not None and not queued:
-            # Starts are failing (an initializer that raises, say): the next
-            # work tries again (``Starter.work_arrived``); an idle pool does
-            # not start a process every ~2 s for ever meanwhile.
+        if self._starter.gave_up and not queued:
+            # Starts fail for good (an initializer that raises, say), and the
+            # work that waited has failed: the next work tries again
+            # (``Starter.work_arrived``); an idle pool does not start a
+            # process every ~2 s for ever meanwhile. (A start that failed
+            # once, a worker killed while starting, is retried as ever.)
             return 0
         want = max(live, self.base)
         shortfall = queued - idle_or_starting

@@ -188,6 +188,7 @@ class Starter:
         self.detail = ""  # the worker traceback of a raising initializer
         self.next_start_at = 0.0
         self.backoff = 0.0
+        self.gave_up = False  # so many starts failed that the waiting work was failed
 
     def work_arrived(self) -> None:
         """New work during a run of failed starts: try again soon rather than
@@ -364,6 +365,7 @@ class Starter:
             log.info("parstream: worker processes start again")
         self.failures.clear()
         self.error = None
+        self.gave_up = False
         self.detail = ""
         self.backoff = 0.0
         self.next_start_at = 0.0
@@ -395,6 +397,7 @@ class Starter:
         if first:
             log.error("parstream: could not start a worker process: %r (retrying)", cause)
         if len(self.failures) > self.max_failures:
+            self.gave_up = True
             self.dispatch.fail_queue(self._give_up_error(cause))
 
     def _give_up_error(self, cause: BaseException) -> WorkerStartFailed:
