@@ -468,3 +468,34 @@ def test_workers_keep_freed_memory_for_reuse_without_showing_it(
     assert initial["MALLOC_TRIM_THRESHOLD_"] == "12345"
     assert seen == {"MALLOC_TRIM_THRESHOLD_": "12345"}  # the user's: left in place
     assert child == "['MALLOC_TRIM_THRESHOLD_']"
+
+
+def close_stdio(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def filled(i: int) -> Any:
+    return np.full(1 << 15, i, dtype=np.int64)  # 256 KiB: through shared memory
+
+
+def say_then_fill(i: int) -> Any:
+    try:
+        os.write(1, f"computing {i}\n".encode())
+    except OSError:  # fd 1 closed: the task's own affair
+        pass
+    return filled(i)
+
+
+@pytest.mark.parametrize("closed", [[1], [0, 1, 2]])
+def test_a_task_that_closes_stdout_cannot_write_into_results(closed: list[int]) -> None:
+    """A task closes fd 1 (``with open(1, "w")``, say): the worker's next
+    shared-memory block must not take fd 1, where later prints would write
+    into arrays the parent already holds (they changed after delivery)."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        sup.async_(close_stdio, closed).await_(30)
+        first = list(sup.map(filled, range(8)))
+        later = list(sup.map(say_then_fill, range(8)))
+        for i, (a, b) in enumerate(zip(first, later, strict=True)):
+            assert (a == i).all(), (i, a[:4])
+            assert (b == i).all(), (i, b[:4])

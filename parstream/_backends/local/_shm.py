@@ -83,9 +83,31 @@ def _write(fd: int, buffers: list[memoryview], layout: Layout) -> None:
             offset += written
 
 
+def _new_memfd(name: str) -> int:
+    return above_stdio(os.memfd_create(name, os.MFD_CLOEXEC))
+
+
+def above_stdio(fd: int) -> int:
+    """``fd``, moved above 0-2 if it landed there (it is closed then).
+
+    A task that closed its stdout (``with open(1, "w")``, a daemon's
+    clean-up) frees fd 1, and the next descriptor made takes it: a memfd
+    there would take every later ``print`` into shared memory that the
+    parent's arrays view, changing results already delivered.
+    """
+    if fd > 2:
+        return fd
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
+
+
 def pack(buffers: list[memoryview]) -> int:
     """A new ``memfd`` holding ``buffers``, laid out by ``buffer_layout``."""
-    fd = os.memfd_create("parstream-data", os.MFD_CLOEXEC)
+    fd = _new_memfd("parstream-data")
     try:
         _write(fd, buffers, _extent(buffers)[0])
     except BaseException:
@@ -115,7 +137,7 @@ class Outgoing:
             self._free.remove(entry)
             block_id, fd, size = entry
         elif len(self._lent) < OUTGOING_LENT:
-            fd, size = os.memfd_create("parstream-data", os.MFD_CLOEXEC), 0
+            fd, size = _new_memfd("parstream-data"), 0
             block_id = self._next_id
             self._next_id += 1
         else:
@@ -201,7 +223,7 @@ class Block:
     def __init__(self, block_id: int, size: int) -> None:
         self.id = block_id
         self.size = size
-        self.fd = os.memfd_create("parstream-args", os.MFD_CLOEXEC)
+        self.fd = _new_memfd("parstream-args")
         try:
             os.ftruncate(self.fd, size)
             self.mapping = mmap.mmap(self.fd, size)
@@ -327,7 +349,7 @@ def receive(channel: socket.socket) -> tuple[int, int]:
             os.close(fds[0])
             raise EOFError("the descriptor channel closed inside a descriptor's tag")
         data += more
-    return fds[0], _TAG.unpack(data)[0]
+    return above_stdio(fds[0]), _TAG.unpack(data)[0]
 
 
 def mapped(fd: int, *, closable: bool = True) -> Any:

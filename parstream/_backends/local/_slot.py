@@ -201,6 +201,10 @@ def new_slot() -> Slot | None:
         return None
     try:
         fd = create("parstream-slot", getattr(os, "MFD_CLOEXEC", 0))
+        if fd <= 2:  # never at 0-2, where a print would write into it (see _shm)
+            from parstream._backends.local._shm import above_stdio
+
+            fd = above_stdio(fd)
         os.ftruncate(fd, _SIZE)
     except OSError:
         return None
