@@ -423,3 +423,93 @@ def test_the_shell_reaper_kills_exactly_the_groups_still_registered() -> None:
         [_reaper.SHELL, "-c", script], input=lines, capture_output=True, text=True, check=True
     ).stdout
     assert sorted(out.split()) == ["34", "7", "78"]
+
+
+# -- what a task inherits: signals, stdin, the terminal ------------------------------------
+
+
+def stop_a_child_with_sigint(_: Any) -> int:
+    child = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    try:
+        return child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return 0  # it ignored SIGINT
+
+
+def read_stdin(_: Any) -> str:
+    return sys.stdin.read() + os.read(0, 100).decode()
+
+
+def test_a_task_can_stop_its_child_with_sigint_and_reads_no_stdin() -> None:
+    """What a task starts gets SIGINT's default action (the worker ignored it
+    with SIG_IGN, which exec passes on: ``Popen.send_signal(SIGINT)`` did
+    nothing), and a task's stdin is /dev/null, as multiprocessing's, not
+    the parent's input."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        assert sup.async_(stop_a_child_with_sigint, None).await_(30) == -signal.SIGINT
+        assert sup.async_(read_stdin, None).await_(30) == ""
+
+
+TTY_SCRIPT = """
+import os, sys
+import parstream
+
+def speak(_):
+    print("worker speaks", flush=True)
+    return 42
+
+def ask(_):
+    try:
+        return input("name? ")
+    except EOFError:
+        return "EOF"
+
+if __name__ == "__main__":
+    os.system("stty tostop")  # a background process that writes is stopped
+    with parstream.Supervisor(max_workers=1) as sup:
+        said, answer = sup.async_(speak, 0).await_(20), sup.async_(ask, 0).await_(20)
+        print("results:", said, answer, flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_tasks_run_from_a_terminal_are_not_stopped_by_it(tmp_path: Path) -> None:
+    """Run in a terminal (with ``stty tostop``), a task that prints, or asks
+    for input, is not stopped by SIGTTOU/SIGTTIN (the worker's own process
+    group is not the terminal's foreground one): it printed nothing and hung
+    until killed; input() got end of file only through the stdlib."""
+    import pty
+    import select
+
+    script = tmp_path / "tty_script.py"
+    script.write_text(TTY_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(parstream.__file__).resolve().parents[1]))
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(sys.executable, [sys.executable, str(script)], env)
+    out = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"results:" not in out or not out.endswith(b"\n"):
+            assert time.monotonic() < deadline, out
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                out += data
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert "worker speaks" in text, text
+    assert "results: 42 EOF" in text, text

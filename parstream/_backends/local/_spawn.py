@@ -439,6 +439,11 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
     if sys.version_info < (3, 14):  # 3.14 dropped the argument (and vfork is the default)
         allow_vfork.append(getattr(subprocess, "_USE_VFORK", True))
     call: Any = _posixsubprocess.fork_exec  # private: typeshed knows one version's arguments
+    # The worker's stdin is /dev/null, as multiprocessing's: a task reading
+    # it gets end of file, instead of taking the parent's input or, from a
+    # terminal, being stopped by SIGTTIN (the worker is not in the
+    # terminal's foreground group).
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     errpipe_read, errpipe_write = os.pipe()
     try:
         pid: int = call(
@@ -448,7 +453,7 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
             keep,  # pass_fds
             None,  # cwd
             encoded_env,  # env
-            -1,  # p2cread
+            devnull,  # p2cread
             -1,  # p2cwrite
             -1,  # c2pread
             -1,  # c2pwrite
@@ -458,7 +463,7 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
             errpipe_write,
             False,  # restore_signal
             False,  # call_setsid
-            -1,  # pgid_to_set
+            0,  # pgid_to_set: a group of its own from the start (see worker_main)
             None,  # gid
             None,  # extra_groups
             None,  # uid
@@ -469,6 +474,7 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
     finally:
         os.close(errpipe_read)
         os.close(errpipe_write)
+        os.close(devnull)
     return pid
 
 

@@ -666,6 +666,10 @@ def _run_initializer(conn: Any, initializer: bytes) -> None:
             os._exit(3)
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:
+    pass
+
+
 def worker_main(
     conn: Any,
     parent_pid: int,
@@ -682,12 +686,23 @@ def worker_main(
     """
     # A process group of its own, before any task runs: everything a task
     # starts inherits it, so the parent (and the reaper) can kill it all.
+    # (A worker exec'd by _spawn.fork_exec is in it from the start.)
     if hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)
         except OSError:  # pragma: no cover - already a session leader
             pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C is the parent's to handle (the terminal's, and a kernel
+    # interrupt, reach the foreground group, which this is not): a handler
+    # that does nothing, not SIG_IGN, which what a task starts would inherit
+    # through exec (a task could then not stop its own child with SIGINT).
+    signal.signal(signal.SIGINT, _ignore_signal)
+    if hasattr(signal, "SIGTTOU"):
+        # A background group may still write to the terminal and set its
+        # modes (stty, getpass; print under ``stty tostop``), and a read of
+        # it fails, instead of the kernel stopping the worker for good.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     runner = _Runner(conn, slot, fdchan)
     if spare:
