@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from parstream._backend import Job
 from parstream._callbacks import call_soon, drain, on_hub_thread
 from parstream._errors import TaskShutdown
+from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._stream import _State, _Values, values
 from parstream._validate import Options
@@ -280,7 +281,10 @@ def release(core: ExecutorCore) -> None:
         finally:
             core.close_backend()
 
-    threading.Thread(target=finish, name="parstream-release", daemon=True).start()
+    # A finaliser's exception is only printed: a Ctrl-C landing while the
+    # thread starts would leave the workers running for good.
+    with held():
+        threading.Thread(target=finish, name="parstream-release", daemon=True).start()
 
 
 def finish_at_exit() -> None:

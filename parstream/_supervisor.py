@@ -187,17 +187,22 @@ class Supervisor(concurrent.futures.Executor):
         self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
         self._admitting = threading.Lock()  # max_children: counted and added at once
         self._backend: Backend = config.open(settings)
-        from parstream import _executor
-        from parstream._children import Children, RestartWindow
-        from parstream._task import Task
+        try:
+            from parstream import _executor
+            from parstream._children import Children, RestartWindow
+            from parstream._task import Task
 
-        self._task_type = Task  # (an import per async_ would cost ~1 us of its round trip)
-        self.max_workers = self._backend.capacity
-        self._children = Children(self, RestartWindow(max_restarts, max_seconds))
-        self._core = _executor.ExecutorCore(self._backend, self._tasks)
-        # Dropped unreferenced: finish submitted work, then release the workers.
-        weakref.finalize(self, _executor.release, self._core).atexit = False
-        _live.add(self)
+            self._task_type = Task  # (an import per async_ would cost ~1 us of its round trip)
+            self.max_workers = self._backend.capacity
+            self._children = Children(self, RestartWindow(max_restarts, max_seconds))
+            self._core = _executor.ExecutorCore(self._backend, self._tasks)
+            # Dropped unreferenced: finish submitted work, then release the workers.
+            weakref.finalize(self, _executor.release, self._core).atexit = False
+            _live.add(self)
+        except BaseException:  # Ctrl-C while importing: the backend is open, and nobody's
+            with held():
+                self._backend.close()
+            raise
 
     @property
     def backend(self) -> str:

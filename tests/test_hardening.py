@@ -694,3 +694,50 @@ def test_cancelling_async_for_over_a_map_kills_its_items() -> None:
 
         assert isinstance(asyncio.run(main()), asyncio.CancelledError)
         wait_until(lambda: not any(w.busy for w in sup.workers()), what="the items' kill")
+
+
+# -- Ctrl-C while a Supervisor is being made -------------------------------------------------
+
+
+def test_ctrl_c_while_a_supervisor_starts_leaves_no_pool_behind() -> None:
+    """Ctrl-C landing anywhere in ``Supervisor()`` (its pool half made: hub
+    thread and workers started) or in the finaliser of a dropped one: once
+    no Supervisor is left, no worker process nor hub thread is. (They were
+    kept for the life of the process: 142 workers after 60 tries.)"""
+    proc = run_script(
+        """
+        import gc, os, signal, threading, time
+        import psutil
+        import parstream, parstream._executor, parstream._task, parstream._children
+        import parstream._backends.local._pool  # (imported: Supervisor() is quick)
+
+        landed = 0
+        sup = None
+        for i in range(40):
+            timer = threading.Timer(0.0005 * (i % 20), os.kill, (os.getpid(), signal.SIGINT))
+            try:
+                timer.start()
+                sup = parstream.Supervisor(max_workers=2)
+                time.sleep(0.05)
+                sup.shutdown()
+            except KeyboardInterrupt:
+                landed += 1
+            timer.join()
+            time.sleep(0.02)
+        del sup
+        gc.collect()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            workers = [p for p in psutil.Process().children() if "boot" in " ".join(p.cmdline())]
+            hubs = [t for t in threading.enumerate() if t.name == "parstream-hub"]
+            if not workers and not hubs:
+                break
+            time.sleep(0.1)
+        print("landed", landed, "workers", len(workers), "hubs", len(hubs))
+        """,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    words = proc.stdout.split()
+    assert int(words[1]) > 0, proc.stdout  # some Ctrl-Cs did land
+    assert words[2:] == ["workers", "0", "hubs", "0"], proc.stdout + proc.stderr[-2000:]

@@ -141,17 +141,22 @@ class LocalPool(MessageHandler):
         if os.name == "posix":
             self._selector = selectors.DefaultSelector()
             self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, ("wake", None))
-        _reaper.acquire(self)
         self._first_pass = threading.Event()
         self._hub = threading.Thread(target=self._run_hub, name="parstream-hub", daemon=True)
         mark_hub_thread(self._hub)
-        self._hub.start()
-        _pools.add(self)
-        # Back to the caller once the first workers' processes are forked:
-        # what it does next (the rest of parstream's imports, in a new
-        # process) then runs while they boot, instead of holding the
-        # interpreter lock the hub needs to fork them (issue 12, cold start).
-        self._first_pass.wait(FIRST_PASS_WAIT_S)
+        try:
+            _reaper.acquire(self)
+            self._hub.start()
+            _pools.add(self)
+            # Back to the caller once the first workers' processes are forked:
+            # what it does next (the rest of parstream's imports, in a new
+            # process) then runs while they boot, instead of holding the
+            # interpreter lock the hub needs to fork them (issue 12, cold start).
+            self._first_pass.wait(FIRST_PASS_WAIT_S)
+        except BaseException:  # Ctrl-C: nobody could ever close this pool
+            with held():
+                self.close()
+            raise
 
     # -- the Backend surface ------------------------------------------------------
 
@@ -298,7 +303,7 @@ class LocalPool(MessageHandler):
                 else:
                     _spawn.kill_tree(w.pid or w.process.pid)
         self._wake()
-        if threading.current_thread() is not self._hub:
+        if threading.current_thread() is not self._hub and self._hub.ident is not None:
             self._hub.join(timeout=5.0)
             if not self._hub.is_alive():
                 self._outbox.flush()  # anything the hub could not deliver (none if it ended well)
