@@ -741,3 +741,19 @@ def test_ctrl_c_while_a_supervisor_starts_leaves_no_pool_behind() -> None:
     words = proc.stdout.split()
     assert int(words[1]) > 0, proc.stdout  # some Ctrl-Cs did land
     assert words[2:] == ["workers", "0", "hubs", "0"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_script_ended_by_ctrl_c_dies_by_sigint() -> None:
+    """A script that used parstream and ends by an unhandled Ctrl-C dies by
+    SIGINT, as Python does (a shell loop running it stops). Closing the pool
+    at exit imported psutil, whose exec() made CPython forget the Ctrl-C:
+    it exited with status 1."""
+    proc = run_script(
+        """
+        import parstream
+        assert list(parstream.map(abs, range(-3, 0))) == [3, 2, 1]
+        raise KeyboardInterrupt
+        """
+    )
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, proc.stderr[-2000:])
+    assert "KeyboardInterrupt" in proc.stderr

@@ -526,19 +526,51 @@ def kill_tree(pid: int) -> None:
     """SIGKILL a worker and every process its tasks started: its process group
     (which reaches a shell's background grandchild), then, for processes that
     moved to another group, its descendants as they were before the kill."""
-    import psutil  # here: workers import this package, and psutil costs ~8 ms
+    children = _descendants(pid)
+    if children is None:  # no /proc: psutil (here: workers import this package)
+        import psutil
 
-    try:
-        proc = psutil.Process(pid)
-        children = proc.children(recursive=True)
-    except psutil.Error:
-        children = []
+        try:
+            procs = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            procs = []
+        children = [p.pid for p in procs]
     _reaper.kill_group(pid)
     for child in reversed(children):
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int] | None:
+    """``pid``'s descendants, parents before children, read from /proc; None
+    without it. (Not psutil: importing it at the interpreter's exit runs
+    ``exec``, which makes CPython forget that the program ended by Ctrl-C:
+    it exited with status 1, not by SIGINT, and a shell loop went on.)"""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    below: dict[int, list[int]] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                data = stat.read()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        below.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in below.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def kill_spare(pid: int) -> None:
