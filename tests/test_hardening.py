@@ -726,9 +726,20 @@ def test_ctrl_c_while_a_supervisor_starts_leaves_no_pool_behind() -> None:
             time.sleep(0.02)
         del sup
         gc.collect()
+
+        def workers_alive():
+            found = []
+            for p in psutil.Process().children():
+                try:
+                    if "boot" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p)
+                except psutil.Error:  # gone, or a zombie not yet reaped
+                    pass
+            return found
+
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            workers = [p for p in psutil.Process().children() if "boot" in " ".join(p.cmdline())]
+            workers = workers_alive()
             hubs = [t for t in threading.enumerate() if t.name == "parstream-hub"]
             if not workers and not hubs:
                 break
