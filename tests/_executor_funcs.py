@@ -102,3 +102,13 @@ def blob_size(blob: Blob) -> int:
 
 def make_blob(size: int) -> Blob:
     return Blob(size)
+
+
+def at_once(folder: str, seconds: float = 0.2) -> int:
+    """How many calls of this were running at once, seen from inside one."""
+    me = Path(folder) / f"{os.getpid()}-{time.monotonic_ns()}"
+    me.touch()
+    time.sleep(seconds)
+    seen = len(os.listdir(folder))
+    me.unlink()
+    return seen

@@ -661,6 +661,16 @@ def test_map_pulls_an_infinite_input_lazily() -> None:
         assert pulls[0] < 3000 + 5 * 2 * 32768
 
 
+def test_map_with_a_small_buffersize_keeps_every_worker_busy(tmp_path: Path) -> None:
+    """``buffersize=4`` on 2 workers: as in Python 3.14, 4 calls may be in
+    flight, so both workers run at once. (Automatic chunks grew to the whole
+    budget: one chunk at a time, one worker at a time.)"""
+    with parstream.Supervisor(max_workers=2) as ex:
+        list(ex.map(f.square, range(100)))  # both workers up
+        seen = list(ex.map(f.at_once, [str(tmp_path)] * 12, buffersize=4))
+    assert max(seen) == 2, seen
+
+
 def test_a_dropped_supervisor_lives_while_its_map_and_streams_do() -> None:
     """Iterating map() or a stream of an unreferenced supervisor works to the end."""
     results = parstream.Supervisor(max_workers=1).map(f.square, range(3000))

@@ -663,3 +663,29 @@ def test_stream_options_are_in_the_signature_with_their_defaults(fn: Any) -> Non
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
         assert params[name].default == default, name
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def test_map_chunks_share_a_small_buffersize_among_the_workers() -> None:
+    """``Supervisor.map(buffersize=4)`` on 2 workers: an automatic chunk grown
+    for tiny items is cut to 2, so two chunks fit the budget at once (one
+    chunk took all 4, and the calls ran one worker at a time). An explicit
+    chunksize keeps its size."""
+    from parstream._executor import MapState
+    from parstream._validate import Options
+
+    state = MapState(
+        None, None, iter(()), Options(), linked=False, max_concurrency=2, timeout=None, cap=4
+    )
+    state.sizer.chunk = 4096  # grown on tiny items
+    assert state.next_chunk_size() == 2
+    explicit = MapState(
+        None,
+        None,
+        iter(()),
+        Options(chunksize=3),
+        linked=False,
+        max_concurrency=2,
+        timeout=None,
+        cap=12,
+    )
+    assert explicit.next_chunk_size() == 3
