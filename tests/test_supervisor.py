@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from _executor_funcs import at_once
 from _util import gone, wait_until
 
 import parstream
@@ -41,16 +42,6 @@ def sleep_return(seconds: float, value: Any) -> Any:
 def pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
-
-
-def at_once(folder: str, seconds: float) -> int:
-    """How many calls of this were running at once, as seen from inside one."""
-    me = Path(folder) / f"{os.getpid()}-{time.monotonic_ns()}"
-    me.touch()
-    time.sleep(seconds)
-    seen = len(os.listdir(folder))
-    me.unlink()
-    return seen
 
 
 def fail_until(counter: str, failures: int, seconds: float = 0.0) -> str:
