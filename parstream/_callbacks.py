@@ -55,7 +55,22 @@ def on_callback_thread() -> bool:
 
 
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` on the callback thread, after those queued before it."""
+    """Run ``fn(*args)`` on the callback thread, after those queued before it.
+
+    Where no thread can be started (Python 3.12 and later refuse one once
+    the interpreter is shutting down: work finishing at exit), it runs here
+    and now instead of being lost."""
+    if not ensure_started():
+        try:
+            fn(*args)
+        except BaseException:
+            log.exception("parstream: a completion callback raised")
+        return
+    _queue.put((fn, args))
+
+
+def ensure_started() -> bool:
+    """Start the callback thread if it is not running; False if it cannot be."""
     global _thread, _queue, _pid
     if _thread is None or _pid != os.getpid() or not _thread.is_alive():
         with _lock:
@@ -63,9 +78,13 @@ def call_soon(fn: Callable[..., Any], *args: Any) -> None:
                 if _pid != os.getpid():
                     _queue = queue.SimpleQueue()
                 _pid = os.getpid()
-                _thread = threading.Thread(target=_run, name="parstream-callbacks", daemon=True)
-                _thread.start()
-    _queue.put((fn, args))
+                thread = threading.Thread(target=_run, name="parstream-callbacks", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    return False
+                _thread = thread
+    return True
 
 
 def drain() -> None:

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import Job
-from parstream._callbacks import call_soon, drain, on_hub_thread
+from parstream._callbacks import call_soon, drain, ensure_started, on_hub_thread
 from parstream._errors import TaskShutdown
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
@@ -117,6 +117,13 @@ class _Future(concurrent.futures.Future[Any]):
         self._ps_settled()
         self._invoke_callbacks()
         return True
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        # The thread that will run it starts now: at the interpreter's exit,
+        # Python 3.12 and later refuse to start one.
+        if not self.done():
+            ensure_started()
+        super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> Any:
         # A finite timeout past threading.TIMEOUT_MAX waits that long, as the
