@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 EXECUTOR_MAP = "parstream Supervisor.map"  # the Executor's map, next to parstream.map
 ASYNC_STREAM = "parstream async_stream"  # an Ok per item, next to parstream.map
+TIMED_MAP = "parstream map, timeout=60"  # a per-item timeout, next to parstream.map
 WORKLOADS = (
     "cpu",
     "tiny",
@@ -291,7 +292,12 @@ def bench_tiny(cfg: Config) -> Outcome:
             assert isinstance(out[-1], parstream.Ok)
             assert out[-1].value == items[-1] ** 2
 
-        return {EXECUTOR_MAP: executor_map, ASYNC_STREAM: stream}
+        def timed() -> None:
+            # A per-item timeout that never fires: what it costs to watch it.
+            out = list(sup.stream_map(w.square, items, timeout=60))
+            assert len(out) == n
+
+        return {EXECUTOR_MAP: executor_map, ASYNC_STREAM: stream, TIMED_MAP: timed}
 
     _map_workload(cfg, out, w.square, items, chunk, _rounds(cfg, 3, 5), peers, on_supervisor)
     out.extra["items"] = n
@@ -299,10 +305,15 @@ def bench_tiny(cfg: Config) -> Outcome:
     ps = out.median("parstream")
     out.extra["executor_map_over_map"] = out.median(EXECUTOR_MAP) / ps
     out.extra["async_stream_over_map"] = out.median(ASYNC_STREAM) / ps
+    out.extra["timeout_over_map"] = out.median(TIMED_MAP) / ps
     out.floor = out.median("sequential")
     out.floor_what = "the sequential loop"
     out.notes.append(
-        f"'{EXECUTOR_MAP}', '{ASYNC_STREAM}': the same warm supervisor as 'parstream'"
+        f"'{EXECUTOR_MAP}', '{ASYNC_STREAM}', '{TIMED_MAP}': the same warm supervisor "
+        "as 'parstream'"
+    )
+    out.notes.append(
+        f"a per-item timeout costs {out.extra['timeout_over_map']:.2f} x parstream.map's time"
     )
     _peer_goal(out, 0.9)
     out.goal("parstream / the loop", ps / out.floor, "<=", 2.6)

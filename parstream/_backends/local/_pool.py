@@ -767,11 +767,12 @@ class LocalPool(MessageHandler):
                     and job.timeout is not None
                     and w.item_started is not None
                     and now >= w.item_started + job.timeout
-                    and not _moved_past(w, job)
                 ):
-                    w.kill_cause = "timeout"
-                    w.timed_out_index = run_of(job).cursor
-                    _spawn.kill_tree(w.pid)
+                    late = _overrunning(w, job, job.timeout, now)
+                    if late is not None:
+                        w.kill_cause = "timeout"
+                        w.timed_out_index = late
+                        _spawn.kill_tree(w.pid)
                 elif (
                     w.state == "idle"
                     and now - w.idle_since >= self.idle_timeout
@@ -1030,18 +1031,29 @@ class _WakeEnd:
             os.close(fd)
 
 
-def _moved_past(worker: LocalWorker, job: Job) -> bool:
-    """Whether the worker has begun an item after the one the hub believes
-    running: that one finished, and its reply (sent before the next item
-    began) is in the pipe, unread because the hub is late. Killing now would
-    blame it for a timeout it did not overrun and rerun the item just begun;
-    the hub reads the reply on its next turn instead."""
+def _overrunning(worker: LocalWorker, job: Job, timeout: float, now: float) -> int | None:
+    """At the deadline of the item the hub last knew running (``run.cursor``,
+    since ``worker.item_started``): the position of the item that overran
+    its timeout, or None when the worker's slot shows a later item began,
+    and recently: its deadline is then that item's start plus the timeout
+    (kept in ``item_started``). The worker reports results in flushes, not
+    per item (``run_timed``); killing for the earlier item would blame it
+    for a timeout it did not overrun and rerun the item just begun."""
+    run = run_of(job)
     slot = worker.slot
     if slot is None:
-        return False
+        return run.cursor
     seq, begun, window = slot.read()
-    run = run_of(job)
-    return seq == worker.seq and window is None and run.slice_start + begun - 1 > run.cursor
+    if seq != worker.seq or window is not None:
+        return run.cursor
+    position = run.slice_start + begun - 1
+    if position <= run.cursor:
+        return run.cursor
+    since = slot.started()
+    if now < since + timeout:
+        worker.item_started = since
+        return None
+    return position
 
 
 def _wake_pipe() -> tuple[Any, Any]:

@@ -23,6 +23,11 @@ items run from C a step at a time and the slot holds the step's bounds
 (``WINDOW`` .. ``BEGUN``, ``EXACT`` = 0): after a death, the items finished
 since the last flush run again and the step runs one item at a time.
 
+In a batch with a per-item timeout the worker also stamps each item's start
+(``STARTED``), so the parent can tell, at an item's deadline, whether that
+item is still running or a later one began (and when) without a message per
+item.
+
 The memory is an anonymous ``memfd`` (Linux), mapped on both sides and handed
 to the worker as an inherited file descriptor; nothing is left in
 ``/dev/shm`` whatever kills whom. Where ``memfd_create`` is missing there is
@@ -49,6 +54,7 @@ J_COUNT = 3  # entries written (each complete before this is raised)
 J_USED = 4  # bytes of the journal in use
 WINDOW = 5  # tiny items: the batch position where the current step began
 EXACT = 6  # 1 while BEGUN counts items one by one; 0 while it counts steps
+STARTED = 7  # batches with a per-item timeout: time.monotonic_ns() at the begun item's start
 _WORDS = 8
 INT_SLOTS = 1 << 16  # int entries the array holds; later ones go to the byte area
 _INTS = 8 * _WORDS  # where the array of int entries starts
@@ -82,6 +88,13 @@ class Slot:
         words = self.words
         exact = words[EXACT] == 1
         return words[SEQ], words[BEGUN], None if exact else words[WINDOW]
+
+    def started(self) -> float:
+        """When the item counted by ``BEGUN`` began (``time.monotonic()``'s
+        clock, system-wide), in a batch with a per-item timeout. Written
+        before ``BEGUN``: read after it, it is that item's start or a later
+        item's, never an earlier one's."""
+        return self.words[STARTED] / 1e9
 
     # -- the journal: written by the worker --------------------------------
 
