@@ -541,9 +541,9 @@ class _Spans:
                 raise self.failure
             try:
                 span = next(self._gen)
-            except (StopIteration, GeneratorExit):
+            except StopIteration:
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # a task's GeneratorExit too: the stream failed
                 self.failure = exc
                 raise
             current = self._current = iter(span)

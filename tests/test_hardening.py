@@ -768,3 +768,86 @@ def test_a_script_ended_by_ctrl_c_dies_by_sigint() -> None:
     )
     assert proc.returncode == -signal.SIGINT, (proc.returncode, proc.stderr[-2000:])
     assert "KeyboardInterrupt" in proc.stderr
+
+
+# -- tasks that raise what the item loop itself uses ------------------------------
+
+
+def stop_at(x: int) -> int:
+    if x == 15_000:
+        raise StopIteration(f"item {x} gave up")
+    return x
+
+
+def test_a_tiny_item_raising_stop_iteration_fails_alone() -> None:
+    """A StopIteration from a task among tiny items (run a step at a time from
+    C, where it ended the step as if its input had) fails that item alone,
+    as a slow item's does: no result shifted or duplicated, no hang."""
+    n = 20_000
+    with pytest.raises(RuntimeError) as caught:
+        list(parstream.map(stop_at, range(n)))
+    assert isinstance(caught.value.__cause__, StopIteration)
+    with parstream.Supervisor(max_workers=2) as sup:
+        for chunksize in (None, 5_000):
+            out = list(sup.async_stream_nolink(stop_at, range(n), chunksize=chunksize))
+            assert len(out) == n
+            bad = [i for i, r in enumerate(out) if isinstance(r, Exit)]
+            assert bad == [15_000]
+            assert "gave up" in str(out[15_000].reason)
+            assert all(r == Ok(i) for i, r in enumerate(out) if i != 15_000)
+
+
+class RefusesToTravel:
+    def __reduce__(self) -> Any:
+        raise SystemExit("this object refuses to be pickled")
+
+
+def refusing_every_500(x: int) -> Any:
+    return RefusesToTravel() if x % 500 == 0 else x
+
+
+def test_a_result_whose_pickling_raises_a_base_exception_fails_alone() -> None:
+    """A result whose ``__reduce__`` raises SystemExit fails its item alone;
+    journaling it took two positions (every later result shifted) or killed
+    the worker."""
+    n = 20_000
+    out = list(parstream.async_stream_nolink(refusing_every_500, range(n)))
+    assert len(out) == n
+    assert [i for i, r in enumerate(out) if isinstance(r, Exit)] == list(range(0, n, 500))
+    assert all(r == Ok(i) for i, r in enumerate(out) if i % 500)
+
+
+def generator_exit_at_five(x: int) -> int:
+    if x == 5:
+        raise GeneratorExit("task 5 failed")
+    return x
+
+
+def test_a_tasks_generator_exit_fails_a_linked_stream_for_good() -> None:
+    """A linked stream failed by a task's GeneratorExit raises it again at
+    every later next(), as for any other failure; it ended quietly."""
+    stream = parstream.async_stream(generator_exit_at_five, range(50), chunksize=1)
+    with pytest.raises(GeneratorExit):
+        list(stream)
+    for _ in range(2):
+        with pytest.raises(GeneratorExit):
+            next(stream)
+    stream.close()
+
+
+def test_a_program_holding_over_1024_descriptors_can_use_a_pool() -> None:
+    """``select()`` refuses descriptors numbered 1024 or more: the hub crashed."""
+    proc = run_script(
+        """
+        import os, resource, parstream
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1300 and (hard == resource.RLIM_INFINITY or hard >= 1300):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1300, hard))
+        keep = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        print(list(parstream.map(abs, [-1, -2, -3])))
+        with parstream.Supervisor(max_workers=2) as sup:
+            print(sup.async_(abs, -4).await_(30), list(sup.map(abs, range(-3, 0))))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["[1, 2, 3]", "4 [3, 2, 1]"], proc.stdout

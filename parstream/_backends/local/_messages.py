@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -164,7 +163,7 @@ def _readable(conn: Any) -> bool:
     """Whether ``conn`` has data now, without Connection.poll()'s set-up cost."""
     if os.name == "posix":
         try:
-            return bool(select.select([conn.fileno()], [], [], 0)[0])
+            return _wire.wait_readable(conn.fileno())
         except (OSError, ValueError):
             return False
     try:

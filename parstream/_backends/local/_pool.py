@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import selectors
 import threading
 import time
@@ -1019,7 +1018,7 @@ class _WakeEnd:
             os.write(self.fd, data or b"\0")  # fd -1 once closed: OSError
 
     def poll(self) -> bool:
-        return bool(select.select([self.fd], [], [], 0)[0])
+        return _wire.wait_readable(self.fd)
 
     def recv_bytes(self) -> bytes:
         return os.read(self.fd, 4096)

@@ -122,15 +122,17 @@ class Slot:
         if isinstance(nbytes, int) and nbytes >= _BIG:
             return False  # a big array: flushing it now is cheaper than copying it twice
         big = Collector()  # big buffers inside the value (a tuple of arrays...)
+        # Any exception (a ``__reduce__`` may raise SystemExit): the value is
+        # the item's result already, and the flush reports why it cannot go.
         try:
             data = pickle.dumps(value, protocol=5, buffer_callback=big)
-        except Exception:
+        except BaseException:
             from parstream._backends._codec import dumps
 
             try:
                 data = dumps(value, big)
-            except Exception:
-                return False  # the flush will report why it cannot be sent
+            except BaseException:
+                return False
         if big.buffers:
             return False  # flushed at once, as a big array is
         return self._append(_VALUE, data)

@@ -110,11 +110,9 @@ class _Process:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait (up to ``timeout``) for it to exit, and reap it."""
-        import select
-
         if not self.reaped:
             with contextlib.suppress(OSError, ValueError):
-                select.select([self.sentinel], [], [], timeout)
+                _wire.wait_readable(self.sentinel, timeout)
             self._reap(os.WNOHANG)
         if self.reaped and self.sentinel >= 0:
             with contextlib.suppress(OSError):

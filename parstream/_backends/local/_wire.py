@@ -101,6 +101,18 @@ else:  # the same fields, as a plain namedtuple
     )
 
 
+def wait_readable(fd: int, timeout: float | None = 0.0) -> bool:
+    """Whether ``fd`` is readable (or at its end) within ``timeout`` seconds
+    (None: no limit). ``poll``, not ``select``, which refuses descriptors
+    numbered 1024 or more, as a program holding many sockets gets (POSIX)."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    ms = -1 if timeout is None else min(max(0, int(timeout * 1000 + 0.999)), 2**31 - 1)
+    return bool(poller.poll(ms))
+
+
 def encode(kind: int, obj: Any) -> bytes:
     # Plain pickle first: a worker's READY, LOG and FORGET need no cloudpickle.
     try:

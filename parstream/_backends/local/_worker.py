@@ -601,9 +601,22 @@ class _Runner:
                     words[EXACT] = 0
                     while len(values) < check[0] and pos < total:
                         words[WINDOW] = pos
-                        words[BEGUN] = min(pos + step, total)
+                        end = min(pos + step, total)
+                        words[BEGUN] = end
                         values.extend(map(call, islice(it, step)))
                         pos = done + len(values)
+                        if pos < end:
+                            # An item raised StopIteration, which ended the
+                            # step as if its input had (``extend`` takes it
+                            # so): that item, already taken from ``it``, runs
+                            # again alone for its exception, the one a slow
+                            # item would give.
+                            try:
+                                append(call(items[pos]))
+                            except BaseException as exc:
+                                errors[len(values)] = _failure(exc)
+                                append(None)
+                            pos += 1
             except BaseException as exc:
                 failure = _failure(exc)
                 errors[len(values)] = failure
