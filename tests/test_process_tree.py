@@ -513,3 +513,35 @@ def test_tasks_run_from_a_terminal_are_not_stopped_by_it(tmp_path: Path) -> None
     text = out.decode(errors="replace")
     assert "worker speaks" in text, text
     assert "results: 42 EOF" in text, text
+
+
+def test_kill_tree_stops_the_worker_before_looking_for_its_descendants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Looking a worker's descendants up takes milliseconds (a read of every
+    process on some kernels); a worker left running meanwhile finished the
+    item being timed out and sent its result, delivered as Ok though it
+    overran. It is stopped first."""
+    from parstream._backends.local import _spawn
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("reads the process state from /proc")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    states: list[str] = []
+    lookup = _spawn._descendants
+
+    def watching(pid: int) -> list[int] | None:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+        states.append(data[data.rindex(b")") + 2 :].split()[0].decode())
+        return lookup(pid)
+
+    monkeypatch.setattr(_spawn, "_descendants", watching)
+    try:
+        _spawn.kill_tree(proc.pid)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert states == ["T"]
+    finally:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
