@@ -114,7 +114,9 @@ class _TaskSink:
         self.ref: Callable[[], Task[Any] | None] = weakref.ref(task) if weak else lambda: task
 
     def on_started(self, at: float) -> None:
-        pass
+        task = self.ref()
+        if task is not None:
+            task._started = True
 
     def on_results(
         self, values: list[Any], errors: Mapping[int, BaseException], seconds: float | None
@@ -157,6 +159,7 @@ class Task(Generic[T]):
         self._waiters: list[Callable[[Task[T]], None]] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._job: Job | None = None
+        self._started = False  # a worker took it (the backend said so)
         if backend is not None and fn is not None:
             sink = _TaskSink(self, weak=linked)
             self._job = Job(fn, [args], sink, star=True, node=node, urgent=urgent)
@@ -507,11 +510,14 @@ _COLLATERAL = "_parstream_collateral"  # set on the reason of a task killed for 
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
-    """Kill the tasks not done yet; a Ctrl-C meanwhile waits until all are."""
+    """Kill the tasks not done yet; a Ctrl-C meanwhile waits until all are.
+    Those still queued go first: killing a running one frees its worker,
+    which would start a queued one before its own kill came (the calls not
+    started never run)."""
     with held():
-        for t in tasks:
-            if not t.done():
-                t._kill(reason or _sibling_failed())
+        rest = sorted((t for t in tasks if not t.done()), key=lambda t: t._started)
+        for t in rest:
+            t._kill(reason or _sibling_failed())
 
 
 def _sibling_failed() -> TaskShutdown:
@@ -557,12 +563,14 @@ def yield_many(
         raise
     results = [(t, t.result_nowait()) for t in tasks]
     if limit is None or sum(r is not None for _, r in results) < want:
-        for t, r in results:
-            if r is None:
-                if on_timeout == "kill_task":
-                    t.shutdown(BRUTAL_KILL)
-                elif on_timeout == "ignore":
-                    t.ignore()
+        late = [t for t, r in results if r is None]
+        if on_timeout == "kill_task":
+            late.sort(key=lambda t: t._started)  # queued ones first (see _kill_rest)
+            for t in late:
+                t.shutdown(BRUTAL_KILL)
+        elif on_timeout == "ignore":
+            for t in late:
+                t.ignore()
     return results
 
 

@@ -248,6 +248,32 @@ def test_await_many_raises_first_failure_at_once_and_kills_the_rest(
         parstream.await_many([slow, bad])
 
 
+def mark_then_sleep(folder: str, name: str) -> None:
+    Path(folder, f"start-{name}").touch()
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("how", ["await_many", "yield_many"])
+def test_tasks_still_queued_when_the_wait_ends_never_start(
+    sup: parstream.Supervisor, tmp_path: Path, how: str
+) -> None:
+    """await_many's timeout and yield_many's kill_task kill the queued tasks
+    before the running ones: a running one's kill freed its worker, which
+    started a queued task before that one's kill came."""
+    assert sup.async_(abs, -1).await_(30) == 1  # warm: the spare worker is booting
+    tasks = [sup.async_(mark_then_sleep, str(tmp_path), str(i)) for i in range(6)]
+    wait_until(lambda: len(list(tmp_path.iterdir())) >= 2, 30, "two tasks running")
+    time.sleep(0.5)  # the spare has booted: a freed worker is replaced at once
+    if how == "await_many":
+        with pytest.raises(parstream.TaskTimeout):
+            parstream.await_many(tasks, timeout=0.05)
+    else:
+        parstream.yield_many(tasks, timeout=0.05, on_timeout="kill_task")
+    assert all(isinstance(t.yield_(0), Exit) for t in tasks)
+    time.sleep(1.0)  # time for a queued task to have started, were one to
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["start-0", "start-1"]
+
+
 # -- yield ---------------------------------------------------------------------------
 
 
