@@ -416,6 +416,12 @@ def completed(value: T) -> Task[T]:
     return task
 
 
+def _check_task(task: Task[T]) -> Task[T]:
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task, got {type(task).__name__}")
+    return task
+
+
 def _check_tasks(tasks: Iterable[Task[Any]]) -> list[Task[Any]]:
     if not isinstance(tasks, Iterable):
         raise TypeError(f"tasks must be an iterable of Task, got {type(tasks).__name__}")
@@ -576,15 +582,14 @@ def yield_many(
 
 def await_(task: Task[T], timeout: float | None = None) -> T:
     """Module-level twin of ``Task.await_``."""
-    checked: Task[T] = _check_tasks([task])[0]
-    return checked.await_(timeout)
+    return _check_task(task).await_(timeout)
 
 
 def yield_(task: Task[T], timeout: float = 5.0) -> Ok[T] | Exit | None:
     """Module-level twin of ``Task.yield_``."""
-    return _check_tasks([task])[0].yield_(timeout)
+    return _check_task(task).yield_(timeout)
 
 
 def shutdown(task: Task[T], timeout: ShutdownTimeout = 5.0) -> Ok[T] | Exit | None:
     """Module-level twin of ``Task.shutdown``."""
-    return _check_tasks([task])[0].shutdown(timeout)
+    return _check_task(task).shutdown(timeout)

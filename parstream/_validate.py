@@ -9,6 +9,7 @@ a whole by ``Options.of``.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import sys
@@ -20,9 +21,30 @@ from typing import Any, Literal, TypedDict, overload
 OnTimeout = Literal["exit", "kill_task"]
 
 
+# Code flags (``inspect.CO_*``; ``inspect`` itself costs ~10 ms to import).
+_MAKES = {0x80: "a coroutine", 0x200: "an async generator", 0x20: "a generator"}
+
+
 def check_callable(fn: Any, name: str = "fn") -> None:
+    """``fn`` is callable, and not a function whose calls make a coroutine
+    or generator: a worker would get an object that cannot travel back (a
+    coroutine never awaited, on the local and Ray backends) or hand back
+    something unrun (in-process), whatever the items."""
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}: {fn!r}")
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+    flags = getattr(code, "co_flags", 0)
+    for flag, what in _MAKES.items():
+        if isinstance(flags, int) and flags & flag:
+            label = getattr(inner, "__qualname__", repr(inner))
+            raise TypeError(
+                f"{name} ({label}) returns {what} when called, which parstream would not run: "
+                "a worker calls the function and sends back what it returns. Pass a plain "
+                "function (for an async one, e.g. one that calls asyncio.run on it)"
+            )
 
 
 def check_iterable(value: Any, name: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -642,7 +643,49 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("await_many non-task", lambda: parstream.await_many([1]), TypeError, "Task"),  # type: ignore[list-item]
     ("await_ non-task", lambda: parstream.await_(1), TypeError, "Task"),  # type: ignore[arg-type]
     ("max_seconds nan", lambda: _supervisor(max_seconds=math.nan), ValueError, "max_seconds"),
+    ("await_ None", lambda: parstream.await_(None), TypeError, "task must be a Task"),  # type: ignore[arg-type]
+    ("shutdown None", lambda: parstream.shutdown(None), TypeError, "task must be a Task"),  # type: ignore[arg-type]
+    # A function whose calls make a coroutine or a generator: nothing a worker
+    # could send back (a coroutine never awaited), whatever the items.
+    (
+        "async_ coroutine fn",
+        lambda: parstream.async_(coroutine_fn, 1),
+        TypeError,
+        "fn .*coroutine",
+    ),
+    ("map coroutine fn", lambda: parstream.map(coroutine_fn, [1]), TypeError, "fn .*coroutine"),
+    (
+        "stream of a generator fn",
+        lambda: parstream.async_stream(generator_fn, [1]),
+        TypeError,
+        "fn .*generator",
+    ),
+    (
+        "submit a bound async method",
+        lambda: parstream.default_supervisor().submit(HasAsync().method, 1),
+        TypeError,
+        "fn .*coroutine",
+    ),
+    (
+        "start a partial of a coroutine fn",
+        lambda: parstream.start(functools.partial(coroutine_fn, 1)),
+        TypeError,
+        "fn .*coroutine",
+    ),
 ]
+
+
+async def coroutine_fn(x: int) -> int:
+    return x
+
+
+def generator_fn(x: int) -> Iterator[int]:
+    yield x
+
+
+class HasAsync:
+    async def method(self, x: int) -> int:
+        return x
 
 
 @pytest.mark.parametrize(
