@@ -853,3 +853,40 @@ def test_a_program_holding_over_1024_descriptors_can_use_a_pool() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:2] == ["[1, 2, 3]", "4 [3, 2, 1]"], proc.stdout
+
+
+def test_lines_printed_at_once_by_two_workers_stay_whole() -> None:
+    """Workers ran unbuffered (PYTHONUNBUFFERED=1, set for them): print wrote
+    the text and the newline apart, and two workers' lines merged ('worker 0
+    says hiworker 1 says hi'). They are line-buffered now, and the variable,
+    which tasks and what they start saw, is no longer set."""
+    code = textwrap.dedent(
+        """
+        import os, sys, time
+        import parstream
+
+        def hello(args):
+            x, t0 = args
+            while time.time() < t0:
+                pass
+            print(f"worker {x} says hello")
+            return os.environ.get("PYTHONUNBUFFERED")
+
+        if __name__ == "__main__":
+            seen = set()
+            for _ in range(15):
+                t0 = time.time() + 0.1
+                seen.update(parstream.map(hello, [(0, t0), (1, t0)], chunksize=1))
+            print("env", seen, file=sys.stderr)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 30
+    assert set(lines) == {"worker 0 says hello", "worker 1 says hello"}, lines
+    assert "env {None}" in proc.stderr

@@ -252,7 +252,6 @@ class Starter:
                 target=worker_main,
                 args=(child_conn, os.getpid(), slot, self.initializer),
                 name="parstream-worker",
-                env={"PYTHONUNBUFFERED": "1"},
             )
             with _allow_children_of_daemon():
                 process.start()
@@ -290,7 +289,7 @@ class Starter:
             # a process another thread forks meanwhile (a fork-started Pool)
             # would hold that confirmation pipe open, and the hub with it.
             added = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
-            env = {"PYTHONUNBUFFERED": "1", **added}
+            env = dict(added)
             # Before the fork: with no working directory, getcwd() fails here,
             # not after an interpreter was started that nobody would reap.
             cwd = os.getcwd()

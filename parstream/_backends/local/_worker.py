@@ -36,8 +36,10 @@ to the parent (``LOG`` messages) with the position of the running item.
 Safety: SIGINT is ignored (the parent decides what an interrupt kills), the
 worker dies with its parent (``PR_SET_PDEATHSIG`` on Linux plus a parent-pid
 watch everywhere), and output is
-never stranded in a buffer when the worker is killed: workers run with
-``PYTHONUNBUFFERED=1`` and flush again before every flush of results.
+not stranded in a buffer when the worker is killed: the worker's stdout and
+stderr are line-buffered (``_whole_lines``: each line one write, so lines
+from two workers never merge) and flushed before every flush of results.
+Only a line not yet ended when the worker is killed is lost.
 
 The worker leads a process group of its own, which every process a task
 starts inherits, so killing the group kills what the task started (``_reaper``).
@@ -103,6 +105,19 @@ def _die_with_parent(parent_pid: int) -> None:
                 os._exit(70)
 
     threading.Thread(target=watch, name="parstream-parent-watch", daemon=True).start()
+
+
+def _whole_lines() -> None:
+    """Line-buffer stdout and stderr, whatever ``PYTHONUNBUFFERED`` says: a
+    line is written whole, in one write (unbuffered, ``print`` writes the
+    text and the newline apart, and two workers' lines merged), and is out
+    at once. Nothing is set in the environment: tasks and what they start
+    see the parent's."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)  # type: ignore[union-attr]
+        except Exception:
+            pass  # None, or not a TextIOWrapper: left as it is
 
 
 def _flush_std() -> None:
@@ -768,6 +783,7 @@ def worker_main(
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    _whole_lines()
     runner = _Runner(conn, slot, fdchan)
     if spare:
         # Off anyone's critical path: what a first error or closure needs.
