@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
+from _util import wait_until
 
 import parstream
 
@@ -350,6 +351,37 @@ def test_every_log_record_names_its_own_item(
             if m.rsplit("hello ", 1)[1] != str(index):
                 wrong.append(m)
     assert wrong == []
+
+
+def _log_rarely(x: int) -> int:
+    if x % 9_973 == 5:
+        logging.getLogger("user.code").warning("rare %d", x)
+    return x
+
+
+def test_a_log_record_among_tiny_items_names_its_item_or_its_step(
+    sup: parstream.Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Among tiny items (run a step at a time) a record named the items
+    finished at the last reading of the clock: thousands of items off. It
+    names the exact item, or the step (of at most 32 items) it came from."""
+    n = 60_000
+    want = [x for x in range(n) if x % 9_973 == 5]
+    with caplog.at_level(logging.WARNING):
+        assert list(sup.stream_map(_log_rarely, range(n))) == list(range(n))
+        wait_until(lambda: sum("rare" in r.getMessage() for r in caplog.records) >= len(want), 10)
+    for r in caplog.records:
+        m = r.getMessage()
+        if r.name != "parstream" or "rare" not in m:
+            continue
+        x = int(m.rsplit("rare ", 1)[1])
+        where = m.split("[", 1)[1].split(",", 1)[0]
+        if where.startswith("one of items "):
+            lo, hi = map(int, where.removeprefix("one of items ").split("-"))
+            assert lo <= x <= hi, m
+            assert hi - lo < 32, m
+        else:
+            assert where == f"item {x}", m
 
 
 def _loaded_by_a_bare_interpreter(names: tuple[str, ...]) -> set[str]:

@@ -90,10 +90,14 @@ class MessageHandler:
         elif kind == _wire.LOG:
             name, level, text, position = _wire.decode(data)
             job = worker.job
-            index = None
+            where = "item None"
             if job is not None:
-                index = job.first_index + run_of(job).slice_start + position
-            log.log(level, "[item %s, worker %s] %s: %s", index, worker.pid, name, text)
+                base = job.first_index + run_of(job).slice_start
+                if isinstance(position, tuple):  # tiny items: the step it was logged in
+                    where = f"one of items {base + position[0]}-{base + position[1]}"
+                else:
+                    where = f"item {base + position}"
+            log.log(level, "[%s, worker %s] %s: %s", where, worker.pid, name, text)
         elif kind == _wire.BAD_BATCH:
             self._on_bad_batch(worker, _wire.decode(data))
 

@@ -278,14 +278,17 @@ class _Runner:
             if self.log_level is not None and root.level != self.log_level:
                 root.setLevel(self.log_level)
 
-    def running_index(self) -> int:
+    def running_index(self) -> int | tuple[int, int]:
         """The batch position of the item running now, for its log records:
-        exact while items are marked one by one (``BEGUN``), else the items
-        finished at the last reading of the clock (tiny items, run in steps)."""
+        exact while items are marked one by one (``BEGUN``); for tiny items,
+        run a step at a time, the step's first and last positions."""
         words = self.words
-        if words[EXACT] and words[BEGUN] > 0:
-            return int(words[BEGUN]) - 1
-        return self.position
+        begun = int(words[BEGUN])
+        if begun <= 0:
+            return self.position
+        if words[EXACT]:
+            return begun - 1
+        return int(words[WINDOW]), begun - 1
 
     def send(self, data: bytes) -> None:
         with self.lock:
