@@ -890,3 +890,24 @@ def test_lines_printed_at_once_by_two_workers_stay_whole() -> None:
     assert len(lines) == 30
     assert set(lines) == {"worker 0 says hello", "worker 1 says hello"}, lines
     assert "env {None}" in proc.stderr
+
+
+def fork_and_return_in_both(x: int) -> int:
+    if x in (3, 500):
+        return -1 if os.fork() == 0 else x
+    if x < 10:
+        time.sleep(0.01)
+    return x
+
+
+def test_a_process_a_task_forks_does_not_carry_on_as_a_worker() -> None:
+    """A task that forks and returns in the child too: the child went on as
+    a second worker on the same pipe (its result credited to a later item,
+    later values shifted, then 'a function was never sent to this worker').
+    It exits as the task returns there, as multiprocessing's fork children do."""
+    with parstream.Supervisor(max_workers=2) as sup:
+        out = list(sup.async_stream_nolink(fork_and_return_in_both, range(10), chunksize=1))
+        assert out == [Ok(i) for i in range(10)]
+        assert list(sup.map(fork_and_return_in_both, range(2000))) == list(range(2000))
+        assert sup.async_(fork_and_return_in_both, 3).await_(30) == 3
+        assert list(sup.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]

@@ -107,6 +107,24 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parstream-parent-watch", daemon=True).start()
 
 
+# Set in a process that a task forked (``os.register_at_fork``), which goes
+# on from the fork inside the task. Should the task return there, that process
+# must not carry on as a second worker on the same pipe and slot (its result
+# credited to another item, the batch's later items run twice): it exits as
+# the task returns (``_leave_forked_child``), as multiprocessing's fork
+# children do when their target returns.
+_FORKED = [False]
+
+
+def _forked_by_a_task() -> None:
+    _FORKED[0] = True
+
+
+def _leave_forked_child() -> None:
+    _flush_std()
+    os._exit(0)
+
+
 def _whole_lines() -> None:
     """Line-buffer stdout and stderr, whatever ``PYTHONUNBUFFERED`` says: a
     line is written whole, in one write (unbuffered, ``print`` writes the
@@ -291,10 +309,14 @@ class _Runner:
         return int(words[WINDOW]), begun - 1
 
     def send(self, data: bytes) -> None:
+        if _FORKED[0]:
+            return  # a process a task forked: the pipe is the worker's, not its
         with self.lock:
             self.conn.send_bytes(data)
 
     def send_results(self, values: list[Any], errors: _wire.Errors, done: bool) -> None:
+        if _FORKED[0]:
+            _leave_forked_child()
         # Output first: what an item printed is out before its result is, so it
         # lands in the right notebook cell and survives a kill right after.
         _flush_std()
@@ -509,11 +531,15 @@ class _Runner:
             try:
                 value = call(args)
             except BaseException as exc:
+                if _FORKED[0]:
+                    _leave_forked_child()
                 failure = _failure(exc)
                 errors[len(values)] = failure
                 values.append(None)
                 kept = journal_error(failure)
             else:
+                if _FORKED[0]:
+                    _leave_forked_child()
                 values.append(value)
                 kept = journal_value(value)
             now = clock()
@@ -584,6 +610,7 @@ class _Runner:
         ints = slot.ints if slot is not None else None
         full = False  # the journal is full: flush now
         step = TINY_STEP
+        forked = _FORKED
         while done + len(values) < total:
             pos = done + len(values)
             try:
@@ -596,6 +623,8 @@ class _Runner:
                     for begun, args in enumerate(it, pos + 1):
                         words[BEGUN] = begun  # before the item: the parent's record of a crash
                         value = call(args)
+                        if forked[0]:
+                            _leave_forked_child()
                         append(value)
                         # Journal it. A plain int is entry ``begun - done - 1``
                         # of the slot's int array, written here: a call per
@@ -622,6 +651,8 @@ class _Runner:
                         end = min(pos + step, total)
                         words[BEGUN] = end
                         values.extend(map(call, islice(it, step)))
+                        if forked[0]:
+                            _leave_forked_child()
                         pos = done + len(values)
                         if pos < end:
                             # An item raised StopIteration, which ended the
@@ -636,6 +667,8 @@ class _Runner:
                                 append(None)
                             pos += 1
             except BaseException as exc:
+                if forked[0]:
+                    _leave_forked_child()
                 failure = _failure(exc)
                 errors[len(values)] = failure
                 append(None)
@@ -787,6 +820,8 @@ def worker_main(
         signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     _whole_lines()
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forked_by_a_task)
     runner = _Runner(conn, slot, fdchan)
     if spare:
         # Off anyone's critical path: what a first error or closure needs.
