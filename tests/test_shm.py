@@ -499,3 +499,62 @@ def test_a_task_that_closes_stdout_cannot_write_into_results(closed: list[int]) 
         for i, (a, b) in enumerate(zip(first, later, strict=True)):
             assert (a == i).all(), (i, a[:4])
             assert (b == i).all(), (i, b[:4])
+
+
+def test_a_worker_out_of_descriptors_gives_its_argument_block_back() -> None:
+    """A worker with no free descriptor cannot receive a batch's arguments'
+    memfd: the items fail saying so (EMFILE), the parent's block comes back
+    (each failure kept 1 MiB and two descriptors), and once the results the
+    worker's blocks served are dropped, the worker recovers (it kept the
+    descriptors of its idle result blocks open)."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import gc, os, resource, time
+        import numpy as np
+        import parstream
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # the workers inherit it
+
+        def make(i):
+            return np.full(1 << 15, float(i))
+
+        def total(a):
+            return float(a.sum())
+
+        def blocks():
+            with open(f"/proc/{os.getpid()}/maps") as maps:
+                return sum("parstream-args" in line for line in maps)
+
+        def failures(sup, n):
+            why = set()
+            for _ in range(n):
+                try:
+                    sup.async_(total, np.ones(1 << 15)).await_(30)
+                except EOFError as e:
+                    why.add("EMFILE" in str(e.__cause__))
+            return why
+
+        with parstream.Supervisor(max_workers=1) as sup:
+            assert not failures(sup, 1)
+            held = list(sup.map(make, range(100)))
+            assert failures(sup, 5) == {True}, "out of descriptors, and saying so"
+            assert blocks() <= 2, blocks()
+            del held
+            gc.collect()
+            time.sleep(0.5)
+            failures(sup, 1)  # the worker gives up its idle blocks' descriptors
+            assert not failures(sup, 5)
+        print("ok")
+        """
+    )
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"

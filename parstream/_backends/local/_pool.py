@@ -388,7 +388,7 @@ class LocalPool(MessageHandler):
                 if block is not None:
                     # The items' large buffers: their descriptor goes first.
                     assert worker.fdchan is not None
-                    _shm.send(worker.fdchan, block.fd)
+                    _shm.send(worker.fdchan, block.fd, block.id)
                 worker.conn.send_bytes(payload)
                 if behind:
                     worker.next_delivered = True

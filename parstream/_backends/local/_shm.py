@@ -176,6 +176,12 @@ class Outgoing:
             os.close(fd)
             idle -= size
 
+    def drop_idle(self) -> None:
+        """Close the blocks kept for reuse (out of descriptors: they hold some)."""
+        free, self._free = self._free, []
+        for _, fd, _ in free:
+            os.close(fd)
+
 
 _forks = 0  # how often this process forked: blocks mapped before a fork are never reused
 
@@ -338,10 +344,31 @@ def send(channel: socket.socket, fd: int, tag: int = 0) -> None:
     socket.send_fds(channel, [_TAG.pack(tag)], [fd])
 
 
+class DescriptorLost(OSError):
+    """The tag came but not its descriptor: this process has no free
+    descriptor (``EMFILE``), so the kernel dropped it. ``tag`` says which
+    block it was, for the sender to take back."""
+
+    def __init__(self, tag: int) -> None:
+        super().__init__(
+            "its descriptor could not be received: this process has no free file "
+            "descriptor (EMFILE); close some, or raise the limit (ulimit -n)"
+        )
+        self.tag = tag
+
+
 def receive(channel: socket.socket) -> tuple[int, int]:
     """The next descriptor sent on ``channel``, and its tag."""
     data, fds, _, _ = socket.recv_fds(channel, _TAG.size, 1)
     if not fds:
+        if data:
+            while len(data) < _TAG.size:
+                more = channel.recv(_TAG.size - len(data))
+                if not more:
+                    break
+                data += more
+            else:
+                raise DescriptorLost(_TAG.unpack(data)[0])
         raise EOFError("the descriptor channel closed before the announced buffers arrived")
     while len(data) < _TAG.size:  # a stream socket may split the tag
         more = channel.recv(_TAG.size - len(data))

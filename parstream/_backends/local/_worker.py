@@ -258,6 +258,7 @@ class _Runner:
         # (``release_blocks``).
         self.blocks: list[tuple[int, Any, int]] = []
         self.outgoing: Any = None  # memfds for results (``_shm.Outgoing``), once needed
+        self.buffers_error: BaseException | None = None  # why a batch's buffers did not come
         self.words: Any = slot.words if slot is not None else [0] * 8
         self.functions: dict[bytes, Any] = {}
         # Per function: whether its last batch ended journaling (items slow
@@ -360,9 +361,19 @@ class _Runner:
         or ``None`` if it could not be received."""
         from parstream._backends.local import _shm
 
+        self.buffers_error = None
         try:
             return _shm.mapped(_shm.receive(self.open_channel())[0])
-        except (OSError, EOFError, ValueError):
+        except _shm.DescriptorLost as lost:
+            # Out of descriptors: the parent takes its block back at once,
+            # and the result blocks kept for reuse give theirs up.
+            self.buffers_error = lost
+            self.send(_wire.encode(_wire.RELEASED, [lost.tag]))
+            if self.outgoing is not None:
+                self.outgoing.drop_idle()
+            return None
+        except (OSError, EOFError, ValueError) as exc:
+            self.buffers_error = exc
             return None
 
     def release_blocks(self) -> None:
@@ -441,7 +452,9 @@ class _Runner:
         try:
             if buffers is not None:
                 if mapping is None:
-                    raise EOFError("the batch's large buffers did not arrive from the parent")
+                    raise EOFError(
+                        "the batch's large buffers did not arrive from the parent"
+                    ) from self.buffers_error
                 views = _wire.split_buffers(memoryview(mapping), buffers[1])
                 items = pickle.loads(items_bytes, buffers=views)
             else:
