@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from parstream._backend import resolve
 from parstream._supervisor import Supervisor
-from parstream._validate import MapOptions, StreamOptions, document_options
+from parstream._validate import MapOptions, StreamOptions, check_bool, document_options
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -57,6 +57,7 @@ def default_supervisor(backend: Any = None, *, start: bool = True) -> Supervisor
     Raises:
         TypeError/ValueError: ``backend`` is not a backend name or object.
     """
+    check_bool(start, "start")
     key = resolve(backend)  # "local", None and LocalBackend() are one key; equal configs too
     with _lock:
         sup = _defaults.get(key)

@@ -262,6 +262,8 @@ def compare(
     sample = check_int(sample, "sample", 1)
     max_concurrency = check_int(max_concurrency, "max_concurrency", 1)
     rounds = check_int(rounds, "rounds", 1, allow_none=False)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None or 'local', got {type(backend).__name__}")
     if backend not in (None, "local"):
         raise ValueError(
             f"backend must be None or 'local', got {backend!r}: "

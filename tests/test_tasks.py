@@ -643,6 +643,13 @@ BAD_CALLS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("await_many non-task", lambda: parstream.await_many([1]), TypeError, "Task"),  # type: ignore[list-item]
     ("await_ non-task", lambda: parstream.await_(1), TypeError, "Task"),  # type: ignore[arg-type]
     ("max_seconds nan", lambda: _supervisor(max_seconds=math.nan), ValueError, "max_seconds"),
+    (
+        "default_supervisor start=1",
+        lambda: parstream.default_supervisor(start=1),  # type: ignore[call-overload]
+        TypeError,
+        "start",
+    ),
+    ("compare backend=1", lambda: parstream.compare(abs, [1], backend=1), TypeError, "backend"),  # type: ignore[arg-type]
     ("await_ None", lambda: parstream.await_(None), TypeError, "task must be a Task"),  # type: ignore[arg-type]
     ("shutdown None", lambda: parstream.shutdown(None), TypeError, "task must be a Task"),  # type: ignore[arg-type]
     # A function whose calls make a coroutine or a generator: nothing a worker
