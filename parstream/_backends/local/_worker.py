@@ -530,43 +530,55 @@ class _Runner:
         clock = time.monotonic_ns
         words = self.words
         journal_value, journal_error = slot.journal_value, slot.journal_error
+        ints = slot.ints
         interval = int(FLUSH_INTERVAL_S * 1e9)
         budget = self.budget * 1e9
         values: list[Any] = []
+        append = values.append
         errors: _wire.Errors = {}
         done = 0  # items finished in earlier flushes
         words[EXACT] = 1
         now = last = started = clock()
         total = len(items)
+        forked = _FORKED
         for begun, args in enumerate(items, 1):
             words[STARTED] = now  # before BEGUN: see Slot.started
             words[BEGUN] = begun
             try:
                 value = call(args)
             except BaseException as exc:
-                if _FORKED[0]:
+                if forked[0]:
                     _leave_forked_child()
                 failure = _failure(exc)
                 errors[len(values)] = failure
-                values.append(None)
+                append(None)
                 kept = journal_error(failure)
             else:
-                if _FORKED[0]:
+                if forked[0]:
                     _leave_forked_child()
-                values.append(value)
-                kept = journal_value(value)
+                append(value)
+                kept = True
+                if type(value) is int:  # entry ``begun - done - 1``, as in run_flushing
+                    try:
+                        ints[begun - done - 1] = value
+                        words[J_COUNT] = begun - done
+                    except (IndexError, ValueError, OverflowError):
+                        kept = journal_value(value)
+                else:
+                    kept = journal_value(value)
             now = clock()
-            self.position = begun
             if begun < total and (not kept or now - last >= interval):
                 # Flushed before the next item begins: nothing is journaled
                 # after an entry that was not.
-                done = begun
+                done = self.position = begun
                 self.send_results(values, errors, False)
                 values, errors = [], {}
+                append = values.append
                 slot.journal_reset(done)
                 now = last = clock()
             if begun < total and now - started >= budget:
                 break  # over budget: the rest goes back unrun
+        self.position = done + len(values)
         self.send_results(values, errors, True)
 
     def start_ticker(self) -> None:
