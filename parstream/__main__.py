@@ -47,6 +47,9 @@ def _compare(args: argparse.Namespace) -> int:
     from parstream._compare import _EmptyInput, compare
 
     try:
+        if args.json is not None and not args.json.parent.is_dir():
+            # Checked first: a comparison runs for seconds before writing it.
+            raise _BadTarget(f"--json: {args.json.parent} is not a directory")
         fn = _load(args.fn, "fn")
         make_items = _load(args.make_items, "make_items")
         try:

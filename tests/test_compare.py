@@ -405,6 +405,11 @@ BAD_TARGETS = {
     "not an iterable": (["userjob:coarse", "userjob:make_int"], "returned int, not an iterable"),
     "make_items raises": (["userjob:coarse", "userjob:make_boom"], "raised RuntimeError"),
     "empty": (["userjob:coarse", "userjob:make_empty"], "iterable is empty"),
+    # Before the comparison runs, not after it (a raw FileNotFoundError).
+    "json dir missing": (
+        ["userjob:coarse", "userjob:make_items", "--json", "/nonexistent/dir/x.json"],
+        "--json: /nonexistent/dir is not a directory",
+    ),
 }
 
 
