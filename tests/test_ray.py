@@ -345,6 +345,11 @@ def test_bad_ray_backend_arguments_fail_at_call_time(ray_cluster: RayCluster) ->
         parstream.RayBackend(runtime_env=["x"])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="init_kwargs"):
         parstream.RayBackend(init_kwargs=[1])  # type: ignore[arg-type]
+    # Given twice, one would silently win.
+    with pytest.raises(ValueError, match="address is given twice"):
+        parstream.RayBackend(address="auto", init_kwargs={"address": "ray://x:1"})
+    with pytest.raises(ValueError, match="runtime_env is given twice"):
+        parstream.RayBackend(runtime_env={}, init_kwargs={"runtime_env": {"pip": ["x"]}})
     for cpus in (math.nan, math.inf):
         with pytest.raises(ValueError, match="num_cpus_per_task"):
             parstream.RayBackend(num_cpus_per_task=cpus)

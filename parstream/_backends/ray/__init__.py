@@ -78,6 +78,10 @@ class RayBackend:
             raise TypeError(f"runtime_env must be a dict or None, got {self.runtime_env!r}")
         if self.init_kwargs is not None and not isinstance(self.init_kwargs, Mapping):
             raise TypeError(f"init_kwargs must be a dict or None, got {self.init_kwargs!r}")
+        for name in ("address", "runtime_env"):
+            if self.init_kwargs and name in self.init_kwargs and getattr(self, name) is not None:
+                # One would silently win over the other.
+                raise ValueError(f"{name} is given twice: as {name}= and in init_kwargs")
         cpus = self.num_cpus_per_task
         if isinstance(cpus, bool) or not isinstance(cpus, int | float):
             raise TypeError(f"num_cpus_per_task must be a number, got {cpus!r}")
