@@ -911,3 +911,43 @@ def test_a_process_a_task_forks_does_not_carry_on_as_a_worker() -> None:
         assert list(sup.map(fork_and_return_in_both, range(2000))) == list(range(2000))
         assert sup.async_(fork_and_return_in_both, 3).await_(30) == 3
         assert list(sup.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
+
+
+def test_an_interrupt_inside_closing_a_pool_leaves_nothing_behind() -> None:
+    """A KeyboardInterrupt landing inside the pool's close, between its
+    kills: the pool counted as closed, so the close that followed did
+    nothing, and its workers, hub thread and reaper lived as long as the
+    process. (Raised where a real signal would land, by a trace function.)"""
+    proc = run_script(
+        """
+        import gc, sys, threading, time, psutil, parstream
+
+        def sq(x):
+            return x * x
+
+        def ctrl_c_in_a_kill(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "kill_tree":
+                sys.settrace(None)
+                raise KeyboardInterrupt
+
+        try:
+            with parstream.Supervisor(max_workers=2) as sup:
+                assert list(sup.stream_map(sq, range(5))) == [0, 1, 4, 9, 16]
+                sys.settrace(ctrl_c_in_a_kill)
+        except KeyboardInterrupt:
+            pass
+        sys.settrace(None)
+        del sup
+        gc.collect()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            left = psutil.Process().children(recursive=True)
+            hubs = [t for t in threading.enumerate() if t.name == "parstream-hub"]
+            if not left and not hubs:
+                break
+            time.sleep(0.1)
+        print("children", len(left), "hubs", len(hubs))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["children", "0", "hubs", "0"], proc.stdout

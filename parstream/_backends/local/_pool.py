@@ -125,6 +125,8 @@ class LocalPool(MessageHandler):
         self._spare_next_at = 0.0  # a spare that died by itself: no new one before then
         self._spare_backoff = 0.0
         self._closed = False
+        self._close_done = False  # close() went through to the end
+        self._killed_at_close: set[LocalWorker] = set()
         self._pid = os.getpid()
         self._forked = False
         self._arena = _shm.Arena()  # blocks for large arguments (``_shm``)
@@ -289,27 +291,37 @@ class LocalPool(MessageHandler):
         if self.forked:
             self._forget_after_fork()
             return
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._dispatch.close_queue()
-            workers = list(self._workers)
+        # Ctrl-C waits until the pool is closed; and a close cut short all
+        # the same (an exception in a kill) is finished by the next call,
+        # not taken for done: the workers, the hub and the reaper's hold
+        # would otherwise live as long as the process.
+        with held():
+            with self._lock:
+                if self._close_done:
+                    return
+                if not self._closed:
+                    self._closed = True
+                    self._dispatch.close_queue()
+                workers = list(self._workers)
+                for w in workers:
+                    if w in self._killed_at_close:
+                        continue
+                    w.kill_cause = "close"
+                    if w.state == "spare":
+                        _spawn.kill_spare(w.pid)
+                    else:
+                        _spawn.kill_tree(w.pid or w.process.pid)
+                    self._killed_at_close.add(w)
+            self._wake()
+            if threading.current_thread() is not self._hub and self._hub.ident is not None:
+                self._hub.join(timeout=5.0)
+                if not self._hub.is_alive():
+                    self._outbox.flush()  # anything the hub could not deliver
             for w in workers:
-                w.kill_cause = "close"
-                if w.state == "spare":
-                    _spawn.kill_spare(w.pid)
-                else:
-                    _spawn.kill_tree(w.pid or w.process.pid)
-        self._wake()
-        if threading.current_thread() is not self._hub and self._hub.ident is not None:
-            self._hub.join(timeout=5.0)
-            if not self._hub.is_alive():
-                self._outbox.flush()  # anything the hub could not deliver (none if it ended well)
-        for w in workers:
-            w.process.join(timeout=1.0)
-        self._arena.close()
-        _reaper.release(self)
+                w.process.join(timeout=1.0)
+            self._arena.close()
+            _reaper.release(self)
+            self._close_done = True
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's workers without touching them."""
