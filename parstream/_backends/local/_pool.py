@@ -279,7 +279,14 @@ class LocalPool(MessageHandler):
         fresh_start = self._starter.initializer is None
         with self._lock:
             for w in self._workers:
-                if w.state in ("idle", "spare"):
+                if w.state == "spare":
+                    # It has run no user code: killed at once. Asked to stop,
+                    # one still booting read the STOP only once booted, and
+                    # a loop of restarts piled booting interpreters up.
+                    w.state = "retiring"
+                    w.kill_cause = "retire"
+                    _spawn.kill_spare(w.pid)
+                elif w.state == "idle":
                     self._retire(w)
                 elif w.state == "starting" and fresh_start:
                     continue
