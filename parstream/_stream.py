@@ -582,8 +582,9 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
 
     def __init__(self, state: _State, owner: object = None) -> None:
         self._state = state
-        self._owner = owner  # keeps the Supervisor (and its workers) alive
-        self._spans = run_stream(state, True)
+        # The generator holds the Supervisor (and its workers) alive until the
+        # stream ends, fails or is closed: not for as long as this object.
+        self._spans = _spans_of(state, owner, records=True)
         self._chains = _Chains(_Spans(self._spans))
 
     def __iter__(self) -> Iterator[Ok[T] | Exit]:
@@ -675,8 +676,11 @@ class _Values(Iterator[T]):
         return _aiter(self)
 
 
-def _spans_of(state: _State, owner: object) -> Generator[list[Any], None, None]:
-    gen = run_stream(state, False)
+def _spans_of(
+    state: _State, owner: object, *, records: bool = False
+) -> Generator[list[Any], None, None]:
+    """``run_stream``'s spans, holding ``owner`` until they end."""
+    gen = run_stream(state, records)
     try:
         yield from gen
     finally:

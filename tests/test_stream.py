@@ -966,3 +966,24 @@ def test_a_stream_handed_from_thread_to_thread_goes_on_in_order(
     assert [value(r) for r in out] == [x * x for x in range(n)]
     with pytest.raises(StopIteration):
         next(stream)
+
+
+@pytest.mark.parametrize("end", ["finished", "closed"])
+def test_a_stream_that_ended_lets_its_unreferenced_supervisor_go(end: str) -> None:
+    """A Stream held its Supervisor for as long as the Stream object lived,
+    finished or closed: the workers, spare and reaper stayed up. It holds it
+    until it ends, as map's values do."""
+    sup = parstream.Supervisor(max_workers=2)
+    stream = sup.async_stream(abs, range(-10, 0))
+    assert next(stream) == Ok(10)
+    pids = sup.worker_pids()
+    assert pids
+    del sup
+    if end == "finished":
+        assert list(stream) == [Ok(i) for i in range(9, 0, -1)]
+    else:
+        stream.close()
+    gc.collect()
+    for pid in pids:
+        assert gone(pid, 10), pid
+    assert list(stream) == []
