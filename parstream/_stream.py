@@ -402,6 +402,24 @@ class _Closed(Exception):
     """The stream was closed from another thread while its generator waited."""
 
 
+_EXITING = threading.Event()  # set by the interpreter-exit hook
+
+
+def exiting() -> None:
+    """The interpreter is exiting: see ``_park_at_exit``."""
+    _EXITING.set()
+
+
+def _park_at_exit() -> None:
+    """At interpreter exit, a daemon thread still reading a stream (whose
+    supervisor exit closes) blocks here for good, as one reading
+    ``Pool.imap`` does, and dies silently with the interpreter: an error
+    would print a traceback at exit, and an end would pass partial results
+    off as whole. (Only daemon threads still run then.)"""
+    if _EXITING.is_set() and threading.current_thread().daemon:
+        threading.Event().wait()
+
+
 def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
     """The stream's generator of *spans*: lists of consecutive results, as
     Ok/Exit (``wrap``) or plain values. A caller iterates the items with
@@ -409,9 +427,14 @@ def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
     resumed per item, only per span."""
     try:
         yield from _produce(state, wrap)
+        if state.closed:  # from another thread: an end in name only
+            _park_at_exit()
     except _Closed:
+        _park_at_exit()
         return
     except BaseException as exc:
+        if isinstance(exc, SupervisorClosed):
+            _park_at_exit()
         # The caller may keep the error (``except E as e``, a notebook's last
         # error), and its traceback the frames it passed through here, whose
         # locals hold chunks and their inputs: those frames let go of them.

@@ -185,6 +185,7 @@ class Supervisor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._closed_reason: str | None = None
         self._tasks: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
+        self._streams: weakref.WeakSet[_State] = weakref.WeakSet()  # killed first at exit
         self._admitting = threading.Lock()  # max_children: counted and added at once
         self._backend: Backend = config.open(settings)
         try:
@@ -389,7 +390,7 @@ class Supervisor(concurrent.futures.Executor):
         self._check_open()
         from parstream._stream import _State
 
-        return _State(
+        state = _State(
             self._backend,
             self._backend.prepare(fn),
             iterable,
@@ -399,6 +400,8 @@ class Supervisor(concurrent.futures.Executor):
             or (self._backend.capacity_on(node) if node is not None else self.max_workers),
             why_closed=self._why_closed(),
         )
+        self._streams.add(state)
+        return state
 
     def _why_closed(self) -> Callable[[], str | None]:
         """For a stream: why this supervisor closed (it holds no reference to us)."""
@@ -560,7 +563,7 @@ class Supervisor(concurrent.futures.Executor):
         self._check_open()
         from parstream import _executor
 
-        return _executor.start_map(
+        results = _executor.start_map(
             self,
             self._backend,
             self._backend.prepare(fn),
@@ -571,6 +574,8 @@ class Supervisor(concurrent.futures.Executor):
             buffersize,
             self._why_closed(),
         )
+        self._streams.add(results._state)
+        return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """``Executor.shutdown``: refuse new work, let submitted work finish, then close.
@@ -702,6 +707,23 @@ class Supervisor(concurrent.futures.Executor):
         self._core.close_backend()
         _live.discard(self)
 
+    def _stop_for_exit(self) -> None:
+        """Interpreter exit, before the pending futures are waited for: kill
+        what exit kills anyway (children, tasks, streams), so that no future
+        waits behind it for a worker, for as long as it runs."""
+        reason = "the interpreter is exiting"
+        for child in self._children.end_all():
+            task = child.task
+            self._children.end(child, reason)
+            if task is not None and not task.done():
+                task._kill(TaskShutdown(reason))
+        tasks = [t for t in list(self._tasks) if not t.done()]
+        tasks.sort(key=lambda t: t._started)  # the queued ones first (see _task._kill_rest)
+        for t in tasks:
+            t._kill(TaskShutdown(reason))
+        for state in list(self._streams):
+            state.close()
+
     def __enter__(self) -> Supervisor:
         return self
 
@@ -738,8 +760,14 @@ def _close_all() -> None:
     # runs first: the workers are gone before that hook joins them.
     if not _live and "parstream._executor" not in sys.modules:
         return  # no Supervisor was ever opened here
-    from parstream import _executor
+    from parstream import _executor, _stream
 
+    _stream.exiting()  # a daemon thread still reading a stream blocks from now on
+    for sup in list(_live):
+        try:
+            sup._stop_for_exit()
+        except Exception:  # pragma: no cover
+            pass
     try:
         _executor.finish_at_exit()  # pending futures first, as the stdlib does
     finally:

@@ -144,6 +144,69 @@ def test_interpreter_exit_is_not_blocked_by_a_hung_task(ending: str) -> None:
         finish(proc)
 
 
+QUEUED_BEHIND = {
+    "start": "sup.start(time.sleep, 3600)\n",
+    "stream": (
+        "stream = iter(sup.async_stream(time.sleep, [3600]))\n"
+        "threading.Thread(target=next, args=(stream, None), daemon=True).start()\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(QUEUED_BEHIND))
+def test_exit_kills_what_a_pending_future_waits_behind(what: str) -> None:
+    """At exit, pending futures run first (as the stdlib's), then everything
+    else is killed. A future queued behind a start() task or a stream for a
+    worker waited as long as that ran: an hour here, the exit with it. Exit
+    now kills those first."""
+    proc = run_script(
+        "import threading\n"
+        "sup = parstream.Supervisor(max_workers=1)\n" + QUEUED_BEHIND[what] + "time.sleep(0.5)\n"
+        "future = sup.submit(abs, -7)\n"
+        "future.add_done_callback(lambda f: print('future', f.result(), flush=True))\n"
+        "say(pids=sup.worker_pids())\n"
+    )
+    try:
+        pids = read_json(proc)["pids"]
+        assert proc.wait(30) == 0
+        out, err = proc.communicate()
+        assert out.split() == ["future", "7"], (out, err[-2000:])
+        assert wait_all_gone(pids, 10.0) == []
+    finally:
+        finish(proc)
+
+
+def test_a_daemon_thread_reading_a_stream_at_exit_dies_silently() -> None:
+    """Exit closed the stream under a daemon thread reading it, which got
+    SupervisorClosed: a traceback printed at exit, whole or cut off, in
+    about half the runs. It now blocks, as one reading Pool.imap does, and
+    dies with the interpreter: no traceback, and no end of the stream that
+    would pass its partial results off as whole."""
+    for _ in range(2):
+        proc = run_script(
+            "import threading\n"
+            "def consume(results):\n"
+            "    for r in results:\n"
+            "        print(r, flush=True)\n"
+            "    print('the stream ended', flush=True)\n"
+            "threading.Thread(\n"
+            "    target=consume, args=(parstream.map(time.sleep, [30] * 4),), daemon=True\n"
+            ").start()\n"
+            "time.sleep(1.0)\n"
+            "say(pids=parstream.default_supervisor().worker_pids())\n"
+        )
+        try:
+            pids = read_json(proc)["pids"]
+            assert proc.wait(30) == 0
+            out, err = proc.communicate()
+            assert out == "", out
+            assert "Traceback" not in err, err
+            assert "Exception in thread" not in err, err
+            assert wait_all_gone(pids, 10.0) == []
+        finally:
+            finish(proc)
+
+
 # -- (c) Ctrl-C -------------------------------------------------------------------------
 
 # Each wait announces itself just before it blocks, so the SIGINT lands inside it.

@@ -9,6 +9,7 @@ pool and with the parent, never promoted into a changed environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -188,6 +189,16 @@ def test_restart_workers_has_the_hub_send_the_stops(monkeypatch: pytest.MonkeyPa
     assert set(senders) == {"parstream-hub"}, senders
 
 
+def _worker_processes() -> list[psutil.Process]:
+    """This process's parstream workers (not, say, a Ray cluster's processes)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("parstream._backends.local._worker" in part for part in p.cmdline()):
+                found.append(p)
+    return found
+
+
 def test_a_loop_of_restarts_does_not_pile_up_booting_spares() -> None:
     """Each restart_workers() asked the spare to stop, and a spare still
     booting reads that only once booted, while a new one started at once:
@@ -199,8 +210,8 @@ def test_a_loop_of_restarts_does_not_pile_up_booting_spares() -> None:
         for _ in range(30):
             sup.restart_workers()
             time.sleep(0.01)
-            peak = max(peak, len(psutil.Process().children(recursive=True)))
-        assert peak <= 10, peak
+            peak = max(peak, len(_worker_processes()))
+        assert peak <= 8, peak
         assert list(sup.map(abs, range(-4, 0))) == [4, 3, 2, 1]
 
 
