@@ -144,6 +144,19 @@ def test_interpreter_exit_is_not_blocked_by_a_hung_task(ending: str) -> None:
         finish(proc)
 
 
+def exits_and_leaves_no_worker(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """After the script's ``say(pids=...)``: it exits by itself with status 0,
+    its workers gone; what it printed after that, and its stderr."""
+    try:
+        pids = read_json(proc)["pids"]
+        assert proc.wait(30) == 0
+        out, err = proc.communicate()
+        assert wait_all_gone(pids, 10.0) == []
+        return out, err
+    finally:
+        finish(proc)
+
+
 QUEUED_BEHIND = {
     "start": "sup.start(time.sleep, 3600)\n",
     "stream": (
@@ -166,14 +179,8 @@ def test_exit_kills_what_a_pending_future_waits_behind(what: str) -> None:
         "future.add_done_callback(lambda f: print('future', f.result(), flush=True))\n"
         "say(pids=sup.worker_pids())\n"
     )
-    try:
-        pids = read_json(proc)["pids"]
-        assert proc.wait(30) == 0
-        out, err = proc.communicate()
-        assert out.split() == ["future", "7"], (out, err[-2000:])
-        assert wait_all_gone(pids, 10.0) == []
-    finally:
-        finish(proc)
+    out, err = exits_and_leaves_no_worker(proc)
+    assert out.split() == ["future", "7"], (out, err[-2000:])
 
 
 def test_a_daemon_thread_reading_a_stream_at_exit_dies_silently() -> None:
@@ -195,16 +202,10 @@ def test_a_daemon_thread_reading_a_stream_at_exit_dies_silently() -> None:
             "time.sleep(1.0)\n"
             "say(pids=parstream.default_supervisor().worker_pids())\n"
         )
-        try:
-            pids = read_json(proc)["pids"]
-            assert proc.wait(30) == 0
-            out, err = proc.communicate()
-            assert out == "", out
-            assert "Traceback" not in err, err
-            assert "Exception in thread" not in err, err
-            assert wait_all_gone(pids, 10.0) == []
-        finally:
-            finish(proc)
+        out, err = exits_and_leaves_no_worker(proc)
+        assert out == "", out
+        assert "Traceback" not in err, err
+        assert "Exception in thread" not in err, err
 
 
 # -- (c) Ctrl-C -------------------------------------------------------------------------

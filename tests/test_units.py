@@ -43,7 +43,7 @@ from parstream._results import Ok, oks
 from parstream._validate import Options
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 PACKAGE = Path(parstream.__file__).parent
 
@@ -515,19 +515,10 @@ def big_then_ints(i: int) -> Any:
     return BIG if i < _worker.TINY_STEP else i
 
 
-@pytest.mark.parametrize(
-    ("outcome", "journal_first", "timed"),
-    [(mixed_outcome, True, False), (big_then_ints, False, False), (mixed_outcome, True, True)],
-)
-def test_worker_journal_holds_only_true_results_at_every_step(
-    outcome: Callable[[int], Any], journal_first: bool, timed: bool
-) -> None:
-    """Run a batch through the worker's item loop in this process and read the
-    journal as a dying worker would leave it, before every item and every
-    flush: each entry counted is the result of the item at its position.
-    Results fill the journal over and over; ints, big ints, strings and
-    errors mix. The loop for a per-item timeout (``timed``) also stamps each
-    item's start in the slot before the item runs."""
+@pytest.fixture
+def runner_on_a_slot() -> Iterator[tuple[Any, Any, list[bytes]]]:
+    """A worker's item loop in this process, on a slot of its own, and the
+    frames it sends; its log forwarding taken back after the test."""
     slot = new_slot()
     if slot is None:
         pytest.skip("no memfd_create here: the pool runs without a slot")
@@ -537,7 +528,32 @@ def test_worker_journal_holds_only_true_results_at_every_step(
         def send_bytes(self, data: bytes) -> None:
             sent.append(bytes(data))
 
-    runner = _worker._Runner(Conn(), slot)
+    try:
+        yield _worker._Runner(Conn(), slot), slot, sent
+    finally:
+        logging.getLogger().removeHandler(
+            next(h for h in logging.getLogger().handlers if isinstance(h, _worker._Forward))
+        )
+        slot.close()
+
+
+@pytest.mark.parametrize(
+    ("outcome", "journal_first", "timed"),
+    [(mixed_outcome, True, False), (big_then_ints, False, False), (mixed_outcome, True, True)],
+)
+def test_worker_journal_holds_only_true_results_at_every_step(
+    outcome: Callable[[int], Any],
+    journal_first: bool,
+    timed: bool,
+    runner_on_a_slot: tuple[Any, Any, list[bytes]],
+) -> None:
+    """Run a batch through the worker's item loop in this process and read the
+    journal as a dying worker would leave it, before every item and every
+    flush: each entry counted is the result of the item at its position.
+    Results fill the journal over and over; ints, big ints, strings and
+    errors mix. The loop for a per-item timeout (``timed``) also stamps each
+    item's start in the slot before the item runs."""
+    runner, slot, sent = runner_on_a_slot
     outcomes: list[Any] = []  # what each item returned or raised, by position
     checked = 0
 
@@ -576,55 +592,36 @@ def test_worker_journal_holds_only_true_results_at_every_step(
         check_journal()  # as a death between the last item and its flush would leave it
         send_results(values, errors, done)
 
-    runner.send_results = flush  # type: ignore[method-assign]
-    try:
-        if timed:
-            runner.run_timed(item, list(range(60)))
-        else:
-            runner.run_flushing(item, list(range(60)), journal_first)
-        got: list[Any] = []
-        for data in sent:
-            _, _, values, errors = loads_results(data)
-            for i, v in enumerate(values):
-                got.append(("err", str(errors[i][0])) if i in errors else ("ok", v))
-        ran = len(got)
-        assert ran >= 1
-        assert got == [
-            ("err", str(o)) if isinstance(o, ValueError) else ("ok", o) for o in outcomes[:ran]
-        ]
-        assert checked > 0
-    finally:
-        logging.getLogger().removeHandler(
-            next(h for h in logging.getLogger().handlers if isinstance(h, _worker._Forward))
-        )
-        slot.close()
+    runner.send_results = flush
+    if timed:
+        runner.run_timed(item, list(range(60)))
+    else:
+        runner.run_flushing(item, list(range(60)), journal_first)
+    got: list[Any] = []
+    for data in sent:
+        _, _, values, errors = loads_results(data)
+        for i, v in enumerate(values):
+            got.append(("err", str(errors[i][0])) if i in errors else ("ok", v))
+    ran = len(got)
+    assert ran >= 1
+    assert got == [
+        ("err", str(o)) if isinstance(o, ValueError) else ("ok", o) for o in outcomes[:ran]
+    ]
+    assert checked > 0
 
 
-def test_a_timed_batch_reports_in_flushes_not_per_item() -> None:
+def test_a_timed_batch_reports_in_flushes_not_per_item(
+    runner_on_a_slot: tuple[Any, Any, list[bytes]],
+) -> None:
     """A batch with a per-item timeout sends its results in flushes (a
     message per item cost 60-150 us, 12-150 times the work of small items),
     every item's start stamped in the slot instead."""
-    slot = new_slot()
-    if slot is None:
-        pytest.skip("no memfd_create here: the pool runs without a slot")
-    sent: list[bytes] = []
-
-    class Conn:
-        def send_bytes(self, data: bytes) -> None:
-            sent.append(bytes(data))
-
-    runner = _worker._Runner(Conn(), slot)
-    try:
-        runner.run_timed(abs, list(range(-500, 500)))
-        values = [v for data in sent for v in loads_results(data)[2]]
-        assert values == [abs(i) for i in range(-500, 500)]
-        assert len(sent) < 50
-        assert slot.words[BEGUN] == 1000
-    finally:
-        logging.getLogger().removeHandler(
-            next(h for h in logging.getLogger().handlers if isinstance(h, _worker._Forward))
-        )
-        slot.close()
+    runner, slot, sent = runner_on_a_slot
+    runner.run_timed(abs, list(range(-500, 500)))
+    values = [v for data in sent for v in loads_results(data)[2]]
+    assert values == [abs(i) for i in range(-500, 500)]
+    assert len(sent) < 50
+    assert slot.words[BEGUN] == 1000
 
 
 def test_the_hub_finds_the_late_item_and_its_start_in_the_slot() -> None:
