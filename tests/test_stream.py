@@ -214,6 +214,27 @@ def test_kill_task_timeout(sup: parstream.Supervisor) -> None:
     assert sup.stats().tasks_timed_out == 2
 
 
+@pytest.mark.parametrize("api", ["stream", "map"])
+def test_a_hang_on_a_warm_idle_worker_times_out(api: str) -> None:
+    """The first item given straight to an idle worker that already holds the
+    function: nothing woke the pool's hub, asleep until its next deadline (up
+    to an hour), and a batch with a timeout tells nothing before its first
+    flush. The hang ran to its end and came back Ok."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        assert list(sup.stream_map(pid_and_sleep, [0])) == sup.worker_pids()
+        time.sleep(0.3)  # the hub sleeps: nothing to wait for
+        if api == "stream":
+            out = list(
+                sup.async_stream_nolink(pid_and_sleep, [8], timeout=1.0, on_timeout="kill_task")
+            )
+            assert len(out) == 1
+            assert isinstance(out[0], Exit)
+            assert isinstance(out[0].reason, parstream.TaskTimeout)
+        else:
+            with pytest.raises(parstream.TaskTimeout):
+                list(sup.stream_map(pid_and_sleep, [8], timeout=1.0))
+
+
 def test_timeout_exit_raises_even_in_nolink(sup: parstream.Supervisor) -> None:
     """Scenario 4: on_timeout='exit' raises TaskTimeout and kills the other items."""
     stream = sup.async_stream_nolink(pid_and_sleep, [0.0, 5.0, 5.0], timeout=0.5)

@@ -199,6 +199,11 @@ class LocalPool(MessageHandler):
                     return
                 self._assign(worker, job)
             self._send(worker, job)
+            if job.timeout is not None:
+                # The hub keeps the deadlines, and may be asleep until a later
+                # one (or for good): it must see this one. (A batch with a
+                # timeout tells nothing before its first flush, ~20 ms on.)
+                self._wake()
         except BaseException:
             # Ctrl-C in this (the caller's) thread once the worker was taken,
             # while the batch was being encoded or written: the worker must not
