@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from parstream._backend import Job
 from parstream._callbacks import call_soon, drain, ensure_started, on_hub_thread
-from parstream._errors import TaskShutdown
+from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._stream import _State, _Values, values
@@ -204,6 +204,10 @@ class ExecutorCore:
             _cores.add(self)
 
     def submit(self, fn: FnHandle, args: tuple[Any, ...]) -> _Future:
+        if _exiting and not self.backend.forked:
+            # As the stdlib's executors: a done-callback that submits again
+            # at exit (a job that reschedules itself) would keep exit waiting.
+            raise SupervisorClosed("cannot schedule new futures after interpreter shutdown")
         future = _Future(self.backend, self._forget)
         job = future._ps_job = Job(fn, [args], _FutureSink(future), star=True)
         with self.lock:
@@ -294,11 +298,27 @@ def release(core: ExecutorCore) -> None:
         threading.Thread(target=finish, name="parstream-release", daemon=True).start()
 
 
+_exiting = False  # the interpreter is exiting: no new futures
+
+
 def finish_at_exit() -> None:
     """Interpreter exit: let pending submitted futures run to completion first,
-    as ``ProcessPoolExecutor`` does; Ctrl-C during that wait kills everything.
-    Then every remaining backend (tasks, children, streams) is closed."""
+    as ``ProcessPoolExecutor`` does, refusing new ones; Ctrl-C during that
+    wait kills everything. Then every remaining backend (tasks, children,
+    streams) is closed.
+
+    The one-off tasks of every executor are killed before the wait (the
+    queued ones first), those of a Supervisor already dropped included: a
+    future queued behind one that never ends would keep exit waiting."""
+    global _exiting
+    _exiting = True
     try:
+        with _cores_lock:
+            cores = [c for c in _cores if not c.backend.forked]
+        tasks = [t for c in cores for t in list(c.tasks) if not t.done()]
+        tasks.sort(key=lambda t: t._started)
+        for t in tasks:
+            t._kill(TaskShutdown("the interpreter is exiting"))
         while True:
             with _cores_lock:
                 # Not those inherited through os.fork(): their futures are the

@@ -415,8 +415,19 @@ def _park_at_exit() -> None:
     supervisor exit closes) blocks here for good, as one reading
     ``Pool.imap`` does, and dies silently with the interpreter: an error
     would print a traceback at exit, and an end would pass partial results
-    off as whole. (Only daemon threads still run then.)"""
-    if _EXITING.is_set() and threading.current_thread().daemon:
+    off as whole. (Only daemon threads still run then.) Not parstream's
+    callback thread, which exit waits for: a done-callback still reading
+    a stream gets ``SupervisorClosed``, as the stdlib's executors refuse
+    work at exit."""
+    if not _EXITING.is_set():
+        return
+    from parstream import _callbacks
+
+    if _callbacks.on_callback_thread():
+        raise SupervisorClosed(
+            "the interpreter is exiting (while this stream was running)"
+        ) from None
+    if threading.current_thread().daemon:
         threading.Event().wait()
 
 

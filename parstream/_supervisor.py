@@ -709,18 +709,15 @@ class Supervisor(concurrent.futures.Executor):
 
     def _stop_for_exit(self) -> None:
         """Interpreter exit, before the pending futures are waited for: kill
-        what exit kills anyway (children, tasks, streams), so that no future
-        waits behind it for a worker, for as long as it runs."""
+        what exit kills anyway (children, streams), so that no future waits
+        behind it for a worker, for as long as it runs. (One-off tasks are
+        the executor core's to kill: ``_executor.finish_at_exit``.)"""
         reason = "the interpreter is exiting"
         for child in self._children.end_all():
             task = child.task
             self._children.end(child, reason)
             if task is not None and not task.done():
                 task._kill(TaskShutdown(reason))
-        tasks = [t for t in list(self._tasks) if not t.done()]
-        tasks.sort(key=lambda t: t._started)  # the queued ones first (see _task._kill_rest)
-        for t in tasks:
-            t._kill(TaskShutdown(reason))
         for state in list(self._streams):
             state.close()
 

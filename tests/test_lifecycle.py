@@ -208,6 +208,79 @@ def test_a_daemon_thread_reading_a_stream_at_exit_dies_silently() -> None:
         assert "Exception in thread" not in err, err
 
 
+EXIT_WITH_WORK_AROUND_FUTURES = {
+    # A done-callback still reading a stream when exit began: the exit waits
+    # for callbacks, and the stream was closed under it (made to wait for
+    # good, as a daemon thread's is): exit hung.
+    "callback reading a stream": (
+        """
+        def slow(x):
+            time.sleep(0.2)
+            return x
+
+        def post_process(future):
+            sum(parstream.map(slow, range(10)))
+
+        sup = parstream.Supervisor(max_workers=2)
+        f = sup.submit(slow, 1)
+        f.add_done_callback(post_process)
+        print("result", f.result(), flush=True)
+        time.sleep(0.5)
+        """,
+        ["result", "1"],
+    ),
+    # A Supervisor dropped with a background task and a future queued behind
+    # it: exit killed the tasks of live Supervisors only, then waited.
+    "dropped supervisor": (
+        """
+        def work():
+            sup = parstream.Supervisor(max_workers=1)
+            sup.start(time.sleep, 3600)
+            f = sup.submit(abs, -7)
+            f.add_done_callback(lambda f: print("future", f.result(), flush=True))
+
+        work()
+        time.sleep(0.5)
+        """,
+        ["future", "7"],
+    ),
+    # A job that submits itself again from its done-callback: exit waited
+    # until it looked at a moment with nothing pending (5 s to over 40 s).
+    # New futures are refused at exit, as the stdlib refuses them.
+    "job rescheduling itself": (
+        """
+        def slow(x):
+            time.sleep(0.1)
+            return x
+
+        ex = parstream.Supervisor(max_workers=2)
+
+        def again(f):
+            try:
+                ex.submit(slow, f.result() + 1).add_done_callback(again)
+            except RuntimeError:
+                print("refused", flush=True)
+
+        ex.submit(slow, 0).add_done_callback(again)
+        time.sleep(0.5)
+        """,
+        ["refused"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_WITH_WORK_AROUND_FUTURES))
+def test_exit_with_work_around_pending_futures_is_prompt(case: str) -> None:
+    body, want = EXIT_WITH_WORK_AROUND_FUTURES[case]
+    proc = run_script(body)
+    try:
+        out, err = proc.communicate(timeout=40)
+    finally:
+        finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.split() == want, (out, err[-2000:])
+
+
 # -- (c) Ctrl-C -------------------------------------------------------------------------
 
 # Each wait announces itself just before it blocks, so the SIGINT lands inside it.
