@@ -8,6 +8,11 @@ on one daemon thread per process; one that raises is logged and the next
 runs. A forked child starts its own thread on first use. ``drain`` waits
 for what is queued: a Supervisor's ``shutdown(wait=True)`` and the
 interpreter's exit do, so no callback of finished work is lost.
+
+At interpreter exit (``exiting``), a daemon thread of the program that
+parstream's exit cuts short (reading a stream, awaiting a task) blocks for
+good in ``park_if_exiting`` and dies silently with the interpreter; this
+thread never does, since exit waits for it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,29 @@ def mark_hub_thread(thread: threading.Thread) -> None:
 
 def on_hub_thread() -> bool:
     return getattr(threading.current_thread(), "_parstream_hub", False) is True
+
+
+_EXITING = threading.Event()
+
+
+def exiting() -> None:
+    """The interpreter is exiting (parstream's exit hook has begun)."""
+    _EXITING.set()
+
+
+def is_exiting() -> bool:
+    return _EXITING.is_set()
+
+
+def park_if_exiting() -> None:
+    """At interpreter exit, a daemon thread of the program's whose stream or
+    task exit has just killed blocks here for good, as one reading
+    ``Pool.imap`` or waiting on ``apply_async().get()`` does, and dies
+    silently with the interpreter: an error would print a traceback at
+    exit, and a stream's end would pass partial results off as whole. (Only
+    daemon threads still run then.) Not this module's callback thread."""
+    if _EXITING.is_set() and threading.current_thread().daemon and not on_callback_thread():
+        threading.Event().wait()
 
 
 def on_callback_thread() -> bool:

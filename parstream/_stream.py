@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from parstream import _callbacks
 from parstream._backend import BackendClosed, Gate, Job
 from parstream._chunks import (
     DROPPED,
@@ -402,33 +403,15 @@ class _Closed(Exception):
     """The stream was closed from another thread while its generator waited."""
 
 
-_EXITING = threading.Event()  # set by the interpreter-exit hook
-
-
-def exiting() -> None:
-    """The interpreter is exiting: see ``_park_at_exit``."""
-    _EXITING.set()
-
-
 def _park_at_exit() -> None:
-    """At interpreter exit, a daemon thread still reading a stream (whose
-    supervisor exit closes) blocks here for good, as one reading
-    ``Pool.imap`` does, and dies silently with the interpreter: an error
-    would print a traceback at exit, and an end would pass partial results
-    off as whole. (Only daemon threads still run then.) Not parstream's
-    callback thread, which exit waits for: a done-callback still reading
-    a stream gets ``SupervisorClosed``, as the stdlib's executors refuse
-    work at exit."""
-    if not _EXITING.is_set():
+    """A stream closed under its reader at interpreter exit: a daemon thread
+    blocks for good (``_callbacks.park_if_exiting``); parstream's callback
+    thread, which exit waits for, gets ``SupervisorClosed``, as the stdlib's
+    executors refuse work at exit."""
+    if not _callbacks.is_exiting():
         return
-    from parstream import _callbacks
-
-    if _callbacks.on_callback_thread():
-        raise SupervisorClosed(
-            "the interpreter is exiting (while this stream was running)"
-        ) from None
-    if threading.current_thread().daemon:
-        threading.Event().wait()
+    _callbacks.park_if_exiting()
+    raise SupervisorClosed("the interpreter is exiting (while this stream was running)") from None
 
 
 def run_stream(state: _State, wrap: bool) -> Generator[list[Any], None, None]:

@@ -757,9 +757,9 @@ def _close_all() -> None:
     # runs first: the workers are gone before that hook joins them.
     if not _live and "parstream._executor" not in sys.modules:
         return  # no Supervisor was ever opened here
-    from parstream import _executor, _stream
+    from parstream import _callbacks, _executor
 
-    _stream.exiting()  # a daemon thread still reading a stream blocks from now on
+    _callbacks.exiting()  # a daemon thread still reading a stream blocks from now on
     for sup in list(_live):
         try:
             sup._stop_for_exit()

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
+from parstream import _callbacks
 from parstream._backend import Job
 from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
@@ -365,6 +366,8 @@ class Task(Generic[T]):
         if isinstance(result, Ok):
             return result.value
         assert isinstance(result, Exit)
+        if isinstance(result.reason, TaskShutdown):
+            _callbacks.park_if_exiting()  # killed by the interpreter's exit
         raise result.reason.with_traceback(self._reason_tb)
 
     def _kill(self, reason: BaseException) -> None:

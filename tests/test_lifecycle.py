@@ -183,22 +183,35 @@ def test_exit_kills_what_a_pending_future_waits_behind(what: str) -> None:
     assert out.split() == ["future", "7"], (out, err[-2000:])
 
 
-def test_a_daemon_thread_reading_a_stream_at_exit_dies_silently() -> None:
-    """Exit closed the stream under a daemon thread reading it, which got
-    SupervisorClosed: a traceback printed at exit, whole or cut off, in
-    about half the runs. It now blocks, as one reading Pool.imap does, and
-    dies with the interpreter: no traceback, and no end of the stream that
-    would pass its partial results off as whole."""
+DAEMON_READERS = {
+    "stream": (
+        "def consume():\n"
+        "    for r in parstream.map(time.sleep, [30] * 4):\n"
+        "        print(r, flush=True)\n"
+        "    print('the stream ended', flush=True)\n"
+    ),
+    "task": ("def consume():\n    print(parstream.async_(time.sleep, 30).await_(), flush=True)\n"),
+    "await_many": (
+        "def consume():\n"
+        "    tasks = [parstream.async_(time.sleep, 30) for _ in range(2)]\n"
+        "    print(parstream.await_many(tasks), flush=True)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(DAEMON_READERS))
+def test_a_daemon_thread_waiting_on_parstream_at_exit_dies_silently(what: str) -> None:
+    """Exit kills the streams and tasks still running, and a daemon thread
+    waiting on one got SupervisorClosed or TaskShutdown: a traceback printed
+    at exit, whole or cut off (for a stream, in about half the runs). It now
+    blocks, as one reading Pool.imap or waiting on apply_async().get()
+    does, and dies with the interpreter: no traceback, and no end of a
+    stream that would pass its partial results off as whole."""
     for _ in range(2):
         proc = run_script(
             "import threading\n"
-            "def consume(results):\n"
-            "    for r in results:\n"
-            "        print(r, flush=True)\n"
-            "    print('the stream ended', flush=True)\n"
-            "threading.Thread(\n"
-            "    target=consume, args=(parstream.map(time.sleep, [30] * 4),), daemon=True\n"
-            ").start()\n"
+            + DAEMON_READERS[what]
+            + "threading.Thread(target=consume, daemon=True).start()\n"
             "time.sleep(1.0)\n"
             "say(pids=parstream.default_supervisor().worker_pids())\n"
         )
