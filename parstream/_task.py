@@ -166,6 +166,9 @@ class Task(Generic[T]):
             self._job = Job(fn, [args], sink, star=True, node=node, urgent=urgent)
             if linked:
                 self._finalizer = weakref.finalize(self, _kill_job, backend, self._job)
+                # Not at exit: weakref's exit hook may run before parstream's,
+                # whose kills the daemon threads still waiting must see.
+                self._finalizer.atexit = False
 
     def _set(self, result: Ok[T] | Exit) -> None:
         with self._lock:

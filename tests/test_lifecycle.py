@@ -209,7 +209,13 @@ def test_a_daemon_thread_waiting_on_parstream_at_exit_dies_silently(what: str) -
     stream that would pass its partial results off as whole."""
     for _ in range(2):
         proc = run_script(
-            "import threading\n"
+            "import atexit, threading, weakref\n"
+            # weakref's exit hook registered after parstream's, so it runs
+            # first (as it happened to in CI): it ran linked tasks' finalisers,
+            # which killed them before parstream's exit began.
+            "import parstream._supervisor\n"
+            "atexit.register(time.sleep, 0.5)\n"
+            "atexit.register(weakref.finalize._exitfunc)\n"
             + DAEMON_READERS[what]
             + "threading.Thread(target=consume, daemon=True).start()\n"
             "time.sleep(1.0)\n"

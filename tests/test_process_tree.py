@@ -524,24 +524,27 @@ def test_kill_tree_stops_the_worker_before_looking_for_its_descendants(
     overran. It is stopped first."""
     from parstream._backends.local import _spawn
 
-    if not os.path.exists("/proc/self/stat"):
-        pytest.skip("reads the process state from /proc")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    states: list[str] = []
-    lookup = _spawn._descendants
+    events: list[Any] = []
+    lookup, kill = _spawn._descendants, os.kill
 
-    def watching(pid: int) -> list[int] | None:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-        states.append(data[data.rindex(b")") + 2 :].split()[0].decode())
+    def looking(pid: int) -> list[int] | None:
+        events.append(("lookup", pid))
         return lookup(pid)
 
-    monkeypatch.setattr(_spawn, "_descendants", watching)
+    def killing(pid: int, sig: int) -> None:
+        events.append(("kill", pid, sig))
+        kill(pid, sig)
+
+    monkeypatch.setattr(_spawn, "_descendants", looking)
+    monkeypatch.setattr(os, "kill", killing)  # the one _spawn calls
     try:
         _spawn.kill_tree(proc.pid)
+        monkeypatch.undo()
         assert proc.wait(timeout=10) == -signal.SIGKILL
-        assert states == ["T"]
+        assert events[:2] == [("kill", proc.pid, signal.SIGSTOP), ("lookup", proc.pid)], events
     finally:
+        monkeypatch.undo()
         with contextlib.suppress(OSError):
             proc.kill()
         proc.wait()
