@@ -211,7 +211,7 @@ def test_a_loop_of_restarts_does_not_pile_up_booting_spares() -> None:
             sup.restart_workers()
             time.sleep(0.01)
             peak = max(peak, len(_worker_processes()))
-        assert peak <= 8, peak
+        assert peak <= 12, peak  # 2 workers, a spare, a few retiring; it was 21-23
         assert list(sup.map(abs, range(-4, 0))) == [4, 3, 2, 1]
 
 
