@@ -380,6 +380,16 @@ class MapState(_State):
             return max(1, min(size, self.cap // self.max_concurrency))
         return max(1, min(size, self.cap))
 
+    def fill(self) -> None:
+        # Past the deadline no call starts: those running are waited for no
+        # longer (``wait_event``). On the inline backend a call runs inside
+        # the submit that this would make, so it is also where the deadline
+        # is seen at all: results already in hand are delivered first, then
+        # the wait for the next raises.
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return
+        super().fill()
+
     def wait_event(self) -> None:
         # The base class waits one short poll at a time, so the deadline is
         # checked at least that often.

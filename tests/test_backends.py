@@ -205,3 +205,81 @@ def test_stats_count_a_recovered_exception_as_failed(tmp_path: Any) -> None:
     assert stats.tasks_failed == 1
     assert stats.tasks_crashed == 1
     assert stats.tasks_ok == 6
+
+
+def test_inline_map_timeout_is_reported_and_starts_no_call_after_it() -> None:
+    """``Supervisor.map(timeout=)`` on inline: each call runs inside the map's
+    own next(), so the deadline was never waited on and every call ran."""
+    ran: list[int] = []
+
+    def work(x: int) -> int:
+        ran.append(x)
+        time.sleep(0.1)
+        return x
+
+    with parstream.Supervisor(backend="inline") as ex:
+        results = ex.map(work, range(20), timeout=0.35)
+        got = [next(results), next(results)]
+        with pytest.raises(concurrent.futures.TimeoutError):
+            got.extend(results)
+        assert got == ran[: len(got)]
+        assert 2 <= len(ran) < 20
+        assert list(ex.map(square, range(4), timeout=30)) == [0, 1, 4, 9]
+
+
+def test_inline_runner_threads_end_with_their_supervisor() -> None:
+    """A child restarted on inline runs on a runner thread; it outlived close()."""
+    state = {"n": 0}
+
+    def crash_once() -> str:
+        state["n"] += 1
+        if state["n"] % 2:
+            raise RuntimeError("the first run fails")
+        return "ok"
+
+    def runners() -> int:
+        return sum(t.name == "parstream-inline-runner" for t in threading.enumerate())
+
+    before = runners()
+    for _ in range(3):
+        with parstream.Supervisor(backend="inline") as sup:
+            child = sup.start_child(crash_once, restart="transient")
+            assert child.wait(WAIT_S) == parstream.Ok("ok")
+    deadline = time.monotonic() + WAIT_S
+    while runners() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runners() == before
+
+
+def test_inline_initializer_that_raises_fails_the_work_not_the_supervisor() -> None:
+    """As on worker processes: the calls get ``WorkerStartFailed`` with the
+    initializer's exception as ``__cause__``, and the next call tries it
+    again; ``Supervisor()`` itself raised the initializer's error before."""
+    calls: list[int] = []
+
+    def init() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("model file missing")
+
+    with parstream.Supervisor(backend="inline", initializer=init) as sup:
+        with pytest.raises(parstream.WorkerStartFailed) as info:
+            sup.submit(square, 3).result(WAIT_S)
+        assert isinstance(info.value.__cause__, OSError)
+        assert not sup.closed
+        assert list(sup.map(square, range(3))) == [0, 1, 4]
+        assert list(sup.map(square, range(3))) == [0, 1, 4]
+    assert len(calls) == 3  # run until it did not raise, then never again
+
+
+def test_inline_accepts_the_worker_options_of_code_written_for_workers() -> None:
+    """Debugging code written for worker processes must not need editing:
+    ``max_workers=4`` and the recycling options were refused on inline."""
+    options: dict[str, Any] = {
+        "max_workers": 4,
+        "max_tasks_per_child": 10,
+        "max_memory_per_worker": 1 << 30,
+    }
+    with parstream.Supervisor(backend="inline", **options) as ex:
+        assert list(ex.map(square, range(5))) == [0, 1, 4, 9, 16]
+        assert ex.submit(square, 7).result(WAIT_S) == 49

@@ -25,12 +25,16 @@ What cannot hold in-process, and what happens instead:
 * A crash (``os._exit``, a segfault) takes the caller down with it; nothing
   is isolated. ``KeyboardInterrupt`` inside a task stops the caller, as in a
   plain loop.
-* ``max_workers`` is 1: a stream runs one item at a time. Threads that
-  submit at once each run their own job in their own thread, as plain calls
-  would (a task may use parstream inline from a thread it starts, nested
-  maps included). ``max_tasks_per_worker`` and
-  ``max_memory_per_worker`` are refused; the ``initializer`` runs once, in
-  this process, when the Supervisor is created.
+* One item runs at a time, whatever ``max_workers`` says: a stream runs
+  one item at a time. Threads that submit at once each run their own job in
+  their own thread, as plain calls would (a task may use parstream inline
+  from a thread it starts, nested maps included). ``max_workers``,
+  ``max_tasks_per_worker`` and ``max_memory_per_worker`` are accepted and
+  have no effect, so that code written for worker processes runs unchanged
+  when debugged. The ``initializer`` runs once, in this process, when the
+  Supervisor is created; if it raises, each job fails with
+  ``WorkerStartFailed`` (its exception as ``__cause__``), as a worker that
+  cannot start fails it elsewhere, and the next job tries it again.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Node, Worker
 from parstream._backends._dispatch import unusable
 from parstream._callbacks import on_callback_thread
-from parstream._errors import TaskTimeout
+from parstream._errors import TaskTimeout, WorkerStartFailed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -77,17 +81,11 @@ class InlineBackend:
     name = "inline"
 
     def open(self, settings: Settings) -> Backend:
-        for option in ("max_tasks_per_worker", "max_memory_per_worker"):
-            if getattr(settings, option) is not None:
-                raise ValueError(f"{option} is not supported by the inline backend")
-        if settings.max_workers not in (None, 1):
-            raise ValueError(
-                f"max_workers must be 1 (or None) on the inline backend, got "
-                f"{settings.max_workers}"
-            )
+        pool = InlinePool()
         if settings.initializer is not None:
-            settings.initializer(*settings.initargs)
-        return InlinePool()
+            pool._initializer = (settings.initializer, settings.initargs)
+            pool._initialize()
+        return pool
 
 
 class _Run:
@@ -114,7 +112,11 @@ class InlinePool:
         self._running: list[Job] = []  # the jobs running now, nested ones included
         self._state = threading.Lock()  # guards _closed and _active
         self._active = 0  # submits in progress; the event thread outlives them
-        self._runner: queue.SimpleQueue[Job] | None = None  # restarts (callback thread)
+        self._runner: queue.SimpleQueue[Job | None] | None = None  # restarts (callback thread)
+        # The Supervisor's initializer, until it has run without raising.
+        self._initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+        self._init_lock = threading.Lock()
+        self._init_error: BaseException | None = None
         self._closed = False
         self._pid = os.getpid()
         self._notes: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
@@ -169,9 +171,39 @@ class InlinePool:
         finally:
             self._leave(wait=True)
 
+    def _initialize(self) -> BaseException | None:
+        """Run the initializer if it has not yet run without raising: None
+        once it has, else the ``WorkerStartFailed`` a job gets for it."""
+        with self._init_lock:
+            init = self._initializer
+            if init is None:
+                return None
+            fn, args = init
+            try:
+                fn(*args)
+            except Exception as exc:
+                error = WorkerStartFailed(
+                    f"the initializer raised {exc!r}; the inline backend runs it again "
+                    "for the next job"
+                )
+                error.__cause__ = exc
+                self._init_error = error
+                return error
+            self._initializer = self._init_error = None
+            return None
+
     def _run_job(self, job: Job) -> None:
         n = len(job.items)
         run: _Run = job.state
+        failed = self._initialize() if self._initializer is not None else None
+        if failed is not None:
+            run.running = False
+            with self._lock:
+                self._counts.submitted += n
+                self._counts.failed += n
+                self._post(job.sink.on_results, [None] * n, dict.fromkeys(range(n), failed), None)
+                self._post(job.sink.on_done, "finished", 0)
+            return
         with self._lock:
             self._running.append(job)
             self._counts.submitted += n
@@ -218,10 +250,15 @@ class InlinePool:
                     name="parstream-inline-runner",
                 ).start()
             self._runner.put(job)
+            if self._closed:  # close() let the runner go already: this one ends after it
+                self._runner.put(None)
+                self._runner = None
 
-    def _run_queued(self, jobs: queue.SimpleQueue[Job]) -> None:
+    def _run_queued(self, jobs: queue.SimpleQueue[Job | None]) -> None:
         while True:
             job = jobs.get()
+            if job is None:  # closed: nothing is queued after this
+                return
             try:
                 self._run_job(job)
             except BaseException:  # pragma: no cover - logged by the task's sink
@@ -328,6 +365,10 @@ class InlinePool:
                 return
             self._closed = True
             idle = self._active == 0
+            if self._runner is not None and not self.forked:
+                # Its thread ends once the restarts queued before have run.
+                self._runner.put(None)
+                self._runner = None
         if self.forked:
             return
         if idle:
