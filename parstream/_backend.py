@@ -383,6 +383,8 @@ def resolve(backend: Any) -> BackendConfig:
         TypeError: neither a name nor a backend object.
         ValueError: an unknown name.
     """
+    from parstream._validate import shown
+
     if backend is None:
         backend = "local"
     if isinstance(backend, str):
@@ -390,7 +392,7 @@ def resolve(backend: Any) -> BackendConfig:
         if where is None:
             names = ", ".join(repr(n) for n in _NAMES)
             raise ValueError(
-                f"backend must be one of {names} or a backend object, got {backend!r}"
+                f"backend must be one of {names} or a backend object, got {shown(backend)}"
             )
         module = importlib.import_module(where[0])
         config: BackendConfig = getattr(module, where[1])()
@@ -404,5 +406,5 @@ def resolve(backend: Any) -> BackendConfig:
         return backend
     raise TypeError(
         "backend must be a name ('local', 'inline', 'ray') or a backend object such as "
-        f"parstream.RayBackend(...), got {type(backend).__name__}: {backend!r}"
+        f"parstream.RayBackend(...), got {type(backend).__name__}: {shown(backend)}"
     )

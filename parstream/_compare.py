@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from parstream._backend import cpu_count
 from parstream._progress import Progress
 from parstream._supervisor import Supervisor
-from parstream._validate import check_callable, check_int, check_iterable, check_progress
+from parstream._validate import (
+    check_callable,
+    check_int,
+    check_iterable,
+    check_progress,
+    shown,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -266,7 +272,7 @@ def compare(
         raise TypeError(f"backend must be None or 'local', got {type(backend).__name__}")
     if backend not in (None, "local"):
         raise ValueError(
-            f"backend must be None or 'local', got {backend!r}: "
+            f"backend must be None or 'local', got {shown(backend)}: "
             "other backends are not available yet"
         )
     check_progress(progress)
@@ -457,9 +463,12 @@ def _load_average() -> float | None:
 
 
 def _length(iterable: Iterable[Any]) -> int | None:
+    """``len(iterable)`` as a hint (a progress total, the first chunk's size):
+    None where it has none, or its ``__len__`` raises or lies out of range;
+    a for loop never asks, so neither may a failing one stop the run."""
     try:
         return len(iterable)  # type: ignore[arg-type]
-    except TypeError:
+    except Exception:
         return None
 
 

@@ -157,6 +157,6 @@ class ParstreamInternalError(ParstreamError):
 def argument_not_pickled(culprit: str, cause: BaseException) -> pickle.PicklingError:
     """The error of a call whose arguments cannot travel; ``culprit`` names
     the first that fails (``argument 0 (Lock)``), or says ``the arguments``."""
-    err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause}")
+    err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause!r}")
     err.__cause__ = cause
     return err

@@ -15,7 +15,22 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-_NO_INPUT: Any = type("_NoInput", (), {"__repr__": lambda self: "<no input>"})()
+
+class _NoInput:
+    """The one value of ``Exit.input`` when the stream kept no input. Pickled
+    and copied by name, so an ``Exit`` saved, copied or sent to another
+    process still says ``has_input`` False."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<no input>"
+
+    def __reduce__(self) -> str:
+        return "_NO_INPUT"
+
+
+_NO_INPUT: Any = _NoInput()
 
 
 class Ok(Generic[T]):

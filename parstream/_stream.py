@@ -793,7 +793,10 @@ def _settle_error(future: Any, exc: BaseException) -> None:
 
 
 def _length_hint(iterable: Iterable[Any]) -> int | None:
+    """``len(iterable)`` as a hint (a progress total, the first chunk's size):
+    None where it has none, or its ``__len__`` raises or lies out of range;
+    a for loop never asks, so neither may a failing one stop the run."""
     try:
         return len(iterable)  # type: ignore[arg-type]
-    except TypeError:
+    except Exception:
         return None

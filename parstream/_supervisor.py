@@ -43,6 +43,7 @@ from parstream._validate import (
     check_timeout,
     document_options,
     real_number,
+    shown,
 )
 
 # The rest of the front end (_executor, _children, _results, _stream, _task)
@@ -164,7 +165,7 @@ class Supervisor(concurrent.futures.Executor):
         if initializer is not None:
             check_callable(initializer, "initializer")
         if isinstance(initargs, str | bytes) or not isinstance(initargs, Iterable):
-            raise TypeError(f"initargs must be a tuple of arguments, got {initargs!r}")
+            raise TypeError(f"initargs must be a tuple of arguments, got {shown(initargs)}")
         max_memory_per_worker = check_int(max_memory_per_worker, "max_memory_per_worker", 1)
         _check_mp_context(mp_context)
         idle_timeout = check_timeout(idle_timeout, "idle_timeout", allow_none=False)
@@ -790,7 +791,9 @@ def _check_mp_context(context: Any) -> None:
         return
     method = getattr(context, "get_start_method", None)
     if not callable(method):
-        raise TypeError(f"mp_context must be a multiprocessing context or None, got {context!r}")
+        raise TypeError(
+            f"mp_context must be a multiprocessing context or None, got {shown(context)}"
+        )
     # allow_none: asking the default context plainly would fix the process's
     # start method for good, as a side effect.
     name = method(allow_none=True)

@@ -25,7 +25,7 @@ from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._results import Exit, Ok
-from parstream._validate import check_int, check_timeout, wait_seconds
+from parstream._validate import check_int, check_timeout, shown, wait_seconds
 
 if TYPE_CHECKING:
     import asyncio
@@ -559,7 +559,7 @@ def yield_many(
     timeout = check_timeout(timeout, "timeout", allow_none=False)
     if on_timeout not in ("nothing", "ignore", "kill_task"):
         raise ValueError(
-            f"on_timeout must be 'nothing', 'ignore' or 'kill_task', got {on_timeout!r}"
+            f"on_timeout must be 'nothing', 'ignore' or 'kill_task', got {shown(on_timeout)}"
         )
     limit = check_int(limit, "limit", 1)
     for t in tasks:

@@ -25,21 +25,36 @@ OnTimeout = Literal["exit", "kill_task"]
 _MAKES = {0x80: "a coroutine", 0x200: "an async generator", 0x20: "a generator"}
 
 
+def shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message: cut short, and never raising
+    (an object whose ``__repr__`` fails must not hide the real error)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def check_callable(fn: Any, name: str = "fn") -> None:
     """``fn`` is callable, and not a function whose calls make a coroutine
     or generator: a worker would get an object that cannot travel back (a
     coroutine never awaited, on the local and Ray backends) or hand back
     something unrun (in-process), whatever the items."""
     if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__}: {fn!r}")
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}: {shown(fn)}")
     inner = fn
     while isinstance(inner, functools.partial):
         inner = inner.func
-    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+    target = getattr(inner, "__func__", inner)
+    code = getattr(target, "__code__", None)
+    if code is None and not isinstance(inner, type):
+        # An instance whose class defines ``async def __call__`` (or a generator one).
+        call = type(inner).__call__
+        code = getattr(getattr(call, "__func__", call), "__code__", None)
     flags = getattr(code, "co_flags", 0)
     for flag, what in _MAKES.items():
         if isinstance(flags, int) and flags & flag:
-            label = getattr(inner, "__qualname__", repr(inner))
+            label = getattr(inner, "__qualname__", None) or shown(inner)
             raise TypeError(
                 f"{name} ({label}) returns {what} when called, which parstream would not run: "
                 "a worker calls the function and sends back what it returns. Pass a plain "
@@ -65,14 +80,14 @@ def check_iterable(value: Any, name: str) -> None:
 
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {shown(value)}")
     return value
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> Any:
     if value not in choices:
         wanted = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        raise ValueError(f"{name} must be {wanted}, got {shown(value)}")
     return value
 
 
@@ -120,7 +135,8 @@ def check_int(value: Any, name: str, minimum: int, *, allow_none: bool = True) -
         return None
     number = _integral(value)
     if number is None:
-        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
+        kinds = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kinds}, got {shown(value)}")
     if number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {number}")
     if number > sys.maxsize:  # islice, range and the like refuse more
@@ -140,11 +156,11 @@ def check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
     value = real_number(value)
     if value is None:
         what = "a number of seconds or None" if allow_none else "a number of seconds"
-        raise TypeError(f"{name} must be {what}, got {given!r}")
+        raise TypeError(f"{name} must be {what}, got {shown(given)}")
     if isinstance(value, float) and math.isnan(value):
         raise ValueError(f"{name} must be a number of seconds, got NaN")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {given!r}")
+        raise ValueError(f"{name} must be >= 0, got {shown(given)}")
     try:
         seconds = float(value)
     except OverflowError:  # an int beyond any float: as good as no limit
@@ -158,13 +174,13 @@ def check_positive_seconds(value: Any, name: str) -> float:
     """A number of seconds > 0 (``inf`` allowed)."""
     seconds: float = check_timeout(value, name, allow_none=False)
     if seconds <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ValueError(f"{name} must be > 0, got {shown(value)}")
     return seconds
 
 
 def check_node(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise TypeError(f"node must be a node id or label value (str) or None, got {value!r}")
+        raise TypeError(f"node must be a node id or label value (str) or None, got {shown(value)}")
     return value
 
 
@@ -294,7 +310,8 @@ def check_progress(value: Any) -> Any:
     if hasattr(value, "update") and hasattr(value, "close"):
         return value
     raise TypeError(
-        f"progress must be True, False, a dict of tqdm options or a tqdm instance, got {value!r}"
+        "progress must be True, False, a dict of tqdm options or a tqdm instance, "
+        f"got {shown(value)}"
     )
 
 

@@ -187,6 +187,6 @@ def culprit_error(args: tuple[Any, ...], cause: BaseException) -> BaseException:
 def pickling_error(fn: Any, cause: BaseException) -> pickle.PicklingError:
     """``prepare``'s error for a function that cannot travel, naming it."""
     name = getattr(fn, "__qualname__", type(fn).__qualname__)
-    err = pickle.PicklingError(f"fn ({name}) could not be pickled: {cause}")
+    err = pickle.PicklingError(f"fn ({name}) could not be pickled: {cause!r}")
     err.__cause__ = cause
     return err

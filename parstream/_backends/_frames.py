@@ -23,7 +23,14 @@ import io
 import struct
 import types
 
-from parstream._backends._codec import PROTOCOL, PackedError, cloud_pickler, dumps, type_name
+from parstream._backends._codec import (
+    PROTOCOL,
+    PackedError,
+    cloud_pickler,
+    dumps,
+    failure,
+    type_name,
+)
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
@@ -348,9 +355,11 @@ def dumps_results(
         except BaseException as cause:
             err = pickle.PicklingError(
                 f"the task's result ({name}) could not be pickled "
-                f"to send it back from the worker: {cause}"
+                f"to send it back from the worker: {cause!r}"
             )
-            failed[i] = PackedError(err, "")
+            # The worker's traceback of the failed pickling (the line in
+            # ``__getstate__``/``__reduce__``) comes back as the __cause__.
+            failed[i] = PackedError(err, failure(cause)[1])
             continue
         packed.append((i, end, name))
         if collect is not None and len(collect.buffers) > first:
