@@ -35,7 +35,9 @@ import contextlib
 import itertools
 import os
 import queue
+import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from operator import length_hint
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -706,37 +708,69 @@ def _spans_of(
         del owner
 
 
-async def _aiter(stream: Stream[Any] | _Values[Any]) -> AsyncIterator[Any]:
+def _aiter(stream: Stream[Any] | _Values[Any]) -> AsyncIterator[Any]:
     """``async for``: each ``next()`` runs in a helper thread of this loop's
     own (``_Stepper``), so the event loop stays free, and so does asyncio's
     default executor, which many waiting streams would otherwise fill."""
-    import asyncio
+    return _AsyncSteps(stream)
 
-    loop = asyncio.get_running_loop()
-    stepper = _Stepper(stream)
-    task = None
-    try:
-        while True:
-            task = asyncio.current_task()
-            item = await stepper.step(loop)
-            if item is _Stepper.END:
-                return
-            yield item
-    except GeneratorExit:
-        # ``break`` (or the loop's aclose()): as with a for loop, leaving
-        # early closes nothing; the stream closes when dropped or closed.
-        # But a task cancelled in the loop's body leaves it the same way:
-        # that cancellation stops the items, as one during next() does.
-        if task is not None and (task.cancelled() or task.cancelling()):
-            stream.close()
-        raise
-    except BaseException:
-        # Cancelled while the helper thread waits in next(), which holds the
-        # stream: closing it is what stops the items running.
-        stream.close()
-        raise
-    finally:
-        stepper.stop()
+
+class _AsyncSteps:
+    """The async iterator ``async for`` gets: a plain object, not an async
+    generator. Leaving the loop drops it at once, in the task that ran the
+    loop, so ``__del__`` can tell a ``break`` (closes nothing: the stream
+    can be iterated on later, as after a for loop's) from a cancellation in
+    the loop's body (``task.cancelling()``: it closes the stream, which stops
+    its items). An async generator is finalised later, by a task of its own
+    that asyncio schedules: by then ``asyncio.timeout`` or a ``TaskGroup``
+    had uncancelled the task, so their cancellation passed for a break, and
+    ``asyncio.run`` ending cancelled that task, so a break passed for a
+    cancellation and closed a held stream. A loop closed with the iteration
+    unfinished drops it too, and its helper thread ends."""
+
+    __slots__ = ("_stepper", "_stream", "_task")
+
+    def __init__(self, stream: Stream[Any] | _Values[Any]) -> None:
+        self._stream = stream
+        self._stepper = _Stepper(stream)
+        self._task: Any = None
+
+    def __aiter__(self) -> _AsyncSteps:
+        return self
+
+    async def __anext__(self) -> Any:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        # Weakly: the task holds its coroutine, which holds this object.
+        self._task = None if task is None else weakref.ref(task)
+        try:
+            item = await self._stepper.step(loop)
+        except BaseException:
+            # Cancelled while the helper thread waits in next(), which holds
+            # the stream: closing it is what stops the items running. (Or
+            # the stream failed: it is closed already.)
+            self._stream.close()
+            self._stepper.stop()
+            raise
+        if item is _Stepper.END:
+            self._stepper.stop()
+            raise StopAsyncIteration
+        return item
+
+    def __del__(self) -> None:
+        self._stepper.stop()
+        task = self._task() if self._task is not None else None
+        asyncio = sys.modules.get("asyncio")
+        if task is None or asyncio is None:
+            return
+        try:
+            current = asyncio.current_task()
+        except RuntimeError:  # no loop runs here: dropped by a collection, a closed loop
+            return
+        if current is task and task.cancelling():
+            self._stream.close()
 
 
 class _Stepper:
@@ -755,19 +789,23 @@ class _Stepper:
         future = loop.create_future()
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._run, name="parstream-async-for", daemon=True
+                target=self._run, args=(self._requests,), name="parstream-async-for", daemon=True
             )
             self._thread.start()
         self._requests.put((loop, future))
         return future
 
     def stop(self) -> None:
+        """End the helper thread (once it has served what was asked); a
+        later ``step`` starts another, with a queue of its own."""
         if self._thread is not None:
             self._requests.put(None)
+            self._requests = queue.SimpleQueue()
+            self._thread = None
 
-    def _run(self) -> None:
+    def _run(self, requests: queue.SimpleQueue[Any]) -> None:
         while True:
-            request = self._requests.get()
+            request = requests.get()
             if request is None:
                 return
             loop, future = request

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -858,6 +860,111 @@ def test_cancelling_a_task_inside_async_for_stops_the_items(
     assert "closed=True" in repr(stream)
     wait_until(lambda: not any(w.busy for w in sup.workers()), within=20, what="items killed")
     assert sup.async_(square, 3).await_(20) == 9
+
+
+async def _iterate_until_cancelled(stream: Any, how: str) -> None:
+    """Iterate ``stream``, busy in the loop's body, until ``how`` cancels it."""
+
+    async def body() -> None:
+        async for _ in stream:
+            await asyncio.sleep(60)
+
+    async def fail_soon() -> None:
+        await asyncio.sleep(1.0)
+        raise ValueError("a sibling failed")
+
+    if how == "asyncio.timeout":
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await body()
+    elif how == "TaskGroup":
+
+        async def group_of_two() -> None:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(fail_soon())
+                await body()
+
+        with pytest.raises(ExceptionGroup):
+            await group_of_two()
+    else:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(body(), 1.0)
+
+
+@pytest.mark.parametrize("how", ["asyncio.timeout", "TaskGroup", "wait_for"])
+def test_a_cancellation_in_the_body_of_async_for_closes_the_stream_at_once(
+    sup: parstream.Supervisor, tmp_path: Path, how: str
+) -> None:
+    """``asyncio.timeout`` and a ``TaskGroup`` uncancel the task they cancel
+    (so does ``wait_for`` from 3.12): the stream's finaliser ran later, saw
+    no cancellation, took it for a break, and the items ran on."""
+    fn = functools.partial(first_then_wait, str(tmp_path / "gate"))
+
+    async def main() -> str:
+        stream = sup.async_stream(fn, [0, 1, 2, 3], max_concurrency=2)
+        await _iterate_until_cancelled(stream, how)
+        return repr(stream)  # while the loop still runs: not closed by asyncio.run's end
+
+    assert "closed=True" in asyncio.run(main())
+    wait_until(lambda: not any(w.busy for w in sup.workers()), within=20, what="items killed")
+
+
+def test_a_break_out_of_async_for_at_the_end_of_asyncio_run_leaves_the_stream_open(
+    sup: parstream.Supervisor,
+) -> None:
+    """The break dropped an async generator, whose aclose() asyncio.run's end
+    then cancelled: taken for a cancellation, it closed the stream, and the
+    rest of it was lost without a word."""
+
+    async def head(stream: Any, n: int) -> list[Any]:
+        out = []
+        async for r in stream:
+            out.append(r)
+            if len(out) == n:
+                break
+        return out
+
+    values = sup.stream_map(square, range(50))
+    first = asyncio.run(head(values, 10))
+    assert first + list(values) == [x * x for x in range(50)]
+    stream = sup.async_stream(square, range(50))
+    first = asyncio.run(head(stream, 10))
+    assert [value(r) for r in first + list(stream)] == [x * x for x in range(50)]
+
+
+def test_an_event_loop_closed_during_async_for_lets_go_of_the_stream(tmp_path: Path) -> None:
+    """A loop closed with an ``async for`` unfinished: its helper thread kept
+    the stream, the Supervisor and its workers until the program ended."""
+    fn = functools.partial(first_then_wait, str(tmp_path / "gate"))
+
+    def helpers() -> int:
+        return sum(t.name == "parstream-async-for" for t in threading.enumerate())
+
+    before = helpers()
+
+    async def consume(stream: Any) -> None:
+        async for _ in stream:
+            pass
+
+    def abandon() -> list[int]:
+        sup = parstream.Supervisor(max_workers=1)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(consume(sup.async_stream(fn, [0, 1])))
+        loop.run_until_complete(asyncio.sleep(0.5))
+        loop.close()  # the consuming task is never resumed
+        del task
+        return sup.worker_pids()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pids = abandon()
+        (tmp_path / "gate").touch()  # the item running ends; nobody waits for it
+
+        def released() -> bool:
+            gc.collect()
+            return helpers() == before and all(gone(pid, 0.1) for pid in pids)
+
+        wait_until(released, within=20, what="the helper thread and the workers gone")
 
 
 def test_waiting_async_for_loops_leave_asyncio_default_executor_free(tmp_path: Path) -> None:
