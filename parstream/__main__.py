@@ -4,17 +4,19 @@
 imports both targets, calls ``make_items()`` for the iterable, runs
 ``parstream.compare`` and prints its table and advice (``--json PATH`` also
 writes the record). A bad target (no such module or attribute, not callable,
-``make_items`` failing or not returning an iterable) is one line on stderr
-and exit status 2, never a traceback.
+a module that exits when imported, ``make_items`` failing, not returning an
+iterable, or returning an iterator that fails as it is read) or an unusable
+``--json`` path is one line on stderr and exit status 2, never a traceback;
+Ctrl-C is one line and status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,12 @@ def _load(target: str, what: str) -> Any:
         raise _BadTarget(f"{what} must look like package.module:name, got {target!r}")
     try:
         obj: Any = importlib.import_module(module_name)
+    except SystemExit as exc:  # a script's main() run at import: nothing to compare
+        raise _BadTarget(
+            f"{what}: importing {module_name!r} called sys.exit({exc.code!r}); a module "
+            "whose import runs a script cannot be compared (guard it with "
+            "if __name__ == '__main__')"
+        ) from None
     except Exception as exc:
         raise _BadTarget(
             f"{what}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
@@ -43,25 +51,60 @@ def _load(target: str, what: str) -> Any:
     return obj
 
 
+def _check_json_path(path: Path) -> None:
+    """``--json``, checked before the run: a comparison runs for seconds
+    before writing it, and a record it cannot write would be lost."""
+    if not path.name or path.is_dir():
+        raise _BadTarget(f"--json: {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise _BadTarget(f"--json: {path.parent} is not a directory")
+    try:
+        if path.exists():
+            with path.open("a"):
+                pass
+        else:  # made and removed: what cannot be created is found now
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise _BadTarget(f"--json: {path} cannot be written: {exc.strerror}") from None
+
+
+def _items_of(make_items: Any, target: str, sample: int | None) -> Any:
+    """``make_items()``'s iterable; an iterator is read here (its first
+    ``sample`` items, or all), so that an input failing as it is read is
+    reported as ``make_items``'s fault, not as a traceback."""
+    from parstream._validate import check_iterable
+
+    try:
+        items = make_items()
+    except Exception as exc:
+        raise _BadTarget(f"make_items: {target}() raised {type(exc).__name__}: {exc}") from exc
+    try:
+        check_iterable(items, "make_items")
+    except TypeError:
+        raise _BadTarget(
+            f"make_items: {target}() returned {type(items).__name__}, not an iterable"
+        ) from None
+    if iter(items) is not items:
+        return items  # a collection: compare reads it (and knows its length)
+    try:
+        return list(items if sample is None else itertools.islice(items, sample))
+    except Exception as exc:
+        raise _BadTarget(
+            f"make_items: reading the items of {target}() raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _compare(args: argparse.Namespace) -> int:
     from parstream._compare import _EmptyInput, compare
 
     try:
-        if args.json is not None and not args.json.parent.is_dir():
-            # Checked first: a comparison runs for seconds before writing it.
-            raise _BadTarget(f"--json: {args.json.parent} is not a directory")
+        if args.json is not None:
+            _check_json_path(args.json)
         fn = _load(args.fn, "fn")
         make_items = _load(args.make_items, "make_items")
-        try:
-            items = make_items()
-        except Exception as exc:
-            raise _BadTarget(
-                f"make_items: {args.make_items}() raised {type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(items, Iterable):
-            raise _BadTarget(
-                f"make_items: {args.make_items}() returned {type(items).__name__}, not an iterable"
-            )
+        items = _items_of(make_items, args.make_items, args.sample)
         result = compare(
             fn,
             items,
@@ -74,7 +117,11 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(result)
     if args.json is not None:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            print(f"python -m parstream compare: --json: {exc}", file=sys.stderr)
+            return 1
         print(f"record: {args.json}")
     return 0
 
@@ -86,6 +133,8 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > sys.maxsize:
+        raise argparse.ArgumentTypeError(f"must be <= {sys.maxsize}, got {value}")
     return value
 
 
@@ -106,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
     if args.command == "compare":
-        return _compare(args)
+        try:
+            return _compare(args)
+        except KeyboardInterrupt:
+            # Ctrl-C is the user's own doing: no traceback, the shell's status.
+            print("python -m parstream compare: interrupted", file=sys.stderr)
+            return 130
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover
 

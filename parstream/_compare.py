@@ -309,10 +309,10 @@ def compare(
         for r in range(rounds):
             for kind in ("seq", "par") if r % 2 == 0 else ("par", "seq"):
                 if kind == "seq":
-                    t0, c0 = time.perf_counter(), time.process_time()
+                    t0, c0 = time.perf_counter(), _cpu_seconds()
                     out = list(map(fn, items))
                     seq.append(time.perf_counter() - t0)
-                    cpu.append(time.process_time() - c0)
+                    cpu.append(_cpu_seconds() - c0)
                     if r == 0:
                         results = out[:RESULT_SAMPLES]
                     del out
@@ -341,6 +341,7 @@ def compare(
     whole = total if sample is not None and total is not None and total > n else None
     cores = cpu_count()
     verdict, advice = _advise(
+        busy=used,
         items=n,
         total=whole,
         seq_s=seq_s,
@@ -350,7 +351,7 @@ def compare(
         overhead=overhead,
         cpu_share=cpu_share,
         result_bytes=result_bytes,
-        workers=used,
+        workers=workers,
         cores=cores,
         load=load,
     )
@@ -371,7 +372,7 @@ def compare(
         workers=workers,
         cores=cores,
         load_average=load,
-        chunksize=chunksize,
+        chunksize=min(chunksize, n),
         rounds=rounds,
         verdict=verdict,
         advice=advice,
@@ -387,8 +388,17 @@ def _warm_up(sup: Supervisor, fn: Callable[[Any], Any], items: list[Any], worker
     return stream.chunksize
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for: an
+    fn whose work runs in a subprocess (a compressor, a compiler) keeps a
+    core busy without this process's own time showing it."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _advise(
     *,
+    busy: int | None = None,
     items: int,
     total: int | None,
     seq_s: float,
@@ -402,32 +412,39 @@ def _advise(
     cores: int,
     load: float | None = None,
 ) -> tuple[Verdict, str]:
-    """The verdict and one or two sentences with the numbers behind it."""
+    """The verdict and one or two sentences with the numbers behind it.
+
+    ``workers`` is the pool's size, ``busy`` how many of them the sample kept
+    busy (fewer when it has fewer items): the speedup was measured on
+    ``busy``, and the whole input would keep up to ``workers`` busy."""
+    busy = workers if busy is None else busy
     whole = ""
     if total is not None:
+        # Parallel throughput grows with the workers a larger input keeps busy.
+        par_total = par_s / items * total * busy / max(1, min(workers, total))
         whole = (
             f" For all {total:,} items expect about {_dur(cost * total)} sequential "
-            f"and {_dur(par_s / items * total)} parallel."
+            f"and {_dur(par_total)} parallel."
         )
     if speedup >= PAYS:
         if cpu_share < IO_CPU_SHARE:
             return "more-concurrency", (
-                f"parallel pays: parstream.map is {speedup:.1f}x faster with {workers} workers, "
+                f"parallel pays: parstream.map is {speedup:.1f}x faster with {busy} workers, "
                 f"and each item mostly waits (CPU busy {cpu_share:.0%} of its time): use it with "
                 f"max_concurrency above the core count (e.g. {4 * max(workers, cores)})." + whole
             )
-        more = EXTRAPOLATE_FACTOR * workers
-        if workers > 1:
+        more = EXTRAPOLATE_FACTOR * busy
+        if busy > 1:
             # Amdahl: a speedup S on n workers means a parallel share
             # p = (1 - 1/S) / (1 - 1/n); on m workers expect 1 / ((1 - p) + p / m).
-            p = min(1.0, max(0.0, (1 - 1 / speedup) / (1 - 1 / workers)))
+            p = min(1.0, max(0.0, (1 - 1 / speedup) / (1 - 1 / busy)))
             expect = 1 / ((1 - p) + p / more)
             scale = f"; expect about {expect:.1f}x on {more} cores"
         else:
             scale = ""
         return "parallel", (
-            f"parallel pays: parstream.map is {speedup:.1f}x faster on {workers} "
-            f"worker{'s' if workers != 1 else ''}{scale}." + whole
+            f"parallel pays: parstream.map is {speedup:.1f}x faster on {busy} "
+            f"worker{'s' if busy != 1 else ''}{scale}." + whole
         )
     if result_bytes >= TRANSFER_BYTES and overhead >= cost / 2:
         return "transfer", (
@@ -438,18 +455,18 @@ def _advise(
     if overhead > cost and cost < TINY_ITEM_S:
         return "batch", (
             f"each item takes {_dur(cost)} but costs {_dur(overhead)} to ship "
-            f"(parallel {speedup:.2f}x on {workers} workers): batch the work inside fn "
+            f"(parallel {speedup:.2f}x on {busy} workers): batch the work inside fn "
             "(one call per list of items), or stay sequential." + whole
         )
     if load is not None and load > cores - 1 and cost >= TINY_ITEM_S:
         return "sequential", (
-            f"parallel is only {speedup:.2f}x on {workers} workers, but the machine is busy "
+            f"parallel is only {speedup:.2f}x on {busy} workers, but the machine is busy "
             f"(load average {load:.1f} on {cores} cores), so the workers waited for a core: "
             f"with items of {_dur(cost)} parallel should pay; measure again when it is quieter."
             + whole
         )
     return "sequential", (
-        f"parallel is only {speedup:.2f}x on {workers} workers with {items:,} items "
+        f"parallel is only {speedup:.2f}x on {busy} workers with {items:,} items "
         f"of {_dur(cost)} (+ {_dur(overhead)} overhead each): stay sequential, or measure "
         "a larger sample." + whole
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -36,6 +38,13 @@ def coarse(n: int) -> int:
 
 def square(x: int) -> int:
     return x * x
+
+
+def spin_in_a_subprocess(_: int) -> int:
+    """~0.1 s of CPU, all of it in a child process this one waits for."""
+    code = "sum(i * i for i in range(1_000_000))"
+    subprocess.run([sys.executable, "-S", "-c", code], check=True)
+    return 0
 
 
 def made_up(**changes: Any) -> parstream.Comparison:
@@ -347,12 +356,39 @@ def make_int():
 def make_boom():
     raise RuntimeError("no data today")
 
+def make_failing_generator():
+    yield 1
+    raise OSError("data file vanished")
+
+class OldSeq:
+    def __getitem__(self, i):
+        if i >= 3:
+            raise IndexError(i)
+        return i
+
+def make_old_sequence():
+    return OldSeq()
+
+def slow(n):
+    import time
+    time.sleep(0.2)
+    return n
+
+def make_many():
+    return range(1000)
+
 NOT_CALLABLE = 3
+"""
+
+SCRIPT_MODULE = """
+import sys
+sys.exit(0)
 """
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "userjob.py").write_text(textwrap.dedent(USER_MODULE))
+    (tmp_path / "scriptlike.py").write_text(textwrap.dedent(SCRIPT_MODULE))
     return subprocess.run(
         [sys.executable, "-m", "parstream", "compare", *args],
         cwd=tmp_path,
@@ -410,6 +446,24 @@ BAD_TARGETS = {
         ["userjob:coarse", "userjob:make_items", "--json", "/nonexistent/dir/x.json"],
         "--json: /nonexistent/dir is not a directory",
     ),
+    # Found by the compare hunt: each of these ran the whole comparison,
+    # then ended in a traceback (or exited silently).
+    "json is a directory": (
+        ["userjob:coarse", "userjob:make_items", "--json", "/tmp"],
+        "--json: /tmp is a directory",
+    ),
+    "json not writable": (
+        ["userjob:coarse", "userjob:make_items", "--json", "/proc/record.json"],
+        "--json: /proc/record.json cannot be written",
+    ),
+    "items fail as read": (
+        ["userjob:coarse", "userjob:make_failing_generator"],
+        "reading the items of userjob:make_failing_generator() raised OSError",
+    ),
+    "module exits at import": (
+        ["scriptlike:fn", "userjob:make_items"],
+        "importing 'scriptlike' called sys.exit(0)",
+    ),
 }
 
 
@@ -427,7 +481,74 @@ def test_cli_bad_target_is_one_line_and_status_2(tmp_path: Path, case: str) -> N
 
 
 def test_cli_bad_option_is_a_usage_error(tmp_path: Path) -> None:
-    """--sample 0 is refused by argparse with status 2."""
+    """--sample 0 is refused by argparse with status 2; so is a number past
+    sys.maxsize (it ended in compare's ValueError, a traceback)."""
     proc = cli(tmp_path, "userjob:coarse", "userjob:make_items", "--sample", "0")
     assert proc.returncode == 2
     assert "--sample: must be >= 1" in proc.stderr
+    huge = str(sys.maxsize + 1)
+    proc = cli(tmp_path, "userjob:coarse", "userjob:make_items", "--max-concurrency", huge)
+    assert proc.returncode == 2
+    assert "--max-concurrency: must be <=" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_takes_an_old_style_sequence_as_compare_does(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "userjob:coarse", "userjob:make_old_sequence", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("parstream.compare: 3 items")
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path: Path) -> None:
+    (tmp_path / "userjob.py").write_text(textwrap.dedent(USER_MODULE))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parstream", "compare", "userjob:slow", "userjob:make_many"],
+        cwd=tmp_path,
+        env={**_env(), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        proc.stderr.read(1)  # the progress bar: it has begun
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "python -m parstream compare: interrupted" in err.splitlines()
+
+
+def test_cpu_share_counts_the_subprocesses_fn_waits_for() -> None:
+    """An fn whose work runs in a child process was judged to mostly wait
+    (CPU busy ~0%), and the advice was to oversubscribe the cores."""
+    result = parstream.compare(spin_in_a_subprocess, range(2), rounds=1, progress=False)
+    assert result.cpu_share > 0.3
+
+
+def test_advice_speaks_of_the_workers_the_sample_kept_busy() -> None:
+    """A sample of 8 items on 16 workers: the advice said 8 workers under a
+    header of 16, and extrapolated the whole input's time on 8."""
+    verdict, advice = _advise(
+        busy=8,
+        items=8,
+        total=100,
+        seq_s=0.4,
+        par_s=0.05,
+        speedup=8.0,
+        cost=0.05,
+        overhead=0.001,
+        cpu_share=0.01,
+        result_bytes=4,
+        workers=16,
+        cores=2,
+    )
+    assert verdict == "more-concurrency"
+    assert "with 8 workers" in advice
+    assert "e.g. 64" in advice  # above the 16 already asked for
+    assert "and 312 ms parallel" in advice  # 100 items on 16 workers, not on 8
