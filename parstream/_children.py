@@ -24,7 +24,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
-from parstream._errors import SupervisorClosed, TaskShutdown
+from parstream._errors import ArgumentsNotPickled, SupervisorClosed, TaskShutdown
 from parstream._results import Exit, Ok
 from parstream._validate import check_timeout, wait_seconds
 
@@ -200,9 +200,14 @@ class Children:
         if sup is None or child.terminated or sup.closed:
             return self._forget(child)
         normal = is_normal(result)
-        if child.restart == "temporary" or (child.restart == "transient" and normal):
-            if not normal:
-                log_failure(task)
+        never_ran = isinstance(result, Exit) and isinstance(result.reason, ArgumentsNotPickled)
+        if not normal:
+            # Every abnormal end is logged, restarted or not (Elixir's error
+            # reports): a child crashing now and then must leave a trace.
+            log_failure(task)
+        if child.restart == "temporary" or (child.restart == "transient" and normal) or never_ran:
+            # Arguments that cannot be sent fail every run alike: the child
+            # ends with that error rather than restart into a give-up.
             return self._forget(child)
         with self.lock:
             allowed = self.window.allow(time.monotonic())
@@ -228,9 +233,10 @@ class Children:
         ``wait()`` never sees an ended child without its result.
         """
         task = child.task
-        result: Ok[Any] | Exit | None = None
-        if task is not None:
-            result = task.result_nowait() if task.done() else Exit(TaskShutdown(reason))
+        if task is not None and task.done():
+            result = task.result_nowait()
+        else:  # being stopped, or never ran (the supervisor closed as it started)
+            result = Exit(TaskShutdown(reason))
         self._forget(child, result)
         child._ended.set()
 
@@ -245,6 +251,8 @@ class Children:
             child.ending = True
             if result is not None:
                 child.last_result = result
+            elif child.last_result is None:  # ended before any run: wait() must not say None
+                child.last_result = Exit(TaskShutdown("the child ended before it ran"))
             child.call = None  # never run again
             # Ended children are forgotten: a long-lived supervisor running a
             # child per request does not grow.
@@ -258,9 +266,18 @@ class Children:
     def terminate(self, child: Child) -> bool:
         with self.lock:
             # terminated: another thread is ending it now, and said True.
+            being_ended = child.terminated and child.alive()
             if child not in self.running or not child.alive() or child.terminated:
-                return False
-            child.terminated = True
+                refused = True
+            else:
+                refused = False
+                child.terminated = True
+        if refused:
+            if being_ended:
+                # As Elixir's calls to a supervisor are one at a time: the
+                # second answers once the child is gone, not while it still runs.
+                child._ended.wait()
+            return False
         task = child.task
         if task is not None:
             task.shutdown(child.shutdown_timeout)

@@ -154,9 +154,15 @@ class ParstreamInternalError(ParstreamError):
     please report it with the traceback."""
 
 
+class ArgumentsNotPickled(pickle.PicklingError):
+    """A ``PicklingError`` for a call whose arguments could not be sent: the
+    call never ran. A supervised child that gets it ends with it instead of
+    being restarted (each run would fail the same way)."""
+
+
 def argument_not_pickled(culprit: str, cause: BaseException) -> pickle.PicklingError:
     """The error of a call whose arguments cannot travel; ``culprit`` names
     the first that fails (``argument 0 (Lock)``), or says ``the arguments``."""
-    err = pickle.PicklingError(f"{culprit} of this task could not be pickled: {cause!r}")
+    err = ArgumentsNotPickled(f"{culprit} of this task could not be pickled: {cause!r}")
     err.__cause__ = cause
     return err

@@ -371,6 +371,14 @@ class Supervisor(concurrent.futures.Executor):
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = reason
+        # As Elixir's supervisor terminates its children when it gives up:
+        # each with its own shutdown grace (a SIGTERM handler gets to run),
+        # and each ends only once its run has.
+        children, ending = self._stop_children()
+        for task in ending:
+            task._done.wait()
+        for child in children:
+            self._children.end(child, reason)
         self._close(reason)
 
     # -- streams -----------------------------------------------------------------
@@ -606,8 +614,9 @@ class Supervisor(concurrent.futures.Executor):
             self.close()
             raise
 
-    def _finish(self) -> None:
-        from parstream._callbacks import drain
+    def _stop_children(self) -> tuple[list[Child], list[Task[Any]]]:
+        """No child restarts from now; each running one is killed with its own
+        shutdown grace. The children, and the runs being stopped."""
         from parstream._task import _BrutalKill
 
         children = self._children.end_all()
@@ -619,6 +628,12 @@ class Supervisor(concurrent.futures.Executor):
                 grace = 0.0 if isinstance(c.shutdown_timeout, _BrutalKill) else c.shutdown_timeout
                 self._backend.kill(job, None, grace=grace)
                 ending.append(task)
+        return children, ending
+
+    def _finish(self) -> None:
+        from parstream._callbacks import drain
+
+        children, ending = self._stop_children()
         self._core.wait_all()
         for task in ending:
             task._done.wait()
@@ -698,15 +713,20 @@ class Supervisor(concurrent.futures.Executor):
         with self._lock:
             if self._closed_reason is None:
                 self._closed_reason = reason
-        for child in self._children.end_all():
-            self._children.end(child, reason)
+        children = self._children.end_all()  # none restarts from now
         from parstream._results import Exit
 
         for t in list(self._tasks):
             if not t.done():
                 t._set(Exit(TaskShutdown(reason)))
-        self._core.close_backend()
-        _live.discard(self)
+        try:
+            self._core.close_backend()
+        finally:
+            # Ended once their workers are: a child's wait() returns when its
+            # run has stopped, not while it still holds what it holds.
+            for child in children:
+                self._children.end(child, reason)
+            _live.discard(self)
 
     def _stop_for_exit(self) -> None:
         """Interpreter exit, before the pending futures are waited for: kill

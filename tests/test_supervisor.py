@@ -23,6 +23,8 @@ from parstream import BRUTAL_KILL, Exit, Ok
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+WAIT_S = 30.0
+
 # -- functions run as tasks --------------------------------------------------------
 
 
@@ -653,3 +655,114 @@ def test_restarts_under_a_backlog_do_not_grow_the_pool_without_bound() -> None:
         assert not any(t.done() for t in sleepers)
     finally:
         sup.close()
+
+
+# -- found by the children hunt ---------------------------------------------------------
+
+
+def test_a_child_whose_arguments_cannot_be_sent_ends_with_that_error() -> None:
+    """Each run failed before it began, counted as a crash: the supervisor
+    gave up (killing the siblings), or restarted it ~1,300 times a second."""
+    import pickle
+
+    with parstream.Supervisor(max_restarts=3, max_seconds=5.0) as sup:
+        sibling = sup.start_child(time.sleep, 60, restart="permanent")
+        for restart in ("transient", "permanent"):
+            child = sup.start_child(abs, threading.Lock(), restart=restart)
+            result = child.wait(WAIT_S)
+            assert isinstance(result, Exit)
+            assert isinstance(result.reason, pickle.PicklingError)
+            assert child.restarts == 0
+        assert not sup.closed
+        assert sibling.alive()
+        sup.terminate_child(sibling)
+
+
+def _terminate_politely(path: str) -> None:
+    import signal
+
+    def on_term(*_: Any) -> None:
+        Path(path).write_text("cleaned up")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    time.sleep(100)
+
+
+def _hold_lock(path: str) -> None:
+    import fcntl
+
+    f = open(path, "w")  # noqa: SIM115 - held until the process dies
+    fcntl.flock(f, fcntl.LOCK_EX)
+    Path(path + ".held").touch()
+    time.sleep(100)
+
+
+def _lock_is_held(path: str) -> bool:
+    import fcntl
+
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+
+
+def test_giving_up_terminates_children_with_their_grace_and_they_end_after_it(
+    tmp_path: Path,
+) -> None:
+    """Give-up SIGKILLed every child at once (their shutdown= grace ignored),
+    and a child's wait() returned while its worker still ran."""
+    polite = str(tmp_path / "polite")
+    locked = str(tmp_path / "locked")
+    sup = parstream.Supervisor(max_restarts=0)
+    try:
+        graceful = sup.start_child(_terminate_politely, polite, restart="permanent", shutdown=5.0)
+        holder = sup.start_child(_hold_lock, locked, restart="permanent", shutdown=BRUTAL_KILL)
+        wait_until(lambda: Path(locked + ".held").exists(), within=WAIT_S, what="lock held")
+        time.sleep(0.3)  # the SIGTERM handler is set
+        sup.start_child(exit_hard, 1, restart="transient")  # one restart too many
+        assert holder.wait(WAIT_S) is not None
+        assert not _lock_is_held(locked)  # its worker is gone by the time wait() returns
+        assert graceful.wait(WAIT_S) is not None
+        assert Path(polite).read_text() == "cleaned up"
+        assert sup.closed
+    finally:
+        sup.close()
+
+
+def test_every_abnormal_end_of_a_restarted_child_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = str(tmp_path / "n")
+    with (
+        caplog.at_level("ERROR", logger="parstream"),
+        parstream.Supervisor(max_restarts=10, max_seconds=60) as sup,
+    ):
+        child = sup.start_child(fail_until, counter, 2, restart="transient")
+        assert child.wait(WAIT_S) == Ok("done")
+    failures = [r for r in caplog.records if "attempt" in r.getMessage()]
+    assert len(failures) == 2, [r.getMessage() for r in caplog.records]
+
+
+def _ignore_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(100)
+
+
+def test_a_second_terminate_child_answers_once_the_child_is_gone() -> None:
+    """It returned False at once while the child still ran and was listed."""
+    with parstream.Supervisor() as sup:
+        child = sup.start_child(_ignore_sigterm, restart="permanent", shutdown=1.5)
+        wait_until(lambda: child.pid is not None, within=WAIT_S, what="child running")
+        time.sleep(0.3)
+        first = threading.Thread(target=sup.terminate_child, args=(child,))
+        first.start()
+        wait_until(lambda: not child.alive() or child.terminated, within=WAIT_S, what="ending")
+        assert sup.terminate_child(child) is False
+        assert not child.alive()
+        assert sup.children() == []
+        first.join(WAIT_S)
