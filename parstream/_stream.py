@@ -31,6 +31,7 @@ feeder: it pulls no further item.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
@@ -537,13 +538,26 @@ class _Spans:
     items missing.
     """
 
-    __slots__ = ("_current", "_gen", "_lock", "failure")
+    __slots__ = ("__weakref__", "_current", "_gen", "_lock", "failure")
 
     def __init__(self, gen: Generator[list[Any], None, None]) -> None:
         self._gen = gen
         self._current: Iterator[Any] = iter(())
         self._lock = threading.Lock()
         self.failure: BaseException | None = None
+        _all_spans.add(self)
+
+    def _inherited(self) -> None:
+        """In a child made by ``os.fork()``: the results fetched are the
+        parent's to hand out. The chains take items from the current span
+        without asking, so it is emptied here, and every next() after raises."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        collections.deque(self._current, 0)
+        self.failure = SupervisorClosed(
+            f"this stream was started in process {_parent_pid} and reached process "
+            f"{os.getpid()} through os.fork(); its items and workers belong to the "
+            "parent. Start a new stream in the child"
+        )
 
     def __iter__(self) -> _Spans:
         return self
@@ -567,6 +581,27 @@ class _Spans:
                 raise
             current = self._current = iter(span)
             return current
+
+
+_all_spans: weakref.WeakSet[_Spans] = weakref.WeakSet()
+_parent_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _parent_pid
+    for spans in list(_all_spans):
+        spans._inherited()
+    _all_spans.clear()
+    _parent_pid = os.getpid()
+
+
+def _before_fork() -> None:
+    global _parent_pid
+    _parent_pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 class _Chains(threading.local):

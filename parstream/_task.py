@@ -277,8 +277,11 @@ class Task(Generic[T]):
         """
         timeout = check_timeout(timeout, "timeout")
         self._check_reachable()
+        began = time.monotonic()
         try:
             finished = self._done.wait(timeout)
+            if not finished and _stalled(began + timeout):  # (timeout is not None here)
+                finished = self._done.wait(STALL_GRACE_S)
         except BaseException:
             # Ctrl-C while waiting: the task must not go on without us.
             self._kill(TaskShutdown("the caller was interrupted while awaiting the task"))
@@ -438,6 +441,18 @@ def _check_tasks(tasks: Iterable[Task[Any]]) -> list[Task[Any]]:
     return out
 
 
+# A wait that wakes this long after its deadline was not let run (the process
+# stopped by Ctrl-Z or SIGSTOP, a suspended VM): the backend's event thread,
+# woken at the same moment, may hold results that came meanwhile. It gets
+# STALL_GRACE_S to hand them over before a timeout kills a finished task.
+STALL_S = 0.25
+STALL_GRACE_S = 0.2
+
+
+def _stalled(deadline: float) -> bool:
+    return time.monotonic() - deadline > STALL_S
+
+
 def _wait_for(
     tasks: list[Task[Any]], deadline: float | None, enough: Callable[[int, bool], bool]
 ) -> None:
@@ -459,10 +474,15 @@ def _wait_for(
         t._add_waiter(bump)
     try:
         with cond:
+            graced = False
             while not enough(done[0], failed[0]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return
+                    if graced or deadline is None or not _stalled(deadline):
+                        return
+                    graced = True
+                    deadline = time.monotonic() + STALL_GRACE_S
+                    continue
                 cond.wait(wait_seconds(remaining))
     finally:
         for t in tasks:

@@ -107,6 +107,28 @@ def test_an_inherited_supervisor_refuses_use_in_the_child(sup: parstream.Supervi
     assert list(sup.stream_map(identity, range(100))) == list(range(100))
 
 
+@pytest.mark.parametrize("kind", ["async_stream_nolink", "map"])
+def test_an_inherited_stream_hands_out_nothing_in_the_child(kind: str) -> None:
+    """Results the parent's stream had fetched were handed out in the child
+    too (the parent then got the same items): 5-278 of them, before the
+    child's next() raised."""
+    make = getattr(parstream, kind)
+    stream = make(identity, range(1000))
+    head = [next(stream) for _ in range(50)]  # tiny items: the rest of a span is fetched
+
+    def child() -> int:
+        try:
+            next(stream)
+        except parstream.SupervisorClosed as exc:
+            return 0 if "os.fork()" in str(exc) else 2
+        return 1
+
+    assert fork_and_wait(child) == 0
+    rest = list(stream)
+    got = [r.value if isinstance(r, Ok) else r for r in head + rest]
+    assert got == list(range(1000))
+
+
 def test_every_wait_on_inherited_work_refuses_in_the_child() -> None:
     """Streams, task shutdowns and the many-task waits refuse inherited work with
     ``SupervisorClosed``, as ``await_`` does (each hung in the child, waiting

@@ -938,3 +938,54 @@ def test_a_task_or_supervisor_sent_to_a_worker_fails_saying_why() -> None:
             assert isinstance(result, parstream.Exit)
             assert isinstance(result.reason, pickle.PicklingError)
             assert words in str(result.reason), result.reason
+
+
+STOPPED_PARENT = """
+import os, subprocess, sys, time
+import parstream
+
+def quick(x):
+    time.sleep(0.5)
+    return x
+
+how = sys.argv[1]
+sup = parstream.Supervisor(max_workers=2)
+sup.async_(abs, 1).await_(30)  # the workers are up
+me = os.getpid()
+stopper = subprocess.Popen(
+    ["sh", "-c", f"read go; kill -s STOP {me}; sleep 1.5; kill -s CONT {me}"],
+    stdin=subprocess.PIPE,
+)
+tasks = [sup.async_(quick, 7), sup.async_(quick, 8)]
+while any(t.pid is None for t in tasks):
+    time.sleep(0.005)
+stopper.stdin.write(b"go\\n")
+stopper.stdin.flush()
+# Stopped within milliseconds: the tasks finish 0.5 s in, the deadline
+# passes 1 s in, and this process runs again 1.5 s in.
+if how == "await_":
+    print([t.await_(timeout=1.0) for t in tasks])
+elif how == "await_many":
+    print(parstream.await_many(tasks, timeout=1.0))
+else:
+    print([r.value for _, r in parstream.yield_many(tasks, 1.0, on_timeout="kill_task")])
+stopper.wait()
+sup.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["await_", "await_many", "yield_many"])
+def test_a_parent_stopped_past_the_deadline_keeps_the_results_that_came(how: str) -> None:
+    """Ctrl-Z (SIGSTOP) past a wait's deadline, the task long finished: on
+    SIGCONT the waiting thread woke first and killed it for TaskTimeout,
+    before the event thread could read its result (the stdlib's
+    ``Future.result(timeout)`` returns it)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", STOPPED_PARENT, how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[7,", "8]"], proc.stderr[-3000:]
