@@ -32,7 +32,7 @@ from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._stream import _State, _Values, values
-from parstream._validate import Options
+from parstream._validate import STALL_GRACE_S, Options, stalled
 
 if TYPE_CHECKING:
     import weakref
@@ -60,6 +60,13 @@ def _clamp(timeout: Any) -> Any:
     as it is, to be judged as ``concurrent.futures`` judges it."""
     number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
     return threading.TIMEOUT_MAX if number and timeout > threading.TIMEOUT_MAX else timeout
+
+
+def _stopped_meanwhile(began: float, timeout: Any) -> bool:
+    """A timed wait begun at ``began`` ran out long after its time: this
+    process was stopped (``_validate.stalled``)."""
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    return number and timeout >= 0 and stalled(began + timeout)
 
 
 class _Future(concurrent.futures.Future[Any]):
@@ -128,12 +135,24 @@ class _Future(concurrent.futures.Future[Any]):
     def result(self, timeout: float | None = None) -> Any:
         # A finite timeout past threading.TIMEOUT_MAX waits that long, as the
         # caller asked, instead of raising OverflowError.
-        value = super().result(_clamp(timeout))
+        began = time.monotonic()
+        try:
+            value = super().result(_clamp(timeout))
+        except concurrent.futures.TimeoutError:
+            if not _stopped_meanwhile(began, timeout):
+                raise
+            value = super().result(STALL_GRACE_S)
         settle_output()  # in a kernel: what the worker printed is in the cell first
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(_clamp(timeout))
+        began = time.monotonic()
+        try:
+            return super().exception(_clamp(timeout))
+        except concurrent.futures.TimeoutError:
+            if not _stopped_meanwhile(began, timeout):
+                raise
+            return super().exception(STALL_GRACE_S)
 
     def _invoke_callbacks(self) -> None:
         # Settled on a hub thread: the user's done-callbacks must not run on
@@ -358,6 +377,7 @@ class MapState(_State):
         super().__init__(*args, **kwargs)
         self.timeout = timeout
         self.deadline: float | None = None
+        self.graced = False  # the deadline was moved once for a stopped process
         self.cap = cap  # most items pulled and not yet yielded
 
     def start(self) -> None:
@@ -393,6 +413,11 @@ class MapState(_State):
     def wait_event(self) -> None:
         # The base class waits one short poll at a time, so the deadline is
         # checked at least that often.
+        if self.deadline is not None and stalled(self.deadline) and not self.graced:
+            # This process was stopped past the deadline: results that came
+            # meanwhile are taken before the deadline is held against them.
+            self.graced = True
+            self.deadline = time.monotonic() + STALL_GRACE_S
         if self.deadline is not None and time.monotonic() >= self.deadline:
             # Leaving the generator closes the stream: running calls are
             # killed, queued ones withdrawn, unpulled ones never pulled.

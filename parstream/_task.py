@@ -25,7 +25,14 @@ from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
 from parstream._results import Exit, Ok
-from parstream._validate import check_int, check_timeout, shown, wait_seconds
+from parstream._validate import (
+    STALL_GRACE_S,
+    check_int,
+    check_timeout,
+    shown,
+    stalled,
+    wait_seconds,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -280,7 +287,7 @@ class Task(Generic[T]):
         began = time.monotonic()
         try:
             finished = self._done.wait(timeout)
-            if not finished and _stalled(began + timeout):  # (timeout is not None here)
+            if not finished and stalled(began + timeout):  # (timeout is not None here)
                 finished = self._done.wait(STALL_GRACE_S)
         except BaseException:
             # Ctrl-C while waiting: the task must not go on without us.
@@ -441,18 +448,6 @@ def _check_tasks(tasks: Iterable[Task[Any]]) -> list[Task[Any]]:
     return out
 
 
-# A wait that wakes this long after its deadline was not let run (the process
-# stopped by Ctrl-Z or SIGSTOP, a suspended VM): the backend's event thread,
-# woken at the same moment, may hold results that came meanwhile. It gets
-# STALL_GRACE_S to hand them over before a timeout kills a finished task.
-STALL_S = 0.25
-STALL_GRACE_S = 0.2
-
-
-def _stalled(deadline: float) -> bool:
-    return time.monotonic() - deadline > STALL_S
-
-
 def _wait_for(
     tasks: list[Task[Any]], deadline: float | None, enough: Callable[[int, bool], bool]
 ) -> None:
@@ -478,7 +473,7 @@ def _wait_for(
             while not enough(done[0], failed[0]):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    if graced or deadline is None or not _stalled(deadline):
+                    if graced or deadline is None or not stalled(deadline):
                         return
                     graced = True
                     deadline = time.monotonic() + STALL_GRACE_S

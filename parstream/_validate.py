@@ -14,6 +14,7 @@ import math
 import operator
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypedDict, overload
@@ -182,6 +183,21 @@ def check_node(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"node must be a node id or label value (str) or None, got {shown(value)}")
     return value
+
+
+# A wait that wakes this long after its deadline was not let run (the process
+# stopped by Ctrl-Z or SIGSTOP, a suspended VM): the backend's event thread,
+# woken at the same moment, may hold results that came meanwhile. It gets
+# STALL_GRACE_S to hand them over before the timeout is acted on (a finished
+# task killed, a map's results refused).
+STALL_S = 0.25
+STALL_GRACE_S = 0.2
+
+
+def stalled(deadline: float) -> bool:
+    """Whether a wait for ``deadline`` woke so late that this process cannot
+    have been running (see ``STALL_S``)."""
+    return time.monotonic() - deadline > STALL_S
 
 
 def wait_seconds(timeout: float | None) -> float | None:

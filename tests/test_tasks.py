@@ -956,14 +956,21 @@ stopper = subprocess.Popen(
     ["sh", "-c", f"read go; kill -s STOP {me}; sleep 1.5; kill -s CONT {me}"],
     stdin=subprocess.PIPE,
 )
-tasks = [sup.async_(quick, 7), sup.async_(quick, 8)]
-while any(t.pid is None for t in tasks):
-    time.sleep(0.005)
+if how == "future":
+    futures = [sup.submit(quick, 7), sup.submit(quick, 8)]
+    while not all(f.running() for f in futures):
+        time.sleep(0.005)
+else:
+    tasks = [sup.async_(quick, 7), sup.async_(quick, 8)]
+    while any(t.pid is None for t in tasks):
+        time.sleep(0.005)
 stopper.stdin.write(b"go\\n")
 stopper.stdin.flush()
 # Stopped within milliseconds: the tasks finish 0.5 s in, the deadline
 # passes 1 s in, and this process runs again 1.5 s in.
-if how == "await_":
+if how == "future":
+    print([f.result(timeout=1.0) for f in futures])
+elif how == "await_":
     print([t.await_(timeout=1.0) for t in tasks])
 elif how == "await_many":
     print(parstream.await_many(tasks, timeout=1.0))
@@ -974,7 +981,7 @@ sup.close()
 """
 
 
-@pytest.mark.parametrize("how", ["await_", "await_many", "yield_many"])
+@pytest.mark.parametrize("how", ["await_", "await_many", "yield_many", "future"])
 def test_a_parent_stopped_past_the_deadline_keeps_the_results_that_came(how: str) -> None:
     """Ctrl-Z (SIGSTOP) past a wait's deadline, the task long finished: on
     SIGCONT the waiting thread woke first and killed it for TaskTimeout,
