@@ -95,6 +95,14 @@ class _Future(concurrent.futures.Future[Any]):
         job = self._ps_job
         return job is not None and not self.done() and self._ps_backend.worker_of(job) is not None
 
+    def __repr__(self) -> str:
+        # The base class shows its own state, still PENDING for a call that
+        # went straight to an idle worker until the hub hears of it.
+        text = super().__repr__()
+        if super().running() or self.done() or not self.running():
+            return text
+        return text.replace("state=pending", "state=running", 1)
+
     def cancel(self) -> bool:
         if self.cancelled():
             return True
@@ -182,7 +190,9 @@ class _FutureSink:
         # the caller must not keep the call's function and arguments alive
         # (the standard library's futures hold neither).
         f._ps_job = None
-        if not f.running() and not f.done():
+        # The base class's own state, not our running() (which asks the
+        # backend, and would leave it PENDING, as repr() then shows).
+        if not concurrent.futures.Future.running(f) and not f.done():
             f.set_running_or_notify_cancel()
 
     def on_results(
@@ -218,7 +228,9 @@ class ExecutorCore:
         self.closed = False
         self.tasks = tasks  # the supervisor's one-off tasks (not its children)
         self.lock = threading.Lock()
-        self.futures: set[_Future] = set()
+        # In submission order (a dict): cancel_pending withdraws the oldest
+        # first, the next a worker would take, each from the queue's front.
+        self.futures: dict[_Future, None] = {}
         with _cores_lock:
             _cores.add(self)
 
@@ -230,18 +242,18 @@ class ExecutorCore:
         future = _Future(self.backend, self._forget)
         job = future._ps_job = Job(fn, [args], _FutureSink(future), star=True)
         with self.lock:
-            self.futures.add(future)
+            self.futures[future] = None
         try:
             self.backend.submit(job)
         except BaseException:
             with self.lock:
-                self.futures.discard(future)
+                self.futures.pop(future, None)
             raise
         return future
 
     def _forget(self, future: _Future) -> None:
         with self.lock:
-            self.futures.discard(future)
+            self.futures.pop(future, None)
 
     def pending_futures(self) -> list[_Future]:
         with self.lock:
@@ -378,6 +390,7 @@ class MapState(_State):
         self.timeout = timeout
         self.deadline: float | None = None
         self.graced = False  # the deadline was moved once for a stopped process
+        self.timed_out: BaseException | None = None  # the deadline's TimeoutError, once raised
         self.cap = cap  # most items pulled and not yet yielded
 
     def start(self) -> None:
@@ -400,6 +413,12 @@ class MapState(_State):
             return max(1, min(size, self.cap // self.max_concurrency))
         return max(1, min(size, self.cap))
 
+    def ends_iteration(self, error: BaseException) -> bool:
+        # As the standard library's map generator: an item's exception raised
+        # at its position, or the deadline, ends it; a closed supervisor, an
+        # input that raised or Ctrl-C are still raised to every next().
+        return error is self.raised_at_position or error is self.timed_out
+
     def fill(self) -> None:
         # Past the deadline no call starts: those running are waited for no
         # longer (``wait_event``). On the inline backend a call runs inside
@@ -421,9 +440,10 @@ class MapState(_State):
         if self.deadline is not None and time.monotonic() >= self.deadline:
             # Leaving the generator closes the stream: running calls are
             # killed, queued ones withdrawn, unpulled ones never pulled.
-            raise concurrent.futures.TimeoutError(
+            self.timed_out = concurrent.futures.TimeoutError(
                 "Supervisor.map: the results did not all arrive within the timeout"
             )
+            raise self.timed_out
         super().wait_event()
 
 

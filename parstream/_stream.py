@@ -129,6 +129,13 @@ class _State:
         # The span being handed out: close() empties it, so a consumer
         # iterating it stops at once.
         self.span: list[Any] = []
+        self.raised_at_position: BaseException | None = None  # an item's own, by map
+
+    def ends_iteration(self, error: BaseException) -> bool:
+        """Whether ``error``, once raised by ``next()``, ends the iteration
+        (later calls find the end) rather than being raised again: never
+        here; ``Executor.map``'s own do (``_executor.MapState``)."""
+        return False
 
     # -- consumer side -----------------------------------------------------------
 
@@ -510,6 +517,7 @@ def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
                 if not wrap:
                     if out:
                         yield out  # the values before the failure, then the failure
+                    state.raised_at_position = ex.reason
                     raise ex.reason
                 out.append(ex)
             else:
@@ -535,16 +543,28 @@ class _Spans:
     raised, even ``SystemExit`` from a task or Ctrl-C) raises that error to
     every ``next()`` after, in any thread: a generator that raised only
     ends, and the other threads would have seen a clean end with their
-    items missing.
+    items missing. (Raised again with its first traceback: raising one
+    object again and again grew it by a few frames a time.) Except where
+    ``ends(error)`` says the error ends the iteration, as
+    ``Executor.map``'s does: an item's own exception raised at its position,
+    the deadline; then later calls find the end, as the standard library's
+    generator's do (a loop skipping failed items would never end).
     """
 
-    __slots__ = ("__weakref__", "_current", "_gen", "_lock", "failure")
+    __slots__ = ("__weakref__", "_current", "_ends", "_gen", "_lock", "_tb", "ended", "failure")
 
-    def __init__(self, gen: Generator[list[Any], None, None]) -> None:
+    def __init__(
+        self,
+        gen: Generator[list[Any], None, None],
+        ends: Callable[[BaseException], bool] | None = None,
+    ) -> None:
         self._gen = gen
         self._current: Iterator[Any] = iter(())
         self._lock = threading.Lock()
+        self._ends = ends
         self.failure: BaseException | None = None
+        self._tb: TracebackType | None = None
+        self.ended = False
         _all_spans.add(self)
 
     def _inherited(self) -> None:
@@ -571,13 +591,16 @@ class _Spans:
             if length_hint(current):  # fetched by another thread meanwhile
                 return current
             if self.failure is not None:
-                raise self.failure
+                if self.ended:
+                    raise StopIteration
+                raise self.failure.with_traceback(self._tb)
             try:
                 span = next(self._gen)
             except StopIteration:
                 raise
             except BaseException as exc:  # a task's GeneratorExit too: the stream failed
-                self.failure = exc
+                self.failure, self._tb = exc, exc.__traceback__
+                self.ended = self._ends is not None and self._ends(exc)
                 raise
             current = self._current = iter(span)
             return current
@@ -708,7 +731,7 @@ class _Values(Iterator[T]):
     def __init__(self, spans: Generator[list[Any], None, None], state: _State) -> None:
         self._spans = spans
         self._state = state
-        self._chains = _Chains(_Spans(spans))
+        self._chains = _Chains(_Spans(spans, state.ends_iteration))
 
     def __iter__(self) -> Iterator[T]:
         return self._chains.live()

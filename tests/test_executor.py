@@ -11,6 +11,7 @@ initializer, Ctrl-C.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import gc
 import itertools
 import os
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import _executor_funcs as f
 import psutil
 import pytest
-from _util import gone
+from _util import gone, wait_until
 
 import parstream
 from parstream._backends.local._spawn import START_BACKOFF_S
@@ -925,3 +926,75 @@ def test_ctrl_c_at_exit_kills_pending_work(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+# -- found by the Executor hunt ---------------------------------------------------------
+
+
+def test_map_ends_after_the_exception_at_its_position(kind: str) -> None:
+    """After raising an item's exception, the stdlib's map is finished. It
+    was raised again at every next(), its traceback a few frames longer each
+    time: a loop skipping failed items never ended, and grew."""
+    import traceback
+
+    with make(kind, workers=2) as ex:
+        it = ex.map(f.fail_at, range(6), itertools.repeat(3))
+        got = [next(it) for _ in range(3)]
+        with pytest.raises(ValueError) as first:
+            next(it)
+        frames = len(traceback.extract_tb(first.value.__traceback__))
+        assert got == [0, 1, 2]
+        with pytest.raises(StopIteration):
+            next(it)
+        assert list(it) == []
+        assert len(traceback.extract_tb(first.value.__traceback__)) == frames
+
+
+def test_map_ends_after_its_timeout(kind: str) -> None:
+    with make(kind, workers=1) as ex:
+        it = ex.map(f.sleep_return, [0.0, 5.0, 0.0], [1, 2, 3], timeout=0.5)
+        assert next(it) == 1
+        with pytest.raises(cf.TimeoutError):
+            next(it)
+        assert list(it) == []
+
+
+def test_a_linked_failure_raised_again_keeps_its_traceback() -> None:
+    """parstream.map raises its failure to every next() (threads sharing it
+    all see it), but the traceback no longer grows with each raise."""
+    import traceback
+
+    it = parstream.map(functools.partial(f.fail_at, bad=1), [1, 2, 3])
+    lengths = []
+    for _ in range(5):
+        with pytest.raises(ValueError) as info:
+            next(it)
+        lengths.append(len(traceback.extract_tb(info.value.__traceback__)))
+    assert max(lengths[1:]) == min(lengths[1:]), lengths
+
+
+def test_cancelling_many_queued_futures_cancels_them_all(tmp_path: Path) -> None:
+    """Cancelling scanned the whole queue for each (quadratic: 14 s for
+    20,000 here); oldest first now, each from the queue's front. What
+    counts here: every queued one is cancelled, none runs. (The stdlib's
+    lets the few in its call queue run.)"""
+    with make("parstream", workers=1) as ex, Gate(tmp_path) as gate:
+        blocker = gate.submit(ex, "busy")
+        wait_file(gate.mark("busy"))
+        queued = [ex.submit(f.touch, str(tmp_path / f"ran-{i}")) for i in range(3000)]
+        assert all(q.cancel() for q in reversed(queued[1500:]))
+        ex.shutdown(wait=False, cancel_futures=True)
+        assert all(q.cancelled() for q in queued)
+        gate.release()
+        assert blocker.result(timeout=30)
+    assert not list(tmp_path.glob("ran-*"))
+
+
+def test_a_running_futures_repr_says_running(kind: str, tmp_path: Path) -> None:
+    with make(kind, workers=1) as ex, Gate(tmp_path) as gate:
+        ex.submit(f.getpid).result(timeout=30)
+        fut = gate.submit(ex, "a")
+        wait_file(gate.mark("a"))
+        wait_until(lambda: "state=running" in repr(fut), within=10.0, what="running")
+        gate.release()
+        fut.result(timeout=30)

@@ -216,14 +216,31 @@ class Dispatcher:
                 return job
         return None
 
+    def _unqueue(self, job: Job) -> bool:
+        """Take ``job`` off the queue; False if it is not there. At either end
+        in O(1): cancelling many queued calls, oldest or newest first, must
+        not scan the whole queue for each (quadratic: 14 s for 20,000)."""
+        queue = self.queue
+        if not queue:
+            return False
+        if queue[0] is job:
+            queue.popleft()
+            return True
+        if queue[-1] is job:
+            queue.pop()
+            return True
+        try:
+            queue.remove(job)
+        except ValueError:
+            return False
+        return True
+
     def withdraw(self, job: Job) -> bool:
         """Take ``job`` off the queue if no worker ever began it (``cancel``)."""
         run = run_of(job)
         if run.finished or run.killed or run.holder is not None or run.started_at:
             return False
-        try:
-            self.queue.remove(job)
-        except ValueError:
+        if not self._unqueue(job):
             return False
         run.finished = run.killed = True
         self.counts.killed += len(run.items) - run.cursor
@@ -373,10 +390,7 @@ class Dispatcher:
         run = run_of(job)
         run.killed = True
         run.kill_reason = reason
-        try:
-            self.queue.remove(job)
-        except ValueError:
-            pass
+        self._unqueue(job)
         self.finish_killed(job)
 
     def finish_killed(self, job: Job, end: End = "killed") -> None:
