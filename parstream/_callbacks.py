@@ -1,18 +1,23 @@
-"""The thread that runs users' completion callbacks, so no user code runs on a hub.
+"""The threads that run users' completion callbacks, so no user code runs on a hub.
 
 A hub thread keeps every deadline of its pool; a done-callback that blocks
 for seconds there would delay every other item's timeout and dispatch. Task
 callbacks (``Task.add_done_callback``, ``Future`` callbacks, a Supervisor's
-child-restart logic) are queued here instead and run in order, one at a time,
-on one daemon thread per process; one that raises is logged and the next
-runs. A forked child starts its own thread on first use. ``drain`` waits
-for what is queued: a Supervisor's ``shutdown(wait=True)`` and the
-interpreter's exit do, so no callback of finished work is lost.
+child-restart logic) are queued on a ``Lane`` instead and run in order, one
+at a time, on that lane's daemon thread; one that raises is logged and the
+next runs. Each Supervisor has a lane of its own, so a callback that blocks
+holds up only its own Supervisor's callbacks, restarts and ``shutdown``,
+as a blocking callback of a ``ProcessPoolExecutor`` holds up only that
+executor; work without a Supervisor's lane uses the default one. A lane's
+thread starts on first use and ends after ``IDLE_S`` with nothing to do
+(a forked child starts its own). ``Lane.drain`` waits for what is queued:
+a Supervisor's ``shutdown(wait=True)`` does, and the interpreter's exit
+drains every lane (``drain_all``), so no callback of finished work is lost.
 
 At interpreter exit (``exiting``), a daemon thread of the program that
 parstream's exit cuts short (reading a stream, awaiting a task) blocks for
-good in ``park_if_exiting`` and dies silently with the interpreter; this
-thread never does, since exit waits for it.
+good in ``park_if_exiting`` and dies silently with the interpreter; a
+callback thread never does, since exit waits for it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,20 +35,116 @@ if TYPE_CHECKING:
 log = logging.getLogger("parstream")
 
 DRAIN_SLICE_S = 0.2
-_lock = threading.Lock()
-_queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
-_thread: threading.Thread | None = None
-_pid = 0
+IDLE_S = 5.0  # a lane's thread ends after this long with nothing to run
+
+_Item = tuple["Callable[..., Any]", tuple[Any, ...]]
 
 
-def _run() -> None:
-    while True:
-        fn, args = _queue.get()
+class Lane:
+    """A queue of callbacks and the one daemon thread that runs them in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        _lanes.add(self)
+
+    def _run(self, items: queue.SimpleQueue[_Item]) -> None:
+        while True:
+            try:
+                fn, args = items.get(timeout=IDLE_S)
+            except queue.Empty:
+                with self._lock:  # call_soon puts under this lock: nothing slips in
+                    if items.empty() and self._thread is threading.current_thread():
+                        self._thread = None
+                        return
+                continue
+            try:
+                fn(*args)
+            except BaseException:  # SystemExit too: one callback must not end every other's
+                log.exception("parstream: a completion callback raised")
+            del fn, args  # hold nothing of the user's while waiting for the next
+
+    def _start(self) -> bool:
+        """Under the lock: a thread for this lane (a fresh queue in a forked
+        child, whose copy of the old one is the parent's). False if none can
+        be started: Python 3.12 and later refuse one once the interpreter is
+        shutting down."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._queue = queue.SimpleQueue()
+            self._thread = None
+        if self._thread is not None and self._thread.is_alive():
+            return True
+        thread = threading.Thread(
+            target=self._run, args=(self._queue,), name="parstream-callbacks", daemon=True
+        )
+        thread._parstream_callbacks = True  # type: ignore[attr-defined]
         try:
-            fn(*args)
-        except BaseException:  # SystemExit too: one callback must not end every other's
-            log.exception("parstream: a completion callback raised")
-        del fn, args  # hold nothing of the user's while waiting for the next
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return False
+        self._thread = thread
+        return True
+
+    def ensure_started(self) -> bool:
+        """Start this lane's thread if it is not running; False if it cannot be."""
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()
+        with self._lock:
+            return self._start()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on this lane's thread, after those queued before
+        it; where no thread can be started, here and now instead of never."""
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()
+        with self._lock:
+            started = self._start()
+            if started:
+                self._queue.put((fn, args))
+        if not started:
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("parstream: a completion callback raised")
+
+    def on_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def drain(self) -> None:
+        """Return once every callback queued here so far has run, as a
+        ``ProcessPoolExecutor``'s ``shutdown(wait=True)`` does (its callbacks
+        run on the thread it joins). At once on this lane's own thread."""
+        if self._pid != os.getpid() or self._thread is None or self.on_thread():
+            return
+        ran = threading.Event()
+        self.call_soon(ran.set)
+        while not ran.wait(DRAIN_SLICE_S):  # in slices: Ctrl-C is seen meanwhile
+            thread = self._thread
+            if thread is None or not thread.is_alive():  # pragma: no cover
+                return
+
+
+_lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
+_default = Lane()  # for callbacks of work no Supervisor's lane covers
+
+
+def call_soon(fn: Callable[..., Any], *args: Any) -> None:
+    """``Lane.call_soon`` on the default lane."""
+    _default.call_soon(fn, *args)
+
+
+def ensure_started() -> bool:
+    return _default.ensure_started()
+
+
+def drain_all() -> None:
+    """Interpreter exit: every lane's queued callbacks have run."""
+    for lane in list(_lanes):
+        lane.drain()
 
 
 def mark_hub_thread(thread: threading.Thread) -> None:
@@ -72,68 +174,11 @@ def park_if_exiting() -> None:
     ``Pool.imap`` or waiting on ``apply_async().get()`` does, and dies
     silently with the interpreter: an error would print a traceback at
     exit, and a stream's end would pass partial results off as whole. (Only
-    daemon threads still run then.) Not this module's callback thread."""
+    daemon threads still run then.) Not a callback thread."""
     if _EXITING.is_set() and threading.current_thread().daemon and not on_callback_thread():
         threading.Event().wait()
 
 
 def on_callback_thread() -> bool:
-    """Whether this is the thread that runs completion callbacks."""
-    return _thread is not None and threading.current_thread() is _thread
-
-
-def call_soon(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` on the callback thread, after those queued before it.
-
-    Where no thread can be started (Python 3.12 and later refuse one once
-    the interpreter is shutting down: work finishing at exit), it runs here
-    and now instead of being lost."""
-    if not ensure_started():
-        try:
-            fn(*args)
-        except BaseException:
-            log.exception("parstream: a completion callback raised")
-        return
-    _queue.put((fn, args))
-
-
-def ensure_started() -> bool:
-    """Start the callback thread if it is not running; False if it cannot be."""
-    global _thread, _queue, _pid
-    if _thread is None or _pid != os.getpid() or not _thread.is_alive():
-        with _lock:
-            if _thread is None or _pid != os.getpid() or not _thread.is_alive():
-                if _pid != os.getpid():
-                    _queue = queue.SimpleQueue()
-                _pid = os.getpid()
-                thread = threading.Thread(target=_run, name="parstream-callbacks", daemon=True)
-                try:
-                    thread.start()
-                except RuntimeError:  # "can't create new thread at interpreter shutdown"
-                    return False
-                _thread = thread
-    return True
-
-
-def drain() -> None:
-    """Return once every callback queued so far has run, as a
-    ``ProcessPoolExecutor``'s ``shutdown(wait=True)`` does (its callbacks run
-    on the thread it joins). At once on the callback thread itself."""
-    thread = _thread
-    if thread is None or _pid != os.getpid() or threading.current_thread() is thread:
-        return
-    ran = threading.Event()
-    _queue.put((ran.set, ()))
-    while not ran.wait(DRAIN_SLICE_S):  # in slices: Ctrl-C is seen meanwhile
-        if not thread.is_alive():  # pragma: no cover - it catches everything
-            return
-
-
-def _after_fork_in_child() -> None:
-    global _lock, _thread
-    _lock = threading.Lock()
-    _thread = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    """Whether this is a thread that runs completion callbacks (any lane's)."""
+    return getattr(threading.current_thread(), "_parstream_callbacks", False) is True

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from parstream._backend import Job
-from parstream._callbacks import call_soon, drain, ensure_started, on_hub_thread
+from parstream._callbacks import Lane, drain_all, on_hub_thread
 from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
@@ -72,9 +72,12 @@ def _stopped_meanwhile(began: float, timeout: Any) -> bool:
 class _Future(concurrent.futures.Future[Any]):
     """A Future whose ``cancel()`` withdraws its job from the backend's queue."""
 
-    def __init__(self, backend: Backend, forget: Callable[[_Future], None] | None = None) -> None:
+    def __init__(
+        self, backend: Backend, lane: Lane, forget: Callable[[_Future], None] | None = None
+    ) -> None:
         super().__init__()
         self._ps_backend = backend
+        self._ps_lane = lane  # its Supervisor's callback lane
         self._ps_job: Job | None = None
         self._ps_forget = forget  # the executor's pending set lets go of it
         self._ps_holding = False  # cancel() runs the done-callbacks once out of its lock
@@ -137,7 +140,7 @@ class _Future(concurrent.futures.Future[Any]):
         # The thread that will run it starts now: at the interpreter's exit,
         # Python 3.12 and later refuse to start one.
         if not self.done():
-            ensure_started()
+            self._ps_lane.ensure_started()
         super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> Any:
@@ -171,7 +174,7 @@ class _Future(concurrent.futures.Future[Any]):
         if not self._done_callbacks or self._ps_holding:  # type: ignore[attr-defined]
             return
         if on_hub_thread():
-            call_soon(super()._invoke_callbacks)  # type: ignore[misc]
+            self._ps_lane.call_soon(super()._invoke_callbacks)  # type: ignore[misc]
         else:
             super()._invoke_callbacks()  # type: ignore[misc]
 
@@ -228,6 +231,7 @@ class ExecutorCore:
         self.closed = False
         self.tasks = tasks  # the supervisor's one-off tasks (not its children)
         self.lock = threading.Lock()
+        self.lane = Lane()  # the callbacks of this Supervisor's futures, tasks and children
         # In submission order (a dict): cancel_pending withdraws the oldest
         # first, the next a worker would take, each from the queue's front.
         self.futures: dict[_Future, None] = {}
@@ -239,7 +243,7 @@ class ExecutorCore:
             # As the stdlib's executors: a done-callback that submits again
             # at exit (a job that reschedules itself) would keep exit waiting.
             raise SupervisorClosed("cannot schedule new futures after interpreter shutdown")
-        future = _Future(self.backend, self._forget)
+        future = _Future(self.backend, self.lane, self._forget)
         job = future._ps_job = Job(fn, [args], _FutureSink(future), star=True)
         with self.lock:
             self.futures[future] = None
@@ -361,7 +365,7 @@ def finish_at_exit() -> None:
             concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
         for core in cores:
             core.wait_futures()
-        drain()  # their done-callbacks, as the standard library's exit runs them
+        drain_all()  # their done-callbacks, as the standard library's exit runs them
     finally:
         close_all()
 

@@ -574,9 +574,8 @@ class _Spans:
         self._lock = threading.Lock()  # another thread may have held it at the fork
         collections.deque(self._current, 0)
         self.failure = SupervisorClosed(
-            f"this stream was started in process {_parent_pid} and reached process "
-            f"{os.getpid()} through os.fork(); its items and workers belong to the "
-            "parent. Start a new stream in the child"
+            "this stream reached this process through os.fork(); its items and "
+            "workers belong to the parent process. Start a new stream in the child"
         )
 
     def __iter__(self) -> _Spans:
@@ -607,24 +606,16 @@ class _Spans:
 
 
 _all_spans: weakref.WeakSet[_Spans] = weakref.WeakSet()
-_parent_pid = os.getpid()
 
 
 def _after_fork_in_child() -> None:
-    global _parent_pid
     for spans in list(_all_spans):
         spans._inherited()
     _all_spans.clear()
-    _parent_pid = os.getpid()
-
-
-def _before_fork() -> None:
-    global _parent_pid
-    _parent_pid = os.getpid()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Chains(threading.local):

@@ -251,6 +251,7 @@ class Supervisor(concurrent.futures.Executor):
             linked=linked,
             node=node,
             urgent=urgent,
+            lane=self._core.lane,
         )
         if track:  # shutdown(wait=True) waits for it (children end by their own rules)
             self._tasks.add(task)
@@ -631,8 +632,6 @@ class Supervisor(concurrent.futures.Executor):
         return children, ending
 
     def _finish(self) -> None:
-        from parstream._callbacks import drain
-
         children, ending = self._stop_children()
         self._core.wait_all()
         for task in ending:
@@ -641,7 +640,7 @@ class Supervisor(concurrent.futures.Executor):
             self._children.end(c)
         # The done-callbacks of what finished have run when shutdown returns,
         # as with the standard library's executors.
-        drain()
+        self._core.lane.drain()
         self._close(self._closed_reason or "the supervisor was shut down")
 
     # -- observing ---------------------------------------------------------------

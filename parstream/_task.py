@@ -156,8 +156,10 @@ class Task(Generic[T]):
         linked: bool = False,
         node: str | None = None,
         urgent: bool = False,
+        lane: _callbacks.Lane | None = None,
     ) -> None:
         self._backend = backend
+        self._lane = lane  # its Supervisor's callback lane (None: the default one)
         self._linked = linked
         self._lock = threading.Lock()
         self._done = _Latch()
@@ -197,21 +199,32 @@ class Task(Generic[T]):
         for wake in waiters:
             wake(self)
         # User code never runs on the hub thread that keeps every deadline.
+        lane = self._lane
         for cb in callbacks:
-            call_soon(cb, self)
+            if lane is not None:
+                lane.call_soon(cb, self)
+            else:
+                call_soon(cb, self)
 
     def add_done_callback(self, fn: Callable[[Task[T]], None]) -> None:
         """Call ``fn(task)`` once the task has a result.
 
-        Callbacks run in order on parstream's callback thread (never on the
-        thread that keeps the pool's timeouts), or at once in the caller's
+        Callbacks run in order on the Supervisor's callback thread (never on
+        the thread that keeps the pool's timeouts), or at once in the caller's
         thread if the task is already done. One that raises is logged on
         the ``parstream`` logger; the others still run.
         """
         with self._lock:
             if self._result is None:
                 self._callbacks.append(fn)
-                return
+                pending = True
+            else:
+                pending = False
+        if pending:
+            # The thread that will run it starts now: at the interpreter's
+            # exit, Python 3.12 and later refuse to start one.
+            (self._lane or _callbacks._default).ensure_started()
+            return
         fn(self)
 
     def _add_waiter(self, fn: Callable[[Task[T]], None]) -> None:

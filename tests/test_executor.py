@@ -998,3 +998,51 @@ def test_a_running_futures_repr_says_running(kind: str, tmp_path: Path) -> None:
         wait_until(lambda: "state=running" in repr(fut), within=10.0, what="running")
         gate.release()
         fut.result(timeout=30)
+
+
+def test_a_blocking_callback_holds_up_only_its_own_executor(kind: str) -> None:
+    """All Supervisors shared one callback thread: a callback that blocked on
+    one stalled every other's callbacks and shutdown()."""
+    a, b = make(kind, workers=1), make(kind, workers=1)
+    release = threading.Event()
+    try:
+        a.submit(f.square, 1).add_done_callback(lambda _: release.wait(30))
+        time.sleep(0.3)
+        seen: list[int] = []
+        got = b.submit(f.square, 2)
+        got.add_done_callback(lambda fut: seen.append(fut.result()))
+        assert got.result(timeout=30) == 4
+        done = threading.Thread(target=b.shutdown)
+        done.start()
+        done.join(20)
+        assert not done.is_alive(), "b.shutdown() waited for a's callback"
+        assert seen == [4]
+    finally:
+        release.set()
+        a.shutdown()
+        b.shutdown()
+
+
+def test_shutdown_in_a_callback_waits_for_its_own_callbacks(kind: str) -> None:
+    """A shutdown(wait=True) run from another executor's done-callback
+    returned before its own futures' callbacks had run."""
+    outer = make(kind, workers=1)
+    report: list[list[int]] = []
+    finished = threading.Event()
+
+    def on_done(_: Any) -> None:
+        collected: list[int] = []
+        with make(kind, workers=2) as inner:
+            for i in range(5):
+                inner.submit(f.sleep_return, 0.05, i).add_done_callback(
+                    lambda g: collected.append(g.result())
+                )
+        report.append(sorted(collected))
+        finished.set()
+
+    try:
+        outer.submit(f.square, 0).add_done_callback(on_done)
+        assert finished.wait(60)
+        assert report == [[0, 1, 2, 3, 4]]
+    finally:
+        outer.shutdown()

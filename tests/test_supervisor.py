@@ -766,3 +766,32 @@ def test_a_second_terminate_child_answers_once_the_child_is_gone() -> None:
         assert not child.alive()
         assert sup.children() == []
         first.join(WAIT_S)
+
+
+def _crash_soon() -> None:
+    time.sleep(0.1)
+    raise RuntimeError("child crashed")
+
+
+def test_a_blocking_callback_elsewhere_does_not_stop_restarts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A future's callback blocking on one Supervisor stopped every other
+    Supervisor's children from being restarted (one shared callback thread)."""
+    release = threading.Event()
+    with (
+        caplog.at_level("CRITICAL", logger="parstream"),
+        parstream.Supervisor(max_workers=1) as pool,
+        parstream.Supervisor(max_restarts=1000, max_seconds=60) as service,
+    ):
+        try:
+            pool.submit(abs, -1).add_done_callback(lambda _: release.wait(30))
+            time.sleep(0.3)
+            service.start_child(_crash_soon, restart="permanent")
+            wait_until(
+                lambda: service.stats().restarts >= 3,
+                within=WAIT_S,
+                what="restarts while the other supervisor's callback blocks",
+            )
+        finally:
+            release.set()
