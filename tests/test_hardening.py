@@ -289,6 +289,63 @@ def test_a_start_failing_for_want_of_a_directory_starts_no_interpreter(tmp_path:
         assert sup.async_(identity, 2).await_(60) == 2
 
 
+def init_unless_flagged(flag: str) -> None:
+    """An initializer that raises once ``flag`` exists (a file gone, say)."""
+    if os.path.exists(flag):
+        raise RuntimeError("the initializer is broken now")
+
+
+def sleep_then_pid(x: int) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def test_extra_workers_that_cannot_start_fail_no_work_the_live_ones_do(tmp_path: Path) -> None:
+    """A stream asking for more workers than the pool had, whose new workers
+    could not start: the queued items failed with WorkerStartFailed while two
+    initialised workers sat idle (24-28 of 40), and a linked stream killed
+    those workers, after which every call failed."""
+    flag = str(tmp_path / "broken")
+    with parstream.Supervisor(
+        max_workers=2, initializer=init_unless_flagged, initargs=(flag,)
+    ) as sup:
+        assert len(set(sup.map(sleep_then_pid, range(8)))) >= 1  # two workers up
+        Path(flag).touch()  # from now on, no new worker can start
+        out = list(sup.async_stream_nolink(sleep_then_pid, range(40), max_concurrency=8))
+        assert all(isinstance(r, Ok) for r in out), [r for r in out if not isinstance(r, Ok)][:3]
+        assert len(list(sup.stream_map(sleep_then_pid, range(40), max_concurrency=8))) == 40
+        assert sup.submit(identity, 5).result(timeout=30) == 5
+
+
+GENERATION = "none"
+
+
+def remember_generation(path: str) -> None:
+    """A slow initializer that loads what is current when it runs."""
+    global GENERATION
+    GENERATION = Path(path).read_text()
+    time.sleep(0.6)
+
+
+def generation(_: object) -> str:
+    return GENERATION
+
+
+def test_restart_workers_while_the_initializer_runs_retires_that_worker(tmp_path: Path) -> None:
+    """restart_workers() while a worker was still in its initializer (which
+    had loaded the old code): it was only marked to retire after its next
+    batch, and ran a task submitted after the restart with the old code."""
+    path = tmp_path / "generation"
+    path.write_text("old")
+    with parstream.Supervisor(
+        max_workers=1, initializer=remember_generation, initargs=(str(path),)
+    ) as sup:
+        time.sleep(0.3)  # the worker is inside its initializer, with "old"
+        path.write_text("new")
+        sup.restart_workers()
+        assert sup.async_(generation, 0).await_(30) == "new"
+
+
 # -- 3. the timeout covers loading the argument ---------------------------------------
 
 

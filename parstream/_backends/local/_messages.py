@@ -46,6 +46,9 @@ class MessageHandler:
     def _after_idle(self, worker: LocalWorker) -> None:
         raise NotImplementedError
 
+    def _retire(self, worker: LocalWorker) -> None:
+        raise NotImplementedError
+
     def _slice_done(self, worker: LocalWorker, job: Job) -> None:
         raise NotImplementedError
 
@@ -74,8 +77,13 @@ class MessageHandler:
             with self._lock:
                 worker.pid = _wire.decode(data)
                 if worker.state == "starting":
-                    worker.state = "idle"
-                    worker.idle_since = time.monotonic()
+                    if worker.retire_requested and worker.job is None:
+                        # restart_workers() came while its initializer ran (and
+                        # may have imported the old code): it serves nothing.
+                        self._retire(worker)
+                    else:
+                        worker.state = "idle"
+                        worker.idle_since = time.monotonic()
                 self._starter.ready()
         elif kind == _wire.LOADED:
             if worker.job is not None and worker.job.timeout is not None:

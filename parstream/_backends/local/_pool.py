@@ -134,7 +134,11 @@ class LocalPool(MessageHandler):
         # one: encoding a batch only to find that out costs as much as sending it.
         self._too_big: weakref.WeakSet[Gate] = weakref.WeakSet()
         self._starter = _spawn.Starter(
-            settings, self._counts, self._dispatch, initializer=_pickle_initializer(settings)
+            settings,
+            self._counts,
+            self._dispatch,
+            initializer=_pickle_initializer(settings),
+            serving=self._serving,
         )
         self._wake_r, self._wake_w = _wake_pipe()
         self._wake_pending = False
@@ -807,6 +811,16 @@ class LocalPool(MessageHandler):
 
     def _live(self) -> list[LocalWorker]:
         return [w for w in self._workers if w.state in ("starting", "idle", "busy")]
+
+    def _serving(self) -> bool:
+        """Whether a ready worker will take queued work: an idle one, or one
+        busy with work that ends (not a child's run, which may never)."""
+        for w in self._workers:
+            if w.state == "idle":
+                return True
+            if w.state == "busy" and w.job is not None and not w.job.urgent:
+                return True
+        return False
 
     def _surplus(self) -> bool:
         """More live workers than the base size plus the reservations."""

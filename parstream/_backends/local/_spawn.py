@@ -39,7 +39,7 @@ from parstream._errors import WorkerCrashed, WorkerStartFailed
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from parstream._backend import Counts, Job, Settings
     from parstream._backends._dispatch import Dispatcher
@@ -175,8 +175,12 @@ class Starter:
         dispatch: Dispatcher,
         *,
         initializer: bytes | None,
+        serving: Callable[[], bool] = lambda: False,
     ) -> None:
         self.initializer = initializer  # pickled (fn, args), run by each worker before READY
+        # Whether a live worker will take the queued work (pool lock held):
+        # then failing starts only stop the pool growing, and fail no work.
+        self.serving = serving
         self.counts = counts
         self.dispatch = dispatch
         self.max_failures = settings.max_start_failures
@@ -395,7 +399,10 @@ class Starter:
             log.error("parstream: could not start a worker process: %r (retrying)", cause)
         if len(self.failures) > self.max_failures:
             self.gave_up = True
-            self.dispatch.fail_queue(self._give_up_error(cause))
+            # Extra workers that cannot start fail no work the live ones will
+            # do: max_concurrency is a bound, not a promise of processes.
+            if not self.serving():
+                self.dispatch.fail_queue(self._give_up_error(cause))
 
     def _give_up_error(self, cause: BaseException) -> WorkerStartFailed:
         message = (
