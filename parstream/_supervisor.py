@@ -189,6 +189,12 @@ class Supervisor(concurrent.futures.Executor):
         self._streams: weakref.WeakSet[_State] = weakref.WeakSet()  # killed first at exit
         self._admitting = threading.Lock()  # max_children: counted and added at once
         self._backend: Backend = config.open(settings)
+        if self._backend.name == "ray":
+            # ray.init registered Ray's own exit hook (ray.shutdown) after
+            # parstream's: registered again, parstream's runs first, while
+            # Ray can still kill what is running.
+            atexit.unregister(_close_all)
+            atexit.register(_close_all)
         try:
             from parstream import _executor
             from parstream._children import Children, RestartWindow
@@ -771,7 +777,6 @@ for _method, _options in (
 del _method, _options
 
 
-@atexit.register
 def _close_all() -> None:
     # Registered after multiprocessing's exit hook (imported above), so it
     # runs first: the workers are gone before that hook joins them.
@@ -794,6 +799,9 @@ def _close_all() -> None:
             except Exception:  # pragma: no cover
                 pass
         _executor.close_all()
+
+
+atexit.register(_close_all)
 
 
 def _failed_future(error: BaseException) -> concurrent.futures.Future[Any]:

@@ -273,6 +273,8 @@ DRIVER = textwrap.dedent(
         while not os.path.exists(out):
             time.sleep(0.01)
         print("ready", flush=True)
+        if mode == "exit":
+            sys.exit(0)  # with the task still running: parstream's exit kills it
         time.sleep(120)
     """
 )
@@ -328,6 +330,30 @@ def test_the_drivers_death_stops_its_tasks(ray_cluster: RayCluster, tmp_path: Pa
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_exit_with_a_ray_task_running_is_clean(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """Ray's exit hook (registered by ray.init, after parstream's) ran first:
+    the event thread then crashed reading a stream of a Ray shut down, and
+    its clean-up started Ray again (a second local Ray, a segfault, or a
+    connection to another cluster on the machine)."""
+    beat = tmp_path / "beat"
+    env = {**os.environ, **ray_cluster.env}
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, ray_cluster.address, "exit", str(beat)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ready"]
+    assert "event thread crashed" not in proc.stderr, proc.stderr[-3000:]
+    assert "Started a local Ray instance" not in proc.stderr
+    size = beat.stat().st_size
+    time.sleep(1.0)
+    assert beat.stat().st_size == size, "the task outlived its driver's exit"
 
 
 def test_import_parstream_never_imports_ray() -> None:

@@ -307,9 +307,12 @@ class RayPool:
             log.exception("parstream: the Ray backend's event thread crashed")
             with self._lock:
                 self._closed = True
+                # Not once Ray is shut down: its calls would start it again.
+                alive = self._ray.is_initialized()
                 for slot in self._slots:
-                    with contextlib.suppress(Exception):
-                        self._ray.cancel(slot.gen, force=True)
+                    if alive:
+                        with contextlib.suppress(Exception):
+                            self._ray.cancel(slot.gen, force=True)
                     run_of(slot.job).killed = True
                     self._dispatch.finish_killed(slot.job, "closed")
                 self._slots.clear()
@@ -338,7 +341,12 @@ class RayPool:
                     raise
                 self._lost_ray()  # Ray was shut down under us (at exit, say)
                 continue
-            self._read_ready()
+            try:
+                self._read_ready()
+            except Exception:
+                if self._ray.is_initialized():
+                    raise
+                self._lost_ray()  # shut down while the messages were read
         self._outbox.flush()
 
     def _read_ready(self) -> None:
