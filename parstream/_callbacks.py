@@ -9,8 +9,8 @@ next runs. Each Supervisor has a lane of its own, so a callback that blocks
 holds up only its own Supervisor's callbacks, restarts and ``shutdown``,
 as a blocking callback of a ``ProcessPoolExecutor`` holds up only that
 executor; work without a Supervisor's lane uses the default one. A lane's
-thread starts on first use and ends after ``IDLE_S`` with nothing to do
-(a forked child starts its own). ``Lane.drain`` waits for what is queued:
+thread starts on first use and ends once its Supervisor is closed and
+nothing is left to run (a forked child starts its own). ``Lane.drain`` waits for what is queued:
 a Supervisor's ``shutdown(wait=True)`` does, and the interpreter's exit
 drains every lane (``drain_all``), so no callback of finished work is lost.
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("parstream")
 
 DRAIN_SLICE_S = 0.2
-IDLE_S = 5.0  # a lane's thread ends after this long with nothing to run
+IDLE_S = 0.5  # a closed lane's thread ends after this long with nothing to run
 
 _Item = tuple["Callable[..., Any]", tuple[Any, ...]]
 
@@ -48,12 +48,25 @@ class Lane:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._closing = False  # its Supervisor closed: the thread ends once idle
         _lanes.add(self)
+
+    def close(self) -> None:
+        """Its Supervisor is closed: the thread ends once nothing is left to
+        run (callbacks of work ending now still run, on a thread started
+        again if need be)."""
+        with self._lock:
+            self._closing = True
+            if self._thread is not None and self._pid == os.getpid():
+                self._queue.put((_nothing, ()))  # wakes it to see that
 
     def _run(self, items: queue.SimpleQueue[_Item]) -> None:
         while True:
             try:
-                fn, args = items.get(timeout=IDLE_S)
+                # An open Supervisor's thread waits for good, as one thread
+                # per process did: a callback added to a future that ends at
+                # the interpreter's exit finds it there (3.12 starts none then).
+                fn, args = items.get(timeout=IDLE_S if self._closing else None)
             except queue.Empty:
                 with self._lock:  # call_soon puts under this lock: nothing slips in
                     if items.empty() and self._thread is threading.current_thread():
@@ -126,6 +139,10 @@ class Lane:
             thread = self._thread
             if thread is None or not thread.is_alive():  # pragma: no cover
                 return
+
+
+def _nothing() -> None:
+    pass
 
 
 _lanes: weakref.WeakSet[Lane] = weakref.WeakSet()

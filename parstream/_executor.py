@@ -308,6 +308,7 @@ class ExecutorCore:
             self.cancel_pending()
         self.closed = True
         self.backend.close()
+        self.lane.close()
         with _cores_lock:
             _cores.discard(self)
 
