@@ -79,16 +79,18 @@ class Lane:
                 log.exception("parstream: a completion callback raised")
             del fn, args  # hold nothing of the user's while waiting for the next
 
+    def _forked(self) -> None:
+        """In a child made by ``os.fork()``, before anything else runs there:
+        a fresh lock, queue and no thread (the copies are the parent's)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+
     def _start(self) -> bool:
-        """Under the lock: a thread for this lane (a fresh queue in a forked
-        child, whose copy of the old one is the parent's). False if none can
-        be started: Python 3.12 and later refuse one once the interpreter is
+        """Under the lock: a thread for this lane. False if none can be
+        started: Python 3.12 and later refuse one once the interpreter is
         shutting down."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._lock = threading.Lock()
-            self._queue = queue.SimpleQueue()
-            self._thread = None
         if self._thread is not None and self._thread.is_alive():
             return True
         thread = threading.Thread(
@@ -104,16 +106,12 @@ class Lane:
 
     def ensure_started(self) -> bool:
         """Start this lane's thread if it is not running; False if it cannot be."""
-        if self._pid != os.getpid():
-            self._lock = threading.Lock()
         with self._lock:
             return self._start()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on this lane's thread, after those queued before
         it; where no thread can be started, here and now instead of never."""
-        if self._pid != os.getpid():
-            self._lock = threading.Lock()
         with self._lock:
             started = self._start()
             if started:
@@ -147,6 +145,15 @@ def _nothing() -> None:
 
 _lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
 _default = Lane()  # for callbacks of work no Supervisor's lane covers
+
+
+def _after_fork_in_child() -> None:
+    for lane in list(_lanes):
+        lane._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:

@@ -31,7 +31,7 @@ from parstream._callbacks import Lane, drain_all, on_hub_thread
 from parstream._errors import SupervisorClosed, TaskShutdown
 from parstream._interrupts import held
 from parstream._output import settle as settle_output
-from parstream._stream import _State, _Values, values
+from parstream._stream import WAIT_POLL_S, _State, _Values, values
 from parstream._validate import STALL_GRACE_S, Options, stalled
 
 if TYPE_CHECKING:
@@ -395,6 +395,7 @@ class MapState(_State):
         self.timeout = timeout
         self.deadline: float | None = None
         self.graced = False  # the deadline was moved once for a stopped process
+        self.stalled_wait = False  # a wait overran: this process was stopped
         self.timed_out: BaseException | None = None  # the deadline's TimeoutError, once raised
         self.cap = cap  # most items pulled and not yet yielded
 
@@ -422,34 +423,48 @@ class MapState(_State):
         # As the standard library's map generator: an item's exception raised
         # at its position, or the deadline, ends it; a closed supervisor, an
         # input that raised or Ctrl-C are still raised to every next().
-        return error is self.raised_at_position or error is self.timed_out
+        own = self.raised_at_position
+        # (A task's StopIteration reaches here as the RuntimeError that a
+        # generator makes of it, PEP 479, with the original as its cause.)
+        return (own is not None and (error is own or error.__cause__ is own)) or (
+            error is self.timed_out
+        )
 
-    def fill(self) -> None:
+    def can_start(self) -> bool:
         # Past the deadline no call starts: those running are waited for no
         # longer (``wait_event``). On the inline backend a call runs inside
-        # the submit that this would make, so it is also where the deadline
-        # is seen at all: results already in hand are delivered first, then
-        # the wait for the next raises.
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return
-        super().fill()
+        # the submit that this guards, so it is also where the deadline is
+        # seen at all: results already in hand are delivered first, then the
+        # wait for the next raises.
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def wait_event(self) -> None:
         # The base class waits one short poll at a time, so the deadline is
         # checked at least that often.
-        if self.deadline is not None and stalled(self.deadline) and not self.graced:
-            # This process was stopped past the deadline: results that came
+        if self.deadline is not None and self.stalled_wait and not self.graced:
+            # This process was stopped while it waited: results that came
             # meanwhile are taken before the deadline is held against them.
+            # (Not for a loop that came back late: the stdlib raises there.)
             self.graced = True
-            self.deadline = time.monotonic() + STALL_GRACE_S
+            self.deadline = max(self.deadline, time.monotonic() + STALL_GRACE_S)
         if self.deadline is not None and time.monotonic() >= self.deadline:
+            # Results already come are delivered first (on the inline backend
+            # the calls ran in this thread, their results posted meanwhile).
+            self.drain_events()
+            if self.results.take() is not None:
+                return
             # Leaving the generator closes the stream: running calls are
             # killed, queued ones withdrawn, unpulled ones never pulled.
             self.timed_out = concurrent.futures.TimeoutError(
                 "Supervisor.map: the results did not all arrive within the timeout"
             )
             raise self.timed_out
+        began = time.monotonic()
         super().wait_event()
+        # The wait is a poll of at most WAIT_POLL_S: one that took far longer
+        # was a process not let run (stopped by Ctrl-Z or SIGSTOP).
+        if self.deadline is not None and stalled(began + WAIT_POLL_S):
+            self.stalled_wait = True
 
 
 def start_map(

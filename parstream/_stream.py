@@ -131,6 +131,11 @@ class _State:
         self.span: list[Any] = []
         self.raised_at_position: BaseException | None = None  # an item's own, by map
 
+    def can_start(self) -> bool:
+        """Whether a new chunk may be submitted now (``Executor.map``'s
+        deadline says no once it has passed: ``_executor.MapState``)."""
+        return True
+
     def ends_iteration(self, error: BaseException) -> bool:
         """Whether ``error``, once raised by ``next()``, ends the iteration
         (later calls find the end) rather than being raised again: never
@@ -167,7 +172,7 @@ class _State:
             self.fill_from_feeder(self.feeder)
             return
         assert self.it is not None
-        while not self.exhausted:
+        while not self.exhausted and self.can_start():
             size = self.next_chunk_size()
             # Chunks queue one round ahead (the gate keeps at most
             # max_concurrency running), so a worker never waits for this thread.
@@ -224,6 +229,9 @@ class _State:
                     if avail < enough:
                         need = enough
                         break
+                if not self.can_start():
+                    need = NEVER  # nothing more starts: the wait for results decides
+                    break
                 n = min(size, avail)
                 self.submit(list(itertools.starmap(take, itertools.repeat((), n))))
             level = LEVEL_CHUNKS * self.max_concurrency * self.next_chunk_size()

@@ -227,6 +227,27 @@ def test_inline_map_timeout_is_reported_and_starts_no_call_after_it() -> None:
         assert list(ex.map(square, range(4), timeout=30)) == [0, 1, 4, 9]
 
 
+def test_inline_map_timeout_starts_no_call_after_the_deadline_and_hands_out_results() -> None:
+    """One fill() submitted several chunks, each run at once, past the
+    deadline; and results in hand were dropped for the TimeoutError."""
+    began = time.monotonic()
+    starts: list[float] = []
+
+    def work(seconds: float) -> float:
+        starts.append(time.monotonic() - began)
+        time.sleep(seconds)
+        return seconds
+
+    with parstream.Supervisor(backend="inline") as ex:
+        began = time.monotonic()
+        got: list[Any] = []
+        results = ex.map(work, [0.1, 1.0, 0.1, 0.1, 0.1], timeout=0.5)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            got.extend(results)
+    assert got == [0.1, 1.0]  # what ran is delivered, then the timeout
+    assert len(starts) == 2  # nothing started once the deadline had passed
+
+
 def test_inline_runner_threads_end_with_their_supervisor() -> None:
     """A child restarted on inline runs on a runner thread; it outlived close()."""
     state = {"n": 0}

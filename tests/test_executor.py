@@ -1046,3 +1046,34 @@ def test_shutdown_in_a_callback_waits_for_its_own_callbacks(kind: str) -> None:
         assert report == [[0, 1, 2, 3, 4]]
     finally:
         outer.shutdown()
+
+
+def stop_iteration_at(x: int, bad: int) -> int:
+    if x == bad:
+        raise StopIteration("from the task")
+    return x
+
+
+def test_map_ends_after_a_stop_iteration_at_its_position(kind: str) -> None:
+    """A task's StopIteration reaches the caller as RuntimeError (as any
+    generator makes it); the map then ends, as the stdlib's does (it raised
+    the RuntimeError at every next() after)."""
+    with make(kind, workers=2) as ex:
+        it = ex.map(stop_iteration_at, range(4), itertools.repeat(1))
+        assert next(it) == 0
+        with pytest.raises(RuntimeError):
+            next(it)
+        assert list(it) == []
+
+
+def test_a_slow_loop_past_the_deadline_gets_the_timeout(kind: str) -> None:
+    """The grace for a stopped process was given to a loop that simply came
+    back late to next(): an item finished after the deadline was delivered
+    where the stdlib raises TimeoutError."""
+    with make(kind, workers=2) as ex:
+        ex.submit(f.square, 1).result(timeout=30)
+        it = ex.map(f.sleep_return, [0.0, 1.5], [0, 1], timeout=1.0)
+        assert next(it) == 0
+        time.sleep(1.4)  # the loop's body, past the deadline
+        with pytest.raises(cf.TimeoutError):
+            next(it)
