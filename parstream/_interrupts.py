@@ -53,3 +53,20 @@ def held() -> Iterator[None]:
         signal.signal(signal.SIGINT, handler)
         for signum, frame in came:
             handler(signum, frame)
+
+
+WAKE_S = 0.1  # how often an awaiting coroutine lets its event loop run
+
+
+async def waking(fut: Any) -> Any:
+    """``await fut``, waking the event loop every ``WAKE_S`` meanwhile.
+
+    An interrupt in Jupyter (the stop button, at a top-level ``await``) is
+    acted on only when the kernel's event loop next wakes: awaiting a future
+    that one item's end resolves, the stop waited for that item (seconds,
+    minutes). ``fut`` itself is not cancelled by a cancellation here."""
+    import asyncio
+
+    while not fut.done():
+        await asyncio.wait((fut,), timeout=WAKE_S)
+    return fut.result()

@@ -58,7 +58,7 @@ from parstream._chunks import (
 )
 from parstream._errors import SupervisorClosed, TaskTimeout
 from parstream._feeder import FEED_POLL_S, NEVER, Feeder, pulls_inline
-from parstream._interrupts import held
+from parstream._interrupts import held, waking
 from parstream._output import settle as settle_output
 from parstream._progress import Progress
 from parstream._results import Exit, Ok, oks
@@ -803,7 +803,7 @@ class _AsyncSteps:
         # Weakly: the task holds its coroutine, which holds this object.
         self._task = None if task is None else weakref.ref(task)
         try:
-            item = await self._stepper.step(loop)
+            item = await waking(self._stepper.step(loop))
         except BaseException:
             # Cancelled while the helper thread waits in next(), which holds
             # the stream: closing it is what stops the items running. (Or

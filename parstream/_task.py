@@ -22,7 +22,7 @@ from parstream import _callbacks
 from parstream._backend import Job
 from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
-from parstream._interrupts import held
+from parstream._interrupts import held, waking
 from parstream._output import settle as settle_output
 from parstream._results import Exit, Ok
 from parstream._validate import (
@@ -420,7 +420,7 @@ class Task(Generic[T]):
 
         self._add_waiter(wake)
         try:
-            await fut
+            await waking(fut)
         except BaseException:
             if not self.done():
                 self._kill(TaskShutdown("the awaiting coroutine was cancelled"))

@@ -235,6 +235,10 @@ INTERRUPTED = {
     "async_stream": "list(parstream.async_stream(slow, range(20), max_concurrency=2))",
     "map": "list(parstream.map(slow, range(20)))",
     "await_": "parstream.async_(slow, 0).await_()",
+    # Top-level awaits: the kernel cancels the cell's coroutine when its event
+    # loop next wakes, which waited for the running item's end (seconds).
+    "await task": "await parstream.async_(slow, 0)",
+    "async for": "async for r in parstream.async_stream(slow, range(20)):\n    pass",
 }
 
 
@@ -258,7 +262,8 @@ def test_interrupt_stops_everything(kernel: Kernel, tmp_path: Path, call: str) -
     kernel.km.interrupt_kernel()
     reply = kernel.reply(msg_id, timeout=10)
     assert reply["status"] == "error"
-    assert reply["ename"] == "KeyboardInterrupt"
+    # ipykernel cancels a top-level await: CancelledError, its KeyboardInterrupt.
+    assert reply["ename"] in ("KeyboardInterrupt", "CancelledError")
     started = sorted(p.name for p in marks.glob("start-*"))
     time.sleep(3.5)  # longer than a task: anything still running would finish now
     assert sorted(p.name for p in marks.glob("start-*")) == started
@@ -305,6 +310,35 @@ def test_notebook_code_output_and_await(kernel: Kernel) -> None:
     )
     assert content["status"] == "ok", content
     assert "1024 [1, 2]" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_tasks_traceback_shows_the_cells_source(kernel: Kernel) -> None:
+    """The worker's part of a task's traceback named the cell's frame with
+    no code line (the cell's source is in the kernel's linecache only); the
+    stdlib's fork pool shows it."""
+    content, _ = kernel.run(
+        """
+        import parstream
+
+        def inner(x):
+            y = x * 2
+            raise ValueError(f"bad {y}")
+        """
+    )
+    assert content["status"] == "ok", content
+    content, out = kernel.run(
+        """
+        try:
+            list(parstream.map(inner, [1]))
+        except ValueError as e:
+            text = str(e.__cause__)
+        print("SOURCE SHOWN" if 'raise ValueError(f"bad {y}")' in text else text)
+        """
+    )
+    assert content["status"] == "ok", content
+    assert "SOURCE SHOWN" in out, out
 
 
 @pytest.mark.slow

@@ -98,8 +98,37 @@ def rebuild(payload: Failure) -> BaseException:
     """The exception of ``payload``, with its remote traceback as ``__cause__``."""
     exc, tb = payload
     if tb and not isinstance(exc.__cause__, RemoteTraceback):
-        exc.__cause__ = RemoteTraceback(tb)
+        exc.__cause__ = RemoteTraceback(_with_local_source(tb))
     return exc
+
+
+_FRAME_LINE = r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in '
+
+
+def _with_local_source(tb: str) -> str:
+    """The worker's traceback text, with the source line of each frame the
+    worker could not show but this process can: code of a notebook cell or
+    of ``python -c`` lives only in the parent's ``linecache`` (a cell's
+    function is shipped by value), so the worker printed its frames bare."""
+    if '", line ' not in tb:
+        return tb
+    import linecache
+    import re  # here: workers import this module, and never rebuild
+
+    lines = tb.splitlines(keepends=True)
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = re.match(_FRAME_LINE, line)
+        if m is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith("    "):
+            continue  # the worker showed it
+        source = linecache.getline(m["file"], int(m["line"])).strip()
+        if source:
+            out.append(f"    {source}\n")
+    return "".join(out)
 
 
 def type_name(cls: type) -> str:
