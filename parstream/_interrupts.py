@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import weakref
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
@@ -55,18 +56,39 @@ def held() -> Iterator[None]:
             handler(signum, frame)
 
 
-WAKE_S = 0.1  # how often an awaiting coroutine lets its event loop run
+WAKE_S = 0.1  # how often an event loop with parstream awaits in it is woken
 
 
 async def waking(fut: Any) -> Any:
-    """``await fut``, waking the event loop every ``WAKE_S`` meanwhile.
+    """``await fut``, the event loop woken every ``WAKE_S`` meanwhile.
 
     An interrupt in Jupyter (the stop button, at a top-level ``await``) is
     acted on only when the kernel's event loop next wakes: awaiting a future
     that one item's end resolves, the stop waited for that item (seconds,
-    minutes). ``fut`` itself is not cancelled by a cancellation here."""
+    minutes). One ticker task per loop does the waking, for all the
+    awaits in it, and ends with the last of them."""
     import asyncio
 
-    while not fut.done():
-        await asyncio.wait((fut,), timeout=WAKE_S)
-    return fut.result()
+    loop = asyncio.get_running_loop()
+    waiting = _awaits.get(loop, 0)
+    _awaits[loop] = waiting + 1
+    if not waiting:
+        ticker = loop.create_task(_tick(loop))
+        _tickers.add(ticker)  # held until done: a task nobody holds may be collected
+        ticker.add_done_callback(_tickers.discard)
+    try:
+        return await fut
+    finally:
+        _awaits[loop] -= 1
+
+
+async def _tick(loop: Any) -> None:
+    import asyncio
+
+    while _awaits.get(loop, 0) > 0:
+        await asyncio.sleep(WAKE_S)
+    _awaits.pop(loop, None)
+
+
+_awaits: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_tickers: set[Any] = set()

@@ -317,7 +317,7 @@ class _State:
     def split_returned(self, chunk: Chunk) -> None:
         """Cut the unrun rest of ``chunk`` into chunks of the size its items now
         need, placed right after it, so every free worker can take some."""
-        if self.closed or not chunk.unrun:
+        if self.closed or not chunk.unrun or not self.can_start():
             return
         ran = len(chunk.inputs) - chunk.unrun
         rest = chunk.inputs[ran:]

@@ -138,3 +138,24 @@ def test_a_result_that_cannot_be_pickled_says_why_with_the_workers_traceback() -
         parstream.async_(make_refusing, 1).await_(WAIT_S)
     assert "NotImplementedError()" in str(info.value)  # the message ended in ": " before
     assert "__getstate__" in str(info.value.__cause__)  # the line that refused
+
+
+def raise_with_frame_like_message(name: str) -> None:
+    raise ValueError(f'could not parse\n  File "{name}", line 1, in <module>\nend')
+
+
+@pytest.mark.parametrize("kind", ["nul", "fifo"])
+def test_an_error_message_that_looks_like_a_frame_is_only_text(tmp_path: Any, kind: str) -> None:
+    """Filling a task's traceback with the parent's source lines read the
+    files its message named, on the hub thread: a NUL in the name crashed
+    the hub (the pool closed), a FIFO blocked it for good."""
+    import os
+
+    name = "a\x00b"
+    if kind == "fifo":
+        name = str(tmp_path / "fifo")
+        os.mkfifo(name)
+    with parstream.Supervisor(max_workers=1) as sup:
+        with pytest.raises(ValueError, match="could not parse"):
+            sup.async_(raise_with_frame_like_message, name).await_(WAIT_S)
+        assert sup.async_(identity, 8).await_(WAIT_S) == 8

@@ -107,28 +107,46 @@ _FRAME_LINE = r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in '
 
 def _with_local_source(tb: str) -> str:
     """The worker's traceback text, with the source line of each frame the
-    worker could not show but this process can: code of a notebook cell or
-    of ``python -c`` lives only in the parent's ``linecache`` (a cell's
-    function is shipped by value), so the worker printed its frames bare."""
+    worker could not show but this process holds in memory: a notebook
+    cell's code (its function travels by value) lives only in the kernel's
+    ``linecache``, so the worker printed its frames bare. Only frames of
+    the traceback proper are looked at (never lines of an exception's
+    message), and only in ``linecache``'s memory, never on disk: this runs
+    on the hub thread, which must not block on a file a message names."""
     if '", line ' not in tb:
         return tb
-    import linecache
-    import re  # here: workers import this module, and never rebuild
+    try:
+        import linecache
+        import re  # here: workers import this module, and never rebuild
 
-    lines = tb.splitlines(keepends=True)
-    out: list[str] = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        m = re.match(_FRAME_LINE, line)
-        if m is None:
-            continue
-        following = lines[i + 1] if i + 1 < len(lines) else ""
-        if following.startswith("    "):
-            continue  # the worker showed it
-        source = linecache.getline(m["file"], int(m["line"])).strip()
-        if source:
-            out.append(f"    {source}\n")
-    return "".join(out)
+        cache = linecache.cache
+        lines = tb.splitlines(keepends=True)
+        out: list[str] = []
+        in_frames = False
+        for i, line in enumerate(lines):
+            out.append(line)
+            if line.startswith("Traceback (most recent call last):"):
+                in_frames = True
+                continue
+            if not line.startswith("  "):
+                in_frames = False  # the exception and its message
+                continue
+            m = re.match(_FRAME_LINE, line) if in_frames else None
+            if m is None:
+                continue
+            following = lines[i + 1] if i + 1 < len(lines) else ""
+            if following.startswith("    "):
+                continue  # the worker showed it
+            entry = cache.get(m["file"])
+            number = int(m["line"])
+            if entry is None or len(entry) < 3 or not 0 < number <= len(entry[2]):
+                continue
+            source = str(entry[2][number - 1]).strip()
+            if source:
+                out.append(f"    {source}\n")
+        return "".join(out)
+    except Exception:  # never at the cost of the task's own error
+        return tb
 
 
 def type_name(cls: type) -> str:
