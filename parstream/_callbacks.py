@@ -8,11 +8,12 @@ at a time, on that lane's daemon thread; one that raises is logged and the
 next runs. Each Supervisor has a lane of its own, so a callback that blocks
 holds up only its own Supervisor's callbacks, restarts and ``shutdown``,
 as a blocking callback of a ``ProcessPoolExecutor`` holds up only that
-executor; work without a Supervisor's lane uses the default one. A lane's
+executor; work without a Supervisor's lane uses ``DEFAULT_LANE``. A lane's
 thread starts on first use and ends once its Supervisor is closed and
-nothing is left to run (a forked child starts its own). ``Lane.drain`` waits for what is queued:
-a Supervisor's ``shutdown(wait=True)`` does, and the interpreter's exit
-drains every lane (``drain_all``), so no callback of finished work is lost.
+nothing is left to run (a forked child starts its own). ``Lane.drain``
+waits for what is queued: a Supervisor's ``shutdown(wait=True)`` does, and
+the interpreter's exit drains every lane (``drain_all``), so no callback of
+finished work is lost.
 
 At interpreter exit (``exiting``), a daemon thread of the program that
 parstream's exit cuts short (reading a stream, awaiting a task) blocks for
@@ -47,7 +48,6 @@ class Lane:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         self._closing = False  # its Supervisor closed: the thread ends once idle
         _lanes.add(self)
 
@@ -57,7 +57,7 @@ class Lane:
         again if need be)."""
         with self._lock:
             self._closing = True
-            if self._thread is not None and self._pid == os.getpid():
+            if self._thread is not None:
                 self._queue.put((_nothing, ()))  # wakes it to see that
 
     def _run(self, items: queue.SimpleQueue[_Item]) -> None:
@@ -73,16 +73,12 @@ class Lane:
                         self._thread = None
                         return
                 continue
-            try:
-                fn(*args)
-            except BaseException:  # SystemExit too: one callback must not end every other's
-                log.exception("parstream: a completion callback raised")
+            _call(fn, args)
             del fn, args  # hold nothing of the user's while waiting for the next
 
     def _forked(self) -> None:
         """In a child made by ``os.fork()``, before anything else runs there:
         a fresh lock, queue and no thread (the copies are the parent's)."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._queue = queue.SimpleQueue()
         self._thread = None
@@ -117,10 +113,7 @@ class Lane:
             if started:
                 self._queue.put((fn, args))
         if not started:
-            try:
-                fn(*args)
-            except BaseException:
-                log.exception("parstream: a completion callback raised")
+            _call(fn, args)
 
     def on_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
@@ -129,7 +122,7 @@ class Lane:
         """Return once every callback queued here so far has run, as a
         ``ProcessPoolExecutor``'s ``shutdown(wait=True)`` does (its callbacks
         run on the thread it joins). At once on this lane's own thread."""
-        if self._pid != os.getpid() or self._thread is None or self.on_thread():
+        if self._thread is None or self.on_thread():
             return
         ran = threading.Event()
         self.call_soon(ran.set)
@@ -139,12 +132,19 @@ class Lane:
                 return
 
 
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        fn(*args)
+    except BaseException:  # SystemExit too: one callback must not end every other's
+        log.exception("parstream: a completion callback raised")
+
+
 def _nothing() -> None:
     pass
 
 
 _lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
-_default = Lane()  # for callbacks of work no Supervisor's lane covers
+DEFAULT_LANE = Lane()  # for callbacks of work no Supervisor's lane covers
 
 
 def _after_fork_in_child() -> None:
@@ -154,15 +154,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def call_soon(fn: Callable[..., Any], *args: Any) -> None:
-    """``Lane.call_soon`` on the default lane."""
-    _default.call_soon(fn, *args)
-
-
-def ensure_started() -> bool:
-    return _default.ensure_started()
 
 
 def drain_all() -> None:

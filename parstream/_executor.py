@@ -62,11 +62,20 @@ def _clamp(timeout: Any) -> Any:
     return threading.TIMEOUT_MAX if number and timeout > threading.TIMEOUT_MAX else timeout
 
 
-def _stopped_meanwhile(began: float, timeout: Any) -> bool:
-    """A timed wait begun at ``began`` ran out long after its time: this
-    process was stopped (``_validate.stalled``)."""
-    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-    return number and timeout >= 0 and stalled(began + timeout)
+def _wait_with_grace(wait: Callable[[Any], Any], timeout: Any) -> Any:
+    """``wait(timeout)`` (a Future's ``result`` or ``exception``), once more
+    for ``STALL_GRACE_S`` if it ran out long after its time: this process
+    was stopped (``_validate.stalled``), and the hub, woken with it, may
+    hold the result. A finite timeout past ``threading.TIMEOUT_MAX`` waits
+    that long, as asked, instead of raising ``OverflowError``."""
+    began = time.monotonic()
+    try:
+        return wait(_clamp(timeout))
+    except concurrent.futures.TimeoutError:
+        number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+        if not (number and timeout >= 0 and stalled(began + timeout)):
+            raise
+        return wait(STALL_GRACE_S)
 
 
 class _Future(concurrent.futures.Future[Any]):
@@ -144,26 +153,13 @@ class _Future(concurrent.futures.Future[Any]):
         super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> Any:
-        # A finite timeout past threading.TIMEOUT_MAX waits that long, as the
-        # caller asked, instead of raising OverflowError.
-        began = time.monotonic()
-        try:
-            value = super().result(_clamp(timeout))
-        except concurrent.futures.TimeoutError:
-            if not _stopped_meanwhile(began, timeout):
-                raise
-            value = super().result(STALL_GRACE_S)
+        value = _wait_with_grace(super().result, timeout)
         settle_output()  # in a kernel: what the worker printed is in the cell first
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        began = time.monotonic()
-        try:
-            return super().exception(_clamp(timeout))
-        except concurrent.futures.TimeoutError:
-            if not _stopped_meanwhile(began, timeout):
-                raise
-            return super().exception(STALL_GRACE_S)
+        error: BaseException | None = _wait_with_grace(super().exception, timeout)
+        return error
 
     def _invoke_callbacks(self) -> None:
         # Settled on a hub thread: the user's done-callbacks must not run on

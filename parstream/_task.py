@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
 from parstream import _callbacks
 from parstream._backend import Job
-from parstream._callbacks import call_soon
 from parstream._errors import TaskShutdown, TaskTimeout
 from parstream._interrupts import held, waking
 from parstream._output import settle as settle_output
@@ -159,7 +158,7 @@ class Task(Generic[T]):
         lane: _callbacks.Lane | None = None,
     ) -> None:
         self._backend = backend
-        self._lane = lane  # its Supervisor's callback lane (None: the default one)
+        self._lane = lane or _callbacks.DEFAULT_LANE  # its Supervisor's callback lane
         self._linked = linked
         self._lock = threading.Lock()
         self._done = _Latch()
@@ -199,12 +198,8 @@ class Task(Generic[T]):
         for wake in waiters:
             wake(self)
         # User code never runs on the hub thread that keeps every deadline.
-        lane = self._lane
         for cb in callbacks:
-            if lane is not None:
-                lane.call_soon(cb, self)
-            else:
-                call_soon(cb, self)
+            self._lane.call_soon(cb, self)
 
     def add_done_callback(self, fn: Callable[[Task[T]], None]) -> None:
         """Call ``fn(task)`` once the task has a result.
@@ -223,7 +218,7 @@ class Task(Generic[T]):
         if pending:
             # The thread that will run it starts now: at the interpreter's
             # exit, Python 3.12 and later refuse to start one.
-            (self._lane or _callbacks._default).ensure_started()
+            self._lane.ensure_started()
             return
         fn(self)
 
