@@ -508,11 +508,11 @@ def mixed_outcome(i: int) -> Any:
 
 
 def big_then_ints(i: int) -> Any:
-    # The loop starts unjournaled, a step of items at a time; at its first
-    # reading of the clock they turn out slow enough to journal, and their
-    # results overflow the journal. Ints come next.
+    # The loop starts unjournaled, a step of items at a time; at its second
+    # reading of the clock (two steps slow in a row) they turn out slow
+    # enough to journal, and their results overflow the journal. Ints come next.
     time.sleep(0.0001)
-    return BIG if i < _worker.TINY_STEP else i
+    return BIG if i < 2 * _worker.TINY_STEP else i
 
 
 @pytest.fixture
@@ -594,9 +594,9 @@ def test_worker_journal_holds_only_true_results_at_every_step(
 
     runner.send_results = flush
     if timed:
-        runner.run_timed(item, list(range(60)))
+        runner.run_timed(item, list(range(100)))
     else:
-        runner.run_flushing(item, list(range(60)), journal_first)
+        runner.run_flushing(item, list(range(100)), journal_first)
     got: list[Any] = []
     for data in sent:
         _, _, values, errors = loads_results(data)
@@ -622,6 +622,50 @@ def test_a_timed_batch_reports_in_flushes_not_per_item(
     assert values == [abs(i) for i in range(-500, 500)]
     assert len(sent) < 50
     assert slot.words[BEGUN] == 1000
+
+
+def _run_on_a_fake_clock(
+    runner: Any, slot: Any, cost_s: Callable[[int], float], n: int
+) -> list[int]:
+    """Run ``n`` items through the item loop, unjournaled at first, on a clock
+    that item ``i`` advances by ``cost_s(i)``: whatever this machine's load,
+    the loop sees exactly those durations. Returns, per item, whether it ran
+    journaled (``EXACT`` set while it ran)."""
+    now = [1000.0]
+    modes: list[int] = []
+
+    def item(i: int) -> int:
+        modes.append(slot.words[EXACT])
+        now[0] += cost_s(i)
+        return i
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(time, "monotonic", lambda: now[0])  # the loop reads time.monotonic
+        runner.run_flushing(item, list(range(n)), False)
+    return modes
+
+
+def test_one_slow_step_of_tiny_items_does_not_turn_journaling_on(
+    runner_on_a_slot: tuple[Any, Any, list[bytes]],
+) -> None:
+    """A step of tiny items that looks slow once (the worker lost its core for
+    a few ms, or the step ran cold) leaves the loop unjournaled. It journaled
+    the next few thousand items, at ~4x the cost of each (issue 12)."""
+    runner, slot, _ = runner_on_a_slot
+    modes = _run_on_a_fake_clock(runner, slot, lambda i: 0.005 if i == 0 else 1e-7, 20_000)
+    assert len(modes) == 20_000
+    assert sum(modes) == 0
+
+
+def test_slow_items_in_an_unjournaled_batch_are_journaled_after_two_steps(
+    runner_on_a_slot: tuple[Any, Any, list[bytes]],
+) -> None:
+    """Items that are slow step after step are journaled from the third step on."""
+    runner, slot, _ = runner_on_a_slot
+    modes = _run_on_a_fake_clock(runner, slot, lambda i: 5e-5, 400)
+    step = _worker.TINY_STEP
+    assert modes[: 2 * step] == [0] * (2 * step)
+    assert modes[2 * step :] == [1] * (400 - 2 * step)
 
 
 def test_the_hub_finds_the_late_item_and_its_start_in_the_slot() -> None:
