@@ -7,7 +7,6 @@ workers, restarts children and is a ``concurrent.futures.Executor``.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -175,7 +174,10 @@ def __getattr__(name: str) -> typing.Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'parstream' has no attribute {name!r}")
-    module = importlib.import_module(f"parstream.{home}")
+    # Not importlib.import_module: importing importlib (and warnings) costs
+    # every worker start ~0.8 ms, and workers import this package.
+    __import__(f"parstream.{home}")
+    module = sys.modules[f"parstream.{home}"]
     for public, where in _HOMES.items():
         if where == home:
             obj = getattr(module, public)

@@ -34,7 +34,16 @@ def find_then_log(message: str) -> bool:
     return had
 
 
-LEFT_OUT_AT_START = ("typing", "cloudpickle", "logging", "traceback", "multiprocessing")
+LEFT_OUT_AT_START = (
+    "typing",
+    "cloudpickle",
+    "logging",
+    "traceback",
+    "multiprocessing",
+    "enum",  # through signal (the worker uses _signal)
+    "signal",
+    "importlib",  # through parstream/__init__.py's lazy attributes
+)
 
 
 def start_imports_left_out() -> list[str]:

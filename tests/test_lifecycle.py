@@ -556,9 +556,10 @@ def _loaded_by_a_bare_interpreter(names: tuple[str, ...]) -> set[str]:
 
 def test_a_fresh_worker_starts_without_the_modules_it_does_not_need() -> None:
     """A worker's start stays light (issue 12): typing, cloudpickle, logging,
-    traceback and multiprocessing come only when a task or a failure needs
-    them (a spare imports cloudpickle while it waits; the first worker is no
-    spare). Those a bare ``python -c`` already loads are left out."""
+    traceback, multiprocessing, enum, signal and importlib come only when a
+    task or a failure needs them (a spare imports cloudpickle while it
+    waits; the first worker is no spare). Those a bare ``python -c`` already
+    loads are left out."""
     import _lazy_logging_funcs as lazy
 
     baseline = _loaded_by_a_bare_interpreter(lazy.LEFT_OUT_AT_START)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import _pickle as pickle  # the C module: the pure one imports re (a worker start; issue 12)
 import os
-import signal
 import sys
 import threading
 import time
@@ -71,8 +70,11 @@ from parstream._backends.local._slot import (
 
 TYPE_CHECKING = False  # see parstream/__init__.py
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Callable
     from typing import Any
+else:
+    import _signal as signal  # the C module: ``signal`` imports enum (~2 ms of a worker start)
 
 # A flush per item costs a message per item; a long interval delays results.
 FLUSH_INTERVAL_S = 0.02
