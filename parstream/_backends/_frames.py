@@ -396,27 +396,26 @@ def loads_results(
             views = split_buffers(buffers, sizes)
     shared = _SharedTable(table)
     file = io.BytesIO(blob)
-    unpickler: Any = None
     start = 0
     for i, end, name in packed:
         file.seek(start)
         span = spans.get(i)
         try:
-            if span is not None:
-                # A value with buffers beside the frame: its own unpickler.
-                if not views:
-                    raise EOFError("its large buffers did not arrive from the worker")
-                own = _Unpickler(file, shared, views[span[0] : span[1]])
-                values[i] = own.load()
-                start = end
-                continue
-            # One unpickler reads the values one after another, each a complete
-            # pickle; after a failure its state is suspect, so a new one goes on.
-            if unpickler is None:
-                unpickler = _Unpickler(file, shared)
-            values[i] = unpickler.load()
+            # An unpickler of its own for each value, as each was pickled with
+            # a fresh memo (``_ValuePacker``). One shared unpickler kept the
+            # earlier values' memo entries, and protocol 4's MEMOIZE numbers
+            # an entry by their count: a result that referred twice to one
+            # object got an earlier result's object in its place. (Clearing an
+            # unpickler's memo leaves that count; assigning it a new memo can
+            # crash CPython 3.11.) A value with buffers beside the frame gets
+            # its share of them.
+            if span is None:
+                values[i] = _Unpickler(file, shared).load()
+            elif not views:
+                raise EOFError("its large buffers did not arrive from the worker")
+            else:
+                values[i] = _Unpickler(file, shared, views[span[0] : span[1]]).load()
         except BaseException as cause:
-            unpickler = None
             err = pickle.UnpicklingError(
                 f"the task's result ({name}) could not be unpickled in the parent: {cause!r}"
             )
