@@ -205,6 +205,9 @@ class _State:
         while a worker could take it."""
         buf = feeder.buf
         take = buf.popleft
+        # An explicit chunksize is the user's unit of work: its chunks are
+        # whole (the last may be short), however slowly the input comes.
+        explicit = self.options.chunksize is not None
         while True:
             ended = feeder.done  # read before the buffer: then it holds the last item
             while True:
@@ -219,7 +222,10 @@ class _State:
                         self.exhausted = True
                         self.input_error = feeder.error
                         return
-                    need = 1 if running < self.max_concurrency else size
+                    need = size if explicit or running >= self.max_concurrency else 1
+                    break
+                if explicit and avail < size and not ended:
+                    need = size
                     break
                 if running >= self.max_concurrency and not ended:
                     # Every worker is busy: queue a chunk ahead once it is full,

@@ -421,23 +421,37 @@ def log_pid(folder: str, x: int) -> int:
     return os.getpid()
 
 
+def paced(n: int, gap_s: float) -> Iterator[int]:
+    for i in range(n):
+        time.sleep(gap_s)
+        yield i
+
+
+@pytest.mark.parametrize("source", ["range", "generator", "slow generator"])
 @pytest.mark.parametrize("timeout", [None, 30.0])
 @pytest.mark.parametrize("entry", ["map", "async_stream", "Supervisor.map"])
 def test_an_explicit_chunk_runs_whole_on_one_worker(
-    sup: parstream.Supervisor, tmp_path: Path, entry: str, timeout: float | None
+    sup: parstream.Supervisor, tmp_path: Path, entry: str, timeout: float | None, source: str
 ) -> None:
     """With ``chunksize``, each chunk is one unit of work on one worker, as in
     ``ProcessPoolExecutor.map``, even when it outlasts the worker's time
     budget (8 items of ~10 ms); each item runs once. Chunks used to be cut
-    at the budget and their rest spread over the workers."""
+    at the budget and their rest spread over the workers; from a generator
+    (pulled on the feeder thread) they were cut at whatever it held, a slow
+    one's into chunks of 1 (found by the delivery hunt)."""
     fn = functools.partial(log_pid, str(tmp_path))
+    items: Iterable[int] = range(40)
+    if source == "generator":
+        items = (i for i in range(40))
+    elif source == "slow generator":
+        items = paced(40, 0.002)
     if entry == "map":
-        pids = list(sup.stream_map(fn, range(40), chunksize=8, timeout=timeout))
+        pids = list(sup.stream_map(fn, items, chunksize=8, timeout=timeout))
     elif entry == "async_stream":
-        stream = sup.async_stream(fn, range(40), chunksize=8, timeout=timeout)
+        stream = sup.async_stream(fn, items, chunksize=8, timeout=timeout)
         pids = [r.value for r in stream if isinstance(r, Ok)]
     else:
-        pids = list(sup.map(fn, range(40), chunksize=8, timeout=timeout))
+        pids = list(sup.map(fn, items, chunksize=8, timeout=timeout))
     assert [len(set(pids[k : k + 8])) for k in range(0, 40, 8)] == [1] * 5, pids
     runs = [line.split() for line in (tmp_path / "runs").read_text().splitlines()]
     assert sorted(int(x) for x, _ in runs) == list(range(40))
