@@ -146,6 +146,10 @@ class _State:
 
     def start(self) -> None:
         self.started = True
+        # The input's length now, not when the stream was made: a stream is
+        # lazy, and a list that grew meanwhile is read whole (a progress
+        # total taken at the call showed 20/10).
+        self.length = self.sizer.length = _length_hint(self.iterable)
         self.it = iter(self.iterable)
         extra = self.max_concurrency - self.backend.capacity
         if extra > 0:
@@ -515,7 +519,12 @@ def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
         chunk.taken = hi
         state.delivered += hi - lo
         if progress is not None:
-            progress.update(hi - lo)
+            end = hi
+            if chunk.errors and not wrap:
+                # Values are delivered up to a failure, which is then raised:
+                # the bar counts those, as a bar around a for loop would.
+                end = min((p for p in chunk.errors if lo <= p < hi), default=hi)
+            progress.update(end - lo)
         if not chunk.errors:
             # A finished chunk handed out whole is not copied: nothing adds
             # to its list any more.

@@ -323,6 +323,13 @@ def check_progress(value: Any) -> Any:
         if unknown:
             raise TypeError(f"progress: not a tqdm option: {', '.join(map(repr, unknown))}")
         return value
+    if isinstance(value, type):
+        # tqdm.tqdm itself has update and close too: as an instance it would
+        # fail at the first item, and set a total on the class for good.
+        raise TypeError(
+            f"progress takes a bar, not a bar class: pass {value.__name__}(...) (a tqdm "
+            f"instance), or True or a dict of options for parstream's own bar; got {shown(value)}"
+        )
     if hasattr(value, "update") and hasattr(value, "close"):
         return value
     raise TypeError(

@@ -476,6 +476,62 @@ def test_progress_accepts_a_tqdm_instance(sup: parstream.Supervisor) -> None:
     bar.close()
 
 
+@pytest.mark.parametrize("bar_class", ["tqdm", "tqdm.auto"])
+def test_progress_refuses_a_bar_class_at_call_time(
+    sup: parstream.Supervisor, bar_class: str
+) -> None:
+    """The class (``progress=tqdm``, as ``tqdm.contrib.concurrent`` takes it)
+    is refused by name when the stream is made. It was taken for a bar: the
+    first ``next()`` failed inside tqdm, and the class kept the stream's
+    total for the rest of the process (found by the delivery hunt)."""
+    from tqdm.auto import tqdm as auto_tqdm
+
+    cls = auto_tqdm if bar_class == "tqdm.auto" else tqdm
+    with pytest.raises(TypeError, match="progress takes a bar, not a bar class"):
+        sup.stream_map(square, range(10), progress=cls)
+    with pytest.raises(TypeError, match="progress"):
+        sup.async_stream(square, range(10), progress=cls)
+    with pytest.raises(TypeError, match="progress"):
+        parstream.map(square, range(10), progress=cls)
+    assert "total" not in vars(cls)
+
+
+def test_progress_total_is_the_length_when_the_stream_starts(sup: parstream.Supervisor) -> None:
+    """A stream is lazy: a list that grows before the first ``next()`` runs
+    whole, and the bar's total says so (it said 20/10)."""
+    items = list(range(10))
+    bar = tqdm(file=io.StringIO())
+    stream = sup.stream_map(square, items, progress=bar)
+    items.extend(range(10, 20))
+    assert list(stream) == [x * x for x in range(20)]
+    assert (bar.n, bar.total) == (20, 20)
+    bar.close()
+
+
+def hangs_at_three(x: int) -> int:
+    if x == 3:
+        time.sleep(60)
+    return x
+
+
+def test_progress_counts_the_values_before_a_failure_not_the_failure(
+    sup: parstream.Supervisor,
+) -> None:
+    """``map`` delivers the values before an item's timeout (``kill_task``)
+    and then raises it at its position; the bar counts those values, as a
+    bar around a for loop would (it counted the failing item too)."""
+    bar = tqdm(file=io.StringIO())
+    stream = sup.stream_map(
+        hangs_at_three, range(10), chunksize=10, timeout=0.5, on_timeout="kill_task", progress=bar
+    )
+    got = [next(stream) for _ in range(3)]
+    with pytest.raises(parstream.TaskTimeout):
+        next(stream)
+    assert got == [0, 1, 2]
+    assert bar.n == 3
+    bar.close()
+
+
 def test_function_is_pickled_once_per_stream(sup: parstream.Supervisor, tmp_path: Path) -> None:
     """A 20 MB callable is sent to each worker once, not once per item."""
     fn = Unpickled(str(tmp_path), b"x" * 20_000_000)
