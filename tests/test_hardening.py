@@ -934,6 +934,55 @@ def test_a_program_holding_over_1024_descriptors_can_use_a_pool() -> None:
     assert proc.stdout.split("\n")[:2] == ["[1, 2, 3]", "4 [3, 2, 1]"], proc.stdout
 
 
+def test_leaving_a_stream_without_a_free_descriptor_still_kills_its_items() -> None:
+    """Killing a running item reads /proc to find what the task started;
+    with no free descriptor (EMFILE) that failed, psutil's error reached the
+    caller from ``close()``, and the worker, stopped before the lookup, was
+    left stopped for good, still counted as serving (the next map waited
+    ~30 s). Now the worker and its group are killed all the same (found by
+    the shared-memory hunt)."""
+    proc = run_script(
+        """
+        import os, resource, time, psutil, parstream
+
+        def slow(seconds):
+            time.sleep(seconds)
+            return seconds
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        with parstream.Supervisor(max_workers=2) as sup:
+            stream = sup.stream_map(slow, [0, 30, 30], chunksize=1)
+            assert next(stream) == 0
+            time.sleep(0.5)  # both slow items running
+            hog = []
+            try:
+                while True:
+                    hog.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                stream.close()
+                print("closed")
+            except Exception as exc:
+                print("close raised", repr(exc))
+            for fd in hog:
+                os.close(fd)
+            stopped = [
+                p.pid for p in psutil.Process().children(recursive=True)
+                if p.status() == psutil.STATUS_STOPPED
+            ]
+            print("stopped", stopped)
+            print(list(sup.map(slow, [0.05] * 4, chunksize=1, timeout=20)))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:3] == ["closed", "stopped []", "[0.05, 0.05, 0.05, 0.05]"], (
+        proc.stdout,
+        proc.stderr[-3000:],
+    )
+
+
 def test_lines_printed_at_once_by_two_workers_stay_whole() -> None:
     """Workers ran unbuffered (PYTHONUNBUFFERED=1, set for them): print wrote
     the text and the newline apart, and two workers' lines merged ('worker 0

@@ -536,6 +536,25 @@ def kill_tree(pid: int) -> None:
     is a timeout delivered, and a task cannot start more processes then."""
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGSTOP)
+    try:
+        children = _below(pid)
+    except Exception as exc:
+        # No free descriptor (EMFILE) to read /proc, say: the worker and its
+        # group are killed all the same (else the worker stayed stopped for
+        # good and the caller got psutil's error); only a descendant that left
+        # the group can outlive it.
+        log.warning("parstream: could not list the processes below worker %d: %r", pid, exc)
+        children = []
+    _reaper.kill_group(pid)
+    for child in reversed(children):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _below(pid: int) -> list[int]:
+    """``pid``'s descendants, parents first: from /proc, else psutil."""
     children = _descendants(pid)
     if children is None:  # no /proc: psutil (here: workers import this package)
         import psutil
@@ -545,12 +564,7 @@ def kill_tree(pid: int) -> None:
         except psutil.Error:
             procs = []
         children = [p.pid for p in procs]
-    _reaper.kill_group(pid)
-    for child in reversed(children):
-        with contextlib.suppress(OSError):
-            os.kill(child, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
+    return children
 
 
 def _descendants(pid: int) -> list[int] | None:
@@ -631,12 +645,13 @@ def kill_spare(pid: int) -> None:
 
 
 def rss(pid: int) -> int:
-    """A worker's resident memory in bytes (0 if it cannot be read)."""
-    import psutil
-
+    """A worker's resident memory in bytes (0 if it cannot be read, as
+    without a free descriptor: EMFILE is an OSError, not a psutil.Error)."""
     try:
+        import psutil
+
         return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
+    except Exception:
         return 0
 
 
