@@ -628,11 +628,11 @@ class _Runner:
         total = len(items)
         if total > 1:
             self.start_ticker()
-        # After waking the ticker: its thread takes the GIL for a moment, which
-        # made a first step of tiny items look slow (~1 us each).
-        last = started = seen = monotonic()
-        seen_pos = 0  # the position at the last reading of the clock (``seen``)
-        doubt = False  # tiny mode: the items between the last two readings were slow
+        # After waking the ticker: its thread takes the GIL for a moment, and
+        # counted in the first step of tiny items, that made them look slow
+        # (~1 us each) in ~10% of batches, which then journaled their next
+        # few thousand items at ~4x the cost of each (issue 12).
+        last = started = monotonic()
         done = 0  # items finished in earlier flushes
         words = self.words
         slot = self.slot
@@ -714,20 +714,7 @@ class _Runner:
             if now - started >= self.budget:
                 break  # over budget: the rest goes back unrun
             elapsed = now - last
-            if keep:
-                slow = elapsed >= JOURNAL_MIN_ITEM_S * max(1, len(values))
-                doubt = False
-            else:
-                # Tiny mode journals again only when two steps in a row were
-                # slow (after a slow one the clock is read again after the
-                # next): one slow stretch may be this process losing its core
-                # (three processes on two cores) or a cold first step, and
-                # journaling costs ~4x per tiny item for a whole stride
-                # (issue 12).
-                pos = done + len(values)
-                recent = now - seen >= JOURNAL_MIN_ITEM_S * max(1, pos - seen_pos)
-                slow, doubt = recent and doubt, recent
-            seen, seen_pos = now, done + len(values)
+            slow = elapsed >= JOURNAL_MIN_ITEM_S * max(1, len(values))
             if elapsed >= FLUSH_INTERVAL_S or full:
                 stride = max(1, int(len(values) * FLUSH_INTERVAL_S / max(elapsed, 1e-9) / 4))
                 done += len(values)
@@ -745,8 +732,6 @@ class _Runner:
                     rate = len(values) / elapsed
                     stride = max(1, int(rate * FLUSH_INTERVAL_S / 4))
                 check[0] = len(values) + stride
-            if doubt:
-                check[0] = len(values) + 1  # the next step tells
             if slot is not None and slow != keep:
                 keep = slow
                 if keep:
