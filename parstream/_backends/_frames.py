@@ -289,18 +289,28 @@ class _SharedTable:
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(
-        self, file: io.BytesIO, shared: _SharedTable, buffers: list[memoryview] | None = None
-    ) -> None:
-        super().__init__(file, buffers=buffers)
-        self.shared = shared
-        self.loaded = shared.loaded
+    """Reads one value of a flush (each has an unpickler of its own: see
+    ``loads_results``). Slotted, set up by ``_unpickler`` without a Python
+    ``__init__``: ~0.7 us less per value, a third of a small value's cost."""
+
+    __slots__ = ("loaded", "shared")
+    shared: _SharedTable
+    loaded: dict[int, Any]
 
     def persistent_load(self, pid: Any) -> Any:
         try:
             return self.loaded[pid]
         except KeyError:
             return self.shared.persistent_load(pid)
+
+
+def _unpickler(
+    file: io.BytesIO, shared: _SharedTable, buffers: list[memoryview] | None = None
+) -> _Unpickler:
+    unpickler = _Unpickler(file, buffers=buffers)
+    unpickler.shared = shared
+    unpickler.loaded = shared.loaded
+    return unpickler
 
 
 def dumps_results(
@@ -410,11 +420,11 @@ def loads_results(
             # crash CPython 3.11.) A value with buffers beside the frame gets
             # its share of them.
             if span is None:
-                values[i] = _Unpickler(file, shared).load()
+                values[i] = _unpickler(file, shared).load()
             elif not views:
                 raise EOFError("its large buffers did not arrive from the worker")
             else:
-                values[i] = _Unpickler(file, shared, views[span[0] : span[1]]).load()
+                values[i] = _unpickler(file, shared, views[span[0] : span[1]]).load()
         except BaseException as cause:
             err = pickle.UnpicklingError(
                 f"the task's result ({name}) could not be unpickled in the parent: {cause!r}"
