@@ -620,6 +620,37 @@ def test_restart_workers_leaves_a_worker_still_starting() -> None:
         assert sup.stats().workers_started == 1
 
 
+def environment_variable(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_restart_workers_replaces_a_starting_worker_whose_environment_changed(
+    tmp_path: Path,
+) -> None:
+    """A restart is how a new plugin directory or variable reaches the
+    workers: a worker still starting, with the sys.path and environment of
+    before, is replaced too (it was kept, and served the old ones; found by
+    the nesting hunt). It retires on READY, having run nothing."""
+    import sys
+
+    (tmp_path / "plugin_mod.py").write_text("def value(x):\n    return x * 10\n")
+    try:
+        with parstream.Supervisor(max_workers=2) as sup:
+            # Its workers are starting now (a boot takes tens of ms).
+            os.environ["PARSTREAM_TEST_RESTART"] = "new"
+            sys.path.insert(0, str(tmp_path))
+            import plugin_mod  # type: ignore[import-not-found]
+
+            sup.restart_workers()
+            seen = set(sup.map(environment_variable, ["PARSTREAM_TEST_RESTART"] * 20))
+            assert seen == {"new"}
+            assert list(sup.map(plugin_mod.value, range(4))) == [0, 10, 20, 30]
+    finally:
+        os.environ.pop("PARSTREAM_TEST_RESTART", None)
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("plugin_mod", None)
+
+
 def test_restart_workers_picks_up_an_edited_module(tmp_path: Path) -> None:
     """Workers keep a module they imported; restart_workers() makes them load the edit."""
     import importlib

@@ -284,8 +284,12 @@ class LocalPool(MessageHandler):
 
         A worker still starting has run no user code unless there is an
         initializer: it stays (retiring it too made a loop of restarts start
-        workers faster than they could come up, without bound)."""
+        workers faster than they could come up, without bound), unless the
+        sys.path, directory or environment it started with changed since,
+        as a restart is how a new plugin directory or variable reaches the
+        workers; then it retires on READY, having run nothing."""
         fresh_start = self._starter.initializer is None
+        context = _spawn.start_context() if fresh_start else None
         with self._lock:
             for w in self._workers:
                 if w.state == "spare":
@@ -297,7 +301,7 @@ class LocalPool(MessageHandler):
                     _spawn.kill_spare(w.pid)
                 elif w.state == "idle":
                     self._retire(w)
-                elif w.state == "starting" and fresh_start:
+                elif w.state == "starting" and fresh_start and w.started_with == context:
                     continue
                 else:
                     w.retire_requested = True  # after the current batch

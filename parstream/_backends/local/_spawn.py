@@ -147,7 +147,7 @@ class LocalWorker:
     seq: int = 0  # sequence number of the last batch sent
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
     fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
-    started_with: Any = None  # a spare: the sys.path, directory and environment it got
+    started_with: Any = None  # the sys.path, directory and environment it started with
     # A slice sent behind the running one (``LocalPool._behind_whom``): the job,
     # its batch's sequence number, and whether it reached the pipe.
     next_job: Job | None = None
@@ -225,14 +225,13 @@ class Starter:
             log.debug("parstream: could not start a spare worker", exc_info=True)
             return None
         worker.state = "spare"
-        worker.started_with = _start_context()
         return worker
 
     def promote(self, worker: LocalWorker) -> bool:
         """Make a spare a starting worker: False if it cannot serve as one
         (the parent's sys.path, directory or environment changed since it
         started, so it would not be the worker a start now gives)."""
-        if worker.started_with != _start_context():
+        if worker.started_with != start_context():
             return False
         worker.state = "starting"
         with worker.send_lock:
@@ -358,6 +357,7 @@ class Starter:
             slot=slot,
             fdchan=fdchan,
             pipe_room=room,
+            started_with=start_context(),
         )
 
     def ready(self) -> None:
@@ -482,7 +482,7 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
     return pid
 
 
-def _start_context() -> tuple[list[str], str, dict[str, str]]:
+def start_context() -> tuple[list[str], str, dict[str, str]]:
     """What a new worker takes from this process when it starts."""
     import sys
 
