@@ -983,6 +983,61 @@ def test_leaving_a_stream_without_a_free_descriptor_still_kills_its_items() -> N
     )
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_spawn_child_of_multiprocessing_can_map_its_main_scripts_functions(
+    tmp_path: Path, method: str
+) -> None:
+    """In a spawn or forkserver child the main script is loaded again as
+    ``__mp_main__``; its functions were sent by reference to a module our
+    workers lack (ModuleNotFoundError: '__mp_main__'), where the same nesting
+    with ProcessPoolExecutor works. They go by value, as ``__main__``'s do
+    (found by the nesting hunt)."""
+    script = tmp_path / "nested_main.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+            import parstream
+
+            class Box:
+                def __init__(self, x):
+                    self.x = x
+
+            def square(x):
+                return x * x
+
+            def unbox(box):
+                return box.x
+
+            def nested(n):
+                return (
+                    list(parstream.map(square, range(n))),
+                    parstream.async_(unbox, Box(7)).await_(30),
+                )
+
+            if __name__ == "__main__":
+                ctx = mp.get_context({method!r})
+                with ProcessPoolExecutor(1, mp_context=ctx) as outer:
+                    print(outer.submit(nested, 4).result(timeout=60))
+            """
+        )
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "([0, 1, 4, 9], 7)", proc.stderr[-3000:]
+
+
 def test_lines_printed_at_once_by_two_workers_stay_whole() -> None:
     """Workers ran unbuffered (PYTHONUNBUFFERED=1, set for them): print wrote
     the text and the newline apart, and two workers' lines merged ('worker 0

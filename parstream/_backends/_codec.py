@@ -53,10 +53,21 @@ def cloud_pickler() -> Any:
     """
     global _cloud_pickler
     if _cloud_pickler is None:
+        import sys
         import types
         from collections import ChainMap
 
         import cloudpickle
+
+        # In a spawn or forkserver child of multiprocessing the main script is
+        # loaded again as ``__mp_main__``, a module no worker of ours has: its
+        # functions and classes go by value, as ``__main__``'s do.
+        mp_main = sys.modules.get("__mp_main__")
+        if mp_main is not None:
+            try:
+                cloudpickle.register_pickle_by_value(mp_main)
+            except (ValueError, TypeError):  # pragma: no cover - not a registrable module
+                pass
 
         base = cloudpickle.Pickler
         reduce_code = base.dispatch_table.get(types.CodeType)

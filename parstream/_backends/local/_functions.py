@@ -55,7 +55,9 @@ def _importable(fn: Any) -> bool:
         return False  # a builtin bound to an object, e.g. ``[].append``
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "<")
-    return module not in (None, "__main__") and "<" not in qualname
+    # ``__mp_main__``: the main script, loaded again in a spawn child of
+    # multiprocessing; our workers have no such module (see ``_codec``).
+    return module not in (None, "__main__", "__mp_main__") and "<" not in qualname
 
 
 def ship(fn: Callable[..., Any]) -> Shipped:
