@@ -715,12 +715,23 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         automatic size learnt so far from the measured cost per item."""
         return self._state.sizer.chunk
 
+    def __reduce__(self) -> Any:
+        raise _not_sent()
+
     def __aiter__(self) -> AsyncIterator[Ok[T] | Exit]:
         return _aiter(self)
 
     def __repr__(self) -> str:
         s = self._state
         return f"<Stream pulled={s.pulled} delivered={s.delivered} closed={s.closed}>"
+
+
+def _not_sent() -> TypeError:
+    return TypeError(
+        "a parstream stream belongs to the process that made it and cannot be sent "
+        "to another one: pass its items (list(stream)), or the iterable and make "
+        "the stream there"
+    )
 
 
 def values(state: _State, owner: object) -> _Values[Any]:
@@ -762,6 +773,9 @@ class _Values(Iterator[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __reduce__(self) -> Any:
+        raise _not_sent()
 
     def __aiter__(self) -> AsyncIterator[T]:
         return _aiter(self)

@@ -554,6 +554,29 @@ def _loaded_by_a_bare_interpreter(names: tuple[str, ...]) -> set[str]:
     return set(out.stdout.split())
 
 
+def test_a_worker_whose_parent_died_before_sending_its_start_exits_quietly() -> None:
+    """A worker started just before its parent died finds its start data
+    missing: it exits, without the ``EOFError`` traceback it printed on the
+    user's terminal after the program had ended (found by the nesting hunt)."""
+    from parstream._backends.local import _spawn
+
+    r, w = os.pipe()
+    os.close(w)  # nothing was sent: the parent is gone
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _spawn.BOOT, str(r)],
+            pass_fds=(r,),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(r)
+    assert proc.returncode == 70
+    assert proc.stderr == ""
+
+
 def test_a_fresh_worker_starts_without_the_modules_it_does_not_need() -> None:
     """A worker's start stays light (issue 12): typing, cloudpickle, logging,
     traceback, multiprocessing, enum, signal and importlib come only when a

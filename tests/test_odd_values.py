@@ -161,6 +161,17 @@ def test_results_that_refer_twice_to_one_object_come_back_whole(
     assert all(r[0] is r[1] for r in got)  # still one object, as pickle keeps it
 
 
+def test_a_stream_sent_to_a_task_says_it_belongs_to_its_process() -> None:
+    """As a Supervisor or a Task does; it failed on a weakref inside."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        for stream in (sup.async_stream(abs, [-1]), sup.stream_map(abs, [-1])):
+            with pytest.raises(TypeError, match="stream belongs to the process that made it"):
+                pickle.dumps(stream)
+            with pytest.raises(pickle.PicklingError, match="stream belongs"):
+                sup.async_(list, stream).await_(WAIT_S)
+            assert list(stream) in ([parstream.Ok(1)], [1])  # still usable here
+
+
 def raise_with_frame_like_message(name: str) -> None:
     raise ValueError(f'could not parse\n  File "{name}", line 1, in <module>\nend')
 

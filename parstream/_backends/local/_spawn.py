@@ -52,7 +52,9 @@ START_BACKOFF_S = (0.05, 2.0)  # first and longest wait between failed worker st
 # dict on an inherited fd), take its sys.path and working directory, start.
 BOOT = (
     "import os,sys,_pickle\n"
-    "with os.fdopen(int(sys.argv[1]),'rb') as f: d=_pickle.load(f)\n"
+    "try:\n"
+    " with os.fdopen(int(sys.argv[1]),'rb') as f: d=_pickle.load(f)\n"
+    "except EOFError: os._exit(70)\n"  # the parent died before it sent them: quietly
     "sys.path[:]=d['path']\n"
     "os.chdir(d['cwd'])\n"
     "from parstream._backends.local._worker import boot\n"
