@@ -718,6 +718,9 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
     def __reduce__(self) -> Any:
         raise _not_sent()
 
+    def __copy__(self) -> Any:
+        return self  # one stream, as before: copy.copy gave an alias of its state
+
     def __aiter__(self) -> AsyncIterator[Ok[T] | Exit]:
         return _aiter(self)
 
@@ -776,6 +779,9 @@ class _Values(Iterator[T]):
 
     def __reduce__(self) -> Any:
         raise _not_sent()
+
+    def __copy__(self) -> Any:
+        return self  # one stream, as before: copy.copy gave an alias of its state
 
     def __aiter__(self) -> AsyncIterator[T]:
         return _aiter(self)

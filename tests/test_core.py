@@ -22,7 +22,7 @@ import parstream
 from parstream import BRUTAL_KILL, Exit, Ok
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 
 def wait_pid(task: parstream.Task[Any]) -> int:
@@ -629,8 +629,8 @@ def test_restart_workers_replaces_a_starting_worker_whose_environment_changed(
 ) -> None:
     """A restart is how a new plugin directory or variable reaches the
     workers: a worker still starting, with the sys.path and environment of
-    before, is replaced too (it was kept, and served the old ones; found by
-    the nesting hunt). It retires on READY, having run nothing."""
+    before, takes the new ones before any task (it kept the old ones and
+    served with them; found by the nesting hunt)."""
     import sys
 
     (tmp_path / "plugin_mod.py").write_text("def value(x):\n    return x * 10\n")
@@ -649,6 +649,69 @@ def test_restart_workers_replaces_a_starting_worker_whose_environment_changed(
         os.environ.pop("PARSTREAM_TEST_RESTART", None)
         sys.path.remove(str(tmp_path))
         sys.modules.pop("plugin_mod", None)
+
+
+def test_restart_workers_sees_a_change_made_while_a_worker_was_forked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The environment a worker started with is read once, before the fork:
+    read after it, a change another thread made meanwhile was taken for the
+    worker's own, and a restart kept the worker with the old one (found by
+    the review)."""
+    from parstream._backends.local import _spawn
+
+    fork_exec = _spawn.fork_exec
+
+    def change_meanwhile(*args: Any, **kwargs: Any) -> int:
+        pid = fork_exec(*args, **kwargs)
+        os.environ["PARSTREAM_TEST_FORKED"] = "new"  # another thread, just after
+        return pid
+
+    monkeypatch.setattr(_spawn, "fork_exec", change_meanwhile)
+    try:
+        with parstream.Supervisor(max_workers=1) as sup:
+            sup.restart_workers()
+            seen = set(sup.map(environment_variable, ["PARSTREAM_TEST_FORKED"] * 5))
+            assert seen == {"new"}
+    finally:
+        os.environ.pop("PARSTREAM_TEST_FORKED", None)
+
+
+def test_the_environment_is_read_whole_while_another_thread_deletes_a_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``dict(os.environ)`` lists the names, then reads each: one deleted in
+    between was a KeyError, which on the hub thread (a spare's promotion)
+    ended the pool (found by the review)."""
+    from collections.abc import Mapping
+
+    from parstream._backends.local import _spawn
+
+    class Vanishing(Mapping[str, str]):
+        """An environment whose GONE is deleted by another thread just after
+        the names were listed, the first time."""
+
+        def __init__(self) -> None:
+            self.data = {"KEPT": "1", "GONE": "2"}
+            self.listed = False
+
+        def __iter__(self) -> Iterator[str]:
+            names = list(self.data)
+            if not self.listed:
+                self.listed = True
+                del self.data["GONE"]
+            return iter(names)
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, name: str) -> str:
+            return self.data[name]
+
+    monkeypatch.setattr(os, "environ", Vanishing())
+    environ = _spawn.start_context()[2]
+    monkeypatch.undo()
+    assert environ == {"KEPT": "1"}
 
 
 def test_restart_workers_picks_up_an_edited_module(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -396,6 +397,12 @@ try:
         time.sleep(2)
 except KeyboardInterrupt:
     pass
+except RuntimeError as exc:
+    # asyncio.run's own race: a second Ctrl-C just as its main task ends can
+    # stop its loop in the middle of its cleanup ("Event loop stopped before
+    # Future completed"); what is checked here is what parstream left behind.
+    if not isinstance(exc.__context__, KeyboardInterrupt):
+        raise
 deadline = time.monotonic() + 10  # the killed worker's death reaches the hub
 while [w for w in sup.workers() if w.busy] and time.monotonic() < deadline:
     time.sleep(0.02)
@@ -554,14 +561,19 @@ def _loaded_by_a_bare_interpreter(names: tuple[str, ...]) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_a_worker_whose_parent_died_before_sending_its_start_exits_quietly() -> None:
+@pytest.mark.parametrize(
+    "sent", [b"", pickle.dumps({"path": ["x" * 1000]})[:40]], ids=["nothing", "cut short"]
+)
+def test_a_worker_whose_parent_died_before_sending_its_start_exits_quietly(sent: bytes) -> None:
     """A worker started just before its parent died finds its start data
-    missing: it exits, without the ``EOFError`` traceback it printed on the
-    user's terminal after the program had ended (found by the nesting hunt)."""
+    missing or cut short: it exits, without the ``EOFError`` (or
+    ``UnpicklingError``) traceback it printed on the user's terminal after
+    the program had ended (found by the nesting hunt and the review)."""
     from parstream._backends.local import _spawn
 
     r, w = os.pipe()
-    os.close(w)  # nothing was sent: the parent is gone
+    os.write(w, sent)
+    os.close(w)  # the parent is gone
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _spawn.BOOT, str(r)],

@@ -169,6 +169,7 @@ def test_a_stream_sent_to_a_task_says_it_belongs_to_its_process() -> None:
                 pickle.dumps(stream)
             with pytest.raises(pickle.PicklingError, match="stream belongs"):
                 sup.async_(list, stream).await_(WAIT_S)
+            assert copy.copy(stream) is stream  # one stream: copy.copy gave an alias before
             assert list(stream) in ([parstream.Ok(1)], [1])  # still usable here
 
 

@@ -12,6 +12,7 @@ first (``_shm``), whatever becomes of the frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -82,6 +83,13 @@ class MessageHandler:
                         # may have imported the old code): it serves nothing.
                         self._retire(worker)
                     else:
+                        if worker.context_due is not None:
+                            # restart_workers() came while it started: the
+                            # context of now, read before any task (same pipe).
+                            context, worker.context_due = worker.context_due, None
+                            with worker.send_lock, contextlib.suppress(OSError):
+                                worker.conn.send_bytes(_wire.encode(_wire.CONTEXT, context))
+                            worker.started_with = context
                         worker.state = "idle"
                         worker.idle_since = time.monotonic()
                 self._starter.ready()

@@ -284,10 +284,10 @@ class LocalPool(MessageHandler):
 
         A worker still starting has run no user code unless there is an
         initializer: it stays (retiring it too made a loop of restarts start
-        workers faster than they could come up, without bound), unless the
-        sys.path, directory or environment it started with changed since,
-        as a restart is how a new plugin directory or variable reaches the
-        workers; then it retires on READY, having run nothing."""
+        workers faster than they could come up, without bound). As a restart
+        is how a new plugin directory or variable reaches the workers, one
+        that started with another sys.path, directory or environment is sent
+        the current ones when it is READY, before any task."""
         fresh_start = self._starter.initializer is None
         context = _spawn.start_context() if fresh_start else None
         with self._lock:
@@ -301,8 +301,9 @@ class LocalPool(MessageHandler):
                     _spawn.kill_spare(w.pid)
                 elif w.state == "idle":
                     self._retire(w)
-                elif w.state == "starting" and fresh_start and w.started_with == context:
-                    continue
+                elif w.state == "starting" and fresh_start:
+                    if w.started_with != context:
+                        w.context_due = context
                 else:
                     w.retire_requested = True  # after the current batch
             self._wake()

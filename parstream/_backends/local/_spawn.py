@@ -54,7 +54,7 @@ BOOT = (
     "import os,sys,_pickle\n"
     "try:\n"
     " with os.fdopen(int(sys.argv[1]),'rb') as f: d=_pickle.load(f)\n"
-    "except EOFError: os._exit(70)\n"  # the parent died before it sent them: quietly
+    "except (EOFError,_pickle.UnpicklingError): os._exit(70)\n"  # the parent died mid-way
     "sys.path[:]=d['path']\n"
     "os.chdir(d['cwd'])\n"
     "from parstream._backends.local._worker import boot\n"
@@ -150,6 +150,7 @@ class LocalWorker:
     init_error: tuple[BaseException, str] | None = None  # the initializer raised
     fdchan: socket.socket | None = None  # the descriptor channel (``_shm``), if any
     started_with: Any = None  # the sys.path, directory and environment it started with
+    context_due: Any = None  # a newer one, sent on READY (``restart_workers``)
     # A slice sent behind the running one (``LocalPool._behind_whom``): the job,
     # its batch's sequence number, and whether it reached the pipe.
     next_job: Job | None = None
@@ -250,6 +251,7 @@ class Starter:
         from loky.backend.context import get_context
 
         ctx = get_context("loky")
+        context = start_context()  # what loky's process takes from this one, near enough
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         slot = new_slot()
         try:
@@ -269,7 +271,13 @@ class Starter:
         _reaper.watch(process.pid)
         child_conn.close()
         self.counts.workers_started += 1
-        return LocalWorker(process=process, conn=parent_conn, pid=process.pid, slot=slot)
+        return LocalWorker(
+            process=process,
+            conn=parent_conn,
+            pid=process.pid,
+            slot=slot,
+            started_with=context,
+        )
 
     def _start_light(self, spare: bool = False) -> LocalWorker:
         import _pickle as pickle  # the pure module would be imported before the first fork
@@ -293,18 +301,21 @@ class Starter:
             # fork_exec does not wait for the exec to be confirmed:
             # a process another thread forks meanwhile (a fork-started Pool)
             # would hold that confirmation pipe open, and the hub with it.
-            added = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
-            env = dict(added)
             # Before the fork: with no working directory, getcwd() fails here,
             # not after an interpreter was started that nobody would reap.
-            cwd = os.getcwd()
-            origin = _original_dir() or cwd
+            os.getcwd()
+            # One snapshot for the child and for the record (``started_with``),
+            # which ``restart_workers`` compares: another thread may change
+            # the environment or sys.path while this one starts the worker.
+            context = start_context()
+            path, cwd, environ = context
+            added = {k: v for k, v in MALLOC_ENV.items() if k not in environ}
             cmd = [sys.executable, *_interpreter_flags(), "-c", BOOT, str(prep_r)]
-            pid = fork_exec(cmd, keep, env=env)
+            pid = fork_exec(cmd, keep, env={**environ, **added})
             sentinel = os.pidfd_open(pid) if sentinel_w < 0 else sentinel_r
             prep = {
                 "spare": spare,
-                "path": [p or origin for p in sys.path],
+                "path": path,
                 "cwd": cwd,
                 "conn": child_fd,
                 "slot": None if slot is None else slot.fd,
@@ -359,7 +370,7 @@ class Starter:
             slot=slot,
             fdchan=fdchan,
             pipe_room=room,
-            started_with=start_context(),
+            started_with=context,
         )
 
     def ready(self) -> None:
@@ -428,7 +439,8 @@ def _interpreter_flags() -> list[str]:
 
 
 def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
-    """Start ``cmd`` with only ``keep_fds`` (and 0-2) inherited; its pid.
+    """Start ``cmd`` with only ``keep_fds`` (and 0-2) inherited, and ``env``
+    as its whole environment; its pid.
 
     loky's ``fork_exec``, copied: importing it imports all of loky (~30 ms,
     on the hub thread, before the first worker could start; issue 12). The
@@ -439,7 +451,7 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
     import sys
 
     args = [os.fsencode(arg) for arg in cmd]
-    encoded_env = [os.fsencode(f"{k}={v}") for k, v in {**os.environ, **env}.items()]
+    encoded_env = [os.fsencode(f"{k}={v}") for k, v in env.items()]
     keep = tuple(sorted(map(int, keep_fds)))
     allow_vfork: list[Any] = []
     if sys.version_info < (3, 14):  # 3.14 dropped the argument (and vfork is the default)
@@ -485,7 +497,8 @@ def fork_exec(cmd: list[str], keep_fds: list[int], env: dict[str, str]) -> int:
 
 
 def start_context() -> tuple[list[str], str, dict[str, str]]:
-    """What a new worker takes from this process when it starts."""
+    """What a new worker takes from this process when it starts: its
+    ``sys.path`` (relative entries made absolute), directory and environment."""
     import sys
 
     try:
@@ -493,7 +506,21 @@ def start_context() -> tuple[list[str], str, dict[str, str]]:
     except OSError:  # no working directory: a start now would fail too
         cwd = ""
     origin = _original_dir() or cwd
-    return [p or origin for p in sys.path], cwd, dict(os.environ)
+    return [p or origin for p in sys.path], cwd, _environ()
+
+
+def _environ() -> dict[str, str]:
+    """A copy of ``os.environ``. ``dict(os.environ)`` lists the keys, then
+    reads each: a variable another thread deletes meanwhile is a KeyError
+    (on the hub, in ``promote``, that ended the pool). Retried; the bytes
+    mapping underneath is copied in one C call as a last resort."""
+    for _ in range(20):
+        try:
+            return dict(os.environ)
+        except KeyError:
+            continue
+    data: Any = getattr(os.environ, "_data", {})
+    return {os.fsdecode(k): os.fsdecode(v) for k, v in dict(data).items()}
 
 
 try:

@@ -69,6 +69,10 @@ START_FAILED = 9  # worker to parent: the initializer raised; (exception, traceb
 RELEASED = 10  # worker to parent: arena blocks it no longer maps; [block_id, ...]
 PROMOTE = 11  # parent to a spare worker, a bare kind byte: become a worker now
 FREED = 12  # parent to worker: result blocks it no longer maps; [block_id, ...]
+# Parent to a worker that has run nothing yet, before its first RUN: the
+# sys.path, directory and environment a start now would give (a restart came
+# while it started); (path, cwd, environ).
+CONTEXT = 13
 
 _RUN_HEADER = struct.Struct("<BQB")  # kind, seq, a descriptor was sent just before
 

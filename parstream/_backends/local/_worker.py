@@ -768,6 +768,9 @@ class _Runner:
                 if self.outgoing is not None:
                     self.outgoing.freed(_wire.decode(raw))
                 continue
+            if kind == _wire.CONTEXT:
+                _take_context(*_wire.decode(raw))
+                continue
             # The batch's large buffers were sent just before it: take them
             # first, whatever happens to the batch.
             mapping = None
@@ -795,6 +798,19 @@ class _Runner:
             if self.blocks:
                 del mapping  # the batch's arrays are gone, unless a task kept one
                 self.release_blocks()
+
+
+def _take_context(path: list[str], cwd: str, environ: dict[str, str]) -> None:
+    """Take the parent's sys.path, directory and environment of now, as a
+    start now would (before any task: ``restart_workers`` while it started)."""
+    sys.path[:] = path
+    try:
+        os.chdir(cwd)
+    except OSError:  # gone meanwhile: a start now would fail; the old one stays
+        pass
+    for name in [n for n in os.environ if n not in environ]:
+        os.environ.pop(name, None)
+    os.environ.update(environ)
 
 
 def _run_initializer(conn: Any, initializer: bytes) -> None:
