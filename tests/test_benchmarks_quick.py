@@ -15,15 +15,28 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_quick_benchmark_writes_json_and_png(tmp_path: Path) -> None:
-    """`python -m benchmarks --quick` exits 0 and leaves one JSON and one PNG."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
+    """`python -m benchmarks --quick` exits 0 and leaves one JSON and one PNG.
+
+    It takes ~20 s; should it ever stall, every thread's stack is dumped at
+    150 s and shown here (one run in CI under 3.13 ran past 170 s, and its
+    log said nothing of where)."""
+    run = (
+        "import faulthandler, runpy, sys; faulthandler.dump_traceback_later(150); "
+        f"sys.argv = ['benchmarks', '--quick', '--out', {str(tmp_path)!r}]; "
+        "runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)"
     )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", run],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=170,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        pytest.fail(f"the quick benchmark ran past 170 s; its stacks:\n{(err or '')[-6000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jsons = list(tmp_path.glob("*.json"))
     pngs = list(tmp_path.glob("*.png"))
