@@ -1134,3 +1134,67 @@ def test_an_interrupt_inside_closing_a_pool_leaves_nothing_behind() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["children", "0", "hubs", "0"], proc.stdout
+
+
+def test_a_close_that_outwaits_a_slow_hub_leaves_the_workers_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``close()`` waits a while for the hub, then returns. A hub still
+    settling its workers' deaths (a loaded machine) owns their pipes,
+    sentinels and slots: the closing thread used to reap the workers and
+    close their sentinels and the arena meanwhile, so numbers were closed
+    twice, after new pipes of other pools had reused them (EBADF in a
+    worker start, a crashed hub, results crossed between pools). The hub
+    now finishes the close itself as it leaves."""
+    from parstream._backends.local import _pool
+
+    monkeypatch.setattr(_pool, "HUB_EXIT_WAIT_S", 0.05, raising=False)
+    on_death = _pool.LocalPool._on_death
+    entered = threading.Event()
+    go_on = threading.Event()
+
+    def slow_on_death(self: Any, worker: Any) -> None:
+        entered.set()
+        go_on.wait(10)
+        on_death(self, worker)
+
+    monkeypatch.setattr(_pool.LocalPool, "_on_death", slow_on_death)
+    sup = parstream.Supervisor(max_workers=2)
+    assert list(sup.map(abs, range(-4, 0))) == [4, 3, 2, 1]
+    pool: Any = sup._backend
+    workers = list(pool._workers)
+    try:
+        sup.close()
+        assert entered.wait(5)
+        # The closing thread touched nothing of what the stalled hub settles.
+        assert all(w.process.sentinel >= 0 for w in workers)
+        assert not pool._arena._closed
+    finally:
+        go_on.set()
+    wait_until(lambda: not pool._hub.is_alive(), 15, "the hub to leave")
+    assert all(w.process.sentinel == -1 and w.process.reaped for w in workers)
+    assert pool._arena._closed
+    assert pool._close_done
+
+
+def test_closing_a_block_or_a_slot_twice_leaves_a_reused_number_open() -> None:
+    """A second close of an arena block or a progress slot (threads racing to
+    close) must not close the file that took its number meanwhile."""
+    from parstream._backends.local._shm import Block
+    from parstream._backends.local._slot import new_slot
+
+    things: list[Any] = [Block(1, 4096), new_slot()]
+    for thing in things:
+        if thing is None:
+            continue  # no memfd here: no slot
+        number = thing.fd
+        thing.close()
+        other = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(other, number)  # another file takes the number
+            thing.close()
+            os.fstat(number)  # still open
+        finally:
+            for fd in {other, number}:
+                with contextlib.suppress(OSError):
+                    os.close(fd)

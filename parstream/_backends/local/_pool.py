@@ -95,6 +95,7 @@ PREFETCH = True  # send a stream's next chunk behind a busy worker's (LocalPool.
 # restart (decided on the callback thread) before taking other work.
 CHILD_HOLD_S = 0.05
 PLAIN_ITEMS = 16  # up to this many items try the plain pickler first (``_encode``)
+HUB_EXIT_WAIT_S = 5.0  # close() waits this long for the hub, then leaves the rest to it
 FIRST_PASS_WAIT_S = 1.0  # a new pool waits this long at most for its first workers' forks
 SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
@@ -126,6 +127,8 @@ class LocalPool(MessageHandler):
         self._spare_backoff = 0.0
         self._closed = False
         self._close_done = False  # close() went through to the end
+        self._hub_gone = False  # the hub thread has left its loop for good
+        self._hub_finishes = False  # close() left the rest of the close to the hub
         self._killed_at_close: set[LocalWorker] = set()
         self._pid = os.getpid()
         self._forked = False
@@ -227,10 +230,12 @@ class LocalPool(MessageHandler):
                 worker.kill_cause = "kill"
                 if grace > 0:
                     worker.kill_deadline = time.monotonic() + grace
-                    _reaper.term_group(worker.pid)  # the task's subprocesses too
+                    if not worker.exited:
+                        _reaper.term_group(worker.pid)  # the task's subprocesses too
                 else:
                     run_of(job).killed = True
-                    _spawn.kill_tree(worker.pid)
+                    if not worker.exited:
+                        _spawn.kill_tree(worker.pid)
             self._wake()
 
     def cancel(self, job: Job) -> bool:
@@ -298,7 +303,8 @@ class LocalPool(MessageHandler):
                     # a loop of restarts piled booting interpreters up.
                     w.state = "retiring"
                     w.kill_cause = "retire"
-                    _spawn.kill_spare(w.pid)
+                    if not w.exited:
+                        _spawn.kill_spare(w.pid)
                 elif w.state == "idle":
                     self._retire(w)
                 elif w.state == "starting" and fresh_start:
@@ -328,21 +334,35 @@ class LocalPool(MessageHandler):
                     if w in self._killed_at_close:
                         continue
                     w.kill_cause = "close"
-                    if w.state == "spare":
+                    if w.exited:
+                        pass
+                    elif w.state == "spare":
                         _spawn.kill_spare(w.pid)
                     else:
                         _spawn.kill_tree(w.pid or w.process.pid)
                     self._killed_at_close.add(w)
             self._wake()
             if threading.current_thread() is not self._hub and self._hub.ident is not None:
-                self._hub.join(timeout=5.0)
-                if not self._hub.is_alive():
-                    self._outbox.flush()  # anything the hub could not deliver
-            for w in workers:
-                w.process.join(timeout=1.0)
-            self._arena.close()
-            _reaper.release(self)
-            self._close_done = True
+                self._hub.join(timeout=HUB_EXIT_WAIT_S)
+                with self._lock:
+                    if not self._hub_gone:
+                        # Still settling its workers' deaths (a loaded
+                        # machine): the hub owns their pipes, sentinels and
+                        # slots, and finishes the close as it leaves. Closing
+                        # them from here too closed numbers that other pools'
+                        # new pipes had reused, crossing their results.
+                        self._hub_finishes = True
+                        return
+                self._outbox.flush()  # anything the hub could not deliver
+            self._finish_close(workers)
+
+    def _finish_close(self, workers: list[LocalWorker]) -> None:
+        """What is left of a close once the hub has gone (or never ran)."""
+        for w in workers:
+            w.process.join(timeout=1.0)
+        self._arena.close()
+        _reaper.release(self)
+        self._close_done = True
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's workers without touching them."""
@@ -640,6 +660,17 @@ class LocalPool(MessageHandler):
 
     def _run_hub(self) -> None:
         try:
+            self._run_hub_loop()
+        finally:
+            with self._lock:
+                self._hub_gone = True
+                finish = self._hub_finishes
+            if finish:
+                self._outbox.flush()
+                self._finish_close(list(self._killed_at_close))
+
+    def _run_hub_loop(self) -> None:
+        try:
             self._hub_loop()
         except BaseException:  # pragma: no cover - a bug in the hub itself
             self._first_pass.set()
@@ -652,7 +683,8 @@ class LocalPool(MessageHandler):
                 ]
                 self._dispatch.queue.clear()
                 for w in list(self._workers):
-                    _spawn.kill_tree(w.pid or w.process.pid)
+                    if not w.exited:
+                        _spawn.kill_tree(w.pid or w.process.pid)
                 for job in jobs:
                     run = run_of(job)
                     run.killed = True
@@ -958,6 +990,8 @@ class LocalPool(MessageHandler):
             _spawn.kill_tree(worker.pid)
 
     def _on_death(self, worker: LocalWorker) -> None:
+        with self._lock:
+            worker.exited = True  # reaped below
         self._drain(worker)
         self._unwatch(worker)
         with worker.send_lock:

@@ -221,6 +221,9 @@ def _note_freed(freed: Any, block_id: int, forks: int, wake: Any) -> None:
         method()
 
 
+_BLOCK_CLOSE = threading.Lock()  # a block closes once, whichever threads race to close it
+
+
 class Block:
     """One reusable memfd of the parent's ``Arena``, mapped shared here."""
 
@@ -245,12 +248,18 @@ class Block:
             view[offset : offset + n] = raw
 
     def close(self) -> None:
+        """Unmap and close; a second call does nothing (closing the number
+        again could close another file that reused it)."""
+        with _BLOCK_CLOSE:
+            fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
         try:
             self.view.release()
             self.mapping.close()
         except BufferError:  # pragma: no cover - a writer still copying: freed with it
             pass
-        os.close(self.fd)
+        os.close(fd)
 
 
 class Arena:

@@ -194,10 +194,12 @@ class Slot:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        fd, self.fd = self.fd, -1  # (the hub alone closes a worker's slot)
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Only while a worker is being started: the fd is handed down to it.

@@ -97,6 +97,7 @@ class _Process:
         self.sentinel = sentinel
         self.exitcode: int | None = None
         self.reaped = False
+        self._lock = threading.Lock()  # one reaper and one close of the sentinel
 
     def _reap(self, flags: int) -> None:
         if self.reaped:
@@ -111,15 +112,20 @@ class _Process:
             self.exitcode = os.waitstatus_to_exitcode(status)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait (up to ``timeout``) for it to exit, and reap it."""
-        if not self.reaped:
+        """Wait (up to ``timeout``) for it to exit, and reap it. Safe from
+        several threads: the sentinel's number is closed once, never again
+        after another file reused it."""
+        sentinel = self.sentinel
+        if not self.reaped and sentinel >= 0:
             with contextlib.suppress(OSError, ValueError):
-                _wire.wait_readable(self.sentinel, timeout)
+                _wire.wait_readable(sentinel, timeout)
+        with self._lock:
             self._reap(os.WNOHANG)
-        if self.reaped and self.sentinel >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.sentinel)
-            self.sentinel = -1
+            if not self.reaped or self.sentinel < 0:
+                return
+            sentinel, self.sentinel = self.sentinel, -1
+        with contextlib.suppress(OSError):
+            os.close(sentinel)
 
 
 @dataclass(eq=False)
@@ -141,6 +147,9 @@ class LocalWorker:
     items_done: int = 0
     retire_requested: bool = False
     stop_due: bool = False  # retired off the hub thread: the hub sends its STOP
+    # The hub is reaping it: from then on its pid may belong to another
+    # process, so no thread signals it (set under the pool's lock).
+    exited: bool = False
     # The functions it holds unpickled (LRU), each with a weak reference to
     # its ``Shipped`` (``_pool._encode`` evicts those nobody here holds).
     fns: collections.OrderedDict[bytes, Any] = field(default_factory=collections.OrderedDict)
