@@ -1198,3 +1198,38 @@ def test_closing_a_block_or_a_slot_twice_leaves_a_reused_number_open() -> None:
             for fd in {other, number}:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def test_asking_for_a_tasks_worker_as_it_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Task.worker`` (and ``Future.running()`` before the hub has marked a
+    call running) read the worker's progress slot from the caller's thread;
+    the hub closes that slot while it settles the worker's death, and the
+    read raised ``ValueError: operation forbidden on released memoryview
+    object`` into the caller."""
+    from parstream._backends.local import _slot
+
+    close = _slot.Slot.close
+    closed = threading.Event()
+    go_on = threading.Event()
+
+    def stalling_close(self: Any) -> None:
+        close(self)
+        if threading.current_thread().name == "parstream-hub" and not closed.is_set():
+            closed.set()
+            go_on.wait(10)  # the hub pauses with the slot closed, the death unsettled
+
+    monkeypatch.setattr(_slot.Slot, "close", stalling_close)
+    with parstream.Supervisor(max_workers=1) as sup:
+        task = sup.async_nolink(time.sleep, 30)
+        wait_until(lambda: task.worker is not None, 10, "the task to run")
+        pid = task.pid
+        assert pid is not None
+        try:
+            os.kill(pid, signal.SIGKILL)
+            assert closed.wait(10)
+            assert task.worker is None
+        finally:
+            go_on.set()
+        outcome = task.yield_(10)
+        assert isinstance(outcome, Exit)
+        assert isinstance(outcome.reason, parstream.WorkerCrashed)

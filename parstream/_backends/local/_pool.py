@@ -265,8 +265,8 @@ class LocalPool(MessageHandler):
     def worker_of(self, job: Job) -> Worker | None:
         run = run_of(job)
         worker: LocalWorker | None = None if run is None else run.holder
-        if worker is None or worker.state != "busy" or not worker.begun():
-            return None  # handed over, not begun: a death now queues it again
+        if worker is None or worker.exited or worker.state != "busy" or not worker.begun():
+            return None  # handed over, not begun (a death now queues it again), or dead
         return Worker(id=f"pid-{worker.pid}", pid=worker.pid, busy=True)
 
     def workers(self) -> list[Worker]:

@@ -173,8 +173,14 @@ class LocalWorker:
     freed: collections.deque[int] = field(default_factory=collections.deque)
 
     def begun(self) -> bool:
-        """Whether the worker has begun its current slice (read its header)."""
-        return self.slot is None or self.slot.read()[0] == self.seq
+        """Whether the worker has begun its current slice (read its header).
+        False once the hub has closed the slot of a worker that died."""
+        if self.slot is None:
+            return True
+        try:
+            return self.slot.read()[0] == self.seq
+        except ValueError:  # released: the hub is settling its death
+            return False
 
 
 class Starter:
