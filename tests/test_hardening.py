@@ -1233,3 +1233,101 @@ def test_asking_for_a_tasks_worker_as_it_dies(monkeypatch: pytest.MonkeyPatch) -
         outcome = task.yield_(10)
         assert isinstance(outcome, Exit)
         assert isinstance(outcome.reason, parstream.WorkerCrashed)
+
+
+def test_a_close_run_on_the_hub_thread_ends_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close that runs on the hub thread (a finaliser the collector runs
+    there) reaped the workers before the hub had seen them die: it never
+    settled their deaths, spun on their dead pipes, and the running call
+    never ended. The hub now finishes the close itself."""
+    from parstream._backends.local import _pool
+
+    check = _pool.LocalPool._check_deadlines
+    wanted = threading.Event()
+    closed = threading.Event()
+
+    def closing_check(self: Any) -> None:
+        if wanted.is_set() and not closed.is_set():
+            closed.set()
+            self.close()
+        check(self)
+
+    monkeypatch.setattr(_pool.LocalPool, "_check_deadlines", closing_check)
+    sup = parstream.Supervisor(max_workers=2)
+    try:
+        fut = sup.submit(time.sleep, 30)
+        wait_until(fut.running, 10, "the call to run")
+        pool: Any = sup._backend
+        wanted.set()
+        pool._wake()
+        assert closed.wait(10)
+        wait_until(lambda: not pool._hub.is_alive(), 15, "the hub to leave")
+        assert pool._close_done
+        assert fut.exception(timeout=10) is not None
+    finally:
+        wanted.clear()
+        sup.close()
+
+
+def test_a_fork_while_another_thread_closes_a_block_does_not_hang_the_child() -> None:
+    """The child of ``os.fork()`` closes its copies of the pool's arena blocks
+    and wake pipe; a lock another thread held at the fork (closing a block,
+    waking the hub) hung the child in ``fork()`` itself."""
+    np = pytest.importorskip("numpy")
+    from parstream._backends.local import _shm
+
+    with parstream.Supervisor(max_workers=1) as sup:
+        assert sup.submit(np.sum, np.ones(1 << 20)).result(timeout=30) == 1 << 20
+        pool: Any = sup._backend
+        locks = [
+            getattr(_shm, "_BLOCK_CLOSE", None),
+            pool._arena._lock,
+            getattr(pool._wake_w, "_lock", None),
+        ]
+        held_here = [lock for lock in locks if lock is not None and lock.acquire(timeout=5)]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os._exit(0)
+        finally:
+            for lock in held_here:
+                lock.release()
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_crashed_hub_leaves_no_group_with_the_reaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers whose deaths a crashed hub never settled were reaped by the
+    close with their process groups still on the shared reaper's list: had
+    the parent died later, it would have killed groups of that number,
+    which by then could be anyone's."""
+    from parstream._backends.local import _pool, _reaper
+
+    def broken_on_death(self: Any, worker: Any) -> None:
+        raise RuntimeError("a bug in the hub")
+
+    with parstream.Supervisor(max_workers=1) as keep:  # keeps the reaper running
+        assert keep.submit(abs, -1).result(timeout=30) == 1
+        sup = parstream.Supervisor(max_workers=2)
+        fut = sup.submit(time.sleep, 30)
+        wait_until(fut.running, 10, "the call to run")
+        pids = set(sup.worker_pids())
+        assert pids & _reaper._groups
+        monkeypatch.setattr(_pool.LocalPool, "_on_death", broken_on_death)
+        sup.close()
+        pool: Any = sup._backend
+        wait_until(lambda: not pool._hub.is_alive(), 15, "the hub to leave")
+        assert pool._close_done
+        assert not pids & _reaper._groups
+        monkeypatch.undo()

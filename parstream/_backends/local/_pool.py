@@ -342,15 +342,19 @@ class LocalPool(MessageHandler):
                         _spawn.kill_tree(w.pid or w.process.pid)
                     self._killed_at_close.add(w)
             self._wake()
-            if threading.current_thread() is not self._hub and self._hub.ident is not None:
-                self._hub.join(timeout=HUB_EXIT_WAIT_S)
+            if self._hub.ident is not None:
+                on_hub = threading.current_thread() is self._hub
+                if not on_hub:
+                    self._hub.join(timeout=HUB_EXIT_WAIT_S)
                 with self._lock:
                     if not self._hub_gone:
                         # Still settling its workers' deaths (a loaded
-                        # machine): the hub owns their pipes, sentinels and
-                        # slots, and finishes the close as it leaves. Closing
-                        # them from here too closed numbers that other pools'
-                        # new pipes had reused, crossing their results.
+                        # machine, or this is the hub: a finaliser it ran):
+                        # the hub owns their pipes, sentinels and slots, and
+                        # finishes the close as it leaves. Closing them from
+                        # here too closed numbers that other pools' new pipes
+                        # had reused, crossing their results; reaped here,
+                        # the hub never saw them die and spun for good.
                         self._hub_finishes = True
                         return
                 self._outbox.flush()  # anything the hub could not deliver
@@ -359,6 +363,20 @@ class LocalPool(MessageHandler):
     def _finish_close(self, workers: list[LocalWorker]) -> None:
         """What is left of a close once the hub has gone (or never ran)."""
         for w in workers:
+            if not w.exited:
+                # Its death never settled (the hub crashed): its descriptors
+                # are closed here, and the reaper forgets its group while
+                # its pid is still ours.
+                w.exited = True
+                with w.send_lock:
+                    with contextlib.suppress(OSError):
+                        w.conn.close()
+                    if w.fdchan is not None:
+                        w.fdchan.close()
+                if w.slot is not None:
+                    w.slot.close()
+                if w.pid and getattr(w.process, "reaped", True) is False:
+                    _reaper.worker_gone(w.pid)
             w.process.join(timeout=1.0)
         self._arena.close()
         _reaper.release(self)
@@ -380,9 +398,11 @@ class LocalPool(MessageHandler):
             if w.slot is not None:
                 w.slot.close()
         self._workers = []
-        self._arena.close()  # this process's mappings; the parent's stay
+        self._arena.close(forked=True)  # this process's mappings; the parent's stay
         self._dispatch.queue.clear()
         for end in (self._wake_r, self._wake_w):
+            if isinstance(end, _WakeEnd):
+                end._lock = threading.Lock()  # a parent thread may have held it at fork
             with contextlib.suppress(OSError):
                 end.close()
         if self._selector is not None:
@@ -667,7 +687,7 @@ class LocalPool(MessageHandler):
                 finish = self._hub_finishes
             if finish:
                 self._outbox.flush()
-                self._finish_close(list(self._killed_at_close))
+                self._finish_close(list(self._killed_at_close | set(self._workers)))
 
     def _run_hub_loop(self) -> None:
         try:

@@ -191,8 +191,15 @@ def _forking() -> None:
     _forks += 1
 
 
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held it at the fork: the child
+    # closes its copies of the parent's blocks (``LocalPool._forget_after_fork``).
+    global _BLOCK_CLOSE
+    _BLOCK_CLOSE = threading.Lock()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_forking)
+    os.register_at_fork(before=_forking, after_in_child=_after_fork_in_child)
 
 
 def forks() -> int:
@@ -338,8 +345,12 @@ class Arena:
                 self._free.remove(block)
         block.close()
 
-    def close(self) -> None:
-        """Close every block; a worker still mapping one keeps its pages until it unmaps."""
+    def close(self, *, forked: bool = False) -> None:
+        """Close every block; a worker still mapping one keeps its pages until it unmaps.
+        ``forked``: in a child made by ``os.fork()``, whose copy of the lock
+        another thread of the parent may have held at the fork."""
+        if forked:
+            self._lock = threading.Lock()
         with self._lock:
             self._closed = True
             blocks = self._free + list(self._lent.values())
