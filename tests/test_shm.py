@@ -558,3 +558,24 @@ def test_a_worker_out_of_descriptors_gives_its_argument_block_back() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok"
+
+
+def test_a_block_taken_back_at_a_death_is_not_freed_twice() -> None:
+    """A call that lent a block to a worker that died under it gives the
+    block back, and so does the hub's ``worker_gone`` for the dead worker;
+    whichever came second used to free it again, and the next two calls
+    were lent the one block at once (each could overwrite the other's
+    arguments)."""
+    from parstream._backends.local._shm import Arena
+
+    arena = Arena()
+    worker = object()
+    try:
+        block = arena.lend([memoryview(bytes(1000))], worker)
+        arena.worker_gone(worker)
+        arena.unlend(block)
+        first = arena.lend([memoryview(bytes(1000))], object())
+        second = arena.lend([memoryview(bytes(1000))], object())
+        assert first is not second
+    finally:
+        arena.close()

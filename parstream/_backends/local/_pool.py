@@ -417,7 +417,12 @@ class LocalPool(MessageHandler):
         (``CHILD_HOLD_S``), which takes only a child's run."""
         now = time.monotonic()
         for w in self._workers:
-            if w.state == "idle" and w.kill_cause is None and (held or w.held_until <= now):
+            if (
+                w.state == "idle"
+                and w.kill_cause is None
+                and not w.exited  # dead, being settled
+                and (held or w.held_until <= now)
+            ):
                 return w
         return None
 
@@ -469,9 +474,11 @@ class LocalPool(MessageHandler):
                     worker.delivered = True
             except OSError:
                 # The worker died under us; its sentinel tells the hub, which
-                # sees ``delivered`` is False and queues the whole slice again
-                # (and the arena takes back the block lent to it).
-                pass
+                # sees ``delivered`` is False and queues the whole slice again.
+                # The block lent for it is free again (the hub's
+                # ``worker_gone`` may have run before it was lent).
+                if block is not None:
+                    self._arena.unlend(block)
         return True
 
     def _encode(self, worker: LocalWorker, job: Job, seq: int) -> tuple[bytes, _shm.Block | None]:

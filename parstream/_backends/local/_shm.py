@@ -308,9 +308,12 @@ class Arena:
         raise OSError("the pool's arena is closed")
 
     def unlend(self, block: Block) -> None:
-        """``block`` never reached its worker: free again."""
+        """``block`` never reached its worker: free again, unless the
+        worker's death (``worker_gone``) or the close took it back first
+        (freed twice, it would be lent to two workers at once)."""
         with self._lock:
-            self._lent.pop(block.id, None)
+            if self._lent.pop(block.id, None) is None:
+                return
         self._give_back(block)
 
     def released(self, worker: Any, block_ids: list[int]) -> None:
