@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -149,3 +150,88 @@ def test_a_task_does_not_wait_behind_a_stream() -> None:
         task_end = task.await_(30)
     after = sum(1 for end in ends if end > task_end)
     assert after >= 100, f"only {after} of 300 stream items ran after the task"
+
+
+class _Collect:
+    """A job's sink: its values, and when it ended."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.ended = threading.Event()
+
+    def on_started(self, at: float) -> None:
+        pass
+
+    def on_results(self, values: list[Any], errors: Any, seconds: float | None) -> None:
+        self.values.extend(values)
+
+    def on_done(self, end: str, unrun: int) -> None:
+        self.ended.set()
+
+
+def test_a_late_send_does_not_let_a_chunk_jump_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread that sent a task to a worker and was descheduled before it
+    marked the task delivered marked it delivered later, after the worker had
+    answered and another thread had been given the worker for a stream's
+    chunk X, not yet written. The hub then took X for delivered, sent the
+    stream's next chunk Y behind it, and Y reached the pipe first: the
+    worker ran Y first, Y's values were credited to X and X's to Y
+    (``parstream.map`` returned items twice and out of order, under load)."""
+    from parstream._backend import Gate, Job
+    from parstream._backends.local import _wire
+
+    sup = parstream.Supervisor(max_workers=1)
+    pool: Any = sup._backend
+    wait_until(lambda: any(w.state == "idle" for w in pool._workers), 20, "a worker")
+    fn = pool.prepare(abs)
+    wrote_a = threading.Event()
+    go_on_a = threading.Event()
+    go_on_b = threading.Event()
+    send_bytes = _wire.FdConnection.send_bytes
+    send = _pool.LocalPool._send
+
+    def late_marking_send_bytes(self: Any, data: bytes) -> None:
+        send_bytes(self, data)
+        if threading.current_thread().name == "A":
+            wrote_a.set()
+            go_on_a.wait(10)  # descheduled between the write and the mark
+
+    def late_send(self: Any, worker: Any, job: Any, *, behind: bool = False) -> bool:
+        if threading.current_thread().name == "B":
+            go_on_b.wait(10)  # descheduled between taking the worker and sending
+        return bool(send(self, worker, job, behind=behind))
+
+    monkeypatch.setattr(_wire.FdConnection, "send_bytes", late_marking_send_bytes)
+    monkeypatch.setattr(_pool.LocalPool, "_send", late_send)
+    try:
+        task = _Collect()
+        a = threading.Thread(
+            target=pool.submit, args=(Job(fn, [-9], task),), name="A", daemon=True
+        )
+        a.start()
+        assert wrote_a.wait(10)
+        assert task.ended.wait(10)  # the worker answered: idle again
+        gate = Gate(limit=2)
+        x, y = _Collect(), _Collect()
+        b = threading.Thread(
+            target=pool.submit,
+            args=(Job(fn, [-1, -2, -3, -4], x, gate=gate, returnable=True),),
+            name="B",
+            daemon=True,
+        )
+        b.start()
+        wait_until(lambda: any(w.job is not None for w in pool._workers), 10, "X assigned")
+        go_on_a.set()
+        a.join(10)
+        pool.submit(Job(fn, [-5, -6, -7, -8], y, gate=gate, first_index=4, returnable=True))
+        time.sleep(0.2)  # the hub's turn: (wrongly) queue Y behind X, and send it
+        go_on_b.set()
+        b.join(10)
+        assert x.ended.wait(10)
+        assert y.ended.wait(10)
+        assert (x.values, y.values) == ([1, 2, 3, 4], [5, 6, 7, 8])
+    finally:
+        go_on_a.set()
+        go_on_b.set()
+        monkeypatch.undo()
+        sup.close()

@@ -437,7 +437,6 @@ class LocalPool(MessageHandler):
         worker.seq += 1  # this slice's number: the worker writes it in its slot on reading it
         worker.state = "busy"
         worker.job = job
-        worker.delivered = False
         worker.timed_out_index = None
         limit = None
         if self.max_tasks_per_worker:
@@ -455,7 +454,8 @@ class LocalPool(MessageHandler):
         pipe's buffer (the busy worker reads nothing, and the hub must not
         wait for it: not sent)."""
         with worker.send_lock:
-            payload, block = self._encode(worker, job, worker.next_seq if behind else worker.seq)
+            seq = worker.next_seq if behind else worker.seq
+            payload, block = self._encode(worker, job, seq)
             if behind and len(payload) > worker.pipe_room:
                 if block is not None:
                     self._arena.unlend(block)
@@ -468,10 +468,7 @@ class LocalPool(MessageHandler):
                     assert worker.fdchan is not None
                     _shm.send(worker.fdchan, block.fd, block.id)
                 worker.conn.send_bytes(payload)
-                if behind:
-                    worker.next_delivered = True
-                else:
-                    worker.delivered = True
+                worker.sent = max(worker.sent, seq)  # (``LocalWorker.delivered``)
             except OSError:
                 # The worker died under us; its sentinel tells the hub, which
                 # sees ``delivered`` is False and queues the whole slice again.
@@ -659,7 +656,6 @@ class LocalPool(MessageHandler):
         """``job``'s next slice goes to ``worker`` behind its running one (lock held)."""
         worker.next_job = job
         worker.next_seq = worker.seq + 1
-        worker.next_delivered = False
         self._dispatch.begin(job, worker, queued=True)
 
     def _take_next(self, worker: LocalWorker) -> bool:
@@ -671,7 +667,6 @@ class LocalPool(MessageHandler):
         worker.next_job = None
         worker.job = job
         worker.seq = worker.next_seq
-        worker.delivered = worker.next_delivered
         worker.timed_out_index = None
         worker.item_started = None
         self._dispatch.activate(job)

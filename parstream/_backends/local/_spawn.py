@@ -137,7 +137,6 @@ class LocalWorker:
     state: str = "starting"  # spare, starting, idle, busy, retiring, dead
     pid: int = 0
     job: Job | None = None
-    delivered: bool = False  # the current slice reached the pipe
     item_started: float | None = None  # when the running item began (jobs with a timeout)
     timed_out_index: int | None = None
     kill_cause: str | None = None  # timeout, kill, close, retire
@@ -164,13 +163,31 @@ class LocalWorker:
     # its batch's sequence number, and whether it reached the pipe.
     next_job: Job | None = None
     next_seq: int = 0
-    next_delivered: bool = False
+    # The highest sequence number of a batch written whole to its pipe (under
+    # ``send_lock``). Whether a slice reached the pipe is read from it, never
+    # set apart: a thread descheduled after its write must not mark as
+    # delivered a slice given to the worker since (see ``delivered``).
+    sent: int = 0
     pipe_room: int = 0  # the largest batch sent behind a running one (0: none)
     # Functions sent with a batch that has not answered yet: none is sent
     # behind such a batch, whose worker may yet fail to load it (FORGET).
     unconfirmed: set[bytes] = field(default_factory=set)
     # Its result blocks this process no longer maps, to say FREED (``_shm.watch``).
     freed: collections.deque[int] = field(default_factory=collections.deque)
+
+    @property
+    def delivered(self) -> bool:
+        """The current slice reached the pipe. (A flag set after the write
+        was set by a thread that was descheduled after writing an earlier
+        slice too; the hub then sent the next chunk behind one not yet
+        written, the worker ran them swapped, and each got the other's
+        results.)"""
+        return self.sent >= self.seq
+
+    @property
+    def next_delivered(self) -> bool:
+        """The slice queued behind the running one reached the pipe."""
+        return self.sent >= self.next_seq
 
     def begun(self) -> bool:
         """Whether the worker has begun its current slice (read its header).
