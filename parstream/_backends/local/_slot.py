@@ -194,7 +194,7 @@ class Slot:
             self._map.close()
         except (BufferError, ValueError):
             pass
-        fd, self.fd = self.fd, -1  # (the hub alone closes a worker's slot)
+        fd, self.fd = self.fd, -1  # once: the number may be reused after
         if fd >= 0:
             try:
                 os.close(fd)
