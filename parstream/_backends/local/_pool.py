@@ -369,12 +369,7 @@ class LocalPool(MessageHandler):
                 # its pid is still ours.
                 w.exited = True
                 with w.send_lock:
-                    with contextlib.suppress(OSError):
-                        w.conn.close()
-                    if w.fdchan is not None:
-                        w.fdchan.close()
-                if w.slot is not None:
-                    w.slot.close()
+                    w.close_ends()
                 if w.pid and getattr(w.process, "reaped", True) is False:
                     _reaper.worker_gone(w.pid)
             w.process.join(timeout=1.0)
@@ -391,12 +386,7 @@ class LocalPool(MessageHandler):
         self._lock = threading.RLock()  # a parent thread may have held it at fork
         self._outbox.reset()
         for w in self._workers:
-            with contextlib.suppress(OSError):
-                w.conn.close()
-            if w.fdchan is not None:
-                w.fdchan.close()
-            if w.slot is not None:
-                w.slot.close()
+            w.close_ends()  # (not under its send lock: a parent thread may have held it)
         self._workers = []
         self._arena.close(forked=True)  # this process's mappings; the parent's stay
         self._dispatch.queue.clear()

@@ -175,6 +175,17 @@ class LocalWorker:
     # Its result blocks this process no longer maps, to say FREED (``_shm.watch``).
     freed: collections.deque[int] = field(default_factory=collections.deque)
 
+    def close_ends(self) -> None:
+        """Close this process's ends of the worker's pipe, descriptor channel
+        and progress slot (a worker whose death the hub never settled, or
+        the parent's, in a forked child)."""
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self.fdchan is not None:
+            self.fdchan.close()
+        if self.slot is not None:
+            self.slot.close()
+
     @property
     def delivered(self) -> bool:
         """The current slice reached the pipe. (A flag set after the write
