@@ -968,10 +968,13 @@ def test_leaving_a_stream_without_a_free_descriptor_still_kills_its_items() -> N
                 print("close raised", repr(exc))
             for fd in hog:
                 os.close(fd)
-            stopped = [
-                p.pid for p in psutil.Process().children(recursive=True)
-                if p.status() == psutil.STATUS_STOPPED
-            ]
+            stopped = []
+            for p in psutil.Process().children(recursive=True):
+                try:  # (a killed worker may be reaped meanwhile)
+                    if p.status() == psutil.STATUS_STOPPED:
+                        stopped.append(p.pid)
+                except psutil.NoSuchProcess:
+                    pass
             print("stopped", stopped)
             print(list(sup.map(slow, [0.05] * 4, chunksize=1, timeout=20)))
         """
