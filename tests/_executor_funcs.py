@@ -112,3 +112,9 @@ def at_once(folder: str, seconds: float = 0.2) -> int:
     seen = len(os.listdir(folder))
     me.unlink()
     return seen
+
+
+def append_line(path: str, text: str) -> None:
+    """Append ``text`` as a line to ``path`` (the order calls ran in)."""
+    with open(path, "a") as out:
+        out.write(text + "\n")

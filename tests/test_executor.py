@@ -1077,3 +1077,41 @@ def test_a_slow_loop_past_the_deadline_gets_the_timeout(kind: str) -> None:
         time.sleep(1.4)  # the loop's body, past the deadline
         with pytest.raises(cf.TimeoutError):
             next(it)
+
+
+def test_a_call_never_overtakes_one_queued_before_it(tmp_path: Path) -> None:
+    """A call submitted while a worker had just freed, before the hub gave
+    it the call queued first, took that worker itself and ran first (in the
+    two-threads cancel test under CI load: a later call ran, so it could not
+    be cancelled). Calls start in the order they were submitted, as the
+    standard library's do."""
+    from parstream._backends.local import _pool
+
+    log = tmp_path / "order"
+    dispatch = _pool.LocalPool._dispatch_queued
+    paused = threading.Event()
+
+    def pausable_dispatch(self: Any) -> None:
+        if not paused.is_set():
+            dispatch(self)
+
+    with parstream.Supervisor(max_workers=1) as ex:
+        assert ex.submit(f.square, 2).result(timeout=30) == 4
+        pool: Any = ex._backend
+        _pool.LocalPool._dispatch_queued = pausable_dispatch  # type: ignore[method-assign]
+        try:
+            busy = ex.submit(time.sleep, 0.3)
+            wait_until(lambda: any(w.state == "busy" for w in pool._workers), 10, "busy")
+            paused.set()  # the hub hands out no queued call for now
+            first = ex.submit(f.append_line, str(log), "first")
+            busy.result(timeout=30)
+            wait_until(lambda: any(w.state == "idle" for w in pool._workers), 10, "idle")
+            second = ex.submit(f.append_line, str(log), "second")
+            time.sleep(0.3)  # (the later call, if it took the free worker, has run)
+        finally:
+            paused.clear()
+            _pool.LocalPool._dispatch_queued = dispatch  # type: ignore[method-assign]
+            pool._wake()
+        first.result(timeout=30)
+        second.result(timeout=30)
+    assert log.read_text().split() == ["first", "second"]

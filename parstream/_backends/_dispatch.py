@@ -205,6 +205,11 @@ class Dispatcher:
             n += 1
         return n
 
+    def any_admitted(self) -> bool:
+        """Whether a queued job could start now (its gate admits it): a new
+        job must not take a free worker ahead of it."""
+        return any(job.gate is None or job.gate.admits() for job in self.queue)
+
     def take(self, *, urgent_only: bool = False) -> Job | None:
         """The first queued job whose gate admits it, taken off the queue;
         with ``urgent_only``, a child's run or nothing."""

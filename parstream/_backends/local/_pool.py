@@ -200,6 +200,9 @@ class LocalPool(MessageHandler):
                     worker is None
                     or (job.gate is not None and not job.gate.admits())
                     or not ((job.urgent and self._reserved) or self._has_room())
+                    # A worker just freed (or ready) that the hub has not yet
+                    # given the queued work: first come, first served.
+                    or (not job.urgent and self._dispatch.queue and self._dispatch.any_admitted())
                 ):
                     self._dispatch.enqueue(job)
                     self._wake()
