@@ -322,6 +322,7 @@ def check_progress(value: Any) -> Any:
         unknown = [k for k in value if not isinstance(k, str) or k not in _tqdm_options()]
         if unknown:
             raise TypeError(f"progress: not a tqdm option: {', '.join(map(repr, unknown))}")
+        _try_bar(value)
         return value
     if isinstance(value, type):
         # tqdm.tqdm itself has update and close too: as an instance it would
@@ -336,6 +337,41 @@ def check_progress(value: Any) -> Any:
         "progress must be True, False, a dict of tqdm options or a tqdm instance, "
         f"got {shown(value)}"
     )
+
+
+def _try_bar(options: dict[str, Any]) -> None:
+    """Draw and close a throwaway text bar with ``options``: tqdm checks most
+    of its options only when it draws, so a bad value (``ncols="x"``) failed
+    at the stream's first ``next()``, naming nothing of ours. The bar writes
+    to memory; ``file`` and the widget's ``display`` are left out."""
+    import io
+    import warnings
+
+    trial = {k: v for k, v in options.items() if k not in ("file", "display", "disable", "gui")}
+    trial.setdefault("total", 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tqdm's own warnings come with the real bar
+            bar = _trial_bar_class()(file=io.StringIO(), **trial)
+            bar.update(1)
+            bar.refresh()
+            bar.close()
+    except Exception as exc:
+        kind = ValueError if isinstance(exc, ValueError) else TypeError
+        raise kind(f"progress: tqdm refused the options {shown(options)}: {exc}") from exc
+
+
+@functools.cache
+def _trial_bar_class() -> Any:
+    """tqdm's text bar, less its finaliser: a bar whose ``__init__`` failed
+    half-way would print an error from ``__del__`` when collected."""
+    from tqdm.std import tqdm
+
+    class TrialBar(tqdm):  # type: ignore[misc]
+        def __del__(self) -> None:
+            pass
+
+    return TrialBar
 
 
 def _tqdm_options() -> frozenset[str]:

@@ -589,6 +589,11 @@ def test_old_sequence_protocol_is_iterable(sup: parstream.Supervisor) -> None:
         ({"buffer_size": 2**80}, ValueError, "buffer_size"),
         # an unknown tqdm option: accepted once, then tqdm failed at the first next()
         ({"progress": {"bogus": 1}}, TypeError, "progress.*bogus"),
+        # a known option with a bad value: tqdm checks it only when it draws
+        ({"progress": {"ncols": "wide"}}, TypeError, "progress.*ncols"),
+        ({"progress": {"total": "abc"}}, TypeError, "progress.*total"),
+        ({"progress": {"position": "x"}}, TypeError, "progress.*position"),
+        ({"progress": {"bar_format": "{nope}"}}, TypeError, "progress.*bar_format"),
     ],
 )
 def test_bad_arguments_raise_at_build(
