@@ -235,3 +235,34 @@ def test_a_late_send_does_not_let_a_chunk_jump_ahead(monkeypatch: pytest.MonkeyP
         go_on_b.set()
         monkeypatch.undo()
         sup.close()
+
+
+def nap_then_pid(x: int) -> tuple[int, int]:
+    time.sleep(0.5)
+    return x, os.getpid()
+
+
+def test_results_of_another_batch_are_never_credited(caplog: pytest.LogCaptureFixture) -> None:
+    """Each flush of results says which batch it is of. Should the pool ever
+    lose track of which batch a worker runs (the swapped chunks fixed above
+    did), the results are not credited to the wrong items: the worker is
+    killed with an error in the log, and the batch runs again whole."""
+    sup = parstream.Supervisor(max_workers=1)
+    pool: Any = sup._backend
+    try:
+        assert sup.async_(abs, -1).await_() == 1
+        task = sup.async_(nap_then_pid, 7)
+        wait_until(lambda: any(w.job is not None for w in pool._workers), 10, "the task sent")
+        with pool._lock:
+            (worker,) = [w for w in pool._workers if w.job is not None]
+            first_pid = worker.pid
+            worker.seq += 1  # the pool's belief, not the worker's
+        with caplog.at_level("ERROR", logger="parstream"):
+            x, pid = task.await_(timeout=30)
+        assert x == 7
+        assert pid != first_pid  # ran again, on the replacement
+        assert "sent the results of batch" in caplog.text
+        assert sup.async_(abs, -2).await_() == 2
+        assert gone(first_pid)
+    finally:
+        sup.close()

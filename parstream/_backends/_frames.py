@@ -6,8 +6,10 @@ them...) is one pickle, which cannot fail; any other value is pickled on its
 own (its classes once per flush), so one that cannot be pickled where it ran,
 or not be unpickled here, fails its own item only, naming its type.
 ``loads_results`` is the inverse. The header carries the item count, whether
-the batch is done, and the runner's clock at the flush (``t_next``, the next
-item's start; meaningful on one host only).
+the batch is done, the runner's clock at the flush (``t_next``, the next
+item's start; meaningful on one host only) and the batch's number as the
+runner read it (``batch_of``), so the receiver can check whose results these
+are before crediting them to anything.
 
 A backend that can move memory beside the frame passes a ``buffer_callback``
 (pickle protocol 5): the buffers it keeps out of band are listed in the frame
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 RESULTS = 2  # the kind byte a frame starts with (the local wire's RESULTS)
-_HEADER = struct.Struct("<BIBd")  # kind, count, flags, t_next
+_HEADER = struct.Struct("<BIBdQ")  # kind, count, flags, t_next, batch
 _DONE = 1  # flags: the batch is done
 HAS_BUFFERS = 2  # flags: out-of-band buffers travel beside this frame
 _FLAGS_AT = 5
@@ -188,6 +190,12 @@ def split_buffers(whole: memoryview, sizes: list[int]) -> list[memoryview]:
     return [whole[offset : offset + n] for offset, n in buffer_layout(sizes)]
 
 
+def batch_of(data: bytes) -> int:
+    """The number of the batch whose results the frame ``data`` holds."""
+    batch: int = _HEADER.unpack_from(data)[4]
+    return batch
+
+
 def has_buffers(data: bytes) -> bool:
     """Whether the frame ``data`` announces out-of-band buffers beside it."""
     return bool(data[_FLAGS_AT] & HAS_BUFFERS)
@@ -314,7 +322,12 @@ def _unpickler(
 
 
 def dumps_results(
-    done: bool, t_next: float, values: list[Any], errors: Errors, collect: Any = None
+    done: bool,
+    t_next: float,
+    values: list[Any],
+    errors: Errors,
+    collect: Any = None,
+    batch: int = 0,
 ) -> bytes:
     """Frame a flush of results, so that each item fails alone, in place.
 
@@ -330,13 +343,14 @@ def dumps_results(
     With ``collect`` (a ``buffer_callback`` keeping the buffers it takes out
     of band in its ``buffers`` list), a sixth field ``(sizes, spans)`` lists
     those buffers' sizes and, per value, the range of them it uses; the
-    caller sends ``collect.buffers`` beside the frame.
+    caller sends ``collect.buffers`` beside the frame. ``batch``: the number
+    of the batch these results are of (``batch_of``).
     """
     flags = _DONE if done else 0
     if not errors:
         data = dumps_plain((values, None, b"", None, None, None))
         if data is not None:
-            return _HEADER.pack(RESULTS, len(values), flags, t_next) + data
+            return _HEADER.pack(RESULTS, len(values), flags, t_next, batch) + data
     plain = list(values)
     packed: list[tuple[int, int, str]] = []
     failed: dict[int, PackedError] = {}
@@ -379,7 +393,7 @@ def dumps_results(
         flags |= HAS_BUFFERS
         oob = ([b.nbytes for b in collect.buffers], spans)
     frame = (plain, packed, packer.buf.getvalue(), packer.table(), failed, oob)
-    return _HEADER.pack(RESULTS, len(values), flags, t_next) + pickle.dumps(frame, PROTOCOL)
+    return _HEADER.pack(RESULTS, len(values), flags, t_next, batch) + pickle.dumps(frame, PROTOCOL)
 
 
 def loads_results(
@@ -389,7 +403,7 @@ def loads_results(
     rebuilt fails its own item, with its type's name in the message.
     ``buffers`` holds the frame's out-of-band buffers (``HAS_BUFFERS``), laid
     out by ``buffer_layout``; ``None`` if they could not be received."""
-    _, count, flags, t_next = _HEADER.unpack_from(data)
+    _, count, flags, t_next, _ = _HEADER.unpack_from(data)
     done = flags & _DONE
     try:
         values, packed, blob, table, errors, oob = pickle.loads(memoryview(data)[_HEADER.size :])

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from parstream._backends._dispatch import run_of
-from parstream._backends.local import _wire
+from parstream._backends.local import _spawn, _wire
 
 if TYPE_CHECKING:
     import threading
@@ -140,7 +140,11 @@ class MessageHandler:
         del buffers  # the mapping now lives as long as the values viewing it
         worker.unconfirmed.clear()  # its function loaded (or FORGET came first)
         job = worker.job
-        if job is None:
+        if job is None or worker.confused:
+            return
+        batch = _wire.batch_of(data)
+        if batch != worker.seq:
+            self._misattributed(worker, batch)
             return
         count = len(values)
         if count:
@@ -152,6 +156,25 @@ class MessageHandler:
             with self._lock:
                 self._slice_done(worker, job)
             self._after_idle(worker)
+
+    def _misattributed(self, worker: LocalWorker, batch: int) -> None:
+        """Results of another batch than the one the pool believes the worker
+        runs: a bug of ours, never to be credited to the wrong items. They
+        are dropped, and the worker is killed as if it had crashed: its slot
+        says it did not begin the pool's batch, which runs again whole from
+        its first undelivered item, as does the one queued behind it."""
+        log.error(
+            "parstream internal error: worker %s sent the results of batch %d "
+            "while the pool had it running batch %d; killing it, and its batches "
+            "run again",
+            worker.pid,
+            batch,
+            worker.seq,
+        )
+        with self._lock:
+            worker.confused = True
+            if not worker.exited:
+                _spawn.kill_tree(worker.pid)
 
 
 def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryview | None:

@@ -169,6 +169,9 @@ class LocalWorker:
     # delivered a slice given to the worker since (see ``delivered``).
     sent: int = 0
     pipe_room: int = 0  # the largest batch sent behind a running one (0: none)
+    # It sent the results of a batch the pool did not have it running (a bug
+    # of ours): killed, and nothing more it sends is credited to anything.
+    confused: bool = False
     # Functions sent with a batch that has not answered yet: none is sent
     # behind such a batch, whose worker may yet fail to load it (FORGET).
     unconfirmed: set[bytes] = field(default_factory=set)

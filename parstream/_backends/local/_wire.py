@@ -51,6 +51,7 @@ from parstream._backends._frames import (
     RESULTS as RESULTS,
     Collector as Collector,
     Errors as Errors,
+    batch_of as batch_of,
     dumps_results as dumps_results,
     has_buffers as has_buffers,
     loads_results as loads_results,

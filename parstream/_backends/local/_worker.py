@@ -324,11 +324,12 @@ class _Runner:
         # lands in the right notebook cell and survives a kill right after.
         _flush_std()
         now = time.monotonic()
+        batch = self.words[SEQ]  # the parent checks whose results these are
         if self.fdchan is None:
-            self.send(_wire.dumps_results(done, now, values, errors))
+            self.send(_wire.dumps_results(done, now, values, errors, batch=batch))
             return
         collect = _wire.Collector()
-        frame = _wire.dumps_results(done, now, values, errors, collect)
+        frame = _wire.dumps_results(done, now, values, errors, collect, batch)
         if not collect.buffers:
             self.send(frame)
             return
@@ -339,7 +340,7 @@ class _Runner:
         try:
             fd, block_id = self.outgoing.pack(collect.buffers)
         except OSError:  # out of memory or descriptors: all through the pipe
-            self.send(_wire.dumps_results(done, now, values, errors))
+            self.send(_wire.dumps_results(done, now, values, errors, batch=batch))
             return
         del collect
         try:
