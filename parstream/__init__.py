@@ -166,8 +166,37 @@ def _note_fork() -> None:
             _forked_with_ray = True
 
 
+# A module another thread is importing at os.fork() stays locked in the child
+# for good (its lock's owner does not exist there), and the child hangs at its
+# first import of it. parstream imports much on first use, on the caller's
+# thread and on the hub's (a thread's first ``parstream.map`` as the main
+# thread forked hung the child at its own first call), and so do many
+# libraries: a fork waits, a bounded while, for other threads' imports to end.
+FORK_IMPORT_WAIT_S = 5.0
+
+
+def _let_imports_finish() -> None:
+    import _thread
+    import time
+
+    bootstrap = sys.modules.get("_frozen_importlib") or sys.modules.get("importlib._bootstrap")
+    locks = getattr(bootstrap, "_module_locks", None)
+    if not isinstance(locks, dict):  # pragma: no cover - another importlib
+        return
+    me = _thread.get_ident()
+    deadline = time.monotonic() + FORK_IMPORT_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            owners = [getattr(ref(), "owner", None) for ref in list(locks.values())]
+        except Exception:  # changed size meanwhile (a finished import's callback)
+            continue
+        if all(owner is None or owner == me for owner in owners):
+            return
+        time.sleep(0.001)  # (releases the GIL: the importing thread goes on)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_note_fork)
+    os.register_at_fork(before=_let_imports_finish, after_in_child=_note_fork)
 
 
 def __getattr__(name: str) -> typing.Any:

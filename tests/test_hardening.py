@@ -1334,3 +1334,70 @@ def test_a_crashed_hub_leaves_no_group_with_the_reaper(monkeypatch: pytest.Monke
         assert pool._close_done
         assert not pids & _reaper._groups
         monkeypatch.undo()
+
+
+FORK_DURING_FIRST_CALL = """
+import importlib.machinery, os, signal, sys, threading, time
+import parstream
+
+inside = threading.Event()
+
+
+class SlowLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        inside.set()
+        time.sleep(0.5)  # the first call's import, which the fork lands in
+        self.loader.exec_module(module)
+
+
+class SlowFinder:
+    def find_spec(self, name, path=None, target=None):
+        if name != "parstream._api":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = SlowLoader(spec.loader)
+        return spec
+
+
+sys.meta_path.insert(0, SlowFinder())
+
+
+def first_call():
+    assert list(parstream.map(abs, [-1, -2])) == [1, 2]
+
+
+thread = threading.Thread(target=first_call)
+thread.start()
+assert inside.wait(30)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)
+    ok = list(parstream.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
+    parstream.default_supervisor().close()
+    os._exit(0 if ok else 3)
+thread.join(60)
+parstream.default_supervisor().close()
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_fork_during_another_threads_first_call_does_not_hang_the_child() -> None:
+    """parstream imports its engine on first use. A thread's first
+    ``parstream.map``, caught half-way through those imports by the main
+    thread's ``os.fork()``, left their module locks held in the child by a
+    thread that does not exist there: the child's own first call hung for
+    good. A fork now waits for other threads' imports to end."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_DURING_FIRST_CALL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "child 0", (proc.stdout, proc.stderr)  # not -14: SIGALRM
