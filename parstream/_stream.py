@@ -574,17 +574,31 @@ class _Spans:
     generator's do (a loop skipping failed items would never end).
     """
 
-    __slots__ = ("__weakref__", "_current", "_ends", "_gen", "_lock", "_tb", "ended", "failure")
+    __slots__ = (
+        "__weakref__",
+        "_current",
+        "_ends",
+        "_fetcher",
+        "_gen",
+        "_lock",
+        "_state",
+        "_tb",
+        "ended",
+        "failure",
+    )
 
     def __init__(
         self,
         gen: Generator[list[Any], None, None],
         ends: Callable[[BaseException], bool] | None = None,
+        state: _State | None = None,
     ) -> None:
         self._gen = gen
         self._current: Iterator[Any] = iter(())
         self._lock = threading.Lock()
         self._ends = ends
+        self._state = state  # (whose feeder thread must not wait on this stream)
+        self._fetcher: int | None = None  # the thread running the generator
         self.failure: BaseException | None = None
         self._tb: TracebackType | None = None
         self.ended = False
@@ -608,6 +622,14 @@ class _Spans:
         current = self._current
         if length_hint(current):
             return current
+        me = threading.get_ident()
+        feeder = self._state.feeder if self._state is not None else None
+        if self._fetcher == me or (feeder is not None and feeder.thread.ident == me):
+            # The stream's own input iterates it (on the consumer's thread, or
+            # on the feeder's): it would wait for itself for ever. Raised in
+            # the input, it ends the stream as the input's error, as a
+            # generator that runs itself gets "generator already executing".
+            raise ValueError("a stream's input iterated the stream itself")
         with self._lock:
             current = self._current
             if length_hint(current):  # fetched by another thread meanwhile
@@ -616,6 +638,7 @@ class _Spans:
                 if self.ended:
                     raise StopIteration
                 raise self.failure.with_traceback(self._tb)
+            self._fetcher = me
             try:
                 span = next(self._gen)
             except StopIteration:
@@ -624,6 +647,8 @@ class _Spans:
                 self.failure, self._tb = exc, exc.__traceback__
                 self.ended = self._ends is not None and self._ends(exc)
                 raise
+            finally:
+                self._fetcher = None
             current = self._current = iter(span)
             return current
 
@@ -676,7 +701,7 @@ class Stream(Iterator["Ok[T] | Exit"], Generic[T]):
         # The generator holds the Supervisor (and its workers) alive until the
         # stream ends, fails or is closed: not for as long as this object.
         self._spans = _spans_of(state, owner, records=True)
-        self._chains = _Chains(_Spans(self._spans))
+        self._chains = _Chains(_Spans(self._spans, state=state))
 
     def __iter__(self) -> Iterator[Ok[T] | Exit]:
         # The items at C speed: no Python-level __next__ per item. The empty
@@ -759,7 +784,7 @@ class _Values(Iterator[T]):
     def __init__(self, spans: Generator[list[Any], None, None], state: _State) -> None:
         self._spans = spans
         self._state = state
-        self._chains = _Chains(_Spans(spans, state.ends_iteration))
+        self._chains = _Chains(_Spans(spans, state.ends_iteration, state))
 
     def __iter__(self) -> Iterator[T]:
         return self._chains.live()

@@ -474,3 +474,24 @@ def test_a_list_input_ends_where_its_iterator_would() -> None:
     control_list.append(10)
     control += itertools.islice(it, 2)  # the iterator has ended: nothing
     assert seen == control == [0]
+
+
+@pytest.mark.parametrize("build", ["async_stream", "stream_map"])
+def test_an_input_that_iterates_its_own_stream_fails_instead_of_hanging(
+    sup: parstream.Supervisor, build: str
+) -> None:
+    """An input generator that (by mistake) iterates the stream it feeds
+    waited, on the feeder's thread, for the consumer, which waited for it:
+    for ever. It now gets a ``ValueError``, the stream's input error (as a
+    generator that runs itself gets "generator already executing")."""
+    holder: dict[str, Any] = {}
+
+    def feeds_on_itself() -> Iterator[int]:
+        yield -1
+        yield from holder["stream"]
+
+    stream = holder["stream"] = getattr(sup, build)(abs, feeds_on_itself())
+    first = next(stream)
+    assert (value(first) if build == "async_stream" else first) == 1
+    with pytest.raises(ValueError, match="iterated the stream itself"):
+        next(stream)
