@@ -382,6 +382,9 @@ def test_bad_ray_backend_arguments_fail_at_call_time(ray_cluster: RayCluster) ->
             parstream.RayBackend(num_cpus_per_task=cpus)
     with pytest.raises(ValueError, match="max_memory_per_worker"):
         parstream.Supervisor(backend="ray", max_memory_per_worker=10**9)
+    # Named as the user wrote it: ProcessPoolExecutor's name too.
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        parstream.Supervisor(backend="ray", max_tasks_per_child=5)
 
 
 # -- regressions from the hostile review ----------------------------------------------

@@ -89,9 +89,13 @@ class RayBackend:
             raise ValueError(f"num_cpus_per_task must be a finite number >= 0, got {cpus}")
 
     def open(self, settings: Settings) -> Backend:
-        for option in ("max_tasks_per_worker", "max_memory_per_worker"):
+        for option, named in (
+            # (the first under either of its names: ProcessPoolExecutor's too)
+            ("max_tasks_per_worker", "max_tasks_per_worker (max_tasks_per_child)"),
+            ("max_memory_per_worker", "max_memory_per_worker"),
+        ):
             if getattr(settings, option) is not None:
-                raise ValueError(f"{option} is not supported by the ray backend")
+                raise ValueError(f"{named} is not supported by the ray backend")
         try:
             import ray
         except ImportError as exc:  # pragma: no cover - the extra is missing
