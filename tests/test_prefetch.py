@@ -9,6 +9,7 @@ once; a stream closed meanwhile runs none of it.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -266,3 +267,40 @@ def test_results_of_another_batch_are_never_credited(caplog: pytest.LogCaptureFi
         assert gone(first_pid)
     finally:
         sup.close()
+
+
+def held_until_released(marker: str, i: int) -> str:
+    """Item 5 waits for ``marker`` (a file the consumer makes once it has the
+    results finished before it); every other item returns at once."""
+    if i != 5:
+        return f"item {i}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if os.path.exists(marker):
+            return "released"
+        time.sleep(0.01)
+    return "gave up: its batch-mates' results never came"
+
+
+@pytest.mark.parametrize("timeout", [None, 60])
+def test_a_slow_item_does_not_hold_back_what_finished_before_it(
+    tmp_path: Path, timeout: float | None
+) -> None:
+    """The items of a batch that finished before a slow one reach the parent
+    while it runs: its worker's ticker sends them (an early flush), and the
+    batch's own flush later repeats them, taken once. Before, they came only
+    when the slow item ended, so a consumer waiting for them waited for it."""
+    marker = str(tmp_path / "go")
+    fn = functools.partial(held_until_released, marker)
+    before = {f"item {k}" for k in range(5)}
+    got: list[str] = []
+    with parstream.Supervisor(max_workers=2) as sup:
+        stream = sup.async_stream(
+            fn, range(20), ordered=False, chunksize=10, max_concurrency=2, timeout=timeout
+        )
+        for r in stream:
+            got.append(value(r))
+            if before <= set(got):
+                Path(marker).touch()
+    expected = [f"item {k}" for k in range(20) if k != 5] + ["released"]
+    assert sorted(got) == sorted(expected)

@@ -7,9 +7,12 @@ own (its classes once per flush), so one that cannot be pickled where it ran,
 or not be unpickled here, fails its own item only, naming its type.
 ``loads_results`` is the inverse. The header carries the item count, whether
 the batch is done, the runner's clock at the flush (``t_next``, the next
-item's start; meaningful on one host only) and the batch's number as the
+item's start; meaningful on one host only), the batch's number as the
 runner read it (``batch_of``), so the receiver can check whose results these
-are before crediting them to anything.
+are before crediting them to anything, and the position in the batch of the
+first result (``base_of``). ``EARLY`` marks a flush sent while an item still
+runs, of results a later flush sends again (``is_early``): the receiver
+takes each result once, by position.
 
 A backend that can move memory beside the frame passes a ``buffer_callback``
 (pickle protocol 5): the buffers it keeps out of band are listed in the frame
@@ -39,9 +42,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 RESULTS = 2  # the kind byte a frame starts with (the local wire's RESULTS)
-_HEADER = struct.Struct("<BIBdQ")  # kind, count, flags, t_next, batch
+_HEADER = struct.Struct("<BIBdQQ")  # kind, count, flags, t_next, batch, base
 _DONE = 1  # flags: the batch is done
 HAS_BUFFERS = 2  # flags: out-of-band buffers travel beside this frame
+EARLY = 4  # flags: sent while an item runs; a later flush repeats these results
 _FLAGS_AT = 5
 BUFFER_ALIGN = 64
 OOB_MIN_BYTES = 128 * 1024  # smaller buffers cost less in the pickle than beside it
@@ -196,6 +200,17 @@ def batch_of(data: bytes) -> int:
     return batch
 
 
+def base_of(data: bytes) -> int:
+    """The position in its batch of the first result the frame ``data`` holds."""
+    base: int = _HEADER.unpack_from(data)[5]
+    return base
+
+
+def is_early(data: bytes) -> bool:
+    """Whether the frame ``data`` was sent while an item ran (``EARLY``)."""
+    return bool(data[_FLAGS_AT] & EARLY)
+
+
 def has_buffers(data: bytes) -> bool:
     """Whether the frame ``data`` announces out-of-band buffers beside it."""
     return bool(data[_FLAGS_AT] & HAS_BUFFERS)
@@ -328,6 +343,8 @@ def dumps_results(
     errors: Errors,
     collect: Any = None,
     batch: int = 0,
+    base: int = 0,
+    early: bool = False,
 ) -> bytes:
     """Frame a flush of results, so that each item fails alone, in place.
 
@@ -344,13 +361,15 @@ def dumps_results(
     of band in its ``buffers`` list), a sixth field ``(sizes, spans)`` lists
     those buffers' sizes and, per value, the range of them it uses; the
     caller sends ``collect.buffers`` beside the frame. ``batch``: the number
-    of the batch these results are of (``batch_of``).
+    of the batch these results are of (``batch_of``); ``base``: the first
+    one's position in it (``base_of``); ``early``: see ``EARLY`` (a value
+    that cannot be pickled then raises, rather than failing its item).
     """
-    flags = _DONE if done else 0
+    flags = (_DONE if done else 0) | (EARLY if early else 0)
     if not errors:
         data = dumps_plain((values, None, b"", None, None, None))
         if data is not None:
-            return _HEADER.pack(RESULTS, len(values), flags, t_next, batch) + data
+            return _HEADER.pack(RESULTS, len(values), flags, t_next, batch, base) + data
     plain = list(values)
     packed: list[tuple[int, int, str]] = []
     failed: dict[int, PackedError] = {}
@@ -377,6 +396,8 @@ def dumps_results(
         try:
             end = packer.add(value)
         except BaseException as cause:
+            if early:
+                raise  # all or nothing: the batch's own flush reports it
             err = pickle.PicklingError(
                 f"the task's result ({name}) could not be pickled "
                 f"to send it back from the worker: {cause!r}"
@@ -393,7 +414,8 @@ def dumps_results(
         flags |= HAS_BUFFERS
         oob = ([b.nbytes for b in collect.buffers], spans)
     frame = (plain, packed, packer.buf.getvalue(), packer.table(), failed, oob)
-    return _HEADER.pack(RESULTS, len(values), flags, t_next, batch) + pickle.dumps(frame, PROTOCOL)
+    head = _HEADER.pack(RESULTS, len(values), flags, t_next, batch, base)
+    return head + pickle.dumps(frame, PROTOCOL)
 
 
 def loads_results(
@@ -403,7 +425,7 @@ def loads_results(
     rebuilt fails its own item, with its type's name in the message.
     ``buffers`` holds the frame's out-of-band buffers (``HAS_BUFFERS``), laid
     out by ``buffer_layout``; ``None`` if they could not be received."""
-    _, count, flags, t_next, _ = _HEADER.unpack_from(data)
+    _, count, flags, t_next, _, _ = _HEADER.unpack_from(data)
     done = flags & _DONE
     try:
         values, packed, blob, table, errors, oob = pickle.loads(memoryview(data)[_HEADER.size :])

@@ -143,33 +143,48 @@ class MessageHandler:
         if job is None or worker.confused:
             return
         batch = _wire.batch_of(data)
+        early = _wire.is_early(data)
         if batch != worker.seq:
-            self._misattributed(worker, batch)
+            if not early:  # (an early flush may come after its batch's last one)
+                self._misattributed(worker, f"the results of batch {batch}")
             return
+        # Each result once, by its position in the batch: an early flush (sent
+        # while a slow item ran) and the batch's own next flush overlap.
+        run = run_of(job)
+        skip = run.cursor - run.slice_start - _wire.base_of(data)
+        if skip < 0:
+            self._misattributed(worker, f"results from position {_wire.base_of(data)}")
+            return
+        if values and not early:
+            worker.item_started = t_next  # the worker's clock: the next item's start
+        if skip:
+            values = values[skip:]
+            errors = {i - skip: e for i, e in errors.items() if i >= skip}
         count = len(values)
         if count:
             with self._lock:
                 worker.items_done += count
                 self._dispatch.deliver(job, values, errors)
-            worker.item_started = t_next  # the worker's clock: the next item's start
         if done:
             with self._lock:
                 self._slice_done(worker, job)
             self._after_idle(worker)
 
-    def _misattributed(self, worker: LocalWorker, batch: int) -> None:
-        """Results of another batch than the one the pool believes the worker
-        runs: a bug of ours, never to be credited to the wrong items. They
-        are dropped, and the worker is killed as if it had crashed: its slot
-        says it did not begin the pool's batch, which runs again whole from
-        its first undelivered item, as does the one queued behind it."""
+    def _misattributed(self, worker: LocalWorker, what: str) -> None:
+        """Results the pool cannot place: of another batch than the one it
+        believes the worker runs, or past a gap. A bug of ours, never to be
+        credited to the wrong items: they are dropped, and the worker is
+        killed as if it had crashed. Its slot says whether it began the
+        pool's batch; what it did not report runs again, as does the batch
+        queued behind it."""
         log.error(
-            "parstream internal error: worker %s sent the results of batch %d "
-            "while the pool had it running batch %d; killing it, and its batches "
-            "run again",
+            "parstream internal error: worker %s sent %s while the pool had it "
+            "running batch %d from position %d; killing it, and what it did not "
+            "report runs again",
             worker.pid,
-            batch,
+            what,
             worker.seq,
+            run_of(worker.job).cursor - run_of(worker.job).slice_start if worker.job else 0,
         )
         with self._lock:
             worker.confused = True

@@ -85,6 +85,29 @@ PARENT_POLL_S = 0.25
 # About 3x the stream's chunk target (issue 8, item 10).
 BATCH_BUDGET_S = 0.06
 TINY_STEP = 32  # tiny items run from C this many at a time; a crash is placed within one step
+# An item running this long past the last flush: the ticker sends what its
+# batch-mates finished before it (``_Live``), not held back until it ends.
+EARLY_AFTER_S = 2 * FLUSH_INTERVAL_S
+
+
+class _Live:
+    """A running batch's results since its last flush, for the ticker thread:
+    the main loop's own list and dict (they grow as items finish; an error
+    is set before its item's place is appended), the first one's position
+    in the batch, the batch's number, when the flush was, and how many of
+    them the ticker has sent early. Replaced at every flush."""
+
+    __slots__ = ("base", "batch", "errors", "sent", "since", "values")
+
+    def __init__(
+        self, values: list[Any], errors: _wire.Errors, base: int, batch: int, since: float
+    ) -> None:
+        self.values = values
+        self.errors = errors
+        self.base = base
+        self.batch = batch
+        self.since = since
+        self.sent = 0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -275,6 +298,7 @@ class _Runner:
         self.check = [1]
         self.batch_running = threading.Event()
         self.ticker: threading.Thread | None = None
+        self.live: _Live | None = None  # what the ticker may send early
         # Log records go to the parent once logging is imported (at once if
         # it is); the root logger then takes the parent's level, as each
         # batch says it.
@@ -318,6 +342,7 @@ class _Runner:
             self.conn.send_bytes(data)
 
     def send_results(self, values: list[Any], errors: _wire.Errors, done: bool) -> None:
+        """The results of the batch's items ``position - len(values)`` on."""
         if _FORKED[0]:
             _leave_forked_child()
         # Output first: what an item printed is out before its result is, so it
@@ -325,11 +350,12 @@ class _Runner:
         _flush_std()
         now = time.monotonic()
         batch = self.words[SEQ]  # the parent checks whose results these are
+        base = self.position - len(values)
         if self.fdchan is None:
-            self.send(_wire.dumps_results(done, now, values, errors, batch=batch))
+            self.send(_wire.dumps_results(done, now, values, errors, batch=batch, base=base))
             return
         collect = _wire.Collector()
-        frame = _wire.dumps_results(done, now, values, errors, collect, batch)
+        frame = _wire.dumps_results(done, now, values, errors, collect, batch, base)
         if not collect.buffers:
             self.send(frame)
             return
@@ -340,7 +366,7 @@ class _Runner:
         try:
             fd, block_id = self.outgoing.pack(collect.buffers)
         except OSError:  # out of memory or descriptors: all through the pipe
-            self.send(_wire.dumps_results(done, now, values, errors, batch=batch))
+            self.send(_wire.dumps_results(done, now, values, errors, batch=batch, base=base))
             return
         del collect
         try:
@@ -446,6 +472,7 @@ class _Runner:
             # The function cannot be rebuilt here: every item fails with that
             # cause, and the worker stays healthy.
             err = _failure(exc)
+            self.position = count
             self.send_results([None] * count, dict.fromkeys(range(count), err), True)
             return
         if report_each and data is not None:
@@ -544,6 +571,10 @@ class _Runner:
         now = last = started = clock()
         total = len(items)
         forked = _FORKED
+        batch = words[SEQ]
+        if total > 1:
+            self.live = _Live(values, errors, 0, batch, time.monotonic())
+            self.start_ticker()
         for begun, args in enumerate(items, 1):
             words[STARTED] = now  # before BEGUN: see Slot.started
             words[BEGUN] = begun
@@ -579,8 +610,11 @@ class _Runner:
                 append = values.append
                 slot.journal_reset(done)
                 now = last = clock()
+                self.live = _Live(values, errors, done, batch, time.monotonic())
             if begun < total and now - started >= budget:
                 break  # over budget: the rest goes back unrun
+        self.live = None
+        self.batch_running.clear()
         self.position = done + len(values)
         self.send_results(values, errors, True)
 
@@ -595,6 +629,41 @@ class _Runner:
             self.batch_running.wait()
             time.sleep(FLUSH_INTERVAL_S)
             self.check[0] = 0
+            live = self.live
+            if live is not None and time.monotonic() - live.since >= EARLY_AFTER_S:
+                self.send_early(live)
+
+    def send_early(self, live: _Live) -> None:
+        """On the ticker's thread, while an item runs on past the interval:
+        what its batch-mates finished since the last flush goes now, not when
+        the slow one ends (a later flush sends them again; the parent takes
+        each result once, by position). Only through the pipe: skipped when
+        a result has large buffers (the batch's own flush sends them through
+        shared memory), or cannot be pickled now."""
+        sent, n = live.sent, len(live.values)
+        if n <= sent or _FORKED[0]:
+            return
+        values = live.values[sent:n]
+        collect = _wire.Collector()
+        try:
+            errors = {i - sent: e for i, e in dict(live.errors).items() if sent <= i < n}
+            frame = _wire.dumps_results(
+                False,
+                time.monotonic(),
+                values,
+                errors,
+                collect,
+                batch=live.batch,
+                base=live.base + sent,
+                early=True,
+            )
+        except BaseException:  # a value changed under us, say: the batch's flush sends it
+            return
+        if collect.buffers:
+            return
+        _flush_std()
+        self.send(frame)
+        live.sent = n
 
     def run_flushing(self, call: Any, items: list[Any], journal_first: bool = True) -> bool:
         """Results go back every ``FLUSH_INTERVAL_S`` and at the end.
@@ -636,6 +705,8 @@ class _Runner:
         last = started = monotonic()
         done = 0  # items finished in earlier flushes
         words = self.words
+        batch = words[SEQ]
+        self.live = _Live(values, errors, 0, batch, started)
         slot = self.slot
         keep = slot is not None and journal_first  # journal (and mark one by one)?
         journal = slot.journal_value if slot is not None else None
@@ -724,6 +795,7 @@ class _Runner:
                 values, errors = [], {}
                 append = values.append
                 last = now
+                self.live = _Live(values, errors, done, batch, now)
                 check[0] = stride
                 full = False
                 if slot is not None:
@@ -751,6 +823,7 @@ class _Runner:
                             check[0] = 0
                             break
             self.position = done + len(values)
+        self.live = None
         self.batch_running.clear()
         self.position = done + len(values)
         self.send_results(values, errors, True)
