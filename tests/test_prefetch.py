@@ -304,3 +304,31 @@ def test_a_slow_item_does_not_hold_back_what_finished_before_it(
                 Path(marker).touch()
     expected = [f"item {k}" for k in range(20) if k != 5] + ["released"]
     assert sorted(got) == sorted(expected)
+
+
+class SlowToUnpickle:
+    """An argument whose unpickling, in the worker, takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (time.sleep, (self.seconds,))
+
+
+def nap(x: float | None) -> float | None:
+    if x:
+        time.sleep(x)
+    return x
+
+
+def test_an_early_flush_does_not_start_the_running_items_clock_early() -> None:
+    """The early flush moves the pool's count on to the running item; its
+    timeout must still count from its own start, not from the batch's
+    (which here includes a slow unpickling). It was killed at 2 s of the
+    batch, 0.8 s into a 1.2 s item with a 2 s timeout."""
+    with parstream.Supervisor(max_workers=1) as sup:
+        stream = sup.async_stream(
+            nap, [SlowToUnpickle(1.2), 1.2], timeout=2, chunksize=2, max_concurrency=1
+        )
+        assert [value(r) for r in stream] == [None, 1.2]

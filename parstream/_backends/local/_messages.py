@@ -174,13 +174,13 @@ class MessageHandler:
         """Results the pool cannot place: of another batch than the one it
         believes the worker runs, or past a gap. A bug of ours, never to be
         credited to the wrong items: they are dropped, and the worker is
-        killed as if it had crashed. Its slot says whether it began the
-        pool's batch; what it did not report runs again, as does the batch
-        queued behind it."""
+        killed, a crash as any other: if its slot says it began the pool's
+        batch, the item it ran fails with ``WorkerCrashed`` and what it
+        finished unjournaled is reported lost; else the batch runs again
+        whole. The batch queued behind it runs again."""
         log.error(
             "parstream internal error: worker %s sent %s while the pool had it "
-            "running batch %d from position %d; killing it, and what it did not "
-            "report runs again",
+            "running batch %d from position %d; killing it as a crash",
             worker.pid,
             what,
             worker.seq,

@@ -1138,8 +1138,11 @@ def _overrunning(worker: LocalWorker, job: Job, timeout: float, now: float) -> i
     if seq != worker.seq or window is not None:
         return run.cursor
     position = run.slice_start + begun - 1
-    if position <= run.cursor:
+    if position < run.cursor:
         return run.cursor
+    # The item running (the one the hub knows, or a later one): its own
+    # start, not ``item_started``, which an early flush (``send_early``)
+    # leaves at an earlier item's.
     since = slot.started()
     if now < since + timeout:
         worker.item_started = since

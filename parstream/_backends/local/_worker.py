@@ -97,7 +97,7 @@ class _Live:
     in the batch, the batch's number, when the flush was, and how many of
     them the ticker has sent early. Replaced at every flush."""
 
-    __slots__ = ("base", "batch", "errors", "sent", "since", "values")
+    __slots__ = ("base", "batch", "errors", "given_up", "sent", "since", "values")
 
     def __init__(
         self, values: list[Any], errors: _wire.Errors, base: int, batch: int, since: float
@@ -108,6 +108,7 @@ class _Live:
         self.batch = batch
         self.since = since
         self.sent = 0
+        self.given_up = False  # a result could not go early: none of this record does
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -641,7 +642,7 @@ class _Runner:
         a result has large buffers (the batch's own flush sends them through
         shared memory), or cannot be pickled now."""
         sent, n = live.sent, len(live.values)
-        if n <= sent or _FORKED[0]:
+        if n <= sent or live.given_up or _FORKED[0]:
             return
         values = live.values[sent:n]
         collect = _wire.Collector()
@@ -658,8 +659,10 @@ class _Runner:
                 early=True,
             )
         except BaseException:  # a value changed under us, say: the batch's flush sends it
-            return
+            live.given_up = True  # (not pickled again every interval; nothing after it
+            return  # goes early either: the parent takes results in order)
         if collect.buffers:
+            live.given_up = True
             return
         _flush_std()
         self.send(frame)
