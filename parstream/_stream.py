@@ -624,7 +624,10 @@ class _Spans:
             return current
         me = threading.get_ident()
         feeder = self._state.feeder if self._state is not None else None
-        if self._fetcher == me or (feeder is not None and feeder.thread.ident == me):
+        if self._fetcher == me or (
+            # (the thread itself: a finished feeder's id may be a new thread's)
+            feeder is not None and feeder.thread is threading.current_thread()
+        ):
             # The stream's own input iterates it (on the consumer's thread, or
             # on the feeder's): it would wait for itself for ever. Raised in
             # the input, it ends the stream as the input's error, as a

@@ -495,3 +495,32 @@ def test_an_input_that_iterates_its_own_stream_fails_instead_of_hanging(
     assert (value(first) if build == "async_stream" else first) == 1
     with pytest.raises(ValueError, match="iterated the stream itself"):
         next(stream)
+
+
+def test_a_new_thread_with_a_finished_feeders_id_may_iterate_the_stream() -> None:
+    """Thread ids are reused: a thread made after the feeder ended (its input
+    spent) may get the feeder's id, and was taken for the feeder iterating
+    its own stream (``ValueError``)."""
+
+    def spent() -> Iterator[int]:
+        yield from range(4)
+
+    with parstream.Supervisor(max_workers=2) as sup:
+        stream = sup.stream_map(sleep_ret, (0.25 * i for i in spent()))
+        assert next(stream) == 0
+        feeder = stream._state.feeder
+        assert feeder is not None
+        feeder.thread.join(10)  # the input is spent: the feeder ended
+        ids: list[int] = []
+        out: list[Any] = []
+
+        def consume() -> None:
+            ids.append(threading.get_ident())
+            out.extend(stream)
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        thread.join(30)
+        assert out == [0.25, 0.5, 0.75]
+    if ids != [feeder.thread.ident]:
+        pytest.skip("this C library gave the new thread another id: nothing was shown")
