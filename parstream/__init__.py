@@ -172,7 +172,7 @@ def _note_fork() -> None:
 # thread and on the hub's (a thread's first ``parstream.map`` as the main
 # thread forked hung the child at its own first call), and so do many
 # libraries: a fork waits, a bounded while, for other threads' imports to end.
-FORK_IMPORT_WAIT_S = 5.0
+FORK_IMPORT_WAIT_S = 2.0
 
 
 def _let_imports_finish() -> None:
@@ -196,6 +196,12 @@ def _let_imports_finish() -> None:
 
 
 if hasattr(os, "register_at_fork"):
+    if not getattr(sys, "_parstream_worker", False):  # (set by a worker's boot)
+        # logging's own before-fork hook takes logging's lock. Registered
+        # first, it runs after this one (before-hooks run newest first), so
+        # the wait never holds that lock against an import that logs (most
+        # do: ``getLogger`` at module level), which would stall every fork.
+        import logging  # noqa: F401
     os.register_at_fork(before=_let_imports_finish, after_in_child=_note_fork)
 
 

@@ -1401,3 +1401,49 @@ def test_a_fork_during_another_threads_first_call_does_not_hang_the_child() -> N
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "child 0", (proc.stdout, proc.stderr)  # not -14: SIGALRM
+
+
+FORK_DURING_AN_IMPORT_THAT_LOGS = """
+import os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import parstream
+import logging  # imported after parstream: its before-fork hook registered later
+
+started = threading.Event()
+thread = threading.Thread(target=lambda: (started.set(), __import__("slow_logging_module")))
+thread.start()
+started.wait(10)
+time.sleep(0.1)  # the import is under way
+pid = os.fork()
+if pid == 0:
+    module = sys.modules.get("slow_logging_module")
+    os._exit(0 if getattr(module, "log", None) is not None else 1)
+thread.join(30)
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_fork_waits_for_an_import_that_logs(tmp_path: Path) -> None:
+    """The wait for other threads' imports runs before logging's own
+    before-fork hook, which takes logging's lock: the other way round, an
+    import that calls ``logging.getLogger`` (most do) waited for the forking
+    thread, which waited for it, and every such fork stalled for the whole
+    bound and left the child a half-imported module."""
+    (tmp_path / "slow_logging_module.py").write_text(
+        "import logging, time\ntime.sleep(0.5)\nlog = logging.getLogger(__name__)\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore::DeprecationWarning",
+            "-c",
+            FORK_DURING_AN_IMPORT_THAT_LOGS,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "child 0", (proc.stdout, proc.stderr)

@@ -57,6 +57,7 @@ BOOT = (
     "except (EOFError,_pickle.UnpicklingError): os._exit(70)\n"  # the parent died mid-way
     "sys.path[:]=d['path']\n"
     "os.chdir(d['cwd'])\n"
+    "sys._parstream_worker=True\n"  # (parstream/__init__.py: not the parent's fork set-up)
     "from parstream._backends.local._worker import boot\n"
     "boot(d)\n"
 )
