@@ -343,11 +343,13 @@ def _try_bar(options: dict[str, Any]) -> None:
     """Draw and close a throwaway text bar with ``options``: tqdm checks most
     of its options only when it draws, so a bad value (``ncols="x"``) failed
     at the stream's first ``next()``, naming nothing of ours. The bar writes
-    to memory; ``file`` and the widget's ``display`` are left out."""
+    to memory; ``file`` (and ``write_bytes``, which goes with it) and the
+    widget's ``display`` are left out."""
     import io
     import warnings
 
-    trial = {k: v for k, v in options.items() if k not in ("file", "display", "disable", "gui")}
+    left_out = ("file", "write_bytes", "display", "disable", "gui")
+    trial = {k: v for k, v in options.items() if k not in left_out}
     trial.setdefault("total", 2)
     try:
         with warnings.catch_warnings():

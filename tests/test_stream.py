@@ -609,6 +609,15 @@ def test_bad_arguments_raise_at_build(
     assert source.pulled == 0
 
 
+def test_a_progress_bar_writing_bytes_is_accepted(sup: parstream.Supervisor) -> None:
+    """The options are tried at the call on a bar writing to memory, without
+    ``file``; ``write_bytes`` goes with the file, and was refused."""
+    out = io.BytesIO()
+    options = {"file": out, "write_bytes": True, "mininterval": 0}
+    assert list(sup.stream_map(square, range(5), progress=options)) == [0, 1, 4, 9, 16]
+    assert b"5/5" in out.getvalue()
+
+
 def test_a_timeout_beyond_any_float_is_no_limit(sup: parstream.Supervisor) -> None:
     """An int timeout too large for a float (it raised ``OverflowError`` from
     the float conversion, naming nothing) means no limit, as ``inf`` does."""
