@@ -7,12 +7,12 @@ own (its classes once per flush), so one that cannot be pickled where it ran,
 or not be unpickled here, fails its own item only, naming its type.
 ``loads_results`` is the inverse. The header carries the item count, whether
 the batch is done, the runner's clock at the flush (``t_next``, the next
-item's start; meaningful on one host only), the batch's number as the
-runner read it (``batch_of``), so the receiver can check whose results these
-are before crediting them to anything, and the position in the batch of the
-first result (``base_of``). ``EARLY`` marks a flush sent while an item still
-runs, of results a later flush sends again (``is_early``): the receiver
-takes each result once, by position.
+item's start; meaningful on one host only), and where the results belong
+(``placement``): the batch's number as the runner read it, so the receiver
+can check whose results these are before crediting them to anything, and
+the position in the batch of the first result. ``EARLY`` marks a flush sent
+while an item still runs, of results a later flush sends again: the
+receiver takes each result once, by position.
 
 A backend that can move memory beside the frame passes a ``buffer_callback``
 (pickle protocol 5): the buffers it keeps out of band are listed in the frame
@@ -194,21 +194,12 @@ def split_buffers(whole: memoryview, sizes: list[int]) -> list[memoryview]:
     return [whole[offset : offset + n] for offset, n in buffer_layout(sizes)]
 
 
-def batch_of(data: bytes) -> int:
-    """The number of the batch whose results the frame ``data`` holds."""
-    batch: int = _HEADER.unpack_from(data)[4]
-    return batch
-
-
-def base_of(data: bytes) -> int:
-    """The position in its batch of the first result the frame ``data`` holds."""
-    base: int = _HEADER.unpack_from(data)[5]
-    return base
-
-
-def is_early(data: bytes) -> bool:
-    """Whether the frame ``data`` was sent while an item ran (``EARLY``)."""
-    return bool(data[_FLAGS_AT] & EARLY)
+def placement(data: bytes) -> tuple[int, int, bool]:
+    """Where the results of the frame ``data`` belong: the number of their
+    batch, the position in it of the first, and whether the frame was sent
+    while an item ran (``EARLY``)."""
+    _, _, flags, _, batch, base = _HEADER.unpack_from(data)
+    return batch, base, bool(flags & EARLY)
 
 
 def has_buffers(data: bytes) -> bool:
@@ -360,10 +351,9 @@ def dumps_results(
     With ``collect`` (a ``buffer_callback`` keeping the buffers it takes out
     of band in its ``buffers`` list), a sixth field ``(sizes, spans)`` lists
     those buffers' sizes and, per value, the range of them it uses; the
-    caller sends ``collect.buffers`` beside the frame. ``batch``: the number
-    of the batch these results are of (``batch_of``); ``base``: the first
-    one's position in it (``base_of``); ``early``: see ``EARLY`` (a value
-    that cannot be pickled then raises, rather than failing its item).
+    caller sends ``collect.buffers`` beside the frame. ``batch``, ``base``
+    and ``early``: see ``placement`` (with ``early``, a value that cannot be
+    pickled raises, rather than failing its item).
     """
     flags = (_DONE if done else 0) | (EARLY if early else 0)
     if not errors:

@@ -142,8 +142,7 @@ class MessageHandler:
         job = worker.job
         if job is None or worker.confused:
             return
-        batch = _wire.batch_of(data)
-        early = _wire.is_early(data)
+        batch, base, early = _wire.placement(data)
         if batch != worker.seq:
             if not early:  # (an early flush may come after its batch's last one)
                 self._misattributed(worker, f"the results of batch {batch}")
@@ -151,9 +150,9 @@ class MessageHandler:
         # Each result once, by its position in the batch: an early flush (sent
         # while a slow item ran) and the batch's own next flush overlap.
         run = run_of(job)
-        skip = run.cursor - run.slice_start - _wire.base_of(data)
+        skip = run.cursor - run.slice_start - base
         if skip < 0:
-            self._misattributed(worker, f"results from position {_wire.base_of(data)}")
+            self._misattributed(worker, f"results from position {base}")
             return
         if values and not early:
             worker.item_started = t_next  # the worker's clock: the next item's start

@@ -51,12 +51,10 @@ from parstream._backends._frames import (
     RESULTS as RESULTS,
     Collector as Collector,
     Errors as Errors,
-    base_of as base_of,
-    batch_of as batch_of,
     dumps_results as dumps_results,
     has_buffers as has_buffers,
-    is_early as is_early,
     loads_results as loads_results,
+    placement as placement,
     split_buffers as split_buffers,
 )
 
