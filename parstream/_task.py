@@ -156,7 +156,15 @@ class Task(Generic[T]):
         node: str | None = None,
         urgent: bool = False,
         lane: _callbacks.Lane | None = None,
+        _completed: bool = False,
     ) -> None:
+        if (backend is None or fn is None) and not _completed:
+            # A handle with no call behind it would never finish: its await_()
+            # would block for good.
+            raise TypeError(
+                "a Task is not made directly: use parstream.async_(fn, *args), "
+                "Supervisor.async_/async_nolink, or parstream.completed(value)"
+            )
         self._backend = backend
         self._lane = lane or _callbacks.DEFAULT_LANE  # its Supervisor's callback lane
         self._linked = linked
@@ -280,8 +288,12 @@ class Task(Generic[T]):
         """Wait for the task and return its value.
 
         Args:
-            timeout: seconds to wait, ``None`` for no limit. On expiry the task
-                is killed (its worker is replaced) and ``TaskTimeout`` raised.
+            timeout: seconds to wait, ``None`` for no limit. On expiry
+                ``TaskTimeout`` is raised and a linked task (``async_``) is
+                killed (its worker is replaced). An ``async_nolink`` task
+                lives until it ends or its Supervisor closes, as in Elixir:
+                it goes on running, and a later ``await_`` can still have its
+                result. So does Ctrl-C while waiting (``shutdown()`` stops it).
 
         Raises:
             TaskTimeout: the task did not finish within ``timeout``.
@@ -298,16 +310,22 @@ class Task(Generic[T]):
             if not finished and stalled(began + timeout):  # (timeout is not None here)
                 finished = self._done.wait(STALL_GRACE_S)
         except BaseException:
-            # Ctrl-C while waiting: the task must not go on without us.
-            self._kill(TaskShutdown("the caller was interrupted while awaiting the task"))
+            # Ctrl-C while waiting: a linked task must not go on without us.
+            self._abandoned(TaskShutdown("the caller was interrupted while awaiting the task"))
             raise
         if not finished:
-            message = f"task did not finish within {timeout} s; it was killed"
+            message = f"task did not finish within {timeout} s; " + (
+                "it was killed"
+                if self._linked
+                else "it is still running (an async_nolink task ends with its Supervisor)"
+            )
             start_error = self._backend.start_error if self._backend is not None else None
             if start_error is not None:
                 message += f" (no worker process could be started meanwhile: {start_error!r})"
             err = TaskTimeout(message, timeout=timeout)
             err.__cause__ = start_error
+            if not self._linked:
+                raise err
             self._kill(err)
         settle_output()  # in a kernel: what the worker printed is in the cell first
         return self._value()
@@ -323,9 +341,9 @@ class Task(Generic[T]):
         try:
             finished = self._done.wait(wait_seconds(timeout))
         except BaseException:
-            # Ctrl-C while waiting: as with await_, the task must not go on
-            # without us (a timeout, by contrast, leaves it running).
-            self._kill(TaskShutdown("the caller was interrupted while yielding on the task"))
+            # Ctrl-C while waiting: as with await_, a linked task must not go
+            # on without us (a timeout, by contrast, leaves it running).
+            self._abandoned(TaskShutdown("the caller was interrupted while yielding on the task"))
             raise
         if finished:
             settle_output()
@@ -391,6 +409,13 @@ class Task(Generic[T]):
             _callbacks.park_if_exiting()  # killed by the interpreter's exit
         raise result.reason.with_traceback(self._reason_tb)
 
+    def _abandoned(self, reason: BaseException) -> None:
+        """The caller stopped waiting (Ctrl-C, a cancelled coroutine, a
+        sibling's failure): a linked task dies with it, as in Elixir; a
+        nolink one's lifetime is its Supervisor's alone."""
+        if self._linked:
+            self._kill(reason)
+
     def _kill(self, reason: BaseException) -> None:
         with held():  # a second Ctrl-C must not leave the worker running
             job = self._job  # _set lets go of it
@@ -418,7 +443,7 @@ class Task(Generic[T]):
             await waking(fut)
         except BaseException:
             if not self.done():
-                self._kill(TaskShutdown("the awaiting coroutine was cancelled"))
+                self._abandoned(TaskShutdown("the awaiting coroutine was cancelled"))
             raise
         settle_output()
         return self._value()
@@ -435,7 +460,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 def completed(value: T) -> Task[T]:
     """A task that has already returned ``value`` (Elixir's ``Task.completed/1``)."""
-    task: Task[T] = Task()
+    task: Task[T] = Task(_completed=True)
     task._set(Ok(value))
     return task
 
@@ -500,8 +525,9 @@ def _wait_some(tasks: list[Task[Any]], deadline: float | None, want: int) -> Non
 def await_many(tasks: Iterable[Task[Any]], timeout: float | None = None) -> list[Any]:
     """Wait for every task; return their values in input order.
 
-    ``timeout`` is one deadline for the whole call. On a failure or a timeout
-    the tasks still running are killed and the error raised.
+    ``timeout`` is one deadline for the whole call. On a failure, a timeout
+    or Ctrl-C the error is raised and the linked tasks still running are
+    killed; ``async_nolink`` tasks go on (their Supervisor owns them).
 
     Raises:
         TaskTimeout: not all tasks finished within ``timeout``.
@@ -545,14 +571,15 @@ _COLLATERAL = "_parstream_collateral"  # set on the reason of a task killed for 
 
 
 def _kill_rest(tasks: list[Task[Any]], reason: BaseException | None = None) -> None:
-    """Kill the tasks not done yet; a Ctrl-C meanwhile waits until all are.
+    """Kill the linked tasks not done yet (the caller gave up on them: see
+    ``Task._abandoned``); a Ctrl-C meanwhile waits until all are.
     Those still queued go first: killing a running one frees its worker,
     which would start a queued one before its own kill came (the calls not
     started never run)."""
     with held():
         rest = sorted((t for t in tasks if not t.done()), key=lambda t: t._started)
         for t in rest:
-            t._kill(reason or _sibling_failed())
+            t._abandoned(reason or _sibling_failed())
 
 
 def _sibling_failed() -> TaskShutdown:

@@ -456,6 +456,13 @@ def test_completed() -> None:
     assert asyncio.run(main()) == "x"
 
 
+def test_a_task_is_not_made_directly() -> None:
+    """`parstream.Task()` would be a handle no call ever finishes."""
+    with pytest.raises(TypeError, match="completed"):
+        parstream.Task()
+    assert parstream.completed(3).await_(0) == 3
+
+
 def test_dropped_linked_task_kills_its_worker(sup: parstream.Supervisor) -> None:
     """A linked task whose handle is garbage collected unfinished gets its worker killed."""
     task = sup.async_(time.sleep, 30)
@@ -474,6 +481,46 @@ def test_dropped_nolink_task_runs_on(sup: parstream.Supervisor, tmp_path: Path) 
     del task
     gc.collect()
     wait_until(marker.exists, what="the dropped nolink task to finish")
+
+
+def wait_for_file(path: str) -> str:
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return "finished"
+
+
+def test_a_nolink_task_outlives_the_waits_its_caller_gives_up(
+    sup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """Elixir: a timeout in `await` kills a linked task only; an async_nolink
+    task is its Supervisor's. An await_ that times out, an await_many that
+    times out and an awaiting coroutine that is cancelled leave it running,
+    and a later await_ gets its result."""
+    go = tmp_path / "go"
+    task = sup.async_nolink(wait_for_file, str(go))
+    pid = running_pid(task)
+    with pytest.raises(parstream.TaskTimeout, match="still running"):
+        task.await_(0.2)
+    with pytest.raises(parstream.TaskTimeout):
+        parstream.await_many([task], 0.2)
+
+    async def give_up() -> None:
+        await asyncio.wait_for(_await_task(task), 0.2)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(give_up())
+    assert not task.done()
+    assert task.pid == pid
+    assert alive(pid)
+    go.touch()
+    assert task.await_(30) == "finished"
+
+    # The linked control: the same timeout kills it.
+    linked = sup.async_(wait_for_file, str(tmp_path / "never"))
+    pid = running_pid(linked)
+    with pytest.raises(parstream.TaskTimeout, match="killed"):
+        linked.await_(0.2)
+    assert gone(pid, 3.0)
 
 
 async def _await_task(task: parstream.Task[Any]) -> Any:
