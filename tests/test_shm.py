@@ -579,3 +579,155 @@ def test_a_block_taken_back_at_a_death_is_not_freed_twice() -> None:
         assert first is not second
     finally:
         arena.close()
+
+
+def _run_script(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (its limits stay its own); its stdout."""
+    import subprocess
+    import textwrap
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def _max_map_count() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(
+    not 4000 < _max_map_count() <= 1 << 18, reason="needs a kernel mapping limit to reach"
+)
+def test_results_arrive_when_no_more_mappings_can_be_made() -> None:
+    """A parent holding many large results nears the kernel's count of
+    mappings (``vm.max_map_count``, 65,530 by default: some 65,000 results):
+    each result mapped on its own would fail past it. The rest are copied,
+    many to a mapping, and arrive intact, as ProcessPoolExecutor's would."""
+    out = _run_script(
+        """
+        import mmap
+        import numpy as np
+        import parstream
+
+        def full(i):
+            return np.full(17_000, float(i))  # 136 KB: beside the pipe
+
+        def maps():
+            with open("/proc/self/maps") as f:
+                return sum(1 for _ in f)
+
+        limit = int(open("/proc/sys/vm/max_map_count").read())
+        with parstream.Supervisor(max_workers=1) as sup:
+            assert (sup.async_(full, 1).await_(60) == 1).all()
+            # Stand-ins for more results held: small mappings, alternating in
+            # protection so that the kernel cannot merge neighbours.
+            hold = [
+                mmap.mmap(-1, 4096, prot=mmap.PROT_READ | (mmap.PROT_WRITE * (i % 2)))
+                for i in range(limit - maps() - 1500)
+            ]
+            got = list(sup.async_stream_nolink(full, range(2000), chunksize=1))
+            bad = [r for r in got if not isinstance(r, parstream.Ok)]
+            assert not bad, (len(bad), bad[0])
+            assert all((r.value == i).all() for i, r in enumerate(got))
+            got[-1].value[:] = -1  # a copied result is writable, and its own
+            assert (got[-2].value == 1998).all()
+            assert maps() < limit
+            del hold
+        print("ok")
+        """
+    )
+    assert out == "ok"
+
+
+def test_arguments_tasks_keep_leave_the_parent_descriptors() -> None:
+    """Tasks that keep their (large) arguments keep their arena blocks lent,
+    two descriptors each here: past a bound, arguments go through the pipe,
+    and the parent can still open files, start processes and receive
+    results."""
+    out = _run_script(
+        """
+        import os, resource, subprocess
+        import numpy as np
+        import parstream
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+        def keep(a):
+            import builtins
+            builtins.__dict__.setdefault("_kept", []).append(a)
+            return float(a[0])
+
+        def full(i):
+            return np.full(40_000, float(i))
+
+        with parstream.Supervisor(max_workers=1) as sup:
+            for i in range(200):
+                assert sup.async_(keep, np.full(40_000, float(i))).await_(60) == i
+            assert len(os.listdir("/proc/self/fd")) < 220
+            subprocess.run(["true"], check=True)
+            assert all((r == i).all() for i, r in enumerate(sup.map(full, range(20))))
+        print("ok")
+        """
+    )
+    assert out == "ok"
+
+
+def test_results_lost_to_the_parents_descriptor_limit_free_their_blocks() -> None:
+    """A parent out of descriptors cannot receive a result's memfd: those
+    items fail, saying so, and the worker gets the block back for the next
+    results instead of keeping it (and its memory) lent to the end."""
+    out = _run_script(
+        """
+        import gc, os, resource
+        import numpy as np
+        import parstream
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+        def make(i):
+            return np.full(1 << 20, float(i))  # 8 MiB
+
+        def result_fds(_):
+            n = 0
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:parstream-data")
+                except OSError:
+                    pass
+            return n
+
+        with parstream.Supervisor(max_workers=1) as sup:
+            assert sup.async_(result_fds, 0).await_(60) == 0
+            hog = []
+            try:
+                while True:
+                    hog.append(open(os.devnull))
+            except OSError:
+                pass
+            got = list(sup.async_stream_nolink(make, range(20), chunksize=1))
+            for f in hog:
+                f.close()
+            failed = [r for r in got if not isinstance(r, parstream.Ok)]
+            assert failed, "the parent had no descriptor to receive them"
+            assert all("EMFILE" in str(r.reason) for r in failed), failed[0]
+            del got, failed
+            gc.collect()
+            assert all((sup.async_(make, i).await_(60) == i).all() for i in range(3))
+            held = sup.async_(result_fds, 0).await_(60)
+            assert held <= 6, held  # 32 MiB of idle blocks at most, not one per failure
+        print("ok")
+        """
+    )
+    assert out == "ok"

@@ -409,12 +409,13 @@ def dumps_results(
 
 
 def loads_results(
-    data: bytes, buffers: memoryview | None = None
+    data: bytes, buffers: memoryview | BaseException | None = None
 ) -> tuple[bool, float, list[Any], Errors]:
     """Inverse of ``dumps_results``: each value or error that cannot be
     rebuilt fails its own item, with its type's name in the message.
     ``buffers`` holds the frame's out-of-band buffers (``HAS_BUFFERS``), laid
-    out by ``buffer_layout``; ``None`` if they could not be received."""
+    out by ``buffer_layout``; else why they could not be received, or
+    ``None``."""
     _, count, flags, t_next, _, _ = _HEADER.unpack_from(data)
     done = flags & _DONE
     try:
@@ -428,7 +429,7 @@ def loads_results(
     views: list[memoryview] = []
     if oob is not None:
         sizes, spans = oob
-        if buffers is not None:
+        if isinstance(buffers, memoryview):
             views = split_buffers(buffers, sizes)
     shared = _SharedTable(table)
     file = io.BytesIO(blob)
@@ -448,6 +449,8 @@ def loads_results(
             if span is None:
                 values[i] = _unpickler(file, shared).load()
             elif not views:
+                if isinstance(buffers, BaseException):
+                    raise EOFError(f"its large buffers could not be received: {buffers!r}")
                 raise EOFError("its large buffers did not arrive from the worker")
             else:
                 values[i] = _unpickler(file, shared, views[span[0] : span[1]]).load()

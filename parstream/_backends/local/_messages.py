@@ -191,11 +191,14 @@ class MessageHandler:
                 _spawn.kill_tree(worker.pid)
 
 
-def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryview | None:
+def _receive_buffers(
+    worker: LocalWorker, wake: Callable[[], None]
+) -> memoryview | BaseException | None:
     """The mapped buffers the worker sent just before a results frame
-    (``_shm``); ``None`` if they cannot be had (the values using them fail).
-    When the mapping of a reusable block is gone, the hub is woken to say
-    ``FREED``."""
+    (``_shm``), or why they cannot be had (the values using them fail with
+    it). When the mapping of a reusable block is gone, the hub is woken to
+    say ``FREED``. A block that cannot be mapped (past the kernel's count of
+    mappings) is copied here and freed at once."""
     from parstream._backends.local import _shm
 
     if worker.fdchan is None:
@@ -203,14 +206,29 @@ def _receive_buffers(worker: LocalWorker, wake: Callable[[], None]) -> memoryvie
     forked = _shm.forks()  # a fork from here on may copy the mapping
     try:
         fd, block_id = _shm.receive(worker.fdchan)
-    except (OSError, EOFError, ValueError):
-        return None
-    try:
-        mapping = _shm.mapped(fd, closable=False)
-    except (OSError, ValueError):
-        if block_id:
-            worker.freed.append(block_id)  # never mapped here: the worker may reuse it
-        return None
+    except _shm.DescriptorLost as lost:
+        if lost.tag:
+            worker.freed.append(lost.tag)  # never had here: the worker may reuse it
+        return lost
+    except (OSError, EOFError, ValueError) as error:
+        return error
+    landing = _shm.LANDING
+    mapping = None
+    if not landing.should_copy():
+        try:
+            mapping = _shm.mapped(os.dup(fd), closable=False)
+        except (OSError, ValueError):
+            pass  # the kernel's count of mappings reached (or no descriptor): copied
+    if mapping is None:
+        try:
+            return landing.copy(fd)
+        except (OSError, EOFError, MemoryError) as error:
+            return error
+        finally:
+            if block_id:
+                worker.freed.append(block_id)  # not mapped here: the worker may reuse it
+    os.close(fd)
+    landing.mapped_one(mapping)
     if block_id:
         _shm.watch(mapping, block_id, worker.freed, wake, forked)
     return memoryview(mapping).cast("B")

@@ -269,6 +269,20 @@ class Block:
         os.close(fd)
 
 
+def _max_blocks() -> int:
+    """How many blocks an arena may hold at once: each holds two descriptors
+    here (its memfd, and the ``dup`` its ``mmap`` keeps), and tasks that keep
+    their arguments keep their blocks lent, so a bound keeps a quarter of
+    this process's descriptors for everything else (past it, arguments go
+    through the pipe). Read each time: the limit may be raised meanwhile."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(8, soft * 3 // 8)
+
+
 class Arena:
     """The parent's reusable blocks for arguments, lent to one worker at a time."""
 
@@ -281,13 +295,19 @@ class Arena:
 
     def lend(self, buffers: list[memoryview], worker: Any) -> Block:
         """A block holding ``buffers``, lent to ``worker`` until it releases
-        it or dies. Raises ``OSError`` when memory or descriptors run out."""
+        it or dies. Raises ``OSError`` when memory or descriptors run out, or
+        too many blocks are lent already (``_max_blocks``)."""
         layout, need = _extent(buffers)
         with self._lock:
             fits = [b for b in self._free if b.size >= need]
             block = min(fits, key=lambda b: b.size) if fits else None
             if block is not None:
                 self._free.remove(block)
+            elif len(self._lent) + len(self._free) >= _max_blocks():
+                raise OSError(
+                    f"{len(self._lent)} argument blocks are lent to workers "
+                    "(tasks keep their arguments): no more descriptors for another"
+                )
             else:
                 block_id = self._next_id
                 self._next_id += 1
@@ -432,6 +452,91 @@ def mapped(fd: int, *, closable: bool = True) -> Any:
 
 
 _libc: Any = None
+
+
+class Landing:
+    """Where the parent puts results' buffers: each flush's block mapped on
+    its own (no copy), until this process holds so many mappings that the
+    kernel's limit (``vm.max_map_count``, 65,530 by default: a user keeping
+    some 65,000 large results) comes near; from then on they are copied into
+    slabs of ``SLAB_BYTES``, many results to one mapping, and a slab lives
+    as long as any result in it. Shared by every pool of the process: the
+    limit is the process's."""
+
+    SLAB_BYTES = 64 << 20
+    CHECK_FROM = 1024  # live mappings of ours below which the limit is not read
+    CHECK_EVERY = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.live = 0  # result mappings of ours still viewed
+        self._made = 0
+        self._copying = False
+        self._slab: memoryview | None = None
+        self._used = 0
+
+    def should_copy(self) -> bool:
+        with self._lock:
+            if self.live < self.CHECK_FROM:
+                self._copying = False
+                return False
+            self._made += 1
+            if self._made % self.CHECK_EVERY == 1:
+                self._copying = _mappings() > _max_mappings() // 2
+            return self._copying
+
+    def mapped_one(self, mapping: Any) -> None:
+        import weakref
+
+        with self._lock:
+            self.live += 1
+        weakref.finalize(mapping, self._unmapped).atexit = False
+
+    def _unmapped(self) -> None:
+        with self._lock:
+            self.live -= 1
+
+    def copy(self, fd: int) -> memoryview:
+        """All of ``fd`` in this process's memory (in a slab unless big); ``fd`` is closed."""
+        try:
+            size = os.fstat(fd).st_size
+            with self._lock:
+                if size > self.SLAB_BYTES // 8:
+                    view = memoryview(bytearray(size))
+                else:
+                    if self._slab is None or self._used + size > self.SLAB_BYTES:
+                        self._slab = memoryview(bytearray(self.SLAB_BYTES))
+                        self._used = 0
+                    view = self._slab[self._used : self._used + size]
+                    self._used += -(-size // 64) * 64  # each result 64-byte aligned
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    raise EOFError(f"a result block ended at {done} of its {size} bytes")
+                done += n
+            return view
+        finally:
+            os.close(fd)
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: maps.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+def _max_mappings() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 62
+
+
+LANDING = Landing()
 
 
 def _ctypes_mapping(fd: int, size: int, prot: int) -> Any:
