@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -581,14 +582,16 @@ def test_a_block_taken_back_at_a_death_is_not_freed_twice() -> None:
         arena.close()
 
 
-def _run_script(code: str) -> str:
-    """Run ``code`` in a fresh interpreter (its limits stay its own); its stdout."""
+def _run_script(code: str, module: Path | None = None) -> str:
+    """Run ``code`` in a fresh interpreter (its limits stay its own); its
+    stdout. ``module``: a file whose folder goes on the path, for functions
+    the workers import by name (a script's own travel with cloudpickle)."""
     import subprocess
-    import textwrap
 
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    extra = [str(module.parent)] if module is not None else []
+    env["PYTHONPATH"] = os.pathsep.join([*extra, root, env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -729,5 +732,61 @@ def test_results_lost_to_the_parents_descriptor_limit_free_their_blocks() -> Non
             assert held <= 6, held  # 32 MiB of idle blocks at most, not one per failure
         print("ok")
         """
+    )
+    assert out == "ok"
+
+
+def test_a_worker_a_task_left_without_descriptors_reports_instead_of_dying(
+    tmp_path: Path,
+) -> None:
+    """A task leaked its worker's descriptors; the next batch's arguments
+    cannot be received there. The item fails saying so (EMFILE), from the
+    same worker: formatting and pickling that failure used to import
+    ``traceback`` and cloudpickle, which needs a descriptor, and the worker
+    died as if the task had called ``os._exit``. (The functions are
+    imported by name, so that nothing brought cloudpickle in before.)"""
+    module = tmp_path / "fd_hog_tasks.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import os, resource
+
+            kept = []
+
+            def total(a):
+                return float(a.sum()), os.getpid()
+
+            def hog(_):
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+                try:
+                    while True:
+                        kept.append(open(os.devnull))
+                except OSError:
+                    pass
+                return os.getpid()
+            """
+        )
+    )
+    out = _run_script(
+        """
+        import numpy as np
+        import parstream
+        from fd_hog_tasks import hog, total
+
+        a = np.ones(1 << 16)  # 512 KiB: beside the pipe
+        with parstream.Supervisor(max_workers=1) as sup:
+            value, pid = sup.async_(total, a).await_(60)
+            assert sup.async_(hog, 0).await_(60) == pid
+            try:
+                sup.async_(total, a).await_(60)
+            except EOFError as e:
+                assert "EMFILE" in str(e.__cause__), repr(e.__cause__)
+            else:
+                raise AssertionError("received without a descriptor?")
+            assert [w.pid for w in sup.workers()] == [pid]
+        print("ok")
+        """,
+        module,
     )
     assert out == "ok"

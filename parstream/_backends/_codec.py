@@ -97,9 +97,22 @@ def failure(exc: BaseException) -> Failure:
     """``(exc, traceback_text)``, dropping the live traceback (it holds frames).
 
     ``traceback`` is imported on the first failure: a worker starts without
-    it (~2 ms of every start, issue 12)."""
-    import traceback
-
+    it (~2 ms of every start, issue 12). A worker with no free descriptor
+    (a task leaked them) cannot open the module's file: the failure then
+    goes without its traceback rather than the worker dying of it."""
+    try:
+        import traceback
+    except (ImportError, OSError) as why:
+        chain: list[str] = []
+        seen: set[int] = set()
+        link: BaseException | None = exc
+        while link is not None and id(link) not in seen:
+            seen.add(id(link))
+            chain.append(f"{type(link).__name__}: {_text_of(link)}")
+            link = link.__cause__ or link.__context__
+        exc.__traceback__ = None
+        lines = "\n".join(reversed(chain))  # the cause first, as a traceback shows it
+        return exc, f"(the worker could not format the traceback: {why!r})\n{lines}\n"
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__traceback__ = None
     return exc, tb
@@ -187,6 +200,13 @@ class PackedError:
         try:
             data: bytes | None = dumps(exc)
             reason = ""
+        except (ImportError, OSError) as cause:
+            # cloudpickle not imported yet, and no descriptor to import it
+            # with (a task leaked them): the C pickler has what it needs.
+            try:
+                data, reason = pickle.dumps(exc, PROTOCOL), ""
+            except BaseException:
+                data, reason = None, f"could not be pickled in the worker: {cause!r}"
         except BaseException as cause:
             data = None
             reason = f"could not be pickled in the worker: {cause!r}"
