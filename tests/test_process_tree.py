@@ -199,6 +199,50 @@ def test_kill_reaches_a_subprocess_that_left_the_group(
     assert_all_gone(pids)
 
 
+def start_stubborn_session(path: str, hang: bool = True) -> None:
+    """Start a ``sleep`` in a session of its own that ignores SIGTERM (an
+    ignored signal stays ignored across exec), record the pids, then hang or
+    return."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        stray = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    Path(path + ".tmp").write_text(json.dumps({"worker": os.getpid(), "session": stray.pid}))
+    os.replace(path + ".tmp", path)
+    if hang:
+        time.sleep(60)
+
+
+@pytest.mark.parametrize("how", ["shutdown_grace", "terminate_child", "retire"])
+def test_a_stopped_worker_takes_its_tasks_new_session_with_it(
+    tmp_path: Path, recorded: list[int], how: str
+) -> None:
+    """A worker stopped with a grace period (Task.shutdown(s), terminate_child)
+    or retired ends by itself, and what its task started in a new session is
+    then no longer its descendant: those were left running, though parstream
+    stopped the worker. They are noted before, SIGTERMed with the group, and
+    SIGKILLed at the end of the grace (this one ignores SIGTERM)."""
+    path = tmp_path / "pids"
+    limit = 1 if how == "retire" else None
+    with parstream.Supervisor(max_workers=1, max_tasks_per_worker=limit) as sup:
+        if how == "shutdown_grace":
+            task = sup.async_nolink(start_stubborn_session, str(path))
+            pids = read_pids(path)
+            recorded.extend(pids.values())
+            assert task.shutdown(0.5) is None
+        elif how == "terminate_child":
+            child = sup.start_child(start_stubborn_session, str(path), shutdown=0.5)
+            pids = read_pids(path)
+            recorded.extend(pids.values())
+            sup.terminate_child(child)
+        else:
+            sup.async_(start_stubborn_session, str(path), False).await_(60)
+            pids = json.loads(path.read_text())
+            recorded.extend(pids.values())
+        assert_all_gone(pids)
+
+
 def test_the_reaper_is_shared_and_exits_with_the_last_pool() -> None:
     """One reaper serves every pool of a process, and is gone once the last one closes."""
     with parstream.Supervisor(max_workers=1) as one:

@@ -53,6 +53,7 @@ import contextlib
 import logging
 import os
 import selectors
+import signal
 import threading
 import time
 import weakref
@@ -120,6 +121,9 @@ class LocalPool(MessageHandler):
         self._dispatch = Dispatcher(self._counts, self._outbox)
         self._lock = threading.RLock()
         self._workers: list[LocalWorker] = []
+        # Processes of stopped workers' tasks in sessions of their own, killed
+        # at the end of their grace: (deadline, strays), soonest first.
+        self._strays: list[tuple[float, list[tuple[int, int]]]] = []
         self._reserved = 0  # extra workers asked for by streams and children
         self._spares = SPARES
         self._warm = False  # a first worker has been up: keep a spare from now on
@@ -234,7 +238,12 @@ class LocalPool(MessageHandler):
                 if grace > 0:
                     worker.kill_deadline = time.monotonic() + grace
                     if not worker.exited:
-                        _reaper.term_group(worker.pid)  # the task's subprocesses too
+                        # The task's subprocesses too: its group, and those
+                        # in a group of their own, noted before the worker
+                        # ends and they stop being its descendants.
+                        worker.strays = _spawn.strays(worker.pid)
+                        _spawn.kill_strays(worker.strays, signal.SIGTERM)
+                        _reaper.term_group(worker.pid)
                 else:
                     run_of(job).killed = True
                     if not worker.exited:
@@ -815,6 +824,9 @@ class LocalPool(MessageHandler):
         if self._spares and self._warm and self._spare_next_at > now:
             wait = self._spare_next_at - now  # a spare to start again after a back-off
             best = wait if best is None else min(best, wait)
+        if self._strays:
+            wait = max(0.0, self._strays[0][0] - now)
+            best = wait if best is None else min(best, wait)
         for w in self._workers:
             dl: float | None = None
             if w.kill_deadline is not None:
@@ -834,11 +846,17 @@ class LocalPool(MessageHandler):
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         with self._lock:
+            if self._strays and now >= self._strays[0][0]:
+                due = [found for at, found in self._strays if now >= at]
+                self._strays = [(at, found) for at, found in self._strays if now < at]
+                for found in due:
+                    _spawn.kill_strays(found)
             for w in self._workers:
                 job = w.job
                 if w.kill_deadline is not None and now >= w.kill_deadline:
                     w.kill_deadline = None
                     _spawn.kill_tree(w.pid)
+                    _spawn.kill_strays(w.strays)
                 elif (
                     w.state == "busy"
                     and job is not None
@@ -999,6 +1017,9 @@ class LocalPool(MessageHandler):
             self._wake()
 
     def _send_stop(self, worker: LocalWorker) -> None:
+        # What its tasks started in a session of their own: killed when it
+        # has ended, as its group is (``_on_death``).
+        worker.strays = _spawn.strays(worker.pid)
         try:
             worker.conn.send_bytes(bytes((_wire.STOP,)))
         except OSError:
@@ -1015,6 +1036,15 @@ class LocalPool(MessageHandler):
             if worker.fdchan is not None:
                 worker.fdchan.close()  # frees any descriptor still in flight
         _reaper.worker_gone(worker.pid)  # before the join: the group id is still ours
+        if worker.strays:
+            with self._lock:
+                deadline = worker.kill_deadline
+                if deadline is not None and time.monotonic() < deadline:
+                    # A graceful stop: they have had SIGTERM, and the rest of the grace.
+                    self._strays.append((deadline, worker.strays))
+                    self._strays.sort(key=lambda entry: entry[0])
+                else:
+                    _spawn.kill_strays(worker.strays)
         worker.process.join(timeout=1.0)
         self._arena.worker_gone(worker)  # its mappings died with it
         exitcode = worker.process.exitcode

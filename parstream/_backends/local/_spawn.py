@@ -142,6 +142,11 @@ class LocalWorker:
     timed_out_index: int | None = None
     kill_cause: str | None = None  # timeout, kill, close, retire
     kill_deadline: float | None = None  # a graceful kill turns forced then
+    # Its descendants in another process group (a task's start_new_session
+    # subprocess), with their start times, noted when it was told to stop:
+    # once it exits they are no longer its descendants, and kill_tree would
+    # miss them (``strays``).
+    strays: list[tuple[int, int]] = field(default_factory=list)
     idle_since: float = 0.0
     held_until: float = 0.0  # ran a child's run: kept for its restart until then
     items_done: int = 0
@@ -627,6 +632,44 @@ def kill_tree(pid: int) -> None:
             os.kill(child, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
+
+
+def strays(pid: int) -> list[tuple[int, int]]:
+    """Worker ``pid``'s descendants outside its process group, each with its
+    start time (``kill_strays`` tells them from a later process with the same
+    pid). Read while the worker still lives: a worker stopped gracefully or
+    retired ends, and what it started in a new session is then reparented,
+    out of ``kill_tree``'s reach. Empty where there is no /proc."""
+    try:
+        children = _descendants(pid) or []
+    except Exception:  # no free descriptor, say: the group is still killed
+        return []
+    out = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            if os.getpgid(child) != pid:
+                started = _start_time(child)
+                if started is not None:
+                    out.append((child, started))
+    return out
+
+
+def kill_strays(found: list[tuple[int, int]], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to each of ``strays``' processes that is still the same one."""
+    for child, started in found:
+        if _start_time(child) == started:
+            with contextlib.suppress(OSError):
+                os.kill(child, sig)
+
+
+def _start_time(pid: int) -> int | None:
+    """``pid``'s start time in clock ticks since boot (/proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _below(pid: int) -> list[int]:
