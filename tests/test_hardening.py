@@ -1447,3 +1447,48 @@ def test_a_fork_waits_for_an_import_that_logs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "child 0", (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("fd", [1, 2], ids=["stdout", "stderr"])
+def test_a_script_run_with_its_output_closed_gets_its_results(tmp_path: Path, fd: int) -> None:
+    """A script started with stdout (``>&-``) or stderr closed: the pool's
+    first pipe or memfd took the free number, a worker started with its
+    progress slot as that descriptor, and a task writing to it (``os.write``,
+    a C library's ``printf``) overwrote the slot. The pool took each worker
+    for confused, killed it and started another, for ever. Now the closed
+    descriptor is ``/dev/null``, where the task's output goes, as it went
+    nowhere before."""
+    report = tmp_path / "report"
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        import parstream
+
+        def task(x):
+            os.write({fd}, b"hello from the task\\n")
+            return x
+
+        def where(_):
+            return os.readlink("/proc/self/fd/{fd}")
+
+        out = list(parstream.map(task, range(40), timeout=30))
+        seen = parstream.async_(where, 0).await_(30)
+        with open(sys.argv[1], "w") as f:
+            f.write(repr((out, seen)))
+        """
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "$0" -c "$1" "$2" {fd}>&-', sys.executable, code, str(report)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "internal error" not in proc.stdout + proc.stderr
+    out, seen = eval(report.read_text())  # a repr of a list and a str
+    assert out == list(range(40))
+    assert seen == os.devnull

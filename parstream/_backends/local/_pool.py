@@ -112,6 +112,7 @@ class LocalPool(MessageHandler):
     capabilities = CAPABILITIES
 
     def __init__(self, settings: Settings, base: int) -> None:
+        _reaper.hold_stdio()  # before any pipe of ours can take a closed fd 1
         self.base = base
         self.max_tasks_per_worker = settings.max_tasks_per_worker
         self.max_memory_per_worker = settings.max_memory_per_worker

@@ -245,7 +245,29 @@ def _discard(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def hold_stdio() -> None:
+    """Put ``/dev/null`` on whichever of descriptors 0-2 is closed here (a
+    script run with ``>&-``, a daemon that closed them), before this process
+    makes a pipe, socket or memfd for a worker or the reaper. Else the first
+    of those took the number: a worker started with its progress slot (a
+    memfd) as its stdout, and a task's ``os.write(1, ...)``, or a C library's
+    ``printf``, wrote over the slot; the parent's own writes to fd 1 went
+    into a worker's pipe. Output to a closed descriptor goes nowhere now,
+    as it went nowhere before."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, here
+            if null == fd:
+                os.set_inheritable(fd, True)  # as stdio is (os.open's are not)
+            else:
+                os.dup2(null, fd)  # (inheritable)
+                os.close(null)
+
+
 def _start() -> subprocess.Popen[bytes] | None:
+    hold_stdio()
     try:
         if os.path.exists(SHELL):
             cmd = [SHELL, "-c", REAPER_SH]

@@ -300,6 +300,7 @@ class Starter:
     def _start_one(self) -> LocalWorker:
         if LIGHT_START:
             return self._start_light()
+        _reaper.hold_stdio()
         from loky.backend.context import get_context
 
         ctx = get_context("loky")
@@ -336,6 +337,7 @@ class Starter:
         import socket
         import sys
 
+        _reaper.hold_stdio()
         parent_sock, child_sock = socket.socketpair()
         fdchan, fdchan_child = _shm.channel_pair()
         slot = new_slot()
