@@ -111,6 +111,10 @@ class _State:
         self.buffer_size = options.buffer_size
         self.star = star  # items are argument tuples (Supervisor.map over several iterables)
         self.progress: Progress | None = None
+        # Items handed out in spans but not yet taken by the consumer (the
+        # spans' current iterator, ``_Spans.unconsumed``, held weakly): the
+        # bar counts spans, and a stream left early takes those back.
+        self.unconsumed: Callable[[], Callable[[], int] | None] | None = None
         self.length = _length_hint(iterable)
         self.sizer = ChunkSizer(options.chunksize, max_concurrency, self.length)
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -382,6 +386,7 @@ class _State:
                 return
             self.closed = True
             running = list(self.running)
+        self.take_back_unconsumed()  # before the span is cleared below
         if self.feeder is not None:
             self.feeder.stop()
         # Chunks still queued in the backend first: killing a running one
@@ -404,6 +409,15 @@ class _State:
             self.reserved = 0
         if self.progress is not None:
             self.progress.close()
+
+    def take_back_unconsumed(self) -> None:
+        """Once, as the stream closes: the bar counted whole spans as they
+        were handed out; what the loop never took (a ``break``) comes off."""
+        link, self.unconsumed = self.unconsumed, None
+        count = link() if link is not None else None
+        left = count() if count is not None else 0
+        if left and self.progress is not None:
+            self.progress.update(-left)
 
     def release(self) -> None:
         """Let go of the function and the input once the stream's generator
@@ -598,6 +612,8 @@ class _Spans:
         self._lock = threading.Lock()
         self._ends = ends
         self._state = state  # (whose feeder thread must not wait on this stream)
+        if state is not None:
+            state.unconsumed = weakref.WeakMethod(self.unconsumed)
         self._fetcher: int | None = None  # the thread running the generator
         self.failure: BaseException | None = None
         self._tb: TracebackType | None = None
@@ -614,6 +630,19 @@ class _Spans:
             "this stream reached this process through os.fork(); its items and "
             "workers belong to the parent process. Start a new stream in the child"
         )
+
+    def unconsumed(self) -> int:
+        """Items of the current span no consumer has taken yet."""
+        return length_hint(self._current)
+
+    def __del__(self) -> None:
+        # Dropped (a ``break`` out of ``for x in parstream.map(...)``): the
+        # stream closes after this, once its generator is let go, when the
+        # weak link to here is already gone; the bar is set right now.
+        state = self._state
+        if state is not None and state.progress is not None and not state.closed:
+            with contextlib.suppress(Exception):
+                state.take_back_unconsumed()
 
     def __iter__(self) -> _Spans:
         return self

@@ -532,6 +532,48 @@ def test_progress_counts_the_values_before_a_failure_not_the_failure(
     bar.close()
 
 
+@pytest.mark.parametrize("how", ["break_map", "break_stream", "close", "with"])
+def test_progress_counts_what_the_loop_took_when_it_leaves_early(
+    sup: parstream.Supervisor, how: str
+) -> None:
+    """The bar advances by whole spans of results as they are handed out; a
+    loop that breaks, or closes the stream, took fewer (it said 4249 for
+    3000 taken). What it never took comes off when the stream closes."""
+    bar = tqdm(file=io.StringIO())
+    taken = 0
+    items = itertools.count()
+    if how == "break_map":
+        for _ in sup.stream_map(square, items, progress=bar):
+            taken += 1
+            if taken == 3000:
+                break
+    elif how == "break_stream":
+        for _ in sup.async_stream(square, items, progress=bar):
+            taken += 1
+            if taken == 3000:
+                break
+    elif how == "close":
+        stream = sup.async_stream(square, items, progress=bar)
+        for _ in stream:
+            taken += 1
+            if taken == 3000:
+                break
+        for _ in stream:  # goes on where it stopped
+            taken += 1
+            if taken == 5000:
+                break
+        stream.close()
+    else:
+        with sup.async_stream(square, items, progress=bar) as stream:
+            for _ in stream:
+                taken += 1
+                if taken == 777:
+                    break
+    gc.collect()
+    assert bar.n == taken
+    bar.close()
+
+
 def test_function_is_pickled_once_per_stream(sup: parstream.Supervisor, tmp_path: Path) -> None:
     """A 20 MB callable is sent to each worker once, not once per item."""
     fn = Unpickled(str(tmp_path), b"x" * 20_000_000)
