@@ -173,6 +173,9 @@ def check_timeout(value: Any, name: str, *, allow_none: bool = True) -> Any:
 
 def check_positive_seconds(value: Any, name: str) -> float:
     """A number of seconds > 0 (``inf`` allowed)."""
+    real = real_number(value)
+    if real is not None and not (isinstance(real, float) and math.isnan(real)) and real <= 0:
+        raise ValueError(f"{name} must be > 0, got {shown(value)}")  # (not ">= 0" for -1)
     seconds: float = check_timeout(value, name, allow_none=False)
     if seconds <= 0:
         raise ValueError(f"{name} must be > 0, got {shown(value)}")

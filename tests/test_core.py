@@ -277,6 +277,7 @@ def test_start_logs_failures(sup: parstream.Supervisor, caplog: pytest.LogCaptur
         (lambda: parstream.async_(42), TypeError, "fn"),  # type: ignore[arg-type]
         (lambda: parstream.Supervisor(max_restarts=-1), ValueError, "max_restarts"),
         (lambda: parstream.Supervisor(max_seconds=0), ValueError, "max_seconds"),
+        (lambda: parstream.Supervisor(max_seconds=-1), ValueError, "max_seconds must be > 0"),
         (lambda: parstream.Supervisor(max_workers=0), ValueError, "max_workers"),
         (lambda: parstream.Supervisor(max_children="2"), TypeError, "max_children"),  # type: ignore[arg-type]
         (lambda: parstream.yield_many([], on_timeout="x"), ValueError, "on_timeout"),  # type: ignore[arg-type]
