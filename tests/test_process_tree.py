@@ -214,7 +214,7 @@ def start_stubborn_session(path: str, hang: bool = True) -> None:
         time.sleep(60)
 
 
-@pytest.mark.parametrize("how", ["shutdown_grace", "terminate_child", "retire"])
+@pytest.mark.parametrize("how", ["shutdown_grace", "terminate_child", "retire", "close_in_grace"])
 def test_a_stopped_worker_takes_its_tasks_new_session_with_it(
     tmp_path: Path, recorded: list[int], how: str
 ) -> None:
@@ -231,6 +231,14 @@ def test_a_stopped_worker_takes_its_tasks_new_session_with_it(
             pids = read_pids(path)
             recorded.extend(pids.values())
             assert task.shutdown(0.5) is None
+        elif how == "close_in_grace":
+            # The worker dies of its SIGTERM at once; the pool closes while
+            # the stray (which ignores it) still has 30 s of grace: the close
+            # ends the grace.
+            task = sup.async_nolink(start_stubborn_session, str(path))
+            pids = read_pids(path)
+            recorded.extend(pids.values())
+            assert task.shutdown(30) is None
         elif how == "terminate_child":
             child = sup.start_child(start_stubborn_session, str(path), shutdown=0.5)
             pids = read_pids(path)
@@ -240,7 +248,9 @@ def test_a_stopped_worker_takes_its_tasks_new_session_with_it(
             sup.async_(start_stubborn_session, str(path), False).await_(60)
             pids = json.loads(path.read_text())
             recorded.extend(pids.values())
-        assert_all_gone(pids)
+        if how != "close_in_grace":
+            assert_all_gone(pids)  # while the pool runs on
+    assert_all_gone(pids)
 
 
 def test_the_reaper_is_shared_and_exits_with_the_last_pool() -> None:

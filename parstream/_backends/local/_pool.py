@@ -353,7 +353,12 @@ class LocalPool(MessageHandler):
                         _spawn.kill_spare(w.pid)
                     else:
                         _spawn.kill_tree(w.pid or w.process.pid)
+                        _spawn.kill_strays(w.strays)
                     self._killed_at_close.add(w)
+                # Stopped workers' strays still in their grace: the close ends it.
+                pending, self._strays = self._strays, []
+                for _, found in pending:
+                    _spawn.kill_strays(found)
             self._wake()
             if self._hub.ident is not None:
                 on_hub = threading.current_thread() is self._hub

@@ -648,30 +648,30 @@ def strays(pid: int) -> list[tuple[int, int]]:
         return []
     out = []
     for child in children:
-        with contextlib.suppress(OSError):
-            if os.getpgid(child) != pid:
-                started = _start_time(child)
-                if started is not None:
-                    out.append((child, started))
+        group, started = _stat(child)  # one read: both of the same process
+        if started is not None and group != pid:
+            out.append((child, started))
     return out
 
 
 def kill_strays(found: list[tuple[int, int]], sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to each of ``strays``' processes that is still the same one."""
     for child, started in found:
-        if _start_time(child) == started:
+        if _stat(child)[1] == started:
             with contextlib.suppress(OSError):
                 os.kill(child, sig)
 
 
-def _start_time(pid: int) -> int | None:
-    """``pid``'s start time in clock ticks since boot (/proc), or None."""
+def _stat(pid: int) -> tuple[int | None, int | None]:
+    """``pid``'s process group and start time (clock ticks since boot), from
+    /proc; ``(None, None)`` if it is gone or there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+        fields = stat[stat.rindex(b")") + 2 :].split()  # after the command's name
+        return int(fields[2]), int(fields[19])
     except (OSError, ValueError, IndexError):
-        return None
+        return None, None
 
 
 def _below(pid: int) -> list[int]:
