@@ -192,10 +192,13 @@ def _forking() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # Another thread of the parent may have held it at the fork: the child
+    # Another thread of the parent may have held them at the fork: the child
     # closes its copies of the parent's blocks (``LocalPool._forget_after_fork``).
-    global _BLOCK_CLOSE
+    global _BLOCK_CLOSE, _BLOCKS_LOCK
     _BLOCK_CLOSE = threading.Lock()
+    _BLOCKS_LOCK = threading.Lock()
+    if "LANDING" in globals():
+        LANDING.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -248,6 +251,7 @@ class Block:
             raise
         self.view = memoryview(self.mapping)
         self.lent_to: Any = None
+        _count_blocks(1)
 
     def write(self, buffers: list[memoryview], layout: Layout) -> None:
         view = self.view
@@ -267,20 +271,40 @@ class Block:
         except BufferError:  # pragma: no cover - a writer still copying: freed with it
             pass
         os.close(fd)
+        _count_blocks(-1)
 
 
-def _max_blocks() -> int:
-    """How many blocks an arena may hold at once: each holds two descriptors
-    here (its memfd, and the ``dup`` its ``mmap`` keeps), and tasks that keep
-    their arguments keep their blocks lent, so a bound keeps a quarter of
-    this process's descriptors for everything else (past it, arguments go
-    through the pipe). Read each time: the limit may be raised meanwhile."""
+_blocks = 0  # Blocks open in this process, every arena's
+_BLOCKS_LOCK = threading.Lock()
+
+
+def _count_blocks(change: int) -> None:
+    global _blocks
+    with _BLOCKS_LOCK:
+        _blocks += change
+
+
+def _room_for_block() -> bool:
+    """Whether this process may open another block: each holds two
+    descriptors here (its memfd, and the ``dup`` its ``mmap`` keeps), and
+    tasks that keep their arguments keep their blocks lent; a quarter of
+    the descriptor limit stays free for everything else, every pool's
+    workers and the user's own files included (past it, arguments go through
+    the pipe). Counted from /proc where there is one (the whole process),
+    else from the blocks of every arena; the limit is read each time (it
+    may be raised meanwhile)."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY or soft > 1 << 20:
         soft = 1 << 20
-    return max(8, soft * 3 // 8)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except FileNotFoundError:  # no /proc: our blocks alone, within 3/8 of the limit
+        return 2 * (_blocks + 1) <= soft * 3 // 4
+    except OSError:  # EMFILE itself
+        return False
+    return soft - used - 2 >= max(16, soft // 4)
 
 
 class Arena:
@@ -296,21 +320,29 @@ class Arena:
     def lend(self, buffers: list[memoryview], worker: Any) -> Block:
         """A block holding ``buffers``, lent to ``worker`` until it releases
         it or dies. Raises ``OSError`` when memory or descriptors run out, or
-        too many blocks are lent already (``_max_blocks``)."""
+        too few descriptors would be left (``_room_for_block``)."""
         layout, need = _extent(buffers)
+        victim: Block | None = None
         with self._lock:
             fits = [b for b in self._free if b.size >= need]
             block = min(fits, key=lambda b: b.size) if fits else None
             if block is not None:
                 self._free.remove(block)
-            elif len(self._lent) + len(self._free) >= _max_blocks():
-                raise OSError(
-                    f"{len(self._lent)} argument blocks are lent to workers "
-                    "(tasks keep their arguments): no more descriptors for another"
-                )
             else:
+                if not _room_for_block():
+                    if not self._free:
+                        raise OSError(
+                            f"{len(self._lent)} argument blocks are lent to workers "
+                            "(tasks keep their arguments): no descriptors to spare for another"
+                        )
+                    victim = min(self._free, key=lambda b: b.size)  # idle, and too small
+                    self._free.remove(victim)
                 block_id = self._next_id
                 self._next_id += 1
+        if victim is not None:
+            victim.close()
+            if not _room_for_block():
+                raise OSError("no descriptors to spare for another argument block")
         if block is None:
             size = -(-need // _BLOCK_GRAIN) * _BLOCK_GRAIN
             block = Block(block_id, size)
@@ -461,54 +493,50 @@ class Landing:
     some 65,000 large results) comes near; from then on they are copied into
     slabs of ``SLAB_BYTES``, many results to one mapping, and a slab lives
     as long as any result in it. Shared by every pool of the process: the
-    limit is the process's."""
+    limit is the process's.
+
+    The count of live mappings is kept without a lock: it is a heuristic,
+    and its decrement runs in a finaliser, which the collector may run on a
+    thread inside any allocation, this class's own included."""
 
     SLAB_BYTES = 64 << 20
     CHECK_FROM = 1024  # live mappings of ours below which the limit is not read
     CHECK_EVERY = 256
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.live = 0  # result mappings of ours still viewed
+        self._lock = threading.Lock()  # the slab's bookkeeping only; no allocation under it
+        self.live = 0  # result mappings of ours still viewed (about: no lock)
         self._made = 0
         self._copying = False
         self._slab: memoryview | None = None
         self._used = 0
 
     def should_copy(self) -> bool:
-        with self._lock:
-            if self.live < self.CHECK_FROM:
+        if self.live < self.CHECK_FROM:
+            if self._copying:
                 self._copying = False
-                return False
-            self._made += 1
-            if self._made % self.CHECK_EVERY == 1:
-                self._copying = _mappings() > _max_mappings() // 2
-            return self._copying
+                self._slab = None  # results in it keep it; this need not
+            return False
+        self._made += 1
+        if self._made % self.CHECK_EVERY == 1:
+            self._copying = _mappings() > _max_mappings() // 2
+        return self._copying
 
     def mapped_one(self, mapping: Any) -> None:
         import weakref
 
-        with self._lock:
-            self.live += 1
+        self.live += 1
         weakref.finalize(mapping, self._unmapped).atexit = False
 
     def _unmapped(self) -> None:
-        with self._lock:
-            self.live -= 1
+        self.live -= 1
 
     def copy(self, fd: int) -> memoryview:
         """All of ``fd`` in this process's memory (in a slab unless big); ``fd`` is closed."""
         try:
             size = os.fstat(fd).st_size
-            with self._lock:
-                if size > self.SLAB_BYTES // 8:
-                    view = memoryview(bytearray(size))
-                else:
-                    if self._slab is None or self._used + size > self.SLAB_BYTES:
-                        self._slab = memoryview(bytearray(self.SLAB_BYTES))
-                        self._used = 0
-                    view = self._slab[self._used : self._used + size]
-                    self._used += -(-size // 64) * 64  # each result 64-byte aligned
+            big = size > self.SLAB_BYTES // 8
+            view = memoryview(bytearray(size)) if big else self._take(size)
             done = 0
             while done < size:
                 n = os.preadv(fd, [view[done:]], done)
@@ -518,6 +546,27 @@ class Landing:
             return view
         finally:
             os.close(fd)
+
+    def _take(self, size: int) -> memoryview:
+        """``size`` bytes of the current slab (64-byte aligned), a new slab if it is full."""
+        need = -(-size // 64) * 64
+        fresh: memoryview | None = None
+        while True:
+            with self._lock:
+                slab = self._slab
+                if slab is not None and self._used + need <= self.SLAB_BYTES:
+                    start = self._used
+                    self._used += need
+                    break
+                if fresh is not None:
+                    self._slab, self._used = fresh, need
+                    slab, start = fresh, 0
+                    break
+            fresh = memoryview(bytearray(self.SLAB_BYTES))  # outside the lock
+        return slab[start : start + size]
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it
 
 
 def _mappings() -> int:
