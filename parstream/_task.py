@@ -442,6 +442,8 @@ class Task(Generic[T]):
         try:
             await waking(fut)
         except BaseException:
+            # A nolink task lives on: the waiter, which holds the loop, must not.
+            self._remove_waiter(wake)
             if not self.done():
                 self._abandoned(TaskShutdown("the awaiting coroutine was cancelled"))
             raise

@@ -512,6 +512,14 @@ def test_a_nolink_task_outlives_the_waits_its_caller_gives_up(
     assert not task.done()
     assert task.pid == pid
     assert alive(pid)
+
+    async def poll() -> None:  # a polling loop's wait_for: none of its wake-ups stay
+        for _ in range(20):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_await_task(task), 0.01)
+
+    asyncio.run(poll())
+    assert task._waiters == []
     go.touch()
     assert task.await_(30) == "finished"
 
