@@ -114,7 +114,8 @@ class _State:
         # Items handed out in spans but not yet taken by the consumer (the
         # spans' current iterator, ``_Spans.unconsumed``, held weakly): the
         # bar counts spans, and a stream left early takes those back.
-        self.unconsumed: Callable[[], Callable[[], int] | None] | None = None
+        # (A list, for its atomic pop: taken once.)
+        self.unconsumed: list[Callable[[], Callable[[], int] | None]] = []
         self.length = _length_hint(iterable)
         self.sizer = ChunkSizer(options.chunksize, max_concurrency, self.length)
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -386,7 +387,6 @@ class _State:
                 return
             self.closed = True
             running = list(self.running)
-        self.take_back_unconsumed()  # before the span is cleared below
         if self.feeder is not None:
             self.feeder.stop()
         # Chunks still queued in the backend first: killing a running one
@@ -403,6 +403,7 @@ class _State:
                     chunk.job = None
         self.running.clear()
         self.results.clear()
+        self.take_back_unconsumed()  # before the span it reads is cleared
         self.span.clear()
         if self.reserved:
             self.backend.release(self.reserved)
@@ -413,11 +414,15 @@ class _State:
     def take_back_unconsumed(self) -> None:
         """Once, as the stream closes: the bar counted whole spans as they
         were handed out; what the loop never took (a ``break``) comes off."""
-        link, self.unconsumed = self.unconsumed, None
-        count = link() if link is not None else None
+        try:
+            link = self.unconsumed.pop()  # once: a close and the spans' finaliser may race
+        except IndexError:
+            return
+        count = link()
         left = count() if count is not None else 0
         if left and self.progress is not None:
-            self.progress.update(-left)
+            with contextlib.suppress(Exception):  # a user's bar: never in the close's way
+                self.progress.update(-left)
 
     def release(self) -> None:
         """Let go of the function and the input once the stream's generator
@@ -613,7 +618,7 @@ class _Spans:
         self._ends = ends
         self._state = state  # (whose feeder thread must not wait on this stream)
         if state is not None:
-            state.unconsumed = weakref.WeakMethod(self.unconsumed)
+            state.unconsumed[:] = [weakref.WeakMethod(self.unconsumed)]
         self._fetcher: int | None = None  # the thread running the generator
         self.failure: BaseException | None = None
         self._tb: TracebackType | None = None
