@@ -258,7 +258,10 @@ def hold_stdio() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, here
+            try:
+                null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, here
+            except OSError:  # no /dev/null (a bare chroot): as before
+                return
             if null == fd:
                 os.set_inheritable(fd, True)  # as stdio is (os.open's are not)
             else:
