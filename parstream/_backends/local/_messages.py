@@ -212,26 +212,18 @@ def _receive_buffers(
         return lost
     except (OSError, EOFError, ValueError) as error:
         return error
-    landing = _shm.LANDING
-    mapping = None
-    if not landing.should_copy():
-        try:
-            mapping = _shm.mapped(os.dup(fd), closable=False)
-        except (OSError, ValueError):
-            pass  # the kernel's count of mappings reached (or no descriptor): copied
-    if mapping is None:
-        try:
-            return landing.copy(fd)
-        except (OSError, EOFError, MemoryError) as error:
-            return error
-        finally:
-            if block_id:
-                worker.freed.append(block_id)  # not mapped here: the worker may reuse it
-    os.close(fd)
-    landing.mapped_one(mapping)
+    try:
+        landed, mapped = _shm.LANDING.land(fd)
+    except (OSError, EOFError, MemoryError) as error:
+        landed, mapped = error, False
     if block_id:
-        _shm.watch(mapping, block_id, worker.freed, wake, forked)
-    return memoryview(mapping).cast("B")
+        if mapped:
+            _shm.watch(landed, block_id, worker.freed, wake, forked)
+        else:
+            worker.freed.append(block_id)  # not mapped here: the worker may reuse it
+    if isinstance(landed, BaseException):
+        return landed
+    return memoryview(landed).cast("B")
 
 
 def _readable(conn: Any) -> bool:

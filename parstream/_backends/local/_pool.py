@@ -354,6 +354,7 @@ class LocalPool(MessageHandler):
                     else:
                         _spawn.kill_tree(w.pid or w.process.pid)
                         _spawn.kill_strays(w.strays)
+                        w.strays = []  # (done: not again at its death)
                     self._killed_at_close.add(w)
                 # Stopped workers' strays still in their grace: the close ends it.
                 pending, self._strays = self._strays, []
@@ -863,6 +864,7 @@ class LocalPool(MessageHandler):
                     w.kill_deadline = None
                     _spawn.kill_tree(w.pid)
                     _spawn.kill_strays(w.strays)
+                    w.strays = []  # (done: not again at its death)
                 elif (
                     w.state == "busy"
                     and job is not None

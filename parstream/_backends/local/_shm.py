@@ -469,18 +469,23 @@ def mapped(fd: int, *, closable: bool = True) -> Any:
     mapping is made with libc's ``mmap`` through ctypes.
     """
     try:
-        size = os.fstat(fd).st_size
-        # Not MAP_POPULATE: on a writable private mapping it would copy every
-        # page; reads map the shared pages (in runs, by fault-around) and
-        # only pages written are copied.
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        if sys.version_info >= (3, 13):
-            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
-        if not closable:
-            return _ctypes_mapping(fd, size, prot)
-        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
+        return _map(fd, closable)
     finally:
         os.close(fd)
+
+
+def _map(fd: int, closable: bool) -> Any:
+    """``mapped``, leaving ``fd`` open."""
+    size = os.fstat(fd).st_size
+    # Not MAP_POPULATE: on a writable private mapping it would copy every
+    # page; reads map the shared pages (in runs, by fault-around) and only
+    # pages written are copied.
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot, trackfd=False)
+    if not closable:
+        return _ctypes_mapping(fd, size, prot)
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=prot)
 
 
 _libc: Any = None
@@ -511,7 +516,24 @@ class Landing:
         self._slab: memoryview | None = None
         self._used = 0
 
-    def should_copy(self) -> bool:
+    def land(self, fd: int) -> tuple[Any, bool]:
+        """All of ``fd``, a worker's result block: mapped (``True``), or
+        copied (``False``) past the mapping budget or where it cannot be
+        mapped. ``fd`` is closed."""
+        try:
+            if not self._should_copy():
+                try:
+                    mapping = _map(fd, closable=False)
+                except (OSError, ValueError):
+                    pass  # the kernel's count of mappings reached: copied
+                else:
+                    self._mapped_one(mapping)
+                    return mapping, True
+            return self._copy(fd), False
+        finally:
+            os.close(fd)
+
+    def _should_copy(self) -> bool:
         if self.live < self.CHECK_FROM:
             if self._copying:
                 self._copying = False
@@ -522,7 +544,7 @@ class Landing:
             self._copying = _mappings() > _max_mappings() // 2
         return self._copying
 
-    def mapped_one(self, mapping: Any) -> None:
+    def _mapped_one(self, mapping: Any) -> None:
         import weakref
 
         self.live += 1
@@ -531,21 +553,18 @@ class Landing:
     def _unmapped(self) -> None:
         self.live -= 1
 
-    def copy(self, fd: int) -> memoryview:
-        """All of ``fd`` in this process's memory (in a slab unless big); ``fd`` is closed."""
-        try:
-            size = os.fstat(fd).st_size
-            big = size > self.SLAB_BYTES // 8
-            view = memoryview(bytearray(size)) if big else self._take(size)
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done:]], done)
-                if n <= 0:
-                    raise EOFError(f"a result block ended at {done} of its {size} bytes")
-                done += n
-            return view
-        finally:
-            os.close(fd)
+    def _copy(self, fd: int) -> memoryview:
+        """All of ``fd`` in this process's memory (in a slab unless big)."""
+        size = os.fstat(fd).st_size
+        big = size > self.SLAB_BYTES // 8
+        view = memoryview(bytearray(size)) if big else self._take(size)
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [view[done:]], done)
+            if n <= 0:
+                raise EOFError(f"a result block ended at {done} of its {size} bytes")
+            done += n
+        return view
 
     def _take(self, size: int) -> memoryview:
         """``size`` bytes of the current slab (64-byte aligned), a new slab if it is full."""
