@@ -13,6 +13,7 @@ import parstream
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import IO
 
 T = TypeVar("T")
 
@@ -28,6 +29,22 @@ def gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def read_line(stream: IO[str] | None) -> str:
+    """One line of a child's output pipe, read from its descriptor a byte at
+    a time. ``readline()`` on the text stream reads ahead, and a later
+    ``Popen.communicate()`` reads the descriptor itself: what was read ahead
+    is lost (a test then saw none of what the child printed right after
+    the line, when a loaded machine let both lines reach the pipe first)."""
+    assert stream is not None
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(stream.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode()
 
 
 def wait_until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import _executor_funcs as f
 import psutil
 import pytest
-from _util import gone, wait_until
+from _util import gone, read_line, wait_until
 
 import parstream
 from parstream._backends.local._spawn import START_BACKOFF_S
@@ -908,7 +908,7 @@ def test_ctrl_c_at_exit_kills_pending_work(tmp_path: Path) -> None:
         assert proc.stdout is not None
         import json
 
-        pids = json.loads(proc.stdout.readline())
+        pids = json.loads(read_line(proc.stdout))
         wait_file(tmp_path / "m")
         time.sleep(0.3)  # let the script reach its exit hook
         assert proc.poll() is None  # waiting for the pending future, as the stdlib does

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from _util import wait_until
+from _util import read_line, wait_until
 
 import parstream
 
@@ -67,8 +67,7 @@ def run_script(body: str) -> subprocess.Popen[str]:
 
 
 def read_json(proc: subprocess.Popen[str]) -> Any:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
+    line = read_line(proc.stdout)
     if not line:
         proc.wait(10)
         assert proc.stderr is not None

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
-from _util import gone, wait_until
+from _util import gone, read_line, wait_until
 
 import parstream
 from parstream import BRUTAL_KILL, Exit, WorkerCrashed
@@ -362,7 +362,7 @@ def test_parent_death_kills_every_task_tree(
     forked = None
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = read_line(proc.stdout)
         assert line, "the parent script died before reporting its pids"
         pids: dict[str, int] = json.loads(line)
         forked = pids.pop("forked", None)
@@ -443,7 +443,7 @@ def test_a_forked_child_has_its_own_reaper(tmp_path: Path, recorded: list[int]) 
     try:
         assert proc.stdout is not None
         assert proc.stdin is not None
-        line = proc.stdout.readline()
+        line = read_line(proc.stdout)
         assert line, "the script died before reporting its pids"
         pids: dict[str, int] = json.loads(line)
         parent_reaper = pids.pop("parent_reaper")

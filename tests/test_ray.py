@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _util import gone, wait_until
+from _util import gone, read_line, wait_until
 
 import parstream
 
@@ -310,7 +310,7 @@ def test_the_drivers_death_stops_its_tasks(ray_cluster: RayCluster, tmp_path: Pa
     proc = run_driver(ray_cluster, "kill", str(beat))
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+        assert read_line(proc.stdout).strip() == "ready"
         wait_until(lambda: beat.stat().st_size > 3, what="heartbeats")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

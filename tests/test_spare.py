@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from _executor_funcs import get_state, set_state
-from _util import gone, wait_until
+from _util import gone, read_line, wait_until
 
 import parstream
 from parstream._backends.local import _pool
@@ -281,7 +281,7 @@ def test_the_spare_dies_with_its_parent(tmp_path: Path, fork_child: bool) -> Non
     forked = None
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = read_line(proc.stdout)
         assert line, "the parent script died before reporting its pids"
         pids: dict[str, int] = json.loads(line)
         forked = pids.pop("forked", None)

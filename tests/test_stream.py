@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
-from _util import gone, value, wait_until
+from _util import gone, read_line, value, wait_until
 from tqdm import tqdm
 
 import parstream
@@ -760,7 +760,7 @@ def test_ctrl_c_in_a_script(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        proc.stdout.readline()
+        read_line(proc.stdout)
         deadline = time.monotonic() + 20
         while len(list(marks.iterdir())) < 2:
             assert time.monotonic() < deadline
