@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from parstream._backend import cpu_count
+from parstream._interrupts import held
 from parstream._progress import Progress
 from parstream._supervisor import Supervisor
 from parstream._validate import (
@@ -284,19 +285,28 @@ def compare(
 
     load = _load_average()
     bar: Progress | None = None
-    if progress is not False:
-        spec: Any = progress
-        if progress is True or isinstance(progress, dict):
-            spec = {"desc": "compare", "unit": "run", **(progress if progress is not True else {})}
-        bar = Progress(spec, total=1 + 2 * rounds)
     own = max_concurrency is not None
-    if own:
-        sup = Supervisor(max_workers=max_concurrency)
-    else:
-        from parstream._api import default_supervisor
-
-        sup = default_supervisor()
+    sup: Supervisor | None = None
+    # Everything made inside the try: Ctrl-C while the workers start must
+    # still close the bar, or the interrupt's message lands mid-bar and the
+    # bar is drawn again at exit.
     try:
+        if progress is not False:
+            spec: Any = progress
+            if progress is True or isinstance(progress, dict):
+                spec = {
+                    "desc": "compare",
+                    "unit": "run",
+                    **(progress if progress is not True else {}),
+                }
+            with held():  # Ctrl-C once it is drawn: the finally below sees it
+                bar = Progress(spec, total=1 + 2 * rounds)
+        if own:
+            sup = Supervisor(max_workers=max_concurrency)
+        else:
+            from parstream._api import default_supervisor
+
+            sup = default_supervisor()
         workers = sup.max_workers
         first = fn(items[0])  # untimed: the parent's imports and caches
         chunksize = _warm_up(sup, fn, items, workers)
@@ -326,7 +336,7 @@ def compare(
     finally:
         if bar is not None:
             bar.close()
-        if own:
+        if own and sup is not None:
             sup.close()
 
     n = len(items)

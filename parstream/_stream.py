@@ -161,7 +161,8 @@ class _State:
             self.reserved = extra
             self.backend.reserve(extra)
         if self.options.progress is not False:
-            self.progress = Progress(self.options.progress, total=self.length)
+            with held():  # Ctrl-C once it is drawn: close() still finds it
+                self.progress = Progress(self.options.progress, total=self.length)
         if not pulls_inline(self.iterable):
             self.feeder = Feeder(self.it, self.events, LEVEL_CHUNKS * self.max_concurrency)
             self.feeder.start(self.limit())

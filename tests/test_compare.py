@@ -512,7 +512,7 @@ def test_cli_ctrl_c_is_one_line_and_status_130(tmp_path: Path) -> None:
     )
     try:
         assert proc.stderr is not None
-        proc.stderr.read(1)  # the progress bar: it has begun
+        os.read(proc.stderr.fileno(), 1)  # the progress bar: it has begun
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
