@@ -43,6 +43,10 @@ class Progress:
             if not self._widget:
                 options["mininterval"] = 0.5
             options.update(spec if isinstance(spec, dict) else {})
+            if not self._widget:
+                # The widget's own option: code written for a notebook runs
+                # as a script too, where the bar is text.
+                options.pop("display", None)
             self.bar = cls(**options)
         else:
             self._own = False

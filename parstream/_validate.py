@@ -346,12 +346,13 @@ def _try_bar(options: dict[str, Any]) -> None:
     """Draw and close a throwaway text bar with ``options``: tqdm checks most
     of its options only when it draws, so a bad value (``ncols="x"``) failed
     at the stream's first ``next()``, naming nothing of ours. The bar writes
-    to memory; ``file`` (and ``write_bytes``, which goes with it) and the
-    widget's ``display`` are left out."""
+    to memory, so ``file`` and ``write_bytes`` are checked here instead; the
+    widget's ``display`` is left out (a text bar has none)."""
     import io
     import warnings
 
-    left_out = ("file", "write_bytes", "display", "disable", "gui")
+    _check_bar_file(options)
+    left_out = ("file", "write_bytes", "display", "disable")
     trial = {k: v for k, v in options.items() if k not in left_out}
     trial.setdefault("total", 2)
     try:
@@ -366,13 +367,50 @@ def _try_bar(options: dict[str, Any]) -> None:
         raise kind(f"progress: tqdm refused the options {shown(options)}: {exc}") from exc
 
 
-@functools.cache
+def _check_bar_file(options: dict[str, Any]) -> None:
+    """``file`` is a text stream (or, with ``write_bytes=True``, a binary
+    one) and ``write_bytes`` a bool: tqdm finds out only when it first
+    writes, in the consumer's thread, holding its lock."""
+    import io
+
+    write_bytes = options.get("write_bytes", False)
+    if write_bytes is not None and not isinstance(write_bytes, bool):
+        raise TypeError(f"progress: write_bytes must be a bool, got {shown(write_bytes)}")
+    if "file" not in options or options["file"] is None:
+        return
+    file = options["file"]
+    if not callable(getattr(file, "write", None)):
+        raise TypeError(f"progress: file must have a write() method, got {shown(file)}")
+    binary = isinstance(file, io.RawIOBase | io.BufferedIOBase)
+    if binary and not write_bytes:
+        raise TypeError(
+            f"progress: file {shown(file)} takes bytes: pass write_bytes=True, or a text stream"
+        )
+
+
 def _trial_bar_class() -> Any:
-    """tqdm's text bar, less its finaliser: a bar whose ``__init__`` failed
-    half-way would print an error from ``__del__`` when collected."""
+    """tqdm's text bar for one trial, with a lock and a set of bars of its
+    own: tqdm takes its class-wide lock to draw and does not let go of it
+    when drawing raises, so a refused option left every later bar, in any
+    other thread, waiting for that lock for good (and a trial bar must not
+    take a place among the user's bars)."""
+    import threading
+    import weakref
+
+    attrs = {"_lock": threading.RLock(), "_instances": weakref.WeakSet()}
+    return type("TrialBar", (_trial_bar_base(),), attrs)
+
+
+@functools.cache
+def _trial_bar_base() -> Any:
+    """tqdm's text bar, less its finaliser (a bar whose ``__init__`` failed
+    half-way would print an error from ``__del__`` when collected) and its
+    monitor thread."""
     from tqdm.std import tqdm
 
     class TrialBar(tqdm):  # type: ignore[misc]
+        monitor_interval = 0
+
         def __del__(self) -> None:
             pass
 

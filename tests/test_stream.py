@@ -636,6 +636,11 @@ def test_old_sequence_protocol_is_iterable(sup: parstream.Supervisor) -> None:
         ({"progress": {"total": "abc"}}, TypeError, "progress.*total"),
         ({"progress": {"position": "x"}}, TypeError, "progress.*position"),
         ({"progress": {"bar_format": "{nope}"}}, TypeError, "progress.*bar_format"),
+        # left out of the trial, they failed at the first next()
+        ({"progress": {"gui": True}}, TypeError, "progress.*gui"),
+        ({"progress": {"file": 3}}, TypeError, "progress: file"),
+        ({"progress": {"file": io.BytesIO()}}, TypeError, "progress: file.*write_bytes"),
+        ({"progress": {"write_bytes": "x"}}, TypeError, "progress: write_bytes"),
     ],
 )
 def test_bad_arguments_raise_at_build(
@@ -658,6 +663,38 @@ def test_a_progress_bar_writing_bytes_is_accepted(sup: parstream.Supervisor) -> 
     options = {"file": out, "write_bytes": True, "mininterval": 0}
     assert list(sup.stream_map(square, range(5), progress=options)) == [0, 1, 4, 9, 16]
     assert b"5/5" in out.getvalue()
+
+
+@pytest.mark.parametrize("bad", [{"ncols": "x"}, {"desc": 5}, {"unit_scale": "x"}])
+def test_a_refused_progress_option_leaves_other_threads_bars_working(bad: dict[str, Any]) -> None:
+    """tqdm does not let go of its class-wide lock when drawing raises: the
+    trial of a refused option left it held by the caller's thread, and
+    every bar made later in another thread (the user's own tqdm, or a
+    stream's read there) waited for it for good."""
+    import threading
+
+    import tqdm
+
+    with pytest.raises(TypeError, match="progress"):
+        parstream.async_stream(square, range(3), progress=bad)
+    drawn = threading.Event()
+
+    def draw() -> None:
+        for _ in tqdm.tqdm(range(2), file=io.StringIO()):
+            pass
+        drawn.set()
+
+    threading.Thread(target=draw, daemon=True).start()
+    assert drawn.wait(10), "a tqdm bar in another thread waited for the trial's lock"
+
+
+def test_a_notebooks_display_option_is_dropped_for_a_text_bar() -> None:
+    """``display`` is the notebook widget's own option: code written for a
+    notebook, run as a script, failed at the first next() (TqdmKeyError)."""
+    out = io.StringIO()
+    options = {"display": False, "file": out, "mininterval": 0}
+    assert list(parstream.map(square, range(3), progress=options, backend="inline")) == [0, 1, 4]
+    assert "3/3" in out.getvalue()
 
 
 def test_a_timeout_beyond_any_float_is_no_limit(sup: parstream.Supervisor) -> None:
