@@ -139,6 +139,16 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         log.exception("parstream: a completion callback raised")
 
 
+def run_logged(fn: Callable[..., Any], *args: Any) -> None:
+    """Run a completion callback here and now, logging an exception it
+    raises (a callback added to work already done runs in the caller's
+    thread); Ctrl-C there goes on up, as ``Future.add_done_callback``'s does."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("parstream: a completion callback raised")
+
+
 def _nothing() -> None:
     pass
 

@@ -215,8 +215,11 @@ class Task(Generic[T]):
         Callbacks run in order on the Supervisor's callback thread (never on
         the thread that keeps the pool's timeouts), or at once in the caller's
         thread if the task is already done. One that raises is logged on
-        the ``parstream`` logger; the others still run.
+        the ``parstream`` logger, in either case, as ``Future``'s are; the
+        others still run.
         """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}: {shown(fn)}")
         with self._lock:
             if self._result is None:
                 self._callbacks.append(fn)
@@ -228,7 +231,7 @@ class Task(Generic[T]):
             # exit, Python 3.12 and later refuse to start one.
             self._lane.ensure_started()
             return
-        fn(self)
+        _callbacks.run_logged(fn, self)
 
     def _add_waiter(self, fn: Callable[[Task[T]], None]) -> None:
         """Like ``add_done_callback`` for parstream's own wake-ups: ``fn`` must be

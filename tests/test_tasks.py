@@ -1051,3 +1051,29 @@ def test_a_parent_stopped_past_the_deadline_keeps_the_results_that_came(how: str
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["[7,", "8]"], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["local", "inline"])
+def test_a_done_callback_added_late_is_logged_not_raised(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callback added to a task already done runs at once, in the caller's
+    thread; one that raised there reached the caller (always, in-process,
+    where tasks are done when async_ returns), where Future's is logged. A
+    callback that is not callable was taken, and failed later or with a
+    bare TypeError."""
+
+    def broken(_: parstream.Task[Any]) -> None:
+        raise RuntimeError("broken late callback")
+
+    seen: list[int] = []
+    with parstream.Supervisor(max_workers=1, backend=backend) as sup:
+        task = sup.async_(abs, -3)
+        assert task.await_(30) == 3
+        with caplog.at_level(logging.ERROR, logger="parstream"):
+            task.add_done_callback(broken)
+        task.add_done_callback(lambda t: seen.append(t.await_()))
+        with pytest.raises(TypeError, match="fn must be callable"):
+            task.add_done_callback("not callable")  # type: ignore[arg-type]
+    assert "broken late callback" in caplog.text
+    assert seen == [3]
