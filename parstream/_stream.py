@@ -135,6 +135,9 @@ class _State:
         # iterating it stops at once.
         self.span: list[Any] = []
         self.raised_at_position: BaseException | None = None  # an item's own, by map
+        # A failure the stream raises (linked, or a timeout under "exit"),
+        # once the results that came before it in its flush are handed out.
+        self.failing: BaseException | None = None
 
     def can_start(self) -> bool:
         """Whether a new chunk may be submitted now (``Executor.map``'s
@@ -296,11 +299,21 @@ class _State:
         return chunk
 
     def apply(self, event: Event) -> None:
+        if self.failing is not None:
+            # The stream ends with that failure: nothing after it counts (a
+            # chunk's end would let the results of later chunks pass it).
+            return
         kind, chunk, values, errors, cost = event
         if kind == RESULTS:
             self.sizer.learn(cost)
             if errors:
-                self.check_failures(errors)
+                cut = self.check_failures(errors)
+                if cut is not None:
+                    # What finished before the failure in this flush is
+                    # handed out first (in-process, one flush is the whole
+                    # batch); the failure then ends the stream.
+                    values = values[:cut]
+                    errors = {i: e for i, e in errors.items() if i < cut}
                 base = len(chunk.values)
                 for i, e in errors.items():
                     chunk.errors[base + i] = e
@@ -345,15 +358,20 @@ class _State:
         for lo in range(0, len(rest), size):
             after = self.submit(rest[lo : lo + size], start=start + lo, after=after)
 
-    def check_failures(self, errors: dict[int, BaseException]) -> None:
-        """Linked streams raise a failure at once; so does any timeout under 'exit'."""
+    def check_failures(self, errors: dict[int, BaseException]) -> int | None:
+        """Linked streams raise a failure as soon as it comes; so does any
+        timeout under 'exit'. The first such in a flush becomes ``failing``;
+        returns its position in the flush, or None."""
         for i in sorted(errors):
             exc = errors[i]
             if isinstance(exc, TaskTimeout):
                 if self.options.on_timeout == "exit":
-                    raise exc
+                    self.failing = exc
+                    return i
             elif self.linked:
-                raise exc
+                self.failing = exc
+                return i
+        return None
 
     def wait_event(self) -> None:
         # A bounded wait keeps Ctrl-C prompt on every platform, and notices a
@@ -521,9 +539,14 @@ def _produce(state: _State, wrap: bool) -> Generator[list[Any], None, None]:
     results = state.results
     while True:
         state.drain_events()
-        state.fill()
+        if state.failing is None:
+            state.fill()
         span = results.take()
         if span is None:
+            if state.failing is not None:
+                # Nothing more to hand out before it: not waiting for
+                # earlier items still running (README: "first to arrive").
+                raise state.failing
             if state.finished():
                 error, state.input_error = state.input_error, None
                 if error is not None:

@@ -28,7 +28,7 @@ import parstream
 from parstream import Exit, Ok
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 
 def sleep_ret(x: float) -> float:
@@ -1264,3 +1264,59 @@ def test_a_stream_that_ended_lets_its_unreferenced_supervisor_go(end: str) -> No
     for pid in pids:
         assert gone(pid, 10), pid
     assert list(stream) == []
+
+
+def _until_it_raises(stream: Iterable[Any]) -> tuple[list[Any], BaseException | None]:
+    """What ``stream`` yields before it raises, and what it raised."""
+    got: list[Any] = []
+    try:
+        for item in stream:
+            got.append(item)  # noqa: PERF402 - kept up to the failure
+    except Exception as exc:
+        return got, exc
+    return got, None
+
+
+def fails_at_two(x: int) -> int:
+    if x == 2:
+        raise ValueError("item 2 fails")
+    return x
+
+
+@pytest.mark.parametrize("backend", ["inline", "local"])
+def test_results_that_came_with_a_linked_failure_are_handed_out_first(backend: str) -> None:
+    """A linked stream raises its first failure as it comes; the results
+    that finished before it in the same flush were dropped with it (items
+    0 and 1 here, in one batch: in-process a batch is always one flush).
+    They are handed out first now, as those of earlier flushes were."""
+    got, error = _until_it_raises(
+        parstream.map(fails_at_two, range(6), chunksize=6, backend=backend)
+    )
+    assert got == [0, 1]
+    assert isinstance(error, ValueError)
+    assert str(error) == "item 2 fails"
+    records, error = _until_it_raises(
+        parstream.async_stream_nolink(
+            time.sleep, [0.0] * 3 + [1.0, 0.0], timeout=0.5, chunksize=5, backend=backend
+        )
+    )
+    assert isinstance(error, parstream.TaskTimeout)
+    assert records == [Ok(None)] * 3
+
+
+def fails_late_at_zero(x: int) -> int:
+    if x == 0:
+        time.sleep(0.3)
+        raise ValueError("item 0 fails")
+    return x
+
+
+def test_nothing_after_a_linked_failure_is_handed_out() -> None:
+    """The failing chunk's own end, coming after its failure, must not let
+    the results of later chunks (finished long before) pass it: an ordered
+    stream yields nothing here, then the failure."""
+    got, error = _until_it_raises(
+        parstream.map(fails_late_at_zero, range(3), chunksize=1, max_concurrency=3)
+    )
+    assert got == []
+    assert isinstance(error, ValueError)
