@@ -199,6 +199,56 @@ def test_kill_reaches_a_subprocess_that_left_the_group(
     assert_all_gone(pids)
 
 
+def nest_spawn_and_hang(path: str) -> None:
+    """parstream inside a task: the inner task starts the subprocesses."""
+    with parstream.Supervisor(max_workers=1) as inner:
+        inner.async_(spawn_and_hang, path).await_()
+
+
+def leave_background(path: str) -> None:
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    Path(path).write_text(json.dumps({"inner_worker": os.getpid(), "background": int(out)}))
+
+
+def nest_leave_background(path: str) -> None:
+    """parstream inside a task, on the worker's default supervisor, which
+    outlives the task: its task leaves a shell background job and returns."""
+    parstream.async_(leave_background, path).await_()
+
+
+@pytest.mark.parametrize("how", ["timeout", "close"])
+def test_a_nested_pools_task_tree_goes_with_the_outer_task(
+    tmp_path: Path, recorded: list[int], how: str
+) -> None:
+    """A task using parstream itself: its workers lead groups of their own,
+    and killing the outer worker's tree killed them one by one, never their
+    groups, and killed the nested pool's reaper (which would have) with
+    them: the inner task's shell background job was left running."""
+    path = tmp_path / "pids"
+    with parstream.Supervisor(max_workers=1) as sup:
+        if how == "timeout":
+            stream = sup.async_stream_nolink(
+                nest_spawn_and_hang, [str(path)], timeout=8.0, on_timeout="kill_task"
+            )
+            out = list(stream)
+            assert isinstance(out[0], Exit), out
+            assert isinstance(out[0].reason, parstream.TaskTimeout), out
+            pids = json.loads(path.read_text())
+        else:
+            # The outer task has returned; the nested pool's idle worker
+            # holds the background job its task left, until the close.
+            assert sup.async_(nest_leave_background, str(path)).await_(60) is None
+            pids = read_pids(path)
+            sup.close()
+        recorded.extend(pids.values())
+        assert_all_gone(pids)
+
+
 def start_stubborn_session(path: str, hang: bool = True) -> None:
     """Start a ``sleep`` in a session of its own that ignores SIGTERM (an
     ignored signal stays ignored across exec), record the pids, then hang or

@@ -630,6 +630,15 @@ def kill_tree(pid: int) -> None:
         children = []
     _reaper.kill_group(pid)
     for child in reversed(children):
+        # A descendant that leads a group of its own (a worker of parstream
+        # nested in a task, a subprocess started in a new session) takes its
+        # group with it, as the worker does: that group holds what it
+        # started, a shell's background job included, and the one process
+        # that would kill it at its death (a nested pool's reaper) is among
+        # those killed here.
+        with contextlib.suppress(OSError):
+            if os.getpgid(child) == child:
+                _reaper.kill_group(child)
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
     with contextlib.suppress(OSError):
