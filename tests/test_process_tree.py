@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,40 @@ def test_a_nested_pools_task_tree_goes_with_the_outer_task(
             sup.close()
         recorded.extend(pids.values())
         assert_all_gone(pids)
+
+
+def leave_a_thread_and_a_subprocess(path: str) -> int:
+    """Return, leaving a non-daemon thread, a ``sleep`` in the worker's group
+    and an exit hook that writes a file."""
+    import atexit
+
+    threading.Thread(target=time.sleep, args=(60,)).start()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    atexit.register(Path(f"{path}.{os.getpid()}.hook").write_text, "ran")
+    Path(f"{path}.{os.getpid()}").write_text(json.dumps({"sleep": sleeper.pid}))
+    return os.getpid()
+
+
+def test_a_retired_worker_ends_though_its_task_left_a_thread(
+    tmp_path: Path, recorded: list[int]
+) -> None:
+    """A worker told to stop returned from its loop, and the interpreter's
+    exit then waited for the non-daemon thread a task had left: the retired
+    worker never ended, nor what its group held, one more worker per
+    retirement beyond max_workers. It now ends at once; its exit hooks
+    still run."""
+    path = str(tmp_path / "left")
+    with parstream.Supervisor(max_workers=1, max_tasks_per_worker=1) as sup:
+        workers = list(sup.map(leave_a_thread_and_a_subprocess, [path] * 3, chunksize=1))
+        assert len(set(workers)) == 3
+        pids = {f"worker {w}": w for w in workers[:2]}
+        for w in workers[:2]:
+            pids[f"sleep of {w}"] = json.loads(Path(f"{path}.{w}").read_text())["sleep"]
+        recorded.extend(pids.values())
+        assert_all_gone(pids)  # while the pool runs on
+        for w in workers[:2]:
+            assert Path(f"{path}.{w}.hook").read_text() == "ran"
+        wait_until(lambda: sup.stats().workers_alive <= 1, what="one worker alive")
 
 
 def start_stubborn_session(path: str, hang: bool = True) -> None:

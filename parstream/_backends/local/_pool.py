@@ -97,6 +97,7 @@ PREFETCH = True  # send a stream's next chunk behind a busy worker's (LocalPool.
 CHILD_HOLD_S = 0.05
 PLAIN_ITEMS = 16  # up to this many items try the plain pickler first (``_encode``)
 HUB_EXIT_WAIT_S = 5.0  # close() waits this long for the hub, then leaves the rest to it
+STOP_GRACE_S = 10.0  # a worker told to stop (retired, restarted) is killed if still there then
 FIRST_PASS_WAIT_S = 1.0  # a new pool waits this long at most for its first workers' forks
 SPARE_BACKOFF_S = (1.0, 60.0)  # first and longest wait after a spare died by itself
 
@@ -1028,6 +1029,9 @@ class LocalPool(MessageHandler):
         # What its tasks started in a session of their own: killed when it
         # has ended, as its group is (``_on_death``).
         worker.strays = _spawn.strays(worker.pid)
+        # It ends at once, its exit hooks run (``_worker.end_now``); one
+        # that hangs there is killed, tree and all, rather than kept for good.
+        worker.kill_deadline = time.monotonic() + STOP_GRACE_S
         try:
             worker.conn.send_bytes(bytes((_wire.STOP,)))
         except OSError:
@@ -1046,7 +1050,7 @@ class LocalPool(MessageHandler):
         _reaper.worker_gone(worker.pid)  # before the join: the group id is still ours
         if worker.strays:
             with self._lock:
-                deadline = worker.kill_deadline
+                deadline = worker.kill_deadline if worker.kill_cause == "kill" else None
                 if deadline is not None and time.monotonic() < deadline:
                     # A graceful stop: they have had SIGTERM, and the rest of the grace.
                     self._strays.append((deadline, worker.strays))

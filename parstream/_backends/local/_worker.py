@@ -964,6 +964,22 @@ def worker_main(
         runner.loop()
     finally:
         _flush_std()
+    end_now()
+
+
+def end_now() -> None:
+    """The worker's work is over (``STOP``, or the parent closed the pipe):
+    end as Python's exit would, its exit hooks run, but without waiting for
+    threads a task left running. A forgotten non-daemon thread kept a
+    retired worker, and everything in its group, alive for good: more
+    workers than ``max_workers``, one per retirement."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        _flush_std()
+        os._exit(0)
 
 
 def boot(prep: dict[str, Any]) -> None:
