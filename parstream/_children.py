@@ -19,6 +19,7 @@ import collections
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -85,6 +86,7 @@ class Child:
         self.last_result: Ok[Any] | Exit | None = None
         self.ending = False  # under the Children lock; _ended is set after
         self._ended = threading.Event()
+        self._owner = os.getpid()  # a copy in a forked child can never end there
 
     @property
     def pid(self) -> int | None:
@@ -98,7 +100,14 @@ class Child:
 
     def wait(self, timeout: float | None = None) -> Ok[Any] | Exit | None:
         """Wait until the child ends for good (no more restarts); its last result."""
-        self._ended.wait(wait_seconds(check_timeout(timeout, "timeout")))
+        seconds = wait_seconds(check_timeout(timeout, "timeout"))
+        if os.getpid() != self._owner and not self._ended.is_set():
+            # As a Task's await_: waiting would last the whole timeout, or for good.
+            raise SupervisorClosed(
+                "this child reached this process through os.fork(); it runs under the "
+                "parent process's supervisor: wait for it there"
+            )
+        self._ended.wait(seconds)
         return self.last_result if self._ended.is_set() else None
 
     def __repr__(self) -> str:

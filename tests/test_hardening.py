@@ -107,6 +107,23 @@ def test_an_inherited_supervisor_refuses_use_in_the_child(sup: parstream.Supervi
     assert list(sup.stream_map(identity, range(100))) == list(range(100))
 
 
+def test_an_inherited_child_refuses_wait_in_the_forked_process(sup: parstream.Supervisor) -> None:
+    """A supervised child that crossed os.fork() can never end in the forked
+    process: its wait() waited out the whole timeout (for good without one)
+    where an inherited Task's await_ refuses at once."""
+    child = sup.start_child(sleep_then, 1.0, "done", restart="temporary")
+
+    def forked() -> int:
+        try:
+            child.wait(3)
+        except parstream.SupervisorClosed as exc:
+            return 0 if "os.fork()" in str(exc) else 2
+        return 1
+
+    assert fork_and_wait(forked) == 0
+    assert child.wait(30) == Ok("done")
+
+
 @pytest.mark.parametrize("kind", ["async_stream_nolink", "map"])
 def test_an_inherited_stream_hands_out_nothing_in_the_child(kind: str) -> None:
     """Results the parent's stream had fetched were handed out in the child
