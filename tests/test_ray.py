@@ -264,6 +264,19 @@ DRIVER = textwrap.dedent(
         got = list(sup.stream_map(add_offset, range(6), chunksize=1))
         got2 = list(sup.stream_map(closure(3), range(4)))
         print(json.dumps({"main": got, "closure": got2}), flush=True)
+    elif mode == "shutdown":
+        import ray
+        child = sup.start_child(time.sleep, 0.2, restart="permanent")
+        time.sleep(0.5)
+        ray.shutdown()  # the user's own doing, under a live Supervisor
+        time.sleep(2.0)  # the child ended meanwhile: its restart finds no Ray
+        try:
+            sup.async_(abs, -1)
+            refused = ""
+        except parstream.SupervisorClosed as exc:
+            refused = str(exc)
+        print(json.dumps({"refused": refused, "ray_up": ray.is_initialized()}), flush=True)
+        sup.close()
     else:
         def beat(path):
             while True:
@@ -355,6 +368,65 @@ def test_exit_with_a_ray_task_running_is_clean(ray_cluster: RayCluster, tmp_path
     size = beat.stat().st_size
     time.sleep(1.0)
     assert beat.stat().st_size == size, "the task outlived its driver's exit"
+
+
+def test_a_shut_down_ray_is_not_started_again_behind_the_users_back(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The user's ray.shutdown() under a live Supervisor: a child's restart
+    (on a parstream thread) and the next call went on to ray.put, which
+    started a Ray of its own, so the user's next ray.init failed. Now those
+    are refused, saying why, and Ray stays down."""
+    proc = run_driver(ray_cluster, "shutdown", str(tmp_path / "unused"))
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    data = json.loads(out.strip().splitlines()[-1])
+    assert data["refused"], data  # SupervisorClosed, not a Ray started anew
+    assert data["ray_up"] is False, data
+
+
+def log_then(path: str, x: int) -> int:
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    if x == 3:
+        os._exit(7)
+    if x in (1, 2):
+        time.sleep(0.008)
+    return x
+
+
+def test_items_of_5_ms_run_once_across_a_crash_after_faster_ones(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """A fast item set a window of results sent together, and the 8 ms
+    items after it joined that window: the crash after them ran them again.
+    An item of EACH_MIN_S or more now goes back at once."""
+    path = str(tmp_path / "log")
+    out = list(rsup.async_stream_nolink(functools.partial(log_then, path), range(4), chunksize=4))
+    assert [type(r).__name__ for r in out] == ["Ok", "Ok", "Ok", "Exit"], out
+    last = out[3]
+    assert isinstance(last, parstream.Exit)
+    assert isinstance(last.reason, parstream.WorkerCrashed)
+    runs = [int(x) for x in Path(path).read_text().split()]
+    assert sorted(runs) == [0, 1, 2, 3], runs
+
+
+def fork_and_return(path: str, x: int) -> int:
+    if x == 1 and os.fork() == 0:
+        Path(path).write_text(str(os.getpid()))
+    return x * 10
+
+
+def test_a_process_a_ray_task_forks_ends_when_it_returns(
+    rsup: parstream.Supervisor, tmp_path: Path
+) -> None:
+    """The forked copy of a Ray task returned into the slice's loop and
+    carried on there, unknown to Ray, outliving the Supervisor."""
+    path = tmp_path / "child"
+    out = list(rsup.stream_map(functools.partial(fork_and_return, str(path)), range(3)))
+    assert out == [0, 10, 20]
+    wait_until(lambda: path.exists() and path.read_text(), what="the forked child's pid")
+    assert gone(int(path.read_text()), within=10)
 
 
 def test_import_parstream_never_imports_ray() -> None:

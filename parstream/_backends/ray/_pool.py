@@ -50,7 +50,7 @@ from parstream._backend import BackendClosed, Capabilities, Counts, FnHandle, Jo
 from parstream._backends import _codec, _frames
 from parstream._backends._dispatch import Death, Dispatcher, Outbox, run_of, unusable
 from parstream._backends.ray._runner import run_slice
-from parstream._errors import NodeDied, WorkerCrashed, WorkerStartFailed
+from parstream._errors import NodeDied, SupervisorClosed, WorkerCrashed, WorkerStartFailed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -160,10 +160,18 @@ class RayPool:
         return self._pid != os.getpid()
 
     def usable(self) -> str | None:
-        return unusable(self._pid, self._closed, "its Ray connection and tasks")
+        why = unusable(self._pid, self._closed, "its Ray connection and tasks")
+        if why is None and not self._ray.is_initialized():
+            why = "its Ray connection was shut down (ray.shutdown() ran in this process)"
+        return why
 
     def prepare(self, fn: Callable[..., Any]) -> FnHandle:
         data = _prepare_bytes(fn, "fn")
+        why = self.usable()
+        if why is not None:
+            # ray.put would start a new Ray of its own, on whatever thread
+            # asked (a child's restart): the user's next ray.init then failed.
+            raise SupervisorClosed(why)
         # By reference inside a list: Ray then leaves it for the worker, which
         # fetches it only if it has not loaded this function before.
         return FnHandle(fn, (os.urandom(16), [self._ray.put(data)]))

@@ -136,20 +136,38 @@ def run_slice(
 
 def _run(call: Any, items: list[Any], each: bool, budget: float) -> Iterator[tuple[Any, ...]]:
     monotonic = time.monotonic
-    started = last = monotonic()
+    started = last = now = monotonic()
     values: list[Any] = []
     errors: dict[int, Any] = {}
     window = 0  # announced in the last frame: 0, one result per item; else at most this many
     total = len(items)
+    pid = os.getpid()
     for position, args in enumerate(items):
+        begun = now
         try:
             values.append(call(args))
         except BaseException as exc:
+            if os.getpid() != pid:
+                os._exit(0)  # a process the task forked: never the worker's loop
             errors[len(values)] = _codec.failure(_with_hint(exc))
             values.append(None)
+        if os.getpid() != pid:
+            # A process the task forked returned from it: it ends here, as on
+            # the local backend, rather than carry on as a second copy of the
+            # slice that Ray knows nothing of (it outlived the Supervisor).
+            os._exit(0)
         finished = position + 1 == total
         now = monotonic()
-        if window and not finished and len(values) < window and now - last < FLUSH_INTERVAL_S:
+        if (
+            window
+            and not finished
+            and len(values) < window
+            and now - last < FLUSH_INTERVAL_S
+            and now - begun < EACH_MIN_S
+        ):
+            # An item of EACH_MIN_S or more is flushed at once, even in a
+            # window set by faster items before it: a crash then runs again
+            # only items faster than that (the README's exactly-once bound).
             continue
         per_item = (now - last) / len(values)
         if each or finished or per_item >= EACH_MIN_S:
