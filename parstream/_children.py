@@ -19,7 +19,6 @@ import collections
 import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -32,6 +31,7 @@ from parstream._validate import check_timeout, wait_seconds
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from parstream._backend import Backend
     from parstream._supervisor import Supervisor
     from parstream._task import ShutdownTimeout, Task
 
@@ -73,6 +73,7 @@ class Child:
         restart: Restart,
         shutdown: ShutdownTimeout,
         node: str | None = None,
+        backend: Backend | None = None,
     ) -> None:
         # What each run calls: dropped once the child ends for good, so an
         # ended child kept by the caller does not keep its arguments alive.
@@ -86,7 +87,7 @@ class Child:
         self.last_result: Ok[Any] | Exit | None = None
         self.ending = False  # under the Children lock; _ended is set after
         self._ended = threading.Event()
-        self._owner = os.getpid()  # a copy in a forked child can never end there
+        self._backend = backend  # its forked copy can never end in the child
 
     @property
     def pid(self) -> int | None:
@@ -101,12 +102,10 @@ class Child:
     def wait(self, timeout: float | None = None) -> Ok[Any] | Exit | None:
         """Wait until the child ends for good (no more restarts); its last result."""
         seconds = wait_seconds(check_timeout(timeout, "timeout"))
-        if os.getpid() != self._owner and not self._ended.is_set():
+        backend = self._backend
+        if backend is not None and backend.forked and not self._ended.is_set():
             # As a Task's await_: waiting would last the whole timeout, or for good.
-            raise SupervisorClosed(
-                "this child reached this process through os.fork(); it runs under the "
-                "parent process's supervisor: wait for it there"
-            )
+            raise SupervisorClosed(backend.usable() or "the supervisor is closed")
         self._ended.wait(seconds)
         return self.last_result if self._ended.is_set() else None
 

@@ -351,7 +351,7 @@ class Supervisor(concurrent.futures.Executor):
             shutdown = check_timeout(shutdown, "shutdown", allow_none=False)
         node = self._check_node(node)
         self._check_open()
-        child = Child(fn, args, restart, shutdown, node)
+        child = Child(fn, args, restart, shutdown, node, self._backend)
         with self._admitting:
             self._children.add(child, self._room_for_children())
         self._backend.reserve(1)
