@@ -30,16 +30,22 @@ from parstream._backends.local import _reaper
 GONE_WITHIN_S = 10.0  # a poll's limit: only a failure waits it out
 
 
-def spawn_and_hang(path: str, leave_group: bool = False) -> None:
-    """Start a direct and a shell-backgrounded ``sleep``, record the pids, hang."""
-    direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
+def background_sleep() -> int:
+    """Start a shell's background ``sleep`` (the shell exits at once); its pid."""
     out = subprocess.run(
         ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    pids = {"worker": os.getpid(), "direct": direct.pid, "background": int(out)}
+    return int(out)
+
+
+def spawn_and_hang(path: str, leave_group: bool = False) -> None:
+    """Start a direct and a shell-backgrounded ``sleep``, record the pids, hang."""
+    direct = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL)
+    background = background_sleep()
+    pids = {"worker": os.getpid(), "direct": direct.pid, "background": background}
     if leave_group:
         pids["own_group"] = subprocess.Popen(["sleep", "60"], process_group=0).pid
     Path(path + ".tmp").write_text(json.dumps(pids))
@@ -207,13 +213,8 @@ def nest_spawn_and_hang(path: str) -> None:
 
 
 def leave_background(path: str) -> None:
-    out = subprocess.run(
-        ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    Path(path).write_text(json.dumps({"inner_worker": os.getpid(), "background": int(out)}))
+    background = background_sleep()
+    Path(path).write_text(json.dumps({"inner_worker": os.getpid(), "background": background}))
 
 
 def nest_leave_background(path: str) -> None:
