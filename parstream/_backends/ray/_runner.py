@@ -56,6 +56,15 @@ MAX_WINDOW = 4096  # items per flush at most: bounds what a crash makes run agai
 
 _functions: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
 _initialized: set[bytes] = set()
+_FORKED = [False]  # this process was forked by a task (set in the child at the fork)
+
+
+def _forked_by_a_task() -> None:
+    _FORKED[0] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_by_a_task)
 
 MODULE_HINT = (
     "; the code this task needs is not importable on the Ray worker: ship it with "
@@ -141,17 +150,15 @@ def _run(call: Any, items: list[Any], each: bool, budget: float) -> Iterator[tup
     errors: dict[int, Any] = {}
     window = 0  # announced in the last frame: 0, one result per item; else at most this many
     total = len(items)
-    pid = os.getpid()
+    forked = _FORKED
     for position, args in enumerate(items):
         begun = now
         try:
             values.append(call(args))
         except BaseException as exc:
-            if os.getpid() != pid:
-                os._exit(0)  # a process the task forked: never the worker's loop
             errors[len(values)] = _codec.failure(_with_hint(exc))
             values.append(None)
-        if os.getpid() != pid:
+        if forked[0]:
             # A process the task forked returned from it: it ends here, as on
             # the local backend, rather than carry on as a second copy of the
             # slice that Ray knows nothing of (it outlived the Supervisor).
